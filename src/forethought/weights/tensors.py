@@ -1,0 +1,78 @@
+"""Turn a flat dict of weights in one canonical naming into a Transformer.
+
+Every file-format loader translates its own names into these, in the usual [out, in] orientation:
+  embed, pos_embed (GPT-2), final_norm.weight/.bias, unembed (absent when tied),
+  blocks.{i}.attn_norm.weight/.bias, blocks.{i}.mlp_norm.weight/.bias,
+  blocks.{i}.{q,k,v,o}.weight/.bias, blocks.{i}.{gate,up,down}.weight/.bias.
+Keeping the fusing and transposing here means no loader knows about the engine's layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from forethought.errors import ForethoughtError
+from forethought.model.config import ModelConfig
+from forethought.model.transformer import Linear, Transformer
+
+
+def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(config)
+    # Built on the meta device so no memory is spent on random weights that are overwritten anyway.
+    model = model.to_empty(device=device)
+    model.init_rope()
+
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise ForethoughtError(f"the model file lacks the tensor {name!r} needed by a {config.family} model")
+        used.add(name)
+        return tensors[name].float()
+
+    def maybe(name: str) -> torch.Tensor | None:
+        return take(name) if name in tensors else None
+
+    def set_linear(lin: Linear, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> None:
+        w = torch.cat(weights, dim=0)  # [out, in]
+        expected = tuple(lin.weight_t.shape[::-1])
+        if tuple(w.shape) != expected:
+            raise ForethoughtError(f"weight shape {tuple(w.shape)} does not match the config's {expected}")
+        lin.weight_t.data = w.t().contiguous().to(dtype=dtype, device=device)
+        if lin.bias is not None:
+            parts = [b if b is not None else torch.zeros(wi.shape[0]) for b, wi in zip(biases, weights)]
+            lin.bias.data = torch.cat(parts).to(dtype=dtype, device=device)
+
+    def set_norm(norm, prefix: str) -> None:
+        norm.weight.data = take(f"{prefix}.weight").to(dtype=dtype, device=device)
+        if norm.bias is not None:
+            norm.bias.data = take(f"{prefix}.bias").to(dtype=dtype, device=device)
+
+    embed = take("embed")
+    if tuple(embed.shape) != (config.vocab_size, config.d_model):
+        raise ForethoughtError(f"embedding shape {tuple(embed.shape)} does not match the config")
+    model.embed.data = embed.to(dtype=dtype, device=device)
+    if model.pos_embed is not None:
+        model.pos_embed.data = take("pos_embed")[: config.context_length].to(dtype=dtype, device=device)
+    set_norm(model.final_norm, "final_norm")
+    unembed = embed if config.tie_embeddings else take("unembed")
+    set_linear(model.unembed, [unembed], [None])
+
+    for i, block in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        set_norm(block.attn_norm, f"{p}.attn_norm")
+        set_norm(block.mlp_norm, f"{p}.mlp_norm")
+        set_linear(
+            block.qkv,
+            [take(f"{p}.{n}.weight") for n in "qkv"],
+            [maybe(f"{p}.{n}.bias") for n in "qkv"],
+        )
+        set_linear(block.o, [take(f"{p}.o.weight")], [maybe(f"{p}.o.bias")])
+        if config.family == "gpt2":
+            set_linear(block.up, [take(f"{p}.up.weight")], [maybe(f"{p}.up.bias")])
+        else:
+            set_linear(block.gate_up, [take(f"{p}.gate.weight"), take(f"{p}.up.weight")], [None, None])
+        set_linear(block.down, [take(f"{p}.down.weight")], [maybe(f"{p}.down.bias")])
+    return model.eval()
+
