@@ -29,7 +29,7 @@ err_console = Console(stderr=True, highlight=False)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Named model or path to a .gguf file / HF folder.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16, float16 or float64.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forethought.model import kernels
 from forethought.model.config import ModelConfig
 from forethought.model.kv_cache import KVCache
 
@@ -33,9 +34,13 @@ class Hooks(Protocol):
 class Linear(nn.Module):
     """y = x W + b with W stored [in, out].
 
-    The [in, out] layout is deliberate: for batch-1 decoding, BLAS reads a row-major [in, out]
-    matrix ~1.5x faster than the usual [out, in] one (measured on 2 AMD EPYC cores).
+    Batch-1 products (a decode step) on the CPU go to `kernels.matvec`, which streams the [in, out]
+    matrix row by row and is memory-bound at close to copy speed; everything else (prefill, GPU,
+    autograd, small matrices, no compiler) goes to BLAS, which is the faster choice there.
     """
+
+    # Below this many weights the call overhead dominates and BLAS is as good.
+    KERNEL_MIN_WEIGHTS = 1 << 16
 
     def __init__(self, d_in: int, d_out: int, bias: bool) -> None:
         super().__init__()
@@ -43,12 +48,28 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_t
+        if (
+            x.numel() == x.shape[-1]
+            and w.device.type == "cpu"
+            and w.dtype in _KERNEL_DTYPES
+            and w.numel() >= self.KERNEL_MIN_WEIGHTS
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and w.is_contiguous()
+            and not torch.compiler.is_compiling()
+        ):
+            y = kernels.matvec(x, w, self.bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], y.shape[-1])
         flat = x.reshape(-1, x.shape[-1])
         if self.bias is None:
-            y = torch.mm(flat, self.weight_t)
+            y = torch.mm(flat, w)
         else:
-            y = torch.addmm(self.bias, flat, self.weight_t)
+            y = torch.addmm(self.bias, flat, w)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Norm(nn.Module):
