@@ -23,7 +23,7 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
 from forethought.model.kv_cache import KVCache
-from forethought.model.transformer import BLOCK_POINTS, GLOBAL_POINTS, Transformer
+from forethought.model.transformer import BLOCK_POINTS, Transformer
 
 
 def all_names(config: ModelConfig) -> list[str]:

@@ -171,9 +171,7 @@ def _build():
 
     # -march=native bakes in the build machine's instructions: key the cache on them too, so a home
     # directory shared between machines never loads a library the CPU cannot run.
-    key = hashlib.sha256(
-        "|".join((_SOURCE, torch.__version__, sys.version, _cpu_flags())).encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256("|".join((_SOURCE, torch.__version__, sys.version, _cpu_flags())).encode()).hexdigest()[:16]
     folder = cache_dir() / key
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / f"forethought_kernels_{key}.so").exists():

@@ -56,7 +56,9 @@ def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             name=folder.name,
         )
-    raise ForethoughtError(f"{folder}: model_type {kind!r} is not supported (supported: gpt2, {', '.join(LLAMA_TYPES)})")
+    raise ForethoughtError(
+        f"{folder}: model_type {kind!r} is not supported (supported: gpt2, {', '.join(LLAMA_TYPES)})"
+    )
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -75,4 +75,3 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
             set_linear(block.gate_up, [take(f"{p}.gate.weight"), take(f"{p}.up.weight")], [None, None])
         set_linear(block.down, [take(f"{p}.down.weight")], [maybe(f"{p}.down.bias")])
     return model.eval()
-

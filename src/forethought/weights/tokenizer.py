@@ -138,7 +138,9 @@ class Tokenizer:
             raise ForethoughtError("this model has no chat template; drop --chat")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
 
         def raise_exception(message: str):
             raise ForethoughtError(f"chat template: {message}")

@@ -1,0 +1,1 @@
+"""Corpora and the on-disk activation store."""

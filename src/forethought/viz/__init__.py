@@ -1,0 +1,1 @@
+"""Plots (matplotlib, Agg backend) of experiment results: each takes a result object and a path."""
