@@ -14,6 +14,9 @@ from forethought.model.sampling import SamplingParams, sample
 from forethought.model.transformer import Transformer
 
 
+GREEDY = SamplingParams(temperature=0)
+
+
 @dataclass
 class Generation:
     prompt_ids: list[int]
@@ -50,7 +53,7 @@ def generate(
     model: Transformer,
     prompt_ids: list[int],
     max_new_tokens: int,
-    params: SamplingParams = SamplingParams(temperature=0),
+    params: SamplingParams = GREEDY,
     use_cache: bool = True,
     stop_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
