@@ -178,7 +178,8 @@ class Recorder:
             local = [p - self.start for p in patch.positions]
             if any(not 0 <= i < n for i in local):
                 raise ForethoughtError(
-                    f"patch positions {list(patch.positions)} fall outside this pass ({self.start}..{self.start + n - 1})"
+                    f"patch positions {list(patch.positions)} fall outside this pass "
+                    f"({self.start}..{self.start + n - 1})"
                 )
             index = torch.tensor(local, device=tensor.device)
         patched = tensor.clone()

@@ -13,7 +13,6 @@ from forethought.model.kv_cache import KVCache
 from forethought.model.sampling import SamplingParams, sample
 from forethought.model.transformer import Transformer
 
-
 GREEDY = SamplingParams(temperature=0)
 
 
