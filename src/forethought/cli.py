@@ -58,6 +58,7 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Continue PROMPT, streaming tokens as they are chosen."""
+    from forethought.model.generate import check_prompt
     from forethought.model.generate import generate as run_generation
     from forethought.model.sampling import SamplingParams
     from forethought.weights.tokenizer import StreamDecoder
@@ -65,9 +66,12 @@ def generate(
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if not prompt:
         raise ForethoughtError("the prompt is empty: give at least one token of text")
+    if n < 0:
+        raise ForethoughtError(f"-n must be >= 0, got {n}")
     lm = load(model, device, dtype, quiet=as_json)
     text = lm.tokenizer.apply_chat_template(prompt) if chat else prompt
     prompt_ids = lm.tokenizer.encode(text)
+    check_prompt(lm.model, prompt_ids, n)  # before anything is printed
     stream = StreamDecoder(lm.tokenizer)
 
     def show(token: int) -> None:
@@ -101,7 +105,8 @@ def generate(
     err_console.print(
         f"[dim]{len(result.new_ids)} tokens · {summary['decode_tokens_per_second']:.1f} tok/s · "
         f"prefill {len(prompt_ids)} tokens in {result.prefill_seconds * 1e3:.0f} ms · {cache_note} · "
-        f"stop: {result.stop_reason}[/dim]"
+        f"stop: {result.stop_reason}[/dim]",
+        soft_wrap=True,
     )
 
 

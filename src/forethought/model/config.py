@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from forethought.errors import ForethoughtError
+
 Family = Literal["llama", "gpt2"]
 
 
@@ -32,8 +34,15 @@ class ModelConfig:
     name: str = "model"
 
     def __post_init__(self) -> None:
+        # Configs come from users' files, so an impossible shape is a user error, not a crash.
+        sizes = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "context_length")
+        for name in sizes:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ForethoughtError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ForethoughtError(
+                f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
 
     @property
     def kv_bytes_per_token(self) -> int:

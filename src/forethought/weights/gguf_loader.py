@@ -39,6 +39,8 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         raise ForethoughtError(f"{path.name}: RoPE scaling {scaling!r} is not supported")
     d_model = int(need("embedding_length"))
     n_heads = int(need("attention.head_count"))
+    if n_heads <= 0:
+        raise ForethoughtError(f"{path.name}: {arch}.attention.head_count must be positive, got {n_heads}")
     head_dim = int(gguf.get(f"{arch}.attention.key_length", d_model // n_heads))
     tokens = gguf.get("tokenizer.ggml.tokens")
     vocab = int(gguf.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
+from forethought.weights.files import read_json
 from forethought.weights.tokenizer import Tokenizer
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
@@ -133,16 +133,18 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ForethoughtError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    raw_config = read_json(config_path)
     try:
-        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ForethoughtError(f"{config_path}: not valid JSON ({e})") from None
-    config = config_from_hf(raw_config, folder)
+        config = config_from_hf(raw_config, folder)
+    except KeyError as e:
+        raise ForethoughtError(f"{config_path} lacks the key {e.args[0]!r}") from None
+    except TypeError as e:
+        raise ForethoughtError(f"{config_path} has a value of the wrong type ({e})") from None
     tensors = canonical_tensors(_read_safetensors(folder), config)
     eos = raw_config.get("eos_token_id")
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        eos = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id", eos)
+        eos = read_json(gen_path).get("eos_token_id", eos)
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     tokenizer = Tokenizer.from_hf_folder(folder, eos)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from forethought.errors import ForethoughtError
+from forethought.weights.files import read_json
 
 # How text is cut into words before BPE, by llama.cpp's `tokenizer.ggml.pre` name. The merges were
 # learned on words cut this way, so using another split changes the ids.
@@ -99,7 +99,7 @@ class Tokenizer:
         settings = {}
         config_path = folder / "tokenizer_config.json"
         if config_path.is_file():
-            settings = json.loads(config_path.read_text(encoding="utf-8"))
+            settings = read_json(config_path)
 
         def token_id(key: str) -> int | None:
             value = settings.get(key)
