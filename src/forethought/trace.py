@@ -209,11 +209,13 @@ def run_with_trace(
     patches: Sequence[Patch] = (),
     causal: bool = True,
     to_cpu: bool = False,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, Trace]:
     """One forward pass capturing `names` (globs allowed) and applying `patches`.
 
     Returns (logits [batch, position, vocab], trace). With a cache, `tokens` continue it and the
-    trace covers only the new positions (`trace.start` says where they begin).
+    trace covers only the new positions (`trace.start` says where they begin). `last_only` unembeds
+    only the last position, as generation does (then `final_norm`/`logits` cover that one only).
     """
     ids = as_token_tensor(tokens, model.device)
     chosen = resolve_names(model.config, names) if names else []
@@ -221,8 +223,11 @@ def run_with_trace(
         resolve_names(model.config, [p.name])  # a typo in a patch name must not pass silently
     start = cache.length if cache is not None else 0
     recorder = Recorder(chosen, patches, start=start, to_cpu=to_cpu)
-    logits = model(ids, cache=cache, hooks=recorder, causal=causal)
-    trace = Trace(recorder.tensors, ids.tolist(), start)
+    logits = model(ids, cache=cache, hooks=recorder, causal=causal, last_only=last_only)
+    # Captured in execution order (attn_pattern before resid_post); kept in the same natural order
+    # that `Trace.load` restores, so a save/load round trip gives back the same names in the same order.
+    tensors = {name: recorder.tensors[name] for name in _natural_order(recorder.tensors)}
+    trace = Trace(tensors, ids.tolist(), start)
     return logits, trace
 
 

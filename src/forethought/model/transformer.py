@@ -73,7 +73,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Norm(nn.Module):
-    """RMSNorm (Llama) or LayerNorm (GPT-2), computed in float32 whatever the weights' dtype."""
+    """RMSNorm (Llama) or LayerNorm (GPT-2), computed in at least float32 (half types are upcast)."""
 
     def __init__(self, d: int, eps: float, layer_norm: bool) -> None:
         super().__init__()
@@ -82,11 +82,12 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d), requires_grad=False) if layer_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if self.bias is None:
             y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
             return self.weight * y.to(x.dtype)
-        return F.layer_norm(x32, (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        w, b = self.weight.to(x32.dtype), self.bias.to(x32.dtype)
+        return F.layer_norm(x32, (x.shape[-1],), w, b, self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
