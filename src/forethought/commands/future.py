@@ -1,0 +1,149 @@
+"""Future Lens commands: `extract` residual streams of a corpus into a store, then `probe` how far ahead they see."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console, load
+from forethought.errors import ForethoughtError
+
+
+def parse_int_list(text: str, what: str, upper: int | None = None) -> list[int]:
+    """'all', '0,5,10', '1-4' or a mix ('0-3,8') -> sorted unique ints."""
+    text = text.strip()
+    if text == "all":
+        if upper is None:
+            raise ForethoughtError(f"--{what} all needs a known range")
+        return list(range(upper))
+    values: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                values.update(range(int(lo), int(hi) + 1))
+            else:
+                values.add(int(part))
+    except ValueError:
+        raise ForethoughtError(f"--{what} {text!r}: use 'all', a list like 0,5,10 or a range like 1-4") from None
+    if not values:
+        raise ForethoughtError(f"--{what} is empty")
+    if upper is not None and (min(values) < 0 or max(values) >= upper):
+        raise ForethoughtError(f"--{what} {text!r}: values must lie in 0..{upper - 1}")
+    return sorted(values)
+
+
+@app.command()
+def extract(
+    out: Annotated[Path, typer.Option("--out", help="Store folder (created; rerun to resume).")],
+    corpus: Annotated[str, typer.Option("--corpus", help="'stdlib', a text file, a folder or a .jsonl.")] = "stdlib",
+    layers: Annotated[
+        str, typer.Option("--layers", help="all, or a list like 0,5,10 (the last is always kept).")
+    ] = "all",
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to extract, train + test.")] = 50_000,
+    window: Annotated[int, typer.Option("--window", help="Tokens per packed window.")] = 256,
+    batch: Annotated[int, typer.Option("--batch", help="Windows per forward pass.")] = 8,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of documents held out.")] = 0.1,
+    shard_mb: Annotated[float, typer.Option("--shard-mb", help="Cap on one shard's activations, MB.")] = 256.0,
+    max_doc_tokens: Annotated[
+        int, typer.Option("--max-doc-tokens", help="Keep a document's first N tokens (0: all).")
+    ] = 2048,
+    float16: Annotated[bool, typer.Option("--float16", help="Store activations as float16.")] = False,
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the model over a corpus and store chosen layers' resid_post, token ids and its own greedy predictions."""
+    from forethought.data.corpus import load_corpus
+    from forethought.experiments.future import run_extract
+
+    documents = load_corpus(corpus)  # a bad corpus fails before the model loads
+    lm = load(model, device, "float32", quiet=as_json)
+    layer_list = parse_int_list(layers, "layers", lm.config.n_layers)
+    result = run_extract(
+        lm,
+        documents,
+        out,
+        layer_list,
+        tokens=tokens,
+        window=window,
+        batch=batch,
+        float16=float16,
+        test_fraction=test_fraction,
+        shard_mb=shard_mb,
+        max_doc_tokens=max_doc_tokens,
+        progress=not as_json,
+    )
+    summary = {
+        "out": str(result.out),
+        "shards": result.shards,
+        "shards_skipped": result.shards_skipped,
+        "tokens": result.tokens,
+        "tokens_by_split": result.tokens_by_split,
+        "seconds": round(result.seconds, 2),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "corpus": result.manifest["corpus"],
+        "layers": result.manifest["settings"]["layers"],
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return
+    c = summary["corpus"]
+    console.print(
+        f"{result.tokens:,} tokens ({result.tokens_by_split['train']:,} train, {result.tokens_by_split['test']:,} test)"
+        f" in {result.shards} shards at {result.out} · {len(summary['layers'])} layers · "
+        f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s)"
+        + (f" · resumed past {result.shards_skipped} shards" if result.shards_skipped else "")
+    )
+    if c.get("skipped"):
+        err_console.print(f"[dim]{c['skipped']} unreadable or non-UTF-8 files skipped[/dim]")
+    if result.manifest.get("exhausted"):
+        err_console.print("[yellow]the corpus ran out before --tokens[/yellow]")
+
+
+@app.command()
+def probe(
+    store: Annotated[Path, typer.Option("--store", help="A folder written by forethought extract.")],
+    offsets: Annotated[str, typer.Option("--offsets", help="Token offsets k to predict, e.g. 1-4.")] = "1-4",
+    layers: Annotated[str, typer.Option("--layers", help="all (stored), or a list like 0,5,10.")] = "all",
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored per cell.")] = 4096,
+    out: Annotated[Path | None, typer.Option("--out", help="Results and fitted probes (default STORE/probes).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the top-1 heatmap PNG here.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Override the store's model.")] = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Linear probes and the Future Lens map from each layer's state to tokens 1..K ahead, on held-out documents."""
+    from forethought.data.store import ActivationStore
+    from forethought.experiments.future import run_probes
+    from forethought.viz.future import write_report
+
+    activation_store = ActivationStore(store)
+    offset_list = parse_int_list(offsets, "offsets")
+    if min(offset_list) < 1 or max(offset_list) >= activation_store.window:
+        raise ForethoughtError(f"--offsets must lie in 1..{activation_store.window - 1}")
+    layer_list = activation_store.layers if layers == "all" else parse_int_list(layers, "layers")
+    missing = sorted(set(layer_list) - set(activation_store.layers))
+    if missing:
+        raise ForethoughtError(f"layers {missing} are not in the store (stored: {activation_store.layers})")
+    lm = load(model or activation_store.manifest["model"]["name"], device, "float32", quiet=as_json)
+    out_dir = out or (Path(store) / "probes")
+    result = run_probes(
+        activation_store,
+        lm.model,
+        offset_list,
+        layer_list,
+        eval_tokens=eval_tokens,
+        save_dir=out_dir,
+        progress=not as_json,
+    )
+    paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
+    if as_json:
+        print(json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in paths.items()}}))
+        return
+    print(paths["markdown"].read_text())  # plain: the table's brackets are not rich markup
+    for kind, path in paths.items():
+        err_console.print(f"[dim]{kind}: {path}[/dim]")
