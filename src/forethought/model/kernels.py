@@ -7,9 +7,8 @@ sequential stream (the access pattern hardware prefetchers like best) and gets c
 
 The extension is built with the local C++ compiler the first time a large enough batch-1 product
 runs (~40 s, once; cached under ~/.cache/forethought/kernels/, keyed by source, torch version and CPU
-flags). Anything that goes wrong -- no compiler, no ninja, a failed build, FORETHOUGHT_KERNELS unset --
+flags). Anything that goes wrong -- no compiler, no ninja, a failed build, FORETHOUGHT_KERNELS=0 --
 leaves `matvec()` returning None, and the caller falls back to torch. Import never fails.
-For now the kernels are opt-in: FORETHOUGHT_KERNELS=1.
 """
 
 from __future__ import annotations
@@ -198,10 +197,10 @@ def module():
     with _lock:
         if "module" in _state or "error" in _state:
             return _state.get("module")
-        if os.environ.get("FORETHOUGHT_KERNELS", "0") != "1":
-            # Opt-in until measured on an idle machine: on a loaded 2-core box the per-call 2-thread
-            # barrier made a decode step 4.7x slower than torch.mm (benchmarks/RESULTS.md).
-            _state["error"] = "off (set FORETHOUGHT_KERNELS=1 to use them)"
+        if os.environ.get("FORETHOUGHT_KERNELS", "1") == "0":
+            # An escape hatch for oversubscribed machines: when other processes hold the cores, the
+            # per-call 2-thread barrier can make a step several times slower than torch.mm.
+            _state["error"] = "disabled by FORETHOUGHT_KERNELS=0"
             return None
         try:
             _state["module"] = _build()

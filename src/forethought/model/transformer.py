@@ -84,7 +84,8 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if self.bias is None:
-            y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            # HF's order of operations (normalise, cast back, then scale), so float32 logits match exactly.
+            y = F.rms_norm(x32, (x.shape[-1],), eps=self.eps)
             return self.weight * y.to(x.dtype)
         w, b = self.weight.to(x32.dtype), self.bias.to(x32.dtype)
         return F.layer_norm(x32, (x.shape[-1],), w, b, self.eps).to(x.dtype)
@@ -266,7 +267,7 @@ class Transformer(nn.Module):
             cache.reserve(end)
         wanted = hooks.points if hooks is not None else ()
 
-        x = self.embed[tokens]
+        x = F.embedding(tokens, self.embed)
         if self.pos_embed is not None:
             x = x + self.pos_embed[start:end]
         if "embed" in wanted:
