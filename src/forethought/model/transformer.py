@@ -170,10 +170,7 @@ class Block(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if hooks is not None:
             # Exposed as [batch, position, head, head_dim], after RoPE: what attention really uses.
-            for point, t in (("q", q), ("k", k), ("v", v)):
-                if self.names[point] in hooks.points:
-                    t = hooks(self.names[point], t.transpose(1, 2)).transpose(1, 2)
-                    q, k, v = (t, k, v) if point == "q" else (q, t, v) if point == "k" else (q, k, t)
+            q, k, v = (self._hook(hooks, point, t) for point, t in (("q", q), ("k", k), ("v", v)))
         if cache is not None:
             k, v = cache.write(self.index, start, k, v)
         S = k.shape[2]
@@ -190,6 +187,12 @@ class Block(nn.Module):
             out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m).view(B, n_q, T, hd)
         out = out.transpose(1, 2).reshape(B, T, n_q * hd)
         return self.o(out)
+
+    def _hook(self, hooks: Hooks, point: str, heads_first: torch.Tensor) -> torch.Tensor:
+        name = self.names[point]
+        if name not in hooks.points:
+            return heads_first
+        return hooks(name, heads_first.transpose(1, 2)).transpose(1, 2)
 
     @staticmethod
     def explicit_pattern(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, group: int) -> torch.Tensor:
