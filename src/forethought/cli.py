@@ -101,6 +101,7 @@ def generate(
         print(json.dumps(summary))
         return
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the summary goes to stderr: keep it below the text, not inside it
     cache_note = f"KV cache {summary['kv_cache_bytes'] / 1e6:.2f} MB" if not no_cache else "no cache (recompute)"
     err_console.print(
         f"[dim]{len(result.new_ids)} tokens · {summary['decode_tokens_per_second']:.1f} tok/s · "
