@@ -25,7 +25,9 @@ from rich.table import Table
 ALL = [
     "machine",
     "forethought-fp32",
+    "forethought-fp32-opbyop",
     "forethought-bf16",
+    "forethought-int8",
     "hf-fp32",
     "llamacpp-f32",
     "llamacpp-q8_0",
@@ -131,14 +133,23 @@ def ratio(a, b) -> str:
 def main_rows(results: dict) -> list[dict]:
     """One row per (engine, mode): decode tok/s, prefill tok/s, peak RSS."""
     rows = []
-    order = ["forethought-fp32", "forethought-bf16", "hf-fp32", "llamacpp-f32", "llamacpp-q8_0", "llamacpp-q4_1"]
+    order = [
+        "forethought-fp32",
+        "forethought-fp32-opbyop",
+        "forethought-bf16",
+        "forethought-int8",
+        "hf-fp32",
+        "llamacpp-f32",
+        "llamacpp-q8_0",
+        "llamacpp-q4_1",
+    ]
     for name in order:
         r = results.get(name)
         if not r or "error" in r:
             if r:
                 rows.append({"system": name, "error": r["error"]})
             continue
-        label = r["engine"] + (", KV cache" if name in ("forethought-fp32", "forethought-bf16", "hf-fp32") else "")
+        label = r["engine"] + (", KV cache" if name.startswith(("forethought", "hf")) else "")
         rows.append(
             {
                 "system": label,
@@ -237,18 +248,54 @@ NOTES_MARK = "<!-- notes: kept when the figures above are regenerated -->"
 PROMPT_TEXT = "Once upon a time, there was a little"
 
 
+# (what, numerator engine, key, denominator engine, key, bar, higher is better)
+TARGETS = [
+    ("fp32 decode vs llama.cpp F32", "forethought-fp32", "decode_tok_s", "llamacpp-f32", "decode_tok_s", 1.0, True),
+    ("fp32 prefill vs llama.cpp F32", "forethought-fp32", "prefill_tok_s", "llamacpp-f32", "prefill_tok_s", 1.0, True),
+    ("int8 decode vs llama.cpp Q8_0", "forethought-int8", "decode_tok_s", "llamacpp-q8_0", "decode_tok_s", 1.0, True),
+    ("fp32 decode vs HF transformers fp32", "forethought-fp32", "decode_tok_s", "hf-fp32", "decode_tok_s", 2.0, True),
+]
+
+
+def target_lines(results: dict) -> list[str]:
+    """The issue's bars, each as a ratio of two figures from this run."""
+    lines = ["", "## Targets, from this run", "| target | figures | ratio | bar | met |", "|---|---:|---:|---:|---|"]
+    for what, a, ka, b, kb, bar, higher in TARGETS:
+        x, y = reference(results, a, ka), reference(results, b, kb)
+        if x is None or not y:
+            continue
+        r = x / y
+        met = r >= bar if higher else r <= bar
+        lines.append(f"| {what} | {x:,.1f} vs {y:,.1f} | {r:.2f}x | >= {bar:.2f}x | {'yes' if met else 'NO'} |")
+    tr = (results.get("forethought-fp32") or {}).get("trace")
+    if tr:
+        met = "yes" if tr["ratio"] <= 1.05 else "NO"
+        lines.append(
+            f"| trace overhead (every layer's resid_post) | {tr['trace_ms']:.0f} vs {tr['plain_ms']:.0f} ms "
+            f"| {tr['ratio']:.2f}x | <= 1.05x | {met} |"
+        )
+    return lines if len(lines) > 4 else []
+
+
 def extra_sections(results: dict) -> list[str]:
-    lines: list[str] = []
+    lines: list[str] = target_lines(results)
     fp32 = results.get("forethought-fp32") or {}
     mach = results.get("machine") or {}
-    ids = {k: (results.get(k) or {}).get("ids") for k in ("forethought-fp32", "hf-fp32", "llamacpp-f32")}
-    if ids["forethought-fp32"]:
+    ids = {k: (results.get(k) or {}).get("ids") for k in results}
+    pairs = [
+        ("forethought-fp32", "hf-fp32"),
+        ("forethought-fp32", "llamacpp-f32"),
+        ("forethought-fp32", "forethought-fp32-opbyop"),
+        ("forethought-fp32", "forethought-int8"),
+        ("llamacpp-f32", "llamacpp-q8_0"),
+    ]
+    if ids.get("forethought-fp32"):
         lines += ["", "## Greedy tokens agree"]
-        base = ids["forethought-fp32"]
-        for k in ("hf-fp32", "llamacpp-f32"):
-            if ids[k]:
-                same = next((i for i, (a, b) in enumerate(zip(base, ids[k])) if a != b), min(len(base), len(ids[k])))
-                lines.append(f"- forethought fp32 vs {k}: first {same} of {len(base)} tokens identical")
+        for a, b in pairs:
+            if ids.get(a) and ids.get(b):
+                n = min(len(ids[a]), len(ids[b]))
+                same = next((i for i, (x, y) in enumerate(zip(ids[a], ids[b])) if x != y), n)
+                lines.append(f"- {a} vs {b}: first {same} of {len(ids[a])} tokens identical")
         if "nocache_matches_cache" in fp32:
             lines.append(f"- forethought fp32 with vs without KV cache: identical = {fp32['nocache_matches_cache']}")
     if mach.get("copy_read_gb_s"):
@@ -266,6 +313,13 @@ def extra_sections(results: dict) -> list[str]:
                 f"- forethought fp32 decode reads {wb / 1e6:.0f} MB of weights per token: "
                 f"{rate:.1f} GB/s = {rate / mach['copy_read_gb_s']:.0%} of copy-read bandwidth, "
                 f"{rate / mach['sum_read_gb_s']:.0%} of read-only bandwidth"
+            )
+        int8 = results.get("forethought-int8") or {}
+        if int8.get("decode_tok_s"):
+            rate = int8["weight_bytes"] * int8["decode_tok_s"] / 1e9
+            lines.append(
+                f"- forethought int8 decode reads {int8['weight_bytes'] / 1e6:.0f} MB of weights and scales per "
+                f"token: {rate:.1f} GB/s"
             )
         ll = results.get("llamacpp-f32") or {}
         if ll.get("decode_tok_s") and fp32.get("weight_bytes"):

@@ -1,12 +1,17 @@
 """Where a forethought decode step spends its time: `python -m benchmarks.profile_decode [--dtype D] [--steps N]`.
 
-Runs warm decode steps under torch.profiler and prints the ops sorted by self CPU time, plus the
-share taken by the weight products (the batch-1 kernel, or mm/addmm when it is off).
+Times, warm and as medians, (1) the step's weight products alone -- every Linear of the model through
+the batch-1 kernel, nothing else: the floor set by memory bandwidth --, (2) the compiled whole-token
+step that `model(token, cache=cache)` runs, and (3) the op-by-op forward (`fused_decode = False`),
+whose ATen ops torch.profiler then lists by self time. (2) - (1) is everything that is not weight
+traffic; (3) - (2) is what the fusion removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -14,42 +19,67 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import PROMPT
 
 
+def per_step_ms(fn, steps: int, rounds: int = 5) -> float:
+    """Median over `rounds` of the mean time of `steps` calls, after one untimed round."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        times.append((time.perf_counter() - started) / steps)
+    return statistics.median(times) * 1e3
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="float32 or int8 (the compiled step's dtypes)")
+    p.add_argument("--steps", type=int, default=16)
     args = p.parse_args()
     from forethought import load_model
     from forethought.model import kernels
+    from forethought.model.transformer import Linear
 
-    # The kernel is a pybind call, invisible to the profiler unless labelled.
-    inner = kernels.matvec
-
-    def labelled(*a):
-        with torch.profiler.record_function("forethought::matvec"):
-            return inner(*a)
-
-    kernels.matvec = labelled
     torch.set_num_threads(2)
     loaded = load_model(dtype=args.dtype)
     model, ids = loaded.model, loaded.tokenizer.encode(PROMPT)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    weight_bytes = sum(m.weight_t.nbytes + (m.scale.nbytes if m.scale is not None else 0) for m in linears)
+    inputs = [torch.randn(m.d_in) for m in linears]
+
     with torch.inference_mode():
-        cache = model.new_cache(capacity=len(ids) + 2 * args.steps + 8)
-        logits = model(torch.tensor([ids]), cache=cache, last_only=True)
-        token = torch.tensor([[int(logits[0, -1].argmax())]])
-        for _ in range(8):  # warm-up (and the one-time kernel build)
-            token = model(token, cache=cache)[0, -1].argmax().view(1, 1)
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        cache = model.new_cache(capacity=len(ids) + 64 * args.steps)
+        model(torch.tensor([ids]), cache=cache, last_only=True)
+        start = cache.length
+        token = torch.tensor([[42]])
+
+        def products() -> None:
+            for m, x in zip(linears, inputs):
+                kernels.matvec(x, m.weight_t, m.bias, m.scale)
+
+        def step() -> None:
+            if cache.length > start + 32:
+                cache.truncate(start)  # keep the context (and so attention's cost) constant
+            model(token, cache=cache)
+
+        rows = {"weight products only": per_step_ms(products, args.steps)}
+        model.fused_decode = True
+        rows["compiled step (default)"] = per_step_ms(step, args.steps)
+        model.fused_decode = False
+        rows["op-by-op forward"] = per_step_ms(step, args.steps)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
-                token = model(token, cache=cache)[0, -1].argmax().view(1, 1)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
-    weights = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm") or "matvec" in e.key)
-    print(
-        f"{args.steps} steps, {total / args.steps / 1e3:.2f} ms/step of op self time; weight products "
-        f"{weights / total:.0%}, everything else {1 - weights / total:.0%}"
-    )
+                step()
+        model.fused_decode = True
+
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    floor = rows["weight products only"]
+    print(f"{loaded.name} {args.dtype}: {weight_bytes / 1e6:.0f} MB of weights per step, 2 threads")
+    for name, ms in rows.items():
+        print(
+            f"  {name:24s} {ms:6.2f} ms/step  {1e3 / ms:6.1f} tok/s  {weight_bytes / ms / 1e6:5.1f} GB/s of weights"
+            f"  ({ms - floor:+.2f} ms beyond the products)"
+        )
 
 
 if __name__ == "__main__":

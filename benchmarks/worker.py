@@ -38,18 +38,21 @@ def repeat(fn: Callable[[], tuple[float, list[int]]], repeats: int, warmup: int 
 # ----------------------------------------------------------------------------------- forethought
 
 
-def forethought_engine(opts: dict, dtype: str, device: str = "cpu") -> dict:
+def forethought_engine(opts: dict, dtype: str, device: str = "cpu", fused: bool = True) -> dict:
+    """dtype: float32, bfloat16 or int8 (8-bit weights). fused=False forces the op-by-op decode step."""
     from forethought import generate, load_model
     from forethought.model import kernels
     from forethought.model.transformer import Linear
 
-    progress(f"forethought {dtype}: loading")
+    label = f"forethought {dtype}" + ("" if fused else " op-by-op")
+    progress(f"{label}: loading")
     loaded = load_model(dtype=dtype, device=device)
     model, tok = loaded.model, loaded.tokenizer
+    model.fused_decode = fused
     prompt = tok.encode(PROMPT)
     text_ids = tok.encode(long_text())
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    out: dict = {"engine": f"forethought {dtype}", "device": device, "prompt_tokens": len(prompt)}
+    out: dict = {"engine": label, "device": device, "prompt_tokens": len(prompt)}
 
     def decode(n: int, use_cache: bool) -> tuple[float, list[int]]:
         g = generate(model, prompt, n, use_cache=use_cache)
@@ -58,12 +61,14 @@ def forethought_engine(opts: dict, dtype: str, device: str = "cpu") -> dict:
         return len(forwards) / sum(forwards), g.new_ids
 
     n = opts["tokens"]
-    progress(f"forethought {dtype}: decode {n} tokens with KV cache")
+    progress(f"{label}: decode {n} tokens with KV cache")
     out["decode_tok_s"], out["ids"] = repeat(lambda: decode(n, True), opts["repeats"])
     out["kernels"] = kernels.status()
+    with torch.inference_mode():
+        out["compiled_step"] = model._decode_step(model.new_cache()) is not None
     if opts["nocache"] and device == "cpu":
         m = opts["nocache_tokens"]
-        progress(f"forethought {dtype}: decode {m} tokens recomputing the prefix")
+        progress(f"{label}: decode {m} tokens recomputing the prefix")
         out["nocache_decode_tok_s"], ids = repeat(lambda: decode(m, False), opts["repeats"])
         out["nocache_tokens"] = m
         out["nocache_matches_cache"] = ids == out["ids"][:m]
@@ -76,14 +81,12 @@ def forethought_engine(opts: dict, dtype: str, device: str = "cpu") -> dict:
         model(ids, cache=model.new_cache(capacity=p), last_only=True)
         sync()
 
-    progress(f"forethought {dtype}: prefill {p} tokens")
-    out["prefill_tok_s"] = p / median_time(prefill, opts["repeats"])
-    out["prefill_tokens"] = p
-    out["weight_bytes"] = sum(
-        m.weight_t.nbytes + (m.bias.nbytes if m.bias is not None else 0)
-        for m in model.modules()
-        if isinstance(m, Linear)
-    )
+    if opts.get("prefill", True):
+        progress(f"{label}: prefill {p} tokens")
+        out["prefill_tok_s"] = p / median_time(prefill, opts["repeats"])
+        out["prefill_tokens"] = p
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    out["weight_bytes"] = sum(t.nbytes for m in linears for t in (m.weight_t, m.bias, m.scale) if t is not None)
 
     if opts["sweep"] and device == "cpu":
         out["context_ms"] = context_sweep(model, text_ids, opts)
@@ -336,7 +339,11 @@ def cuda_engine(opts: dict) -> dict:
 
 ENGINES: dict[str, Callable[[dict], dict]] = {
     "forethought-fp32": lambda o: forethought_engine(o, "float32"),
+    "forethought-fp32-opbyop": lambda o: forethought_engine(
+        dict(o, nocache=False, sweep=False, trace=False, prefill=False), "float32", fused=False
+    ),
     "forethought-bf16": lambda o: forethought_engine(dict(o, nocache=False, sweep=False, trace=False), "bfloat16"),
+    "forethought-int8": lambda o: forethought_engine(dict(o, nocache=False, sweep=False, trace=False), "int8"),
     "hf-fp32": lambda o: hf_engine(o),
     "llamacpp-f32": lambda o: llamacpp_engine(o, "F32"),
     "llamacpp-q8_0": lambda o: llamacpp_engine(o, "Q8_0"),

@@ -29,7 +29,10 @@ err_console = Console(stderr=True, highlight=False)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Named model or path to a .gguf file / HF folder.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16, float16 or float64.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="float32, bfloat16, float16, float64, or int8 (8-bit weights, float32 activations)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 

@@ -47,6 +47,8 @@ REGISTRY: dict[str, NamedModel] = {
 
 # float64 is for experiments that must separate a real difference from float32 rounding noise.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# Not a torch dtype: int8 weight matrices (Q8_0-style scales), float32 everything else.
+INT8 = "int8"
 
 
 @dataclass
@@ -70,6 +72,7 @@ class LoadedModel:
             "path": str(self.path),
             "config": self.config.to_dict(),
             "dtype": str(self.model.dtype).removeprefix("torch."),
+            "weights": "int8" if self.model.unembed.quantized else str(self.model.dtype).removeprefix("torch."),
             "device": str(self.model.device),
         }
 
@@ -94,13 +97,19 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of the activations (and of the weights, except in int8 mode)."""
+    if dtype == INT8:
+        return torch.float32
     if dtype not in DTYPES:
-        raise ForethoughtError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+        raise ForethoughtError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)} or {INT8})")
     return DTYPES[dtype]
 
 
 def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load a named model or a path (GGUF file, or HF folder with config.json + safetensors)."""
+    """Load a named model or a path (GGUF file, or HF folder with config.json + safetensors).
+
+    `dtype` is a name in DTYPES, or "int8": weight matrices in 8 bits, activations and cache float32.
+    """
     from forethought.weights.gguf_loader import load_gguf
     from forethought.weights.hf_loader import load_hf_folder
     from forethought.weights.tensors import build_model
@@ -125,4 +134,9 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fl
     else:
         raise ForethoughtError(f"{path} is not a regular file or folder")
     network = build_model(config, tensors, torch_dtype, device)
+    if dtype == INT8:
+        try:
+            network.quantize_int8_()
+        except ValueError as exc:
+            raise ForethoughtError(f"{path}: {exc}") from None
     return LoadedModel(network, tokenizer, name, path, meta, time.perf_counter() - started)

@@ -1,0 +1,504 @@
+// forethought's CPU kernels: batch-1 matrix-vector products and a whole decode step.
+//
+// A decode step multiplies one vector by every weight matrix, so it is bound by how fast the weights
+// stream from memory. Two things keep torch from that bound at batch 1: MKL's [1, in] x [in, out]
+// product reads at ~15 GB/s on two EPYC cores where a plain copy reads ~22+, and the ~15 small ATen
+// calls around each block's four products cost ~0.35 ms per block in dispatch and Python. Here the
+// products stream each thread's share of a matrix as one sequential run (what hardware prefetchers
+// like best), and `DecodeStep` runs the whole token -- every block, attention over the KV cache, the
+// unembedding -- in one call, with every buffer allocated once.
+//
+// Float weights are stored [in, out] (row i holds input i's weights to every output), float32 or
+// bfloat16. int8 weights have a float16 scale per group of 32 inputs of each output (llama.cpp's Q8_0
+// grouping) and a packed layout that `int8_block` below describes. Activations are float32, except
+// that an int8 product rounds its input to int16 per group of 32 (error <= max|x| / 65534).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// One SIMD vector of float32, the widest the compiler was allowed (-march=native).
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vset(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+// bfloat16 is the top half of a float32: widen to 32 bits and shift left 16 (exact).
+static inline vf vload(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256((const __m256i*)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline vf vload(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vf;
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vset(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vload(const at::BFloat16* p) {
+  __m128i h = _mm_loadu_si128((const __m128i*)p);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline vf vload(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#else
+#error "forethought kernels need AVX2+FMA or AVX-512"
+#endif
+
+static inline float tofloat(float v) { return v; }
+static inline float tofloat(at::BFloat16 v) { return static_cast<float>(v); }
+static inline float tofloat(at::Half v) { return static_cast<float>(v); }
+
+// ------------------------------------------------------------------------------ matrix-vector
+
+// acc[j0:j1] += sum_{i in [i0,i1)} x[i] * W[i, j0:j1], W row-major [in, out] with row stride `out`.
+// Four rows at a time: one load/store of the accumulator (in L1) per four weight vectors.
+template <typename T>
+static void rows_axpy(const T* W, const float* x, float* acc, int64_t out, int64_t i0, int64_t i1, int64_t j0,
+                      int64_t j1) {
+  const int64_t jv = j0 + (j1 - j0) / VW * VW;
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
+    const T* w0 = W + i * out;
+    const T* w1 = w0 + out;
+    const T* w2 = w1 + out;
+    const T* w3 = w2 + out;
+    vf x0 = vset(x[i]), x1 = vset(x[i + 1]), x2 = vset(x[i + 2]), x3 = vset(x[i + 3]);
+    int64_t j = j0;
+    for (; j < jv; j += VW) {
+      vf a = vload(acc + j);
+      a = vfma(vload(w0 + j), x0, a);
+      a = vfma(vload(w1 + j), x1, a);
+      a = vfma(vload(w2 + j), x2, a);
+      a = vfma(vload(w3 + j), x3, a);
+      vstore(acc + j, a);
+    }
+    for (; j < j1; j++)
+      acc[j] += tofloat(w0[j]) * x[i] + tofloat(w1[j]) * x[i + 1] + tofloat(w2[j]) * x[i + 2] +
+                tofloat(w3[j]) * x[i + 3];
+  }
+  for (; i < i1; i++) {
+    const T* w0 = W + i * out;
+    vf x0 = vset(x[i]);
+    int64_t j = j0;
+    for (; j < jv; j += VW) vstore(acc + j, vfma(vload(w0 + j), x0, vload(acc + j)));
+    for (; j < j1; j++) acc[j] += tofloat(w0[j]) * x[i];
+  }
+}
+
+// A weight matrix as the kernels see it: raw pointers, so a decode step touches no tensor objects.
+struct Mat {
+  const void* w = nullptr;
+  at::ScalarType type = at::kFloat;
+  int64_t in = 0, out = 0;
+  const at::Half* scale = nullptr;  // int8 only: [in / 32, out]
+  const float* bias = nullptr;
+};
+
+static int64_t threads_for(const Mat& m) {
+  int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), 64));
+  return m.in * m.out < (1 << 15) ? 1 : nt;
+}
+
+// ------------------------------------------------------------------------------ int8 weights
+//
+// q[i, j] int8 with W[i, j] = scale[i / 32, j] * q[i, j]. Packed so that one decode step reads the
+// matrix front to back: for group g (32 inputs) and strip s (16 outputs), a 512-byte block holds the
+// 16 input pairs p, each as 16 outputs c x 2 inputs r:  block[g][s][p][2c + r] = q[32g + 2p + r, 16s + c]
+// (outputs past `out` are zero). One block is 16 multiply-adds of int16 pairs (vpdpwssd), the input
+// being rounded to int16 per group -- exact integer sums, then one float scale per group and output.
+
+static constexpr int64_t kGroup = 32, kStrip = 16, kBlock = kGroup * kStrip;
+
+static int64_t strips(int64_t out) { return (out + kStrip - 1) / kStrip; }
+
+// x[in] -> xq[in] int16 and dx[in / 32] with x ~= dx[g] * xq (round to nearest, per group of 32).
+static void quantize_input(const float* x, int64_t in, int16_t* xq, float* dx) {
+  for (int64_t g = 0; g < in / kGroup; g++) {
+    const float* xg = x + g * kGroup;
+    float mx = 0.f;
+    for (int64_t i = 0; i < kGroup; i++) mx = std::max(mx, std::fabs(xg[i]));
+    const float d = mx / 32767.f, inv = mx > 0.f ? 32767.f / mx : 0.f;
+    dx[g] = d;
+    for (int64_t i = 0; i < kGroup; i++) xq[g * kGroup + i] = (int16_t)std::lrintf(xg[i] * inv);
+  }
+}
+
+// acc[16s + c] += sum over groups [g0, g1) of dx[g] * scale[g, 16s + c] * sum_i xq[i] q[i, 16s + c],
+// for strips [s0, s1); acc has room for whole strips (16 floats each).
+static void int8_block(const int8_t* P, const at::Half* S, const int16_t* xq, const float* dx, float* acc,
+                       int64_t out, int64_t g0, int64_t g1, int64_t s0, int64_t s1) {
+  const int64_t ns = strips(out);
+  for (int64_t g = g0; g < g1; g++) {
+    if (dx[g] == 0.f) continue;  // an all-zero input group adds nothing
+    const int8_t* blocks = P + g * ns * kBlock;
+    const int16_t* xg = xq + g * kGroup;
+    const at::Half* sg = S + g * out;
+#if defined(__AVX512BW__)
+    __m512i xs[kGroup / 2];  // each input pair, broadcast: reused by every strip of the group
+    for (int p = 0; p < kGroup / 2; p++) xs[p] = _mm512_set1_epi32(*(const int32_t*)(xg + 2 * p));
+    const __m512 d = _mm512_set1_ps(dx[g]);
+    for (int64_t s = s0; s < s1; s++) {
+      const int8_t* w = blocks + s * kBlock;
+      __m512i sum = _mm512_setzero_si512();
+      for (int p = 0; p < kGroup / 2; p++) {
+        __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 2 * kStrip * p)));
+#if defined(__AVX512VNNI__)
+        sum = _mm512_dpwssd_epi32(sum, w16, xs[p]);
+#else
+        sum = _mm512_add_epi32(sum, _mm512_madd_epi16(w16, xs[p]));
+#endif
+      }
+      const int64_t j = s * kStrip;
+      const __mmask16 live = out - j >= kStrip ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - j)) - 1);
+      const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, sg + j));
+      const __m512 a = _mm512_loadu_ps(acc + j);
+      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), d), sc, a));
+    }
+#else
+    for (int64_t s = s0; s < s1; s++) {
+      const int8_t* w = blocks + s * kBlock;
+      for (int64_t c = 0; c < kStrip && s * kStrip + c < out; c++) {
+        int32_t sum = 0;
+        for (int p = 0; p < kGroup / 2; p++)
+          sum += w[2 * kStrip * p + 2 * c] * xg[2 * p] + w[2 * kStrip * p + 2 * c + 1] * xg[2 * p + 1];
+        acc[s * kStrip + c] += sum * dx[g] * static_cast<float>(sg[s * kStrip + c]);
+      }
+    }
+#endif
+  }
+}
+
+static void matvec_int8(const Mat& m, const float* x, float* y, float* scratch) {
+  const int64_t nt = threads_for(m), G = m.in / kGroup, ns = strips(m.out), padded = ns * kStrip;
+  const int8_t* P = static_cast<const int8_t*>(m.w);
+  // scratch: [nt][padded] partial sums, then xq (int16) and dx.
+  float* parts = scratch;
+  int16_t* xq = reinterpret_cast<int16_t*>(parts + nt * padded);
+  float* dx = reinterpret_cast<float*>(xq + m.in);
+  quantize_input(x, m.in, xq, dx);
+  if (m.out >= 4096 || nt == 1) {
+    // Wide matrices: threads own disjoint strips of outputs.
+    std::fill(parts, parts + padded, 0.f);
+    const int64_t per = (ns + nt - 1) / nt;
+    at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++)
+        int8_block(P, m.scale, xq, dx, parts, m.out, 0, G, std::min(ns, t * per), std::min(ns, (t + 1) * per));
+    });
+    for (int64_t j = 0; j < m.out; j++) y[j] = parts[j] + (m.bias ? m.bias[j] : 0.f);
+    return;
+  }
+  // Narrow matrices: threads own disjoint groups of inputs, each summing into its own partial.
+  const int64_t per = (G + nt - 1) / nt;
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      float* part = parts + t * padded;
+      std::fill(part, part + padded, 0.f);
+      int8_block(P, m.scale, xq, dx, part, m.out, std::min(G, t * per), std::min(G, (t + 1) * per), 0, ns);
+    }
+  });
+  for (int64_t j = 0; j < m.out; j++) {
+    float s = m.bias ? m.bias[j] : 0.f;
+    for (int64_t t = 0; t < nt; t++) s += parts[t * padded + j];
+    y[j] = s;
+  }
+}
+
+// ------------------------------------------------------------------------------ float weights
+
+// Floats of scratch `matvec` needs for `m`: per thread a partial sum (narrow matrices), and for int8
+// the rounded input.
+static int64_t scratch_floats(const Mat& m) { return threads_for(m) * strips(m.out) * kStrip + m.in; }
+
+template <typename T>
+static void matvec_typed(const Mat& m, const float* x, float* y, float* scratch) {
+  const T* W = static_cast<const T*>(m.w);
+  const int64_t in = m.in, out = m.out, nt = threads_for(m);
+  const int64_t col_tile = 2048;  // floats of accumulator per pass: 8 KB, stays in L1
+  if (out >= 4096 || nt == 1) {
+    // Wide matrices (the unembedding): threads own disjoint column ranges, no reduction needed.
+    const int64_t per = ((out + nt - 1) / nt + VW - 1) / VW * VW;
+    at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        const int64_t a = std::min(out, t * per), b = std::min(out, a + per);
+        for (int64_t j = a; j < b; j += col_tile) {
+          const int64_t e = std::min(b, j + col_tile);
+          if (m.bias) std::copy(m.bias + j, m.bias + e, y + j); else std::fill(y + j, y + e, 0.f);
+          rows_axpy(W, x, y, out, 0, in, j, e);
+        }
+      }
+    });
+    return;
+  }
+  // Narrow matrices: each thread streams a contiguous block of rows into its own partial sum.
+  const int64_t per = (in + nt - 1) / nt;
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t a = std::min(in, t * per), b = std::min(in, a + per);
+      float* part = scratch + t * out;
+      std::fill(part, part + out, 0.f);
+      if (a < b) rows_axpy(W, x, part, out, a, b, 0, out);
+    }
+  });
+  for (int64_t j = 0; j < out; j++) {
+    float s = m.bias ? m.bias[j] : 0.f;
+    for (int64_t t = 0; t < nt; t++) s += scratch[t * out + j];
+    y[j] = s;
+  }
+}
+
+static void matvec(const Mat& m, const float* x, float* y, float* scratch) {
+  switch (m.type) {
+    case at::kFloat: return matvec_typed<float>(m, x, y, scratch);
+    case at::kBFloat16: return matvec_typed<at::BFloat16>(m, x, y, scratch);
+    case at::kChar: return matvec_int8(m, x, y, scratch);
+    default: TORCH_CHECK(false, "weights must be float32, bfloat16 or int8, not ", m.type);
+  }
+}
+
+static bool absent(const torch::Tensor& t) { return !t.defined() || t.numel() == 0; }
+
+static const float* optional_f32(const torch::Tensor& t, int64_t n, const char* what) {
+  if (absent(t)) return nullptr;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.numel() == n, what,
+              " must be a contiguous float32 CPU vector of ", n);
+  return t.data_ptr<float>();
+}
+
+static Mat make_mat(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& bias) {
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "W must be a contiguous CPU tensor");
+  Mat m;
+  m.w = w.data_ptr();
+  m.type = w.scalar_type();
+  TORCH_CHECK((m.type == at::kChar) != absent(scale), "int8 weights need a scale, and only they take one");
+  if (m.type == at::kChar) {
+    TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.device().is_cpu() &&
+                    scale.dim() == 2,
+                "int8 scales must be a contiguous float16 CPU matrix [in / 32, out]");
+    m.in = scale.size(0) * kGroup;
+    m.out = scale.size(1);
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == scale.size(0) && w.size(1) == strips(m.out) && w.size(2) == kGroup / 2 &&
+                    w.size(3) == 2 * kStrip,
+                "packed int8 weights must be [in / 32, ceil(out / 16), 16, 32]");
+    m.scale = scale.data_ptr<at::Half>();
+  } else {
+    TORCH_CHECK(w.dim() == 2 && (m.type == at::kFloat || m.type == at::kBFloat16),
+                "W must be a float32 or bfloat16 matrix [in, out], or packed int8");
+    m.in = w.size(0);
+    m.out = w.size(1);
+  }
+  m.bias = optional_f32(bias, m.out, "bias");
+  return m;
+}
+
+// y[out] = x[in] @ W + bias, in x's dtype; W float [in, out], or packed int8 with its scales. Scale and
+// bias may be empty tensors.
+torch::Tensor matvec_op(torch::Tensor x, torch::Tensor W, torch::Tensor scale, torch::Tensor bias) {
+  torch::Tensor bias32 = bias.numel() ? bias.to(torch::kFloat).contiguous() : bias;
+  Mat m = make_mat(W, scale, bias32);
+  TORCH_CHECK(x.numel() == m.in, "x has ", x.numel(), " elements, W has ", m.in, " rows");
+  auto xf = x.reshape({m.in}).to(torch::kFloat).contiguous();
+  auto y = torch::empty({m.out}, xf.options());
+  std::vector<float> scratch(scratch_floats(m));
+  matvec(m, xf.data_ptr<float>(), y.data_ptr<float>(), scratch.data());
+  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+}
+
+// ------------------------------------------------------------------------------ decode step
+
+static void rms_norm(const float* x, const float* w, float* y, int64_t d, float eps) {
+  double ss = 0;
+  for (int64_t i = 0; i < d; i++) ss += (double)x[i] * x[i];
+  const float r = 1.f / std::sqrt((float)(ss / d) + eps);
+  for (int64_t i = 0; i < d; i++) y[i] = w[i] * (x[i] * r);
+}
+
+// HF's rotate-half RoPE on one head in place: pairs (i, i + half) turn by the position's angles.
+static void rope(float* h, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; i++) {
+    const float a = h[i], b = h[i + half];
+    h[i] = a * cos[i] - b * sin[i];
+    h[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+struct Layer {
+  const float* attn_norm;
+  const float* mlp_norm;
+  Mat qkv, o, gate_up, down;
+};
+
+// One token through a Llama-family model (batch 1), appending its K/V to the cache.
+// Built once per set of weights; holds references to the tensors so the pointers stay valid.
+class DecodeStep {
+ public:
+  // `tensors`: embed [vocab, d], final_norm [d], unembed (W, scale, bias), rope cos [ctx, hd], rope sin,
+  // then per layer: attn_norm, qkv (W, scale, bias), o (W, scale, bias), mlp_norm, gate_up (W, scale,
+  // bias), down (W, scale, bias). Missing scales and biases are empty tensors.
+  DecodeStep(std::vector<torch::Tensor> tensors, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps)
+      : keep_(std::move(tensors)), n_q_(n_heads), n_kv_(n_kv_heads), hd_(head_dim), eps_((float)eps) {
+    const size_t per_layer = 14, head = 7;
+    TORCH_CHECK(keep_.size() >= head && (keep_.size() - head) % per_layer == 0, "wrong number of tensors");
+    TORCH_CHECK(n_q_ % n_kv_ == 0, "query heads must be a multiple of KV heads");
+    const auto& embed = keep_[0];
+    TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kFloat && embed.is_contiguous(),
+                "embed must be a contiguous float32 matrix");
+    vocab_ = embed.size(0);
+    d_ = embed.size(1);
+    embed_ = embed.data_ptr<float>();
+    final_norm_ = optional_f32(keep_[1], d_, "final_norm");
+    unembed_ = make_mat(keep_[2], keep_[3], keep_[4]);
+    for (int i : {5, 6})
+      TORCH_CHECK(keep_[i].dim() == 2 && keep_[i].size(1) == hd_ && keep_[i].scalar_type() == at::kFloat &&
+                      keep_[i].is_contiguous(),
+                  "rope tables must be contiguous float32 [context, head_dim]");
+    cos_ = keep_[5].data_ptr<float>();
+    sin_ = keep_[6].data_ptr<float>();
+    context_ = keep_[5].size(0);
+    const int64_t qkv_out = (n_q_ + 2 * n_kv_) * hd_;
+    int64_t scratch = scratch_floats(unembed_);
+    for (size_t first = head; first < keep_.size(); first += per_layer) {
+      const torch::Tensor* t = &keep_[first];
+      Layer L;
+      L.attn_norm = optional_f32(t[0], d_, "attn_norm");
+      L.qkv = make_mat(t[1], t[2], t[3]);
+      L.o = make_mat(t[4], t[5], t[6]);
+      L.mlp_norm = optional_f32(t[7], d_, "mlp_norm");
+      L.gate_up = make_mat(t[8], t[9], t[10]);
+      L.down = make_mat(t[11], t[12], t[13]);
+      TORCH_CHECK(L.attn_norm && L.mlp_norm, "norm weights are required");
+      TORCH_CHECK(L.qkv.in == d_ && L.qkv.out == qkv_out && L.o.in == n_q_ * hd_ && L.o.out == d_ &&
+                      L.gate_up.in == d_ && L.gate_up.out % 2 == 0 && L.down.in == L.gate_up.out / 2 &&
+                      L.down.out == d_,
+                  "layer shapes disagree with the model's dimensions");
+      for (const Mat* m : {&L.qkv, &L.o, &L.gate_up, &L.down}) scratch = std::max(scratch, scratch_floats(*m));
+      d_ff_ = L.down.in;
+      layers_.push_back(L);
+    }
+    TORCH_CHECK(final_norm_ && unembed_.in == d_, "final norm / unembedding disagree with d_model");
+    x_.resize(d_);
+    xn_.resize(d_);
+    qkv_.resize(qkv_out);
+    att_.resize(n_q_ * hd_);
+    tmp_.resize(d_);
+    gu_.resize(2 * d_ff_);
+    scores_.resize(n_q_ * context_);
+    scratch_.resize(scratch);
+  }
+
+  // Logits [vocab] (float32) of `token` at position `pos`; K and V are [layer, 1, kv_head, capacity,
+  // head_dim] float32 caches that already hold positions 0..pos-1.
+  torch::Tensor forward(int64_t token, int64_t pos, torch::Tensor k_cache, torch::Tensor v_cache) {
+    TORCH_CHECK(token >= 0 && token < vocab_, "token id ", token, " is outside the vocabulary");
+    TORCH_CHECK(pos >= 0 && pos < context_, "position ", pos, " is outside the context");
+    for (const auto* c : {&k_cache, &v_cache})
+      TORCH_CHECK(c->dim() == 5 && c->scalar_type() == at::kFloat && c->is_contiguous() && c->device().is_cpu() &&
+                      c->size(0) == (int64_t)layers_.size() && c->size(1) == 1 && c->size(2) == n_kv_ &&
+                      c->size(4) == hd_ && c->size(3) > pos,
+                  "the KV cache must be contiguous float32 [layers, 1, kv_heads, capacity > pos, head_dim]");
+    const int64_t cap = k_cache.size(3);
+    float* K = k_cache.data_ptr<float>();
+    float* V = v_cache.data_ptr<float>();
+    float* x = x_.data();
+    float* xn = xn_.data();
+    std::copy(embed_ + token * d_, embed_ + (token + 1) * d_, x);
+    const float* cos = cos_ + pos * hd_;
+    const float* sin = sin_ + pos * hd_;
+
+    for (size_t l = 0; l < layers_.size(); l++) {
+      const Layer& L = layers_[l];
+      // Attention: project, rotate, append K/V, attend over positions 0..pos.
+      rms_norm(x, L.attn_norm, xn, d_, eps_);
+      matvec(L.qkv, xn, qkv_.data(), scratch_.data());
+      float* q = qkv_.data();
+      float* k = q + n_q_ * hd_;
+      float* v = k + n_kv_ * hd_;
+      for (int64_t h = 0; h < n_q_; h++) rope(q + h * hd_, cos, sin, hd_);
+      for (int64_t h = 0; h < n_kv_; h++) {
+        rope(k + h * hd_, cos, sin, hd_);
+        const int64_t slot = ((l * n_kv_ + h) * cap + pos) * hd_;
+        std::copy(k + h * hd_, k + (h + 1) * hd_, K + slot);
+        std::copy(v + h * hd_, v + (h + 1) * hd_, V + slot);
+      }
+      attend(K + l * n_kv_ * cap * hd_, V + l * n_kv_ * cap * hd_, cap, pos + 1);
+      matvec(L.o, att_.data(), tmp_.data(), scratch_.data());
+      for (int64_t i = 0; i < d_; i++) x[i] += tmp_[i];
+      // MLP: SwiGLU.
+      rms_norm(x, L.mlp_norm, xn, d_, eps_);
+      matvec(L.gate_up, xn, gu_.data(), scratch_.data());
+      float* gate = gu_.data();
+      const float* up = gate + d_ff_;
+      for (int64_t i = 0; i < d_ff_; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      matvec(L.down, gate, tmp_.data(), scratch_.data());
+      for (int64_t i = 0; i < d_; i++) x[i] += tmp_[i];
+    }
+    rms_norm(x, final_norm_, xn, d_, eps_);
+    auto logits = torch::empty({vocab_}, torch::kFloat);
+    matvec(unembed_, xn, logits.data_ptr<float>(), scratch_.data());
+    return logits;
+  }
+
+ private:
+  // Softmax attention of every query head over `S` cached positions of its KV head (grouped-query).
+  void attend(const float* K, const float* V, int64_t cap, int64_t S) {
+    const int64_t group = n_q_ / n_kv_;
+    const float scale = 1.f / std::sqrt((float)hd_);
+    // Below a few thousand positions one thread is faster than waking the other.
+    const int64_t grain = S * n_q_ < 4096 ? n_q_ : 1;
+    at::parallel_for(0, n_q_, grain, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; h++) {
+        const float* q = qkv_.data() + h * hd_;
+        const float* Kh = K + (h / group) * cap * hd_;
+        const float* Vh = V + (h / group) * cap * hd_;
+        float* p = scores_.data() + h * context_;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+          const float* kr = Kh + s * hd_;
+          float dot = 0.f;
+          for (int64_t i = 0; i < hd_; i++) dot += q[i] * kr[i];
+          p[s] = dot * scale;
+          mx = std::max(mx, p[s]);
+        }
+        float sum = 0.f;
+        for (int64_t s = 0; s < S; s++) {
+          p[s] = std::exp(p[s] - mx);
+          sum += p[s];
+        }
+        float* o = att_.data() + h * hd_;
+        std::fill(o, o + hd_, 0.f);
+        for (int64_t s = 0; s < S; s++) {
+          const float* vr = Vh + s * hd_;
+          const float w = p[s] / sum;
+          for (int64_t i = 0; i < hd_; i++) o[i] += w * vr[i];
+        }
+      }
+    });
+  }
+
+  std::vector<torch::Tensor> keep_;
+  std::vector<Layer> layers_;
+  const float* embed_;
+  const float* final_norm_;
+  const float* cos_;
+  const float* sin_;
+  Mat unembed_;
+  int64_t n_q_, n_kv_, hd_, d_ = 0, d_ff_ = 0, vocab_ = 0, context_ = 0;
+  float eps_;
+  std::vector<float> x_, xn_, qkv_, att_, tmp_, gu_, scores_, scratch_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matvec", &matvec_op, "x @ W + bias for one vector x and W [in, out] (int8 W with its scales)");
+  pybind11::class_<DecodeStep>(m, "DecodeStep")
+      .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double>())
+      .def("forward", &DecodeStep::forward);
+}

@@ -1,0 +1,103 @@
+"""The compiled whole-token decode step (kernels.DecodeStep) computes what the op-by-op forward computes."""
+
+import pytest
+import torch
+
+from forethought.model import kernels
+from forethought.model.random_init import random_model, tiny_config
+from forethought.trace import run_with_trace
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"CPU kernels unavailable: {kernels.status()}")
+
+
+def model_for(variant: str, seed: int = 0):
+    if variant == "qwen2-bias":
+        model = random_model(tiny_config(qkv_bias=True), seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        for block in model.blocks:
+            block.qkv.bias.data = torch.randn(block.qkv.bias.shape, generator=g) * 0.5
+        return model
+    model = random_model(tiny_config(), seed=seed)
+    if variant == "int8":
+        model.quantize_int8_()
+    return model
+
+
+@torch.inference_mode()
+def decode_logits(model, prompt: list[int], steps: list[int], fused: bool) -> torch.Tensor:
+    model.fused_decode = fused
+    cache = model.new_cache(capacity=2)  # small on purpose: the steps must grow it
+    model(torch.tensor([prompt]), cache=cache)
+    out = [model(torch.tensor([[t]]), cache=cache)[0, -1] for t in steps]
+    assert cache.length == len(prompt) + len(steps)
+    return torch.stack(out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias", "int8"])
+def test_fused_step_equals_op_by_op(variant):
+    """Logits of 40 cached steps (RoPE, GQA, cache growth, qkv bias, int8 scales) agree to float32 rounding."""
+    model = model_for(variant)
+    prompt, steps = [3, 14, 15, 92, 65], list(range(7, 47))
+    fused = decode_logits(model, prompt, steps, fused=True)
+    assert model._decode_step(model.new_cache()) is not None  # the compiled path really ran
+    reference = decode_logits(model, prompt, steps, fused=False)
+    # int8: the compiled step rounds each product's input to int16 per group (tests/test_int8.py); these
+    # tiny matrices take BLAS on the unrounded input in the op-by-op path.
+    tolerance = 1e-4 if variant == "int8" else 1e-5
+    assert (fused - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+@needs_kernels
+def test_fused_step_leaves_the_same_cache():
+    """K and V the fused step appends are the ones the op-by-op forward appends."""
+    model = model_for("llama-gqa")
+    caches = []
+    with torch.inference_mode():
+        for fused in (True, False):
+            model.fused_decode = fused
+            cache = model.new_cache(capacity=16)
+            model(torch.tensor([[1, 2, 3]]), cache=cache)
+            for t in (4, 5, 6):
+                model(torch.tensor([[t]]), cache=cache)
+            caches.append(cache)
+    a, b = caches
+    assert (a.k[:, :, :, :6] - b.k[:, :, :, :6]).abs().max() < 1e-6
+    assert (a.v[:, :, :, :6] - b.v[:, :, :, :6]).abs().max() < 1e-6
+
+
+@needs_kernels
+def test_fused_step_follows_weight_changes():
+    """Replaced weights rebuild the step; in-place edits are read directly. Neither is ever stale."""
+    model = model_for("llama-gqa")
+    before = decode_logits(model, [1, 2], [3], fused=True)
+    model.blocks[0].o.weight_t.data = model.blocks[0].o.weight_t.data * 2  # replaced tensor
+    replaced = decode_logits(model, [1, 2], [3], fused=True)
+    assert (replaced - before).abs().max() > 1e-3
+    assert (replaced - decode_logits(model, [1, 2], [3], fused=False)).abs().max() < 1e-5
+    with torch.no_grad():
+        model.blocks[1].gate_up.weight_t.mul_(-1)  # edited in place
+    edited = decode_logits(model, [1, 2], [3], fused=True)
+    assert (edited - replaced).abs().max() > 1e-3
+    assert (edited - decode_logits(model, [1, 2], [3], fused=False)).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_hooks_see_every_point_of_a_decode_step():
+    """Asking for a point inside the step takes the op-by-op path, so the hook gets its tensor."""
+    model = model_for("llama-gqa")
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        logits, trace = run_with_trace(model, torch.tensor([[4]]), ["blocks.1.resid_post"], cache=cache)
+    assert trace["blocks.1.resid_post"].numel() == 64  # one position of d_model
+    assert (logits[0, -1] - decode_logits(model, [1, 2, 3], [4], fused=False)[0]).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_out_of_range_token_is_an_error():
+    model = model_for("llama-gqa")
+    with torch.inference_mode(), pytest.raises((RuntimeError, IndexError), match="vocabulary|index"):
+        cache = model.new_cache()
+        model(torch.tensor([[1]]), cache=cache)
+        model(torch.tensor([[10_000]]), cache=cache)
