@@ -65,9 +65,10 @@ class Linear(nn.Module):
 
     def quantize_int8_(self) -> None:
         """Store W as int8, one float16 scale per 32 consecutive inputs of each output (absmax / 127,
-        round to nearest: Q8_0's rule), packed in the order the batch-1 kernel reads (see INT8 LAYOUT
-        in csrc/cpu_kernels.cpp). A decode step then streams ~1.06 bytes per weight instead of 4; the
-        effect on the logits is measured in tests/test_int8.py."""
+        round to nearest: Q8_0's rule), packed in the order the batch-1 kernel reads (`pack_int8`).
+        A decode step then streams ~1.06 bytes per weight instead of 4. The kernel rounds its input
+        to int16 per group of 32 (llama.cpp's Q8_0 rounds it to int8); the effect on the logits is
+        measured in tests/test_int8.py."""
         if self.quantized:
             return
         d_in, d_out = self.weight_t.shape
@@ -280,8 +281,9 @@ _DECODE_STEPS: weakref.WeakKeyDictionary[Transformer, tuple] = weakref.WeakKeyDi
 
 class Transformer(nn.Module):
     # A batch-1 decode step of a float32 Llama-family model on the CPU, with no hook asking to see
-    # inside, runs as one compiled call (kernels.DecodeStep): same numbers up to float rounding, ~1.4x
-    # faster here. Set False on an instance to force the op-by-op path (e.g. for nn.Module hooks).
+    # inside, runs as one compiled call (kernels.DecodeStep): same numbers up to float rounding, 1.5x
+    # faster here (benchmarks/RESULTS.md). Set False on an instance to force the op-by-op path (e.g.
+    # for nn.Module hooks, which the compiled step does not call).
     fused_decode = True
 
     def __init__(self, config: ModelConfig) -> None:
