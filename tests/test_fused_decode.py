@@ -101,3 +101,20 @@ def test_out_of_range_token_is_an_error():
         cache = model.new_cache()
         model(torch.tensor([[1]]), cache=cache)
         model(torch.tensor([[10_000]]), cache=cache)
+
+
+@needs_kernels
+def test_thread_count_may_change_between_steps():
+    """The step sizes its scratch for the current torch thread count (more threads, more partial sums)."""
+    # Matrices large enough (>= 32768 weights) that the products really split across threads.
+    model = random_model(tiny_config(d_model=256, head_dim=64, d_ff=512), seed=3).quantize_int8_()
+    reference = decode_logits(model, [1, 2, 3], [4, 5], fused=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        decode_logits(model, [1, 2, 3], [4], fused=True)  # built with one thread
+        torch.set_num_threads(4)
+        fused = decode_logits(model, [1, 2, 3], [4, 5], fused=True)
+    finally:
+        torch.set_num_threads(before)
+    assert (fused - reference).abs().max() <= 1e-4 * reference.abs().max()

@@ -3,7 +3,7 @@
 Two things are in the extension: `matvec`, a batch-1 product that streams a weight matrix at close to
 copy speed (torch's MKL path reads ~15 GB/s on two EPYC cores, a plain copy ~22+), and `DecodeStep`,
 which runs one whole decode token of a Llama-family model in one call, so a step pays for its weight
-reads and almost nothing else (op by op, ~15 small ATen calls per block cost ~10 ms per step here).
+reads and almost nothing else (op by op, ~20 small ATen calls per block cost ~14 ms per step here).
 
 The extension is built with the local C++ compiler the first time it is needed (~40 s, once; cached
 under ~/.cache/forethought/kernels/, keyed by source, torch version and CPU flags). Anything that goes

@@ -3,7 +3,7 @@
 // A decode step multiplies one vector by every weight matrix, so it is bound by how fast the weights
 // stream from memory. Two things keep torch from that bound at batch 1: MKL's [1, in] x [in, out]
 // product reads at ~15 GB/s on two EPYC cores where a plain copy reads ~22+, and the ~15 small ATen
-// calls around each block's four products cost ~0.35 ms per block in dispatch and Python. Here the
+// calls around each block's four products cost ~0.45 ms per block in dispatch and Python. Here the
 // products stream each thread's share of a matrix as one sequential run (what hardware prefetchers
 // like best), and `DecodeStep` runs the whole token -- every block, attention over the KV cache, the
 // unembedding -- in one call, with every buffer allocated once.
@@ -365,7 +365,6 @@ class DecodeStep {
     sin_ = keep_[6].data_ptr<float>();
     context_ = keep_[5].size(0);
     const int64_t qkv_out = (n_q_ + 2 * n_kv_) * hd_;
-    int64_t scratch = scratch_floats(unembed_);
     for (size_t first = head; first < keep_.size(); first += per_layer) {
       const torch::Tensor* t = &keep_[first];
       Layer L;
@@ -380,7 +379,6 @@ class DecodeStep {
                       L.gate_up.in == d_ && L.gate_up.out % 2 == 0 && L.down.in == L.gate_up.out / 2 &&
                       L.down.out == d_,
                   "layer shapes disagree with the model's dimensions");
-      for (const Mat* m : {&L.qkv, &L.o, &L.gate_up, &L.down}) scratch = std::max(scratch, scratch_floats(*m));
       d_ff_ = L.down.in;
       layers_.push_back(L);
     }
@@ -392,7 +390,7 @@ class DecodeStep {
     tmp_.resize(d_);
     gu_.resize(2 * d_ff_);
     scores_.resize(n_q_ * context_);
-    scratch_.resize(scratch);
+    size_scratch();
   }
 
   // Logits [vocab] (float32) of `token` at position `pos`; K and V are [layer, 1, kv_head, capacity,
@@ -405,6 +403,7 @@ class DecodeStep {
                       c->size(0) == (int64_t)layers_.size() && c->size(1) == 1 && c->size(2) == n_kv_ &&
                       c->size(4) == hd_ && c->size(3) > pos,
                   "the KV cache must be contiguous float32 [layers, 1, kv_heads, capacity > pos, head_dim]");
+    if (at::get_num_threads() != scratch_threads_) size_scratch();  // torch.set_num_threads since
     const int64_t cap = k_cache.size(3);
     float* K = k_cache.data_ptr<float>();
     float* V = v_cache.data_ptr<float>();
@@ -448,6 +447,15 @@ class DecodeStep {
   }
 
  private:
+  // The products' scratch depends on the thread count: sized for the current one.
+  void size_scratch() {
+    scratch_threads_ = at::get_num_threads();
+    int64_t n = scratch_floats(unembed_);
+    for (const Layer& L : layers_)
+      for (const Mat* m : {&L.qkv, &L.o, &L.gate_up, &L.down}) n = std::max(n, scratch_floats(*m));
+    scratch_.assign(n, 0.f);
+  }
+
   // Softmax attention of every query head over `S` cached positions of its KV head (grouped-query).
   void attend(const float* K, const float* V, int64_t cap, int64_t S) {
     const int64_t group = n_q_ / n_kv_;
@@ -493,6 +501,7 @@ class DecodeStep {
   Mat unembed_;
   int64_t n_q_, n_kv_, hd_, d_ = 0, d_ff_ = 0, vocab_ = 0, context_ = 0;
   float eps_;
+  int64_t scratch_threads_ = 0;
   std::vector<float> x_, xn_, qkv_, att_, tmp_, gu_, scores_, scratch_;
 };
 
