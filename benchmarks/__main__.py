@@ -133,16 +133,7 @@ def ratio(a, b) -> str:
 def main_rows(results: dict) -> list[dict]:
     """One row per (engine, mode): decode tok/s, prefill tok/s, peak RSS."""
     rows = []
-    order = [
-        "forethought-fp32",
-        "forethought-fp32-opbyop",
-        "forethought-bf16",
-        "forethought-int8",
-        "hf-fp32",
-        "llamacpp-f32",
-        "llamacpp-q8_0",
-        "llamacpp-q4_1",
-    ]
+    order = [name for name in ALL if name not in ("machine", "cuda")]  # the speed rows, in ALL's order
     for name in order:
         r = results.get(name)
         if not r or "error" in r:

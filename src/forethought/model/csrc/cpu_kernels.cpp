@@ -25,7 +25,6 @@
 #if defined(__AVX512F__)
 #define VW 16
 typedef __m512 vf;
-static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vset(float a) { return _mm512_set1_ps(a); }
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
@@ -35,11 +34,9 @@ static inline vf vload(const at::BFloat16* p) {
   __m256i h = _mm256_loadu_si256((const __m256i*)p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-static inline vf vload(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VW 8
 typedef __m256 vf;
-static inline vf vzero() { return _mm256_setzero_ps(); }
 static inline vf vset(float a) { return _mm256_set1_ps(a); }
 static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
@@ -48,14 +45,12 @@ static inline vf vload(const at::BFloat16* p) {
   __m128i h = _mm_loadu_si128((const __m128i*)p);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-static inline vf vload(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 #else
 #error "forethought kernels need AVX2+FMA or AVX-512"
 #endif
 
 static inline float tofloat(float v) { return v; }
 static inline float tofloat(at::BFloat16 v) { return static_cast<float>(v); }
-static inline float tofloat(at::Half v) { return static_cast<float>(v); }
 
 // ------------------------------------------------------------------------------ matrix-vector
 
