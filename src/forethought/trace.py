@@ -26,10 +26,17 @@ from forethought.model.kv_cache import KVCache
 from forethought.model.transformer import BLOCK_POINTS, Transformer
 
 
+def act_name(layer: int, point: str) -> str:
+    """(3, 'resid_post') -> 'blocks.3.resid_post': the one place a block activation's name is spelled."""
+    if point not in BLOCK_POINTS:
+        raise ValueError(f"unknown block point {point!r} (one of {', '.join(BLOCK_POINTS)})")
+    return f"blocks.{layer}.{point}"
+
+
 def all_names(config: ModelConfig) -> list[str]:
     names = ["embed"]
     for layer in range(config.n_layers):
-        names += [f"blocks.{layer}.{point}" for point in BLOCK_POINTS]
+        names += [act_name(layer, point) for point in BLOCK_POINTS]
     return names + ["final_norm", "logits"]
 
 
@@ -53,7 +60,7 @@ def resolve_names(config: ModelConfig, patterns: str | Iterable[str]) -> list[st
 
 
 def split_name(name: str) -> tuple[int | None, str]:
-    """'blocks.3.resid_post' -> (3, 'resid_post'); 'embed' -> (None, 'embed')."""
+    """'blocks.3.resid_post' -> (3, 'resid_post'); 'embed' -> (None, 'embed'). The inverse of act_name."""
     if name.startswith("blocks."):
         _, layer, point = name.split(".", 2)
         return int(layer), point

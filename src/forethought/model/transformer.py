@@ -385,6 +385,15 @@ class Transformer(nn.Module):
             logits = hooks("logits", logits)
         return logits
 
+    def lens_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The logit lens: this model's final norm + unembedding applied to residual states [..., d_model].
+
+        Runs in the model's dtype on its device and returns float32 logits there; the one place experiments,
+        probes and the viewer decode a hidden state into next-token logits.
+        """
+        first = self.final_norm.weight
+        return self.unembed(self.final_norm(states.to(device=first.device, dtype=first.dtype))).float()
+
     def _decode_step(self, cache: KVCache):
         """The compiled step for the current weights, or None where it does not apply."""
         c = self.config
