@@ -88,7 +88,14 @@ def test_probes_find_a_deterministic_token_two_ahead(trained, tmp_path: Path) ->
     g = torch.Generator().manual_seed(1)
     store = build_store(model, permutation_sequences(600, perm, g), tmp_path / "perm")
     result = run_probes(
-        store, model, [1, 2, 3], eval_tokens=1500, lens_eval_tokens=1000, save_dir=tmp_path / "p", progress=False
+        store,
+        model,
+        [1, 2, 3],
+        eval_tokens=1500,
+        lens_eval_tokens=1000,
+        save_dir=tmp_path / "p",
+        progress=False,
+        dedup_threshold=None,
     )
     chance = 1 / N_SYMBOLS
     # the token at t is in the residual stream at layer 0, and t+2 is a function of it
@@ -115,7 +122,9 @@ def test_probes_stay_at_chance_when_the_future_is_random(trained, tmp_path: Path
     g = torch.Generator().manual_seed(2)
     sequences = torch.randint(0, N_SYMBOLS, (600, SEQ), generator=g) + 3
     store = build_store(model, sequences, tmp_path / "rand")
-    result = run_probes(store, model, [2], eval_tokens=1500, lens_eval_tokens=1000, save_dir=None, progress=False)
+    result = run_probes(
+        store, model, [2], eval_tokens=1500, lens_eval_tokens=1000, save_dir=None, progress=False, dedup_threshold=None
+    )
     chance = 1 / N_SYMBOLS
     for layer in (0, 1):
         cell = result.cell(layer, 2)

@@ -19,6 +19,7 @@ from pathlib import Path
 from forethought.errors import ForethoughtError
 
 DEFAULT_CORPUS = "stdlib"
+PROSE_CORPUS = "pydocs"  # the Python documentation's reStructuredText sources (Debian's python3.X-doc)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".c", ".h", ".html", ".csv", ".toml", ".yaml", ".yml")
 
 
@@ -66,12 +67,30 @@ def is_validation(doc_id: str, fraction: float = 0.1) -> bool:
     return _hash_unit(doc_id, "validation") < fraction
 
 
+def pydocs_root() -> Path | None:
+    """Where Debian's python3.X-doc put the documentation's text sources (English prose), if installed."""
+    major, minor = sysconfig.get_python_version().split(".")[:2]
+    for version in (f"{major}.{minor}", major):
+        root = Path(f"/usr/share/doc/python{version}/html/_sources")
+        if root.is_dir():
+            return root
+    return None
+
+
 def load_corpus(spec: str = DEFAULT_CORPUS) -> Corpus:
-    """'stdlib', a text file, a folder (recursive), or a .jsonl file with a "text" field per line."""
+    """'stdlib' (code), 'pydocs' (prose), a text file, a folder (recursive), or a .jsonl with a "text" per line."""
     if spec == DEFAULT_CORPUS:
         root = Path(sysconfig.get_paths()["stdlib"])
         paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
         corpus = _read_files(spec, root, paths, "stdlib")
+    elif spec == PROSE_CORPUS:
+        found = pydocs_root()
+        if found is None:
+            raise ForethoughtError(
+                "corpus 'pydocs' needs the Python documentation's sources: apt-get install python3-doc "
+                "(or give a folder of your own text)"
+            )
+        corpus = _read_files(spec, found, sorted(found.rglob("*.txt")), "pydocs")
     else:
         root = Path(spec).expanduser()
         if not root.exists():
@@ -133,3 +152,78 @@ def iter_token_documents(corpus: Corpus, encode) -> Iterator[tuple[int, list[int
         ids = encode(document.text)
         if ids:
             yield index, ids
+
+
+def balanced_order(
+    corpus: Corpus,
+    encode,
+    test_fraction: float,
+    val_fraction: float = 0.1,
+    max_doc_tokens: int | None = None,
+) -> Iterator[tuple[int, list[int]]]:
+    """Like `iter_token_documents`, but interleaving test, validation and training documents so that each side's
+    share of the tokens read so far stays near its target share: whatever --tokens a user asks for, the first
+    windows already hold all three. (Read in plain hash order, a small budget can fill with training files
+    before a single test window completes.)"""
+    shares = [(1 - test_fraction) * (1 - val_fraction), (1 - test_fraction) * val_fraction, test_fraction]
+    pools: list[list[int]] = [[], [], []]
+    for index, document in enumerate(corpus.documents):
+        if split_of(document.doc_id, test_fraction) == "test":
+            pools[2].append(index)
+        else:
+            pools[1 if is_validation(document.doc_id, val_fraction) else 0].append(index)
+    next_of = [0, 0, 0]
+    have = [0, 0, 0]
+    total = 0
+    while True:
+        open_pools = [p for p in range(3) if next_of[p] < len(pools[p])]
+        if not open_pools:
+            return
+        pool = max(open_pools, key=lambda p: (shares[p] * (total + 1) - have[p], -p))
+        index = pools[pool][next_of[pool]]
+        next_of[pool] += 1
+        ids = encode(corpus.documents[index].text)
+        if not ids:
+            continue
+        n = (min(len(ids), max_doc_tokens) if max_doc_tokens else len(ids)) + 1  # + the separator
+        have[pool] += n
+        total += n
+        yield index, ids
+
+
+def shingles(ids, n: int = 8):
+    """Hashes of every run of n consecutive token ids (a document's fingerprint for near-duplicate search)."""
+    import numpy as np
+
+    x = np.asarray(ids, dtype=np.int64)
+    n = min(n, len(x))
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    h = np.zeros(len(x) - n + 1, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        for i in range(n):
+            h = h * np.int64(1_000_003) + x[i : len(x) - n + 1 + i]
+    return np.unique(h)
+
+
+def near_duplicates(train: dict, test: dict, n: int = 8, threshold: float = 0.5) -> dict:
+    """Test documents whose token n-gram shingles are mostly (> threshold) found in the training documents.
+
+    `train` / `test` map a document key to its token ids; returns {test key: overlap share} of those removed.
+    Catches copied files (a codec table generated from the same template, a vendored module) that would let a
+    memorising probe look like a predicting one.
+    """
+    import numpy as np
+
+    if not train:
+        return {}
+    seen = np.unique(np.concatenate([shingles(ids, n) for ids in train.values()]))
+    removed = {}
+    for key, ids in test.items():
+        own = shingles(ids, n)
+        if len(own) == 0:
+            continue
+        share = float(np.isin(own, seen, assume_unique=True).mean())
+        if share > threshold:
+            removed[key] = share
+    return removed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from forethought.data.corpus import Corpus, iter_token_documents, load_corpus, split_of
+from forethought.data.corpus import Corpus, balanced_order, load_corpus, split_of
 from forethought.data.store import ExtractResult, ExtractSettings, extract, shard_windows_for
 
 
@@ -51,7 +51,7 @@ def run_extract(
     tok = lm.tokenizer
     return extract(
         lm.model,
-        iter_token_documents(docs, tok.encode),
+        balanced_order(docs, tok.encode, test_fraction, max_doc_tokens=max_doc_tokens or None),
         splits,
         doc_ids,
         out,

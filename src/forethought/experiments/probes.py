@@ -37,21 +37,27 @@ Why it is built this way (cost is the crux: 30 layers x 4 offsets on >= 200k tok
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from forethought.data.corpus import is_validation
+from forethought.data.corpus import is_validation, near_duplicates
 from forethought.data.store import ActivationStore
 from forethought.errors import ForethoughtError
+from forethought.experiments.baselines import Interval, bootstrap_by_document, context_baselines
+from forethought.experiments.probe_file import save_probe_layer as _write_probe_file
 from forethought.model.transformer import Transformer
+from forethought.trace import act_name
 
 LAMBDA_GRID = tuple(10.0**e for e in range(-6, 1))  # times the number of training tokens (diag of G)
 TEMPERATURE_TOKENS = 512  # validation tokens used to fit a readout's temperature
+SELECT_TOKENS = 2048  # validation tokens that choose the layer (top-1 of the fit without them)
 
 
 @dataclass
@@ -75,6 +81,8 @@ class Cell:
     lens_lambda: float
     probe_temperature: float
     lens_temperature: float
+    probe_val_top1: float = float("nan")  # on validation positions, by the fit that excluded them
+    excess: Interval | None = None  # probe top-1 minus the strongest context baseline's, held out
 
 
 @dataclass
@@ -94,6 +102,12 @@ class ProbeResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     probes_dir: str | None = None
+    n_eval_documents: int = 0
+    near_duplicates_removed: dict[str, float] = field(default_factory=dict)  # test doc -> shingle overlap
+    context: dict[int, dict[str, Interval]] = field(default_factory=dict)  # offset -> baseline -> top-1
+    context_settings: dict[int, dict[str, dict]] = field(default_factory=dict)
+    headline: dict[int, dict] = field(default_factory=dict)  # offset -> layer chosen on validation, excess
+    per_position: dict = field(default_factory=dict, repr=False)  # arrays for later analyses; not in to_dict
 
     def cell(self, layer: int, offset: int) -> Cell:
         for c in self.cells:
@@ -106,7 +120,12 @@ class ProbeResult:
         return [[getattr(getattr(self.cell(lay, k), readout), metric) for k in self.offsets] for lay in self.layers]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        keep, self.per_position = self.per_position, {}
+        try:
+            d = asdict(self)
+        finally:
+            self.per_position = keep
+        d.pop("per_position")
         d["baselines"] = {str(k): {n: asdict(m) for n, m in v.items()} for k, v in self.baselines.items()}
         return d
 
@@ -357,41 +376,54 @@ def _bigram(tokens, trn, val, train_all, evaluation, k, vocab, uni_logp, uni_top
 # --------------------------------------------------------------------------------------------------- driver
 
 
-def run_probes(
-    store: ActivationStore,
-    model: Transformer,
-    offsets: list[int],
-    layers: list[int] | None = None,
-    eval_tokens: int = 4096,
-    lens_eval_tokens: int = 2048,
-    control_eval_tokens: int = 1024,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    save_dir: str | Path | None = "default",
-    progress: bool = True,
-) -> ProbeResult:
-    """Fit and score both readouts for every (layer, offset); save the fitted maps under `save_dir`."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    layers = list(store.layers if layers is None else layers)
-    offsets = sorted(offsets)
-    K = max(offsets)
-    if min(offsets) < 1 or K >= store.window:
-        raise ForethoughtError(f"offsets must lie in 1..{store.window - 1}")
-    final = model.config.n_layers - 1
-    if final not in store.layers:
-        raise ForethoughtError(f"the store lacks the final layer {final}, which the Future Lens targets")
-    vocab = model.config.vocab_size
+class Timings(dict):
+    """Seconds per named step, accumulated over the layers."""
 
-    t0 = time.perf_counter()
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Positions:
+    """Which store positions (anchor t) each role uses. Every array holds flat store indices."""
+
+    trn: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    evaluation: torch.Tensor  # random held-out sample, near-duplicates of training documents removed
+    lens_eval: torch.Tensor
+    ctrl_eval: torch.Tensor
+    select: torch.Tensor  # validation sample used to pick lambda-free choices: the layer, temperatures
+    n_test_documents: int
+    near_duplicates: dict[str, float]
+
+    @property
+    def train_all(self) -> torch.Tensor:
+        return torch.cat([self.trn, self.val])  # validation rows last: stats of the first len(trn) rows are "train"
+
+
+def split_positions(
+    store: ActivationStore,
+    max_offset: int,
+    eval_tokens: int,
+    lens_eval_tokens: int,
+    control_eval_tokens: int,
+    val_fraction: float,
+    seed: int,
+    dedup_threshold: float | None = 0.5,
+) -> Positions:
+    """Anchors t with t + max_offset inside the window; train / validation / test by document; the held-out
+    sample drops test documents whose 8-token shingles mostly occur in the training documents."""
     tokens = store.array("token_ids").long()
-    greedy = store.array("greedy_ids").long()
-    next_lp = store.array("next_logprob")
     doc_of = store.array("doc_ids").long()
     split = store.array("split").long().repeat_interleave(store.window)
     n = tokens.shape[0]
-    position = torch.arange(n) % store.window
-    anchor = position < store.window - K
+    anchor = torch.arange(n) % store.window < store.window - max_offset
     documents = store.documents
     doc_val = torch.tensor([is_validation(d[0], val_fraction) for d in documents], dtype=torch.bool)
     val_mask = anchor & (split == 0) & doc_val[doc_of]
@@ -399,7 +431,15 @@ def run_probes(
         val_mask = anchor & (split == 0) & (torch.arange(n) // store.window % 10 == 9)
     trn = torch.nonzero(anchor & (split == 0) & ~val_mask)[:, 0]
     val = torch.nonzero(val_mask)[:, 0]
-    test = torch.nonzero(anchor & (split == 1))[:, 0]
+    test_mask = anchor & (split == 1)
+    removed = {}
+    if dedup_threshold is not None:
+        removed = _near_duplicate_documents(tokens, doc_of, split, documents, dedup_threshold)
+    if removed:
+        bad = torch.zeros(len(documents), dtype=torch.bool)
+        bad[list(removed)] = True
+        test_mask &= ~bad[doc_of]
+    test = torch.nonzero(test_mask)[:, 0]
     if len(test) == 0 or len(trn) == 0 or len(val) == 0:
         raise ForethoughtError(
             f"the store has {len(trn)} train, {len(val)} validation and {len(test)} test positions; "
@@ -412,173 +452,316 @@ def run_probes(
     # the lens and the control score subsets of the same random held-out sample
     lens_eval = evaluation[torch.randperm(len(evaluation), generator=gen)[:n_lens]].sort().values
     ctrl_eval = evaluation[torch.randperm(len(evaluation), generator=gen)[:n_ctrl]].sort().values
-    train_all = torch.cat([trn, val])  # validation rows last: stats of the first len(trn) rows are "train"
-    temp_rows = val[torch.randperm(len(val), generator=gen)[:TEMPERATURE_TOKENS]]
-    baselines, uni_logp = _baselines(tokens, greedy, next_lp, trn, val, evaluation, offsets, vocab)
+    select = val[torch.randperm(len(val), generator=gen)[:SELECT_TOKENS]]
+    return Positions(
+        trn,
+        val,
+        test,
+        evaluation,
+        lens_eval,
+        ctrl_eval,
+        select,
+        n_test_documents=len(torch.unique(doc_of[evaluation])),
+        near_duplicates={documents[i][0]: share for i, share in removed.items()},
+    )
 
-    # The token probe's columns: every token that is a target at some offset in training.
-    targets_all = torch.cat([tokens[train_all + k] for k in offsets])
-    columns = torch.unique(targets_all)
-    column_of = torch.full((vocab,), -1, dtype=torch.long)
-    column_of[columns] = torch.arange(len(columns))
-    singletons = int((torch.bincount(targets_all, minlength=vocab) == 1).sum())
-    unseen_mass = min(max(singletons / len(targets_all), 1e-4), 0.5)  # Good-Turing
-    perm = torch.randperm(len(train_all), generator=gen)  # the control's shuffle of training positions
-    timings["prepare"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    s_final = store.layer(final)
-    timings["load"] = time.perf_counter() - t0
-    norm, unembed = model.final_norm, model.unembed
+def _near_duplicate_documents(tokens, doc_of, split, documents, threshold: float) -> dict[int, float]:
+    """Store document index -> shingle overlap share, for test documents that near-copy training ones."""
+    order = torch.argsort(doc_of, stable=True)
+    ids_sorted, docs_sorted = tokens[order].numpy(), doc_of[order].numpy()
+    side = split[order].numpy()
+    bounds = np.flatnonzero(np.diff(docs_sorted)) + 1
+    train, test = {}, {}
+    for chunk, sides, docs in zip(
+        np.split(ids_sorted, bounds), np.split(side, bounds), np.split(docs_sorted, bounds), strict=True
+    ):
+        (test if sides[0] == 1 else train)[int(docs[0])] = chunk
+    return near_duplicates(train, test, threshold=threshold)
 
-    @torch.inference_mode()
-    def decode(states: torch.Tensor) -> torch.Tensor:
-        """The model's own final norm + unembedding, float32 on the model's device, logits on the CPU."""
-        device, dtype = model.device, model.dtype
-        return unembed(norm(states.to(device=device, dtype=dtype))).float().cpu()
+
+def run_probes(
+    store: ActivationStore,
+    model: Transformer,
+    offsets: list[int],
+    layers: list[int] | None = None,
+    eval_tokens: int = 4096,
+    lens_eval_tokens: int = 2048,
+    control_eval_tokens: int = 1024,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    save_dir: str | Path | None = "default",
+    progress: bool = True,
+    n_boot: int = 1000,
+    dedup_threshold: float | None = 0.5,
+) -> ProbeResult:
+    """Fit and score both readouts for every (layer, offset) beside context-matched baselines; save the fitted
+    maps under `save_dir`. `dedup_threshold`: drop held-out documents whose 8-token shingles occur in training
+    documents above this share (None: keep all, for synthetic data whose sequences repeat by construction).
+    The headline per offset is the probe at the layer chosen on validation, minus the
+    strongest context baseline, with a 95% interval from a bootstrap over held-out documents."""
+    started = time.perf_counter()
+    timings = Timings()
+    layers = list(store.layers if layers is None else layers)
+    offsets = sorted(offsets)
+    if min(offsets) < 1 or max(offsets) >= store.window:
+        raise ForethoughtError(f"offsets must lie in 1..{store.window - 1}")
+    final = model.config.n_layers - 1
+    if final not in store.layers:
+        raise ForethoughtError(f"the store lacks the final layer {final}, which the Future Lens targets")
+    vocab = model.config.vocab_size
+
+    with timings.timed("prepare"):
+        tokens = store.array("token_ids").long()
+        greedy = store.array("greedy_ids").long()
+        next_lp = store.array("next_logprob")
+        doc_of = store.array("doc_ids").long()
+        pos = split_positions(
+            store, max(offsets), eval_tokens, lens_eval_tokens, control_eval_tokens, val_fraction, seed, dedup_threshold
+        )
+        baselines, uni_logp = _baselines(tokens, greedy, next_lp, pos.trn, pos.val, pos.evaluation, offsets, vocab)
+        vocab_info = ProbeVocabulary.build(tokens, pos.train_all, offsets, vocab)
+    with timings.timed("context_baselines"):
+        context = {
+            k: context_baselines(tokens, pos.trn, pos.val, pos.evaluation, k, store.window, vocab) for k in offsets
+        }
+    with timings.timed("load"):
+        s_final = store.layer(final)
 
     save_path = None
     if save_dir is not None:
         save_path = Path(store.path / "probes" if save_dir == "default" else save_dir)
         save_path.mkdir(parents=True, exist_ok=True)
 
+    fitter = LayerFitter(model, tokens, greedy, pos, offsets, vocab_info, uni_logp, s_final, timings, seed)
     cells: list[Cell] = []
+    correct: dict[tuple[int, int], torch.Tensor] = {}
     bar = _bar(progress, len(layers))
     task = bar.add_task("probe", total=len(layers)) if bar else None
     if bar:
         bar.start()
     try:
         for layer in layers:
-            t0 = time.perf_counter()
-            h = s_final if layer == final else store.layer(layer)
-            timings["load"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            h_train = h[train_all]
-            mean = h_train.mean(0)
-            std = h_train.std(0).clamp_min(1e-6)
-            z_train = _augment((h_train - mean) / std)
-            del h_train
-            n_trn = len(trn)
-            g_val = _gram(z_train[n_trn:])
-            ridge = Ridge(_gram(z_train[:n_trn]) + g_val, g_val, n_trn)
-            z_eval = _augment((h[evaluation] - mean) / std)
-            z_temp = _augment((h[temp_rows] - mean) / std)
-            timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t0
-
-            val_rows = n_trn + torch.randperm(len(val), generator=gen)[:TEMPERATURE_TOKENS]
-            saved: dict[str, torch.Tensor] = {"mean": mean, "std": std, "columns": columns.to(torch.int32)}
-            lens_ctrl_w = lens_ctrl_logits = None
-            for k in offsets:
-                y_train = tokens[train_all + k]
-                y_eval = tokens[evaluation + k]
-                g_eval = greedy[evaluation + k - 1]
-
-                # (a) token probe
-                t0 = time.perf_counter()
-                col = column_of[y_train]
-                b_all = torch.zeros(len(columns), z_train.shape[1]).index_add_(0, col, z_train).T
-                b_val = torch.zeros(len(columns), z_train.shape[1]).index_add_(0, col[n_trn:], z_train[n_trn:]).T
-                alpha_p = ridge.select(b_all, b_val)
-                w_probe = ridge.solve(b_all, alpha_p)
-                # temperatures come from the fit without the validation rows, scored on them
-                w_trn = ridge.solve_train(b_all - b_val, alpha_p)
-                temp_p = fit_temperature(z_temp @ w_trn, column_of[tokens[temp_rows + k]], 10.0)
-                probe_m = _metrics(
-                    _score(z_eval @ w_probe, y_eval, g_eval, temp_p, columns, uni_logp, unseen_mass), len(evaluation)
-                )
-                # control: the same pipeline on shuffled targets (temperature on shuffled validation targets)
-                col_shuf = col[perm]
-                b_ctrl_trn = torch.zeros(len(columns), z_train.shape[1]).index_add_(
-                    0, col_shuf[:n_trn], z_train[:n_trn]
-                )
-                b_ctrl = b_ctrl_trn.index_add(0, col_shuf[n_trn:], z_train[n_trn:]).T
-                w_ctrl = ridge.solve(b_ctrl, alpha_p)
-                temp_c = fit_temperature(
-                    z_train[val_rows] @ ridge.solve_train(b_ctrl_trn.T, alpha_p), col_shuf[val_rows], 10.0
-                )
-                pos = torch.searchsorted(evaluation, ctrl_eval)
-                ctrl_m = _metrics(
-                    _score(z_eval[pos] @ w_ctrl, y_eval[pos], g_eval[pos], temp_c, columns, uni_logp, unseen_mass),
-                    n_ctrl,
-                )
-                timings["probe"] = timings.get("probe", 0.0) + time.perf_counter() - t0
-
-                # (b) Future Lens: h_t^l -> h_{t+k-1}^L, decoded by the model
-                t0 = time.perf_counter()
-                s_train = s_final[train_all + k - 1]
-                b_val_l = _gram(z_train[n_trn:], s_train[n_trn:])
-                b_all_l = _gram(z_train[:n_trn], s_train[:n_trn]) + b_val_l
-                weights = 1.0 / s_train[:n_trn].var(0).clamp_min(1e-6)
-                alpha_l = ridge.select(b_all_l, b_val_l, weights)
-                w_lens = ridge.solve(b_all_l, alpha_l)
-                w_lens_trn = ridge.solve_train(b_all_l - b_val_l, alpha_l)
-                if lens_ctrl_w is None:  # shuffled final states carry no offset: one control per layer
-                    s_shuf = s_final[train_all[perm]]
-                    b_ctrl_trn = _gram(z_train[:n_trn], s_shuf[:n_trn])
-                    lens_ctrl_w = ridge.solve(b_ctrl_trn + _gram(z_train[n_trn:], s_shuf[n_trn:]), alpha_l)
-                    rows = val_rows[: TEMPERATURE_TOKENS // 2]
-                    lens_ctrl_temp = fit_temperature(
-                        decode(z_train[rows] @ ridge.solve_train(b_ctrl_trn, alpha_l)),
-                        tokens[train_all[perm][rows] + 1],
-                    )
-                timings["lens_fit"] = timings.get("lens_fit", 0.0) + time.perf_counter() - t0
-
-                t0 = time.perf_counter()
-                temp_l = fit_temperature(
-                    decode(z_temp[: TEMPERATURE_TOKENS // 2] @ w_lens_trn),
-                    tokens[temp_rows[: TEMPERATURE_TOKENS // 2] + k],
-                )
-                lens_sums: dict[str, float] = {}
-                pos_l = torch.searchsorted(evaluation, lens_eval)
-                for i in range(0, n_lens, 1024):
-                    p = pos_l[i : i + 1024]
-                    lens_sums = _add(
-                        lens_sums, _score(decode(z_eval[p] @ w_lens), y_eval[p], g_eval[p], temp_l, None, None)
-                    )
-                lens_m = _metrics(lens_sums, n_lens)
-                if lens_ctrl_logits is None:  # the control's predictions do not depend on k: decode them once
-                    lens_ctrl_logits = [decode(z_eval[pos[i : i + 1024]] @ lens_ctrl_w) for i in range(0, n_ctrl, 1024)]
-                lens_ctrl_sums: dict[str, float] = {}
-                for i, logits in zip(range(0, n_ctrl, 1024), lens_ctrl_logits, strict=True):
-                    p = pos[i : i + 1024]
-                    lens_ctrl_sums = _add(
-                        lens_ctrl_sums, _score(logits, y_eval[p], g_eval[p], lens_ctrl_temp, None, None)
-                    )
-                lens_ctrl_m = _metrics(lens_ctrl_sums, n_ctrl)
-                timings["lens_eval"] = timings.get("lens_eval", 0.0) + time.perf_counter() - t0
-
-                cells.append(Cell(layer, k, probe_m, lens_m, ctrl_m, lens_ctrl_m, alpha_p, alpha_l, temp_p, temp_l))
-                saved[f"probe.{k}"] = w_probe.to(torch.float16)
-                saved[f"lens.{k}"] = w_lens
+            with timings.timed("load"):
+                h = s_final if layer == final else store.layer(layer)
+            layer_cells, saved, layer_correct = fitter.fit(layer, h)
+            cells += layer_cells
+            correct.update(layer_correct)
             if save_path is not None:
-                t0 = time.perf_counter()
-                _save_layer(save_path, layer, saved, [c for c in cells if c.layer == layer], store)
-                timings["save"] = timings.get("save", 0.0) + time.perf_counter() - t0
-            del h, z_train
+                with timings.timed("save"):
+                    save_probe_layer(save_path, layer, saved, layer_cells, store)
+            del h
             if bar:
                 bar.update(task, advance=1)
     finally:
         if bar:
             bar.stop()
 
+    with timings.timed("intervals"):
+        summary = _summarize(tokens, doc_of, pos.evaluation, offsets, layers, cells, correct, context, n_boot)
+
     return ProbeResult(
         model=store.manifest["model"]["name"],
         store=str(store.path),
         layers=layers,
         offsets=offsets,
-        n_train=len(train_all),
-        n_val=len(val),
-        n_eval=len(evaluation),
-        n_eval_lens=n_lens,
-        n_eval_control=n_ctrl,
-        probe_vocab=len(columns),
+        n_train=len(pos.train_all),
+        n_val=len(pos.val),
+        n_eval=len(pos.evaluation),
+        n_eval_lens=len(pos.lens_eval),
+        n_eval_control=len(pos.ctrl_eval),
+        probe_vocab=len(vocab_info.columns),
         baselines=baselines,
         cells=cells,
         seconds=time.perf_counter() - started,
-        timings=timings,
+        timings=dict(timings),
         probes_dir=str(save_path) if save_path is not None else None,
+        n_eval_documents=pos.n_test_documents,
+        near_duplicates_removed=pos.near_duplicates,
+        context=summary["context"],
+        context_settings={k: context[k].chosen for k in offsets},
+        headline=summary["headline"],
+        per_position=summary["per_position"],
     )
+
+
+@dataclass
+class ProbeVocabulary:
+    """The token probe's output columns: every token that is a target at some offset in training."""
+
+    columns: torch.Tensor
+    column_of: torch.Tensor  # token id -> column, -1 for tokens never a training target
+    unseen_mass: float  # Good-Turing estimate of the probability of a never-seen target
+
+    @classmethod
+    def build(cls, tokens: torch.Tensor, train_all: torch.Tensor, offsets: list[int], vocab: int) -> ProbeVocabulary:
+        targets_all = torch.cat([tokens[train_all + k] for k in offsets])
+        columns = torch.unique(targets_all)
+        column_of = torch.full((vocab,), -1, dtype=torch.long)
+        column_of[columns] = torch.arange(len(columns))
+        singletons = int((torch.bincount(targets_all, minlength=vocab) == 1).sum())
+        return cls(columns, column_of, min(max(singletons / len(targets_all), 1e-4), 0.5))
+
+
+class LayerFitter:
+    """Both readouts and their shuffled controls for every offset at one layer, on one set of Gram statistics."""
+
+    def __init__(self, model, tokens, greedy, pos: Positions, offsets, vocab_info, uni_logp, s_final, timings, seed):
+        self.model, self.tokens, self.greedy, self.pos = model, tokens, greedy, pos
+        self.offsets, self.v, self.uni_logp, self.s_final, self.timings = (
+            offsets,
+            vocab_info,
+            uni_logp,
+            s_final,
+            timings,
+        )
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.train_all = pos.train_all
+        self.perm = torch.randperm(len(self.train_all), generator=self.gen)  # the control's shuffle of positions
+
+    @torch.inference_mode()
+    def decode(self, states: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm + unembedding, logits on the CPU."""
+        return self.model.lens_logits(states).cpu()
+
+    def fit(self, layer: int, h: torch.Tensor):
+        pos, timings = self.pos, self.timings
+        with timings.timed("gram"):
+            h_train = h[self.train_all]
+            mean = h_train.mean(0)
+            std = h_train.std(0).clamp_min(1e-6)
+            z_train = _augment((h_train - mean) / std)
+            del h_train
+            n_trn = len(pos.trn)
+            g_val = _gram(z_train[n_trn:])
+            ridge = Ridge(_gram(z_train[:n_trn]) + g_val, g_val, n_trn)
+            z_eval = _augment((h[pos.evaluation] - mean) / std)
+            z_sel = _augment((h[pos.select] - mean) / std)
+        val_rows = n_trn + torch.randperm(len(pos.val), generator=self.gen)[:TEMPERATURE_TOKENS]
+        saved: dict[str, torch.Tensor] = {"mean": mean, "std": std, "columns": self.v.columns.to(torch.int32)}
+        cells, correct = [], {}
+        self._lens_ctrl = None
+        for k in self.offsets:
+            with timings.timed("probe"):
+                probe_m, ctrl_m, alpha_p, temp_p, w_probe, val_top1, ok = self._token_probe(
+                    k, ridge, z_train, z_eval, z_sel, val_rows, n_trn
+                )
+            with timings.timed("lens"):
+                lens_m, lens_ctrl_m, alpha_l, temp_l, w_lens = self._lens(k, ridge, z_train, z_eval, z_sel, val_rows)
+            cells.append(
+                Cell(layer, k, probe_m, lens_m, ctrl_m, lens_ctrl_m, alpha_p, alpha_l, temp_p, temp_l, val_top1)
+            )
+            correct[(layer, k)] = ok
+            saved[f"probe.{k}"] = w_probe.to(torch.float16)
+            saved[f"lens.{k}"] = w_lens
+        return cells, saved, correct
+
+    def _token_probe(self, k, ridge, z_train, z_eval, z_sel, val_rows, n_trn):
+        tokens, pos, v = self.tokens, self.pos, self.v
+        y_eval = tokens[pos.evaluation + k]
+        g_eval = self.greedy[pos.evaluation + k - 1]
+        col = v.column_of[tokens[self.train_all + k]]
+        d = z_train.shape[1]
+        b_all = torch.zeros(len(v.columns), d).index_add_(0, col, z_train).T
+        b_val = torch.zeros(len(v.columns), d).index_add_(0, col[n_trn:], z_train[n_trn:]).T
+        alpha = ridge.select(b_all, b_val)
+        w_probe = ridge.solve(b_all, alpha)
+        # the layer is chosen, and the temperature fitted, on validation rows by the fit that never saw them
+        sel_scores = z_sel @ ridge.solve_train(b_all - b_val, alpha)
+        val_top1 = float((v.columns[sel_scores.argmax(1)] == tokens[pos.select + k]).float().mean())
+        n_t = min(TEMPERATURE_TOKENS, len(pos.select))
+        temp = fit_temperature(sel_scores[:n_t], v.column_of[tokens[pos.select[:n_t] + k]].clamp_min(0), 10.0)
+        scores = z_eval @ w_probe
+        ok = v.columns[scores.argmax(1)] == y_eval
+        probe_m = _metrics(
+            _score(scores, y_eval, g_eval, temp, v.columns, self.uni_logp, v.unseen_mass), len(pos.evaluation)
+        )
+        # control: the same pipeline on shuffled targets (temperature on shuffled validation targets)
+        col_shuf = col[self.perm]
+        b_ctrl_trn = torch.zeros(len(v.columns), d).index_add_(0, col_shuf[:n_trn], z_train[:n_trn])
+        b_ctrl = b_ctrl_trn.index_add(0, col_shuf[n_trn:], z_train[n_trn:]).T
+        w_ctrl = ridge.solve(b_ctrl, alpha)
+        temp_c = fit_temperature(z_train[val_rows] @ ridge.solve_train(b_ctrl_trn.T, alpha), col_shuf[val_rows], 10.0)
+        at = torch.searchsorted(pos.evaluation, pos.ctrl_eval)
+        ctrl_m = _metrics(
+            _score(z_eval[at] @ w_ctrl, y_eval[at], g_eval[at], temp_c, v.columns, self.uni_logp, v.unseen_mass),
+            len(at),
+        )
+        return probe_m, ctrl_m, alpha, temp, w_probe, val_top1, ok
+
+    def _lens(self, k, ridge, z_train, z_eval, z_sel, val_rows):
+        """Future Lens: h_t^l -> h_{t+k-1}^L, decoded by the model."""
+        tokens, pos, n_trn = self.tokens, self.pos, len(self.pos.trn)
+        y_eval = tokens[pos.evaluation + k]
+        g_eval = self.greedy[pos.evaluation + k - 1]
+        s_train = self.s_final[self.train_all + k - 1]
+        b_val = _gram(z_train[n_trn:], s_train[n_trn:])
+        b_all = _gram(z_train[:n_trn], s_train[:n_trn]) + b_val
+        weights = 1.0 / s_train[:n_trn].var(0).clamp_min(1e-6)
+        alpha = ridge.select(b_all, b_val, weights)
+        w_lens = ridge.solve(b_all, alpha)
+        w_lens_trn = ridge.solve_train(b_all - b_val, alpha)
+        at_ctrl = torch.searchsorted(pos.evaluation, pos.ctrl_eval)
+        if self._lens_ctrl is None:  # shuffled final states carry no offset: one control per layer
+            s_shuf = self.s_final[self.train_all[self.perm]]
+            b_ctrl_trn = _gram(z_train[:n_trn], s_shuf[:n_trn])
+            w_ctrl = ridge.solve(b_ctrl_trn + _gram(z_train[n_trn:], s_shuf[n_trn:]), alpha)
+            rows = val_rows[: TEMPERATURE_TOKENS // 2]
+            temp_ctrl = fit_temperature(
+                self.decode(z_train[rows] @ ridge.solve_train(b_ctrl_trn, alpha)),
+                tokens[self.train_all[self.perm][rows] + 1],
+            )
+            # the control's predictions do not depend on k: decode them once
+            logits = [self.decode(z_eval[at_ctrl[i : i + 1024]] @ w_ctrl) for i in range(0, len(at_ctrl), 1024)]
+            self._lens_ctrl = (temp_ctrl, logits)
+        n_t = min(TEMPERATURE_TOKENS // 2, len(pos.select))
+        temp = fit_temperature(self.decode(z_sel[:n_t] @ w_lens_trn), tokens[pos.select[:n_t] + k])
+        sums: dict[str, float] = {}
+        at = torch.searchsorted(pos.evaluation, pos.lens_eval)
+        for i in range(0, len(at), 1024):
+            p = at[i : i + 1024]
+            sums = _add(sums, _score(self.decode(z_eval[p] @ w_lens), y_eval[p], g_eval[p], temp, None, None))
+        lens_m = _metrics(sums, len(at))
+        temp_ctrl, ctrl_logits = self._lens_ctrl
+        ctrl_sums: dict[str, float] = {}
+        for i, logits in zip(range(0, len(at_ctrl), 1024), ctrl_logits, strict=True):
+            p = at_ctrl[i : i + 1024]
+            ctrl_sums = _add(ctrl_sums, _score(logits, y_eval[p], g_eval[p], temp_ctrl, None, None))
+        return lens_m, _metrics(ctrl_sums, len(at_ctrl)), alpha, temp, w_lens
+
+
+def _summarize(tokens, doc_of, evaluation, offsets, layers, cells, correct, context, n_boot) -> dict:
+    """Intervals: every context baseline, every cell's excess over the strongest baseline, and the headline
+    (the layer chosen on validation)."""
+    docs = doc_of[evaluation].numpy()
+    out_context: dict[int, dict[str, Interval]] = {}
+    headline: dict[int, dict] = {}
+    per_position: dict[str, object] = {"evaluation": evaluation.numpy(), "documents": docs}
+    for k in offsets:
+        y = tokens[evaluation + k].numpy()
+        hits = {name: (p == y).astype(np.float64) for name, p in context[k].predictions.items()}
+        out_context[k] = {name: bootstrap_by_document(v, docs, n_boot) for name, v in hits.items()}
+        strongest = max(
+            (n for n in hits if n != "unigram"), key=lambda n: (out_context[k][n].estimate, n == "copy+ngram")
+        )
+        base = hits[strongest]
+        for c in (c for c in cells if c.offset == k):
+            ok = correct[(c.layer, k)].numpy().astype(np.float64)
+            c.excess = bootstrap_by_document(ok - base, docs, n_boot)
+        chosen = max((c for c in cells if c.offset == k), key=lambda c: (c.probe_val_top1, -c.layer))
+        ok = correct[(chosen.layer, k)].numpy().astype(np.float64)
+        headline[k] = {
+            "layer": chosen.layer,
+            "probe_val_top1": chosen.probe_val_top1,
+            "probe": bootstrap_by_document(ok, docs, n_boot),
+            "strongest": strongest,
+            "strongest_top1": out_context[k][strongest],
+            "excess": chosen.excess,
+        }
+        per_position[f"probe@{k}"] = ok
+        per_position[f"{strongest}@{k}"] = base
+        per_position[f"strongest@{k}"] = strongest
+    return {"context": out_context, "headline": headline, "per_position": per_position}
 
 
 def _bar(enabled: bool, total: int):
@@ -592,18 +775,13 @@ def _bar(enabled: bool, total: int):
     )
 
 
-def _save_layer(path: Path, layer: int, tensors: dict[str, torch.Tensor], cells: list[Cell], store) -> None:
-    """probe-layer{l}.safetensors: mean/std (standardization), columns (token ids of the probe's outputs),
-    probe.{k} [d+1, n_columns] and lens.{k} [d+1, d] (last row = intercept); a JSON sidecar with lambdas and
-    temperatures. Apply as z = [(h - mean) / std, 1]; probe scores = z @ probe.k; lens state = z @ lens.k."""
-    from safetensors.torch import save_file
-
+def save_probe_layer(path: Path, layer: int, tensors: dict[str, torch.Tensor], cells: list[Cell], store) -> None:
+    """One layer's fitted maps in the format `forethought.experiments.probe_file` owns."""
     meta = {
-        "layer": layer,
         "store": str(store.path),
         "model": store.manifest["model"]["name"],
-        "point": f"blocks.{layer}.resid_post",
-        "lens_target": "final-layer resid_post at t+k-1, decode with the model's final_norm + unembed",
+        "point": act_name(layer, "resid_post"),
+        "lens_target": "final-layer resid_post at t+k-1, decode with model.lens_logits",
         "cells": [
             {
                 "offset": c.offset,
@@ -611,10 +789,9 @@ def _save_layer(path: Path, layer: int, tensors: dict[str, torch.Tensor], cells:
                 "lens_lambda_per_token": c.lens_lambda,
                 "probe_temperature": c.probe_temperature,
                 "lens_temperature": c.lens_temperature,
+                "probe_val_top1": c.probe_val_top1,
             }
             for c in cells
         ],
     }
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path / f"probe-layer{layer:02d}.safetensors"), metadata={"forethought": json.dumps(meta)})
-    (path / f"probe-layer{layer:02d}.json").write_text(json.dumps(meta, indent=1))
+    _write_probe_file(path, layer, tensors, meta)

@@ -19,7 +19,6 @@ pass over each sequence, so both runs are measured by exactly the same computati
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -344,37 +343,12 @@ def revise(
 
 
 def load_probes(probes_dir: str | Path, d_model: int) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict]]:
-    """Future-token probes saved by `forethought probe`: per layer, mean/std/columns and probe.{k} maps.
+    """Future-token probes saved by `forethought probe` (format: `forethought.experiments.probe_file`): per layer,
+    mean/std/columns and probe.{k} maps, and the metadata. ForethoughtError names the file that does not fit."""
+    from forethought.experiments.probe_file import load_probe_folder
 
-    Raises ForethoughtError when the folder holds none or they do not fit a model of width `d_model`.
-    """
-    from safetensors import safe_open
-
-    folder = Path(probes_dir)
-    if not folder.is_dir():
-        raise ForethoughtError(f"--probes {probes_dir}: not a folder")
-    files = sorted(folder.glob("probe-layer*.safetensors"))
-    if not files:
-        raise ForethoughtError(f"--probes {probes_dir}: no probe-layer*.safetensors files (run `forethought probe`)")
-    maps: dict[int, dict[str, torch.Tensor]] = {}
-    metas: dict[int, dict] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("forethought", "{}"))
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:  # a corrupt or foreign file: say which
-            raise ForethoughtError(f"--probes: {path.name} is not readable ({e})") from None
-        layer = meta.get("layer")
-        if not isinstance(layer, int) or not {"mean", "std", "columns"} <= set(tensors):
-            raise ForethoughtError(f"--probes: {path.name} lacks the layer, mean, std or columns of a probe file")
-        if tensors["mean"].numel() != d_model:
-            raise ForethoughtError(
-                f"--probes: {path.name} was fitted on states of width {tensors['mean'].numel()}, "
-                f"this model's is {d_model}"
-            )
-        maps[layer], metas[layer] = tensors, meta
-    return maps, metas
+    layers = load_probe_folder(probes_dir, d_model)
+    return {lay: p.tensors for lay, p in layers.items()}, {lay: p.meta for lay, p in layers.items()}
 
 
 def _probe_scores(states: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
