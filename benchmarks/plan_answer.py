@@ -1,0 +1,231 @@
+"""Does SmolLM2-135M plan? The answer run: probes vs context-matched baselines, horizon, knockout, steering, ceiling.
+
+    python -m benchmarks.plan_answer            # full: code (stdlib) and prose (pydocs), <= 60 min on 2 idle cores
+    python -m benchmarks.plan_answer --quick    # the same pipeline at a toy size, <= 5 min
+
+Per corpus, into OUT/<corpus>/: `store/` (extract; resumable by shard), `probes/` (the probe run: results.json,
+per_position.npz, fitted maps), `causal.json` (+ a checkpoint, resumable by position). Then OUT/answer.md (the
+tables), OUT/plan_horizon.png and OUT/plan_causal.png. A phase whose output exists is not rerun; delete it to redo.
+Prints each phase's wall and CPU time (CPU well below wall means other processes had the cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Config:
+    tokens: dict[str, int]
+    test_fraction: dict[str, float]
+    max_doc_tokens: int
+    layers: tuple[int, ...]
+    offsets: tuple[int, ...]
+    eval_tokens: int
+    lens_eval_tokens: int
+    causal_positions: int
+    from_layers: tuple[int, ...]
+    steer_layers: tuple[int, ...]
+    steer_offsets: tuple[int, ...]
+    ceiling_offsets: tuple[int, ...]
+    rollouts: int
+    n_boot: int
+
+
+FULL = Config(
+    tokens={"stdlib": 110_000, "pydocs": 100_000},
+    test_fraction={"stdlib": 0.4, "pydocs": 0.45},
+    max_doc_tokens=192,
+    layers=(0, 5, 10, 15, 20, 25, 29),
+    offsets=(1, 2, 3, 4, 6, 8, 12, 16),
+    eval_tokens=6144,
+    lens_eval_tokens=1024,
+    causal_positions=500,
+    from_layers=(0, 10, 20),
+    steer_layers=(10, 20),
+    steer_offsets=(2, 3),
+    ceiling_offsets=(1, 2, 3, 4, 8, 16),
+    rollouts=8,
+    n_boot=1000,
+)
+QUICK = Config(
+    tokens={"stdlib": 12_000, "pydocs": 12_000},
+    test_fraction={"stdlib": 0.4, "pydocs": 0.45},
+    max_doc_tokens=192,
+    layers=(0, 15, 29),
+    offsets=(1, 2, 4, 8),
+    eval_tokens=1024,
+    lens_eval_tokens=256,
+    causal_positions=24,
+    from_layers=(0, 15),
+    steer_layers=(15,),
+    steer_offsets=(2,),
+    ceiling_offsets=(1, 2, 4),
+    rollouts=4,
+    n_boot=200,
+)
+
+
+class Phases:
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, float]] = {}
+
+    def run(self, name: str, fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        self.rows[name] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        print(f"{name:<24} {self.rows[name]['wall_s']:8.1f} s wall  {self.rows[name]['cpu_s']:8.1f} s cpu", flush=True)
+        return value
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+    from forethought.data.store import ActivationStore
+    from forethought.experiments.probes import run_probes
+    from forethought.viz.future import write_report
+
+    done = out / "results.json"
+    if done.is_file() and (out / "per_position.npz").is_file():
+        return json.loads(done.read_text())
+    store = ActivationStore(store_dir)
+    result = run_probes(
+        store,
+        lm.model,
+        list(cfg.offsets),
+        list(cfg.layers),
+        eval_tokens=cfg.eval_tokens,
+        lens_eval_tokens=cfg.lens_eval_tokens,
+        control_eval_tokens=min(1024, cfg.eval_tokens),
+        save_dir=out,
+        progress=progress,
+        n_boot=cfg.n_boot,
+    )
+    arrays = {k: np.asarray(v) for k, v in result.per_position.items() if not isinstance(v, str)}
+    np.savez(out / "per_position.npz", **arrays)
+    write_report(result, out)
+    return json.loads(done.read_text())
+
+
+def causal_phase(lm, store_dir: Path, probes_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+    from forethought.data.store import ActivationStore
+    from forethought.experiments.causal import CausalSettings, run_causal
+    from forethought.experiments.probe_file import load_probe_folder
+
+    done = out / "causal.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    store = ActivationStore(store_dir)
+    evaluation = np.load(probes_dir / "per_position.npz")["evaluation"]
+    rng = np.random.default_rng(0)
+    positions = np.sort(rng.permutation(evaluation)[: cfg.causal_positions + cfg.causal_positions // 10])
+    probes = {
+        layer: p for layer, p in load_probe_folder(probes_dir, lm.config.d_model).items() if layer in cfg.steer_layers
+    }
+    settings = CausalSettings(
+        from_layers=cfg.from_layers,
+        steer_layers=cfg.steer_layers,
+        steer_offsets=cfg.steer_offsets,
+        ceiling_offsets=cfg.ceiling_offsets,
+        rollouts=cfg.rollouts,
+    )
+    result = run_causal(
+        lm.model,
+        store,
+        positions[: cfg.causal_positions].tolist(),
+        probes,
+        settings,
+        checkpoint=out / "causal.ckpt",
+        progress=progress,
+        n_boot=cfg.n_boot,
+    )
+    np.savez(out / "causal_per_position.npz", **{k: np.asarray(v) for k, v in result.per_position.items()})
+    d = _jsonable(result.to_dict())
+    done.write_text(json.dumps(d, indent=1))
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in <= 5 min")
+    parser.add_argument("--out", type=Path, default=None, help="default /tmp/plan_answer (or /tmp/plan_quick)")
+    parser.add_argument("--corpora", default="stdlib,pydocs", help="comma list of 'stdlib', 'pydocs' or paths")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    out = args.out or Path("/tmp/plan_quick" if args.quick else "/tmp/plan_answer")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from forethought.experiments.future import run_extract
+    from forethought.viz.plan import write_answer
+    from forethought.weights import load_model
+
+    progress = not args.no_progress
+    phases = Phases()
+    load_before = os.getloadavg()
+    lm = phases.run("load", lambda: load_model("smollm2-135m"))
+    corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
+    probe_results, causal_results, stores = {}, {}, {}
+    for corpus in corpora:
+        name = Path(corpus).name if corpus not in cfg.tokens else corpus
+        base = out / name
+        stores[name] = base / "store"
+        phases.run(
+            f"{name}: extract",
+            lambda corpus=corpus, name=name: run_extract(
+                lm,
+                corpus,
+                stores[name],
+                list(cfg.layers),
+                tokens=cfg.tokens.get(corpus, max(cfg.tokens.values())),
+                float16=True,
+                test_fraction=cfg.test_fraction.get(corpus, 0.4),
+                max_doc_tokens=cfg.max_doc_tokens,
+                progress=progress,
+            ),
+        )
+        probe_results[name] = phases.run(
+            f"{name}: probe", lambda name=name: probe_phase(lm, stores[name], out / name / "probes", cfg, progress)
+        )
+    for name in probe_results:
+        causal_results[name] = phases.run(
+            f"{name}: causal",
+            lambda name=name: causal_phase(lm, stores[name], out / name / "probes", out / name, cfg, progress),
+        )
+    paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot))
+    total = sum(r["wall_s"] for r in phases.rows.values())
+    summary = {
+        "config": "quick" if args.quick else "full",
+        "phases": phases.rows,
+        "total_wall_s": total,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "files": {k: str(v) for k, v in paths.items()},
+    }
+    (out / "timings.json").write_text(json.dumps(summary, indent=1))
+    print(Path(paths["markdown"]).read_text())
+    print(f"total {total:.0f} s wall (load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
