@@ -132,3 +132,56 @@ def test_probes_stay_at_chance_when_the_future_is_random(trained, tmp_path: Path
         assert cell.lens.top1 < 2.5 * chance, cell.lens
         # and its cross-entropy is no better than knowing the symbol set
         assert cell.probe.ce > 0.9 * torch.log(torch.tensor(float(N_SYMBOLS)))
+
+
+def test_negative_case_the_probe_does_not_beat_the_bigram(trained, tmp_path: Path) -> None:
+    """x_{t+2} = perm(x_t): everything h_t knows about t+2 is in x_t, so the probe cannot beat the n-grams."""
+    model, perm, _ = trained
+    store = build_store(model, permutation_sequences(600, perm, torch.Generator().manual_seed(3)), tmp_path / "neg")
+    result = run_probes(
+        store, model, [2], eval_tokens=1500, lens_eval_tokens=200, save_dir=None, progress=False, dedup_threshold=None
+    )
+    head = result.headline[2]
+    assert head["strongest"].startswith(("ngram", "copy")) and head["strongest_top1"].estimate > 0.85
+    assert head["probe"].estimate > 0.85  # the probe does read the token two ahead ...
+    assert head["excess"].low <= 0.01 and head["excess"].high < 0.05  # ... but no better than the context does
+
+
+def pair_sequences(n: int, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Tokens in doubled pairs (y_0 y_0 y_1 y_1 ...) with y_i = perm[y_{i-3}]: at the second token of a pair,
+    x_{t+1} = x_{t+2} = perm[x_{t-4}], a token the last four do not contain, and the model must compute it at t
+    to predict x_{t+1}."""
+    pairs = SEQ // 2
+    y = torch.empty(n, pairs, dtype=torch.long)
+    y[:, :3] = torch.randint(0, N_SYMBOLS, (n, 3), generator=g)
+    for i in range(3, pairs):
+        y[:, i] = perm[y[:, i - 3]]
+    return y.repeat_interleave(2, dim=1) + 3
+
+
+def test_positive_case_the_probe_beats_every_context_baseline(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(N_SYMBOLS, generator=g)
+    model = random_model(tiny_config(vocab_size=64, context_length=64), seed=0, std=0.1)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    for _ in range(250):
+        x = pair_sequences(32, perm, g)
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+    store = build_store(model, pair_sequences(600, perm, torch.Generator().manual_seed(1)), tmp_path / "pos")
+    result = run_probes(
+        store, model, [2], eval_tokens=1500, lens_eval_tokens=200, save_dir=None, progress=False, dedup_threshold=None
+    )
+    head = result.headline[2]
+    # every n-gram of context 1..4 and the in-window copy: near chance at the pair's second token
+    assert all(iv.estimate < 0.3 for name, iv in result.context[2].items()), result.context[2]
+    assert head["excess"].low > 0.1, head  # the probe's lead over the strongest baseline, interval above 0
