@@ -37,6 +37,8 @@ class Config:
     ceiling_offsets: tuple[int, ...]
     rollouts: int
     n_boot: int
+    max_prefix: int = 255
+    causal_corpora: tuple[str, ...] = ("stdlib", "pydocs")
 
 
 FULL = Config(
@@ -55,6 +57,26 @@ FULL = Config(
     rollouts=8,
     n_boot=1000,
 )
+# What ran on the shared, loaded machine (load average 11-15 on 2 cores): fewer, shorter documents, five layers,
+# the causal tests on the code corpus only and at positions <= 80 into their window.
+SHARED = Config(
+    tokens={"stdlib": 50_000, "pydocs": 50_000},
+    test_fraction={"stdlib": 0.45, "pydocs": 0.45},
+    max_doc_tokens=96,
+    layers=(0, 8, 15, 22, 29),
+    offsets=(1, 2, 3, 4, 6, 8, 12, 16),
+    eval_tokens=4096,
+    lens_eval_tokens=512,
+    causal_positions=500,
+    from_layers=(0, 8, 15, 22),
+    steer_layers=(15, 22),
+    steer_offsets=(2,),
+    ceiling_offsets=(1, 2, 3, 4, 8),
+    rollouts=4,
+    n_boot=1000,
+    max_prefix=80,
+    causal_corpora=("stdlib",),
+)
 QUICK = Config(
     tokens={"stdlib": 12_000, "pydocs": 12_000},
     test_fraction={"stdlib": 0.4, "pydocs": 0.45},
@@ -70,6 +92,8 @@ QUICK = Config(
     ceiling_offsets=(1, 2, 4),
     rollouts=4,
     n_boot=200,
+    max_prefix=80,
+    causal_corpora=("stdlib",),
 )
 
 
@@ -133,7 +157,9 @@ def causal_phase(lm, store_dir: Path, probes_dir: Path, out: Path, cfg: Config, 
     store = ActivationStore(store_dir)
     evaluation = np.load(probes_dir / "per_position.npz")["evaluation"]
     rng = np.random.default_rng(0)
-    positions = np.sort(rng.permutation(evaluation)[: cfg.causal_positions + cfg.causal_positions // 10])
+    window = store.window
+    early = evaluation[(evaluation % window >= 2) & (evaluation % window <= min(cfg.max_prefix, window - 6))]
+    positions = np.sort(rng.permutation(early)[: cfg.causal_positions])
     probes = {
         layer: p for layer, p in load_probe_folder(probes_dir, lm.config.d_model).items() if layer in cfg.steer_layers
     }
@@ -143,11 +169,13 @@ def causal_phase(lm, store_dir: Path, probes_dir: Path, out: Path, cfg: Config, 
         steer_offsets=cfg.steer_offsets,
         ceiling_offsets=cfg.ceiling_offsets,
         rollouts=cfg.rollouts,
+        max_prefix=cfg.max_prefix,
+        top_m=16 if cfg.max_prefix < 255 else 32,
     )
     result = run_causal(
         lm.model,
         store,
-        positions[: cfg.causal_positions].tolist(),
+        positions.tolist(),
         probes,
         settings,
         checkpoint=out / "causal.ckpt",
@@ -163,12 +191,13 @@ def causal_phase(lm, store_dir: Path, probes_dir: Path, out: Path, cfg: Config, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in <= 5 min")
+    parser.add_argument("--shared", action="store_true", help="the reduced size run on the loaded shared machine")
     parser.add_argument("--out", type=Path, default=None, help="default /tmp/plan_answer (or /tmp/plan_quick)")
     parser.add_argument("--corpora", default="stdlib,pydocs", help="comma list of 'stdlib', 'pydocs' or paths")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = QUICK if args.quick else SHARED if args.shared else FULL
     out = args.out or Path("/tmp/plan_quick" if args.quick else "/tmp/plan_answer")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -207,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: probe", lambda name=name: probe_phase(lm, stores[name], out / name / "probes", cfg, progress)
         )
     for name in probe_results:
+        if name not in cfg.causal_corpora:
+            continue
         causal_results[name] = phases.run(
             f"{name}: causal",
             lambda name=name: causal_phase(lm, stores[name], out / name / "probes", out / name, cfg, progress),
@@ -214,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot))
     total = sum(r["wall_s"] for r in phases.rows.values())
     summary = {
-        "config": "quick" if args.quick else "full",
+        "config": "quick" if args.quick else "shared" if args.shared else "full",
         "phases": phases.rows,
         "total_wall_s": total,
         "load_average_before": load_before,

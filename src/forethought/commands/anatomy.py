@@ -92,7 +92,7 @@ def anatomy(
     random_by_name = {l.layer: l for l in result.random}
     for l in result.layers:
         row = [
-            "emb" if l.layer == "embed" else l.layer.split(".")[1],
+            "emb" if l.layer == "embed" else str(_split_name(l.layer)[0]),
             _pct(l.position_share),
             _pct(l.position_shuffled),
             _pct(l.position_profile[0] if l.position_profile else None),
@@ -275,3 +275,9 @@ def _print_probes(probes: dict) -> None:
         "[dim]rev→orig / rev→rev: the probe on the revised run's state names the original's / the revised run's "
         "actual token k ahead; orig→orig: the probe on the original's state names its own token k ahead[/dim]"
     )
+
+
+def _split_name(name: str) -> tuple[int | None, str]:
+    from forethought.trace import split_name  # imported on use: the CLI starts without torch
+
+    return split_name(name)

@@ -46,7 +46,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.transformer import Transformer
-from forethought.trace import run_with_trace
+from forethought.trace import act_name, run_with_trace, split_name
 
 DEFAULT_WINDOW = 16
 WINDOWS = (2, 4, 8, 16, 32, 64)
@@ -168,7 +168,7 @@ class AnatomyResult:
 
 
 def _short(name: str) -> str:
-    return "embedding" if name == "embed" else f"after block {name.split('.')[1]}"
+    return "embedding" if name == "embed" else f"after block {split_name(name)[0]}"
 
 
 def layer_names(n_layers: int, layers: Sequence[int] | None = None) -> list[str]:
@@ -177,7 +177,7 @@ def layer_names(n_layers: int, layers: Sequence[int] | None = None) -> list[str]
     for i in chosen:
         if not 0 <= i < n_layers:
             raise ForethoughtError(f"--layers {i} is outside 0..{n_layers - 1}")
-    return ["embed"] + [f"blocks.{i}.resid_post" for i in sorted(set(chosen))]
+    return ["embed"] + [act_name(i, "resid_post") for i in sorted(set(chosen))]
 
 
 def corpus_documents(tokenizer, spec: str, n_docs: int, length: int) -> tuple[list[list[int]], dict]:

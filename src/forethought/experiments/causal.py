@@ -50,6 +50,7 @@ class CausalSettings:
     ceiling_offsets: tuple[int, ...] = (1, 2, 3, 4, 8, 16)
     top_m: int = 32
     rollouts: int = 8
+    max_prefix: int = 255  # positions later in their window are skipped (the prefix's cost grows with it)
     seed: int = 0
 
 
@@ -239,7 +240,8 @@ def run_causal(
     W = store.window
     gen = torch.Generator().manual_seed(settings.seed)
     vocab_pool = torch.unique(tokens)
-    usable = [int(t) for t in positions if 2 <= int(t) % W <= W - settings.horizon - 2]
+    last = min(W - settings.horizon - 2, settings.max_prefix)
+    usable = [int(t) for t in positions if 2 <= int(t) % W <= last]
     done: list[dict] = []
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():

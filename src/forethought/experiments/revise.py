@@ -28,7 +28,7 @@ from forethought.errors import ForethoughtError
 from forethought.model.generate import check_prompt, generate
 from forethought.model.sampling import SamplingParams, sampling_distribution
 from forethought.model.transformer import Transformer
-from forethought.trace import run_with_trace
+from forethought.trace import act_name, run_with_trace
 
 REJOIN_WINDOW = 5  # tokens that must match for the revised text to count as back on the original's track
 MAX_SHIFT = 8  # the rejoined text may sit up to this many positions earlier or later than the original's
@@ -331,7 +331,7 @@ def revise(
     states_s = torch.cat([trace_s["embed"][None], trace_s["resid_post"]])
     diff = (states_o.double() - states_r.double()).abs().amax(-1)
     scale = states_o.double().abs().amax(-1).clamp_min(1e-30)
-    result.layer_names = ["embed"] + [f"blocks.{i}.resid_post" for i in range(model.config.n_layers)]
+    result.layer_names = ["embed"] + [act_name(i, "resid_post") for i in range(model.config.n_layers)]
     result.state_diff = diff.tolist()
     result.state_rel_diff = (diff / scale).tolist()
     diff_s = (states_o.double() - states_s.double()).abs().amax(-1)

@@ -1,6 +1,6 @@
 """Future-token probes in the viewer, read from the folder `forethought probe` saves them in.
 
-The format (see `forethought.experiments.probes._save_layer`): one `probe-layer{l:02d}.safetensors` per layer
+The format (owned by `forethought.experiments.probe_file`): one `probe-layer{l:02d}.safetensors` per layer
 with `mean`, `std` (standardisation), `columns` (the token ids the token probe scores), `probe.{k}` [d+1, n_columns]
 and `lens.{k}` [d+1, d] (last row = intercept), and in its metadata the temperature of each readout and offset.
 Apply as z = [(h - mean) / std, 1]: token-probe probabilities = softmax(t * z @ probe.k); Future Lens =
@@ -10,13 +10,12 @@ viewer says why and leaves the probe metric out.
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import torch
 
-FILE = re.compile(r"^probe-layer(\d+)\.safetensors$")
+from forethought.experiments.probe_file import FILE, load_probe_layer, read_header
+
 GRID_BUDGET_BYTES = 2 << 30  # probes held in memory to colour the whole grid; above it, cells only
 
 
@@ -29,16 +28,11 @@ class ViewerProbes:
         self.files: dict[int, Path] = {}
         self.meta: dict[int, dict] = {}
         self._loaded: dict[int, dict[str, torch.Tensor]] = {}
-        from safetensors import safe_open
-
         for path in sorted(self.folder.iterdir()):
             match = FILE.match(path.name)
             if not match:
                 continue
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("forethought", "{}"))
-                keys = set(f.keys())
-                d = f.get_slice("mean").get_shape()[0]
+            meta, keys, d = read_header(path)
             if d != model.config.d_model:
                 raise ValueError(f"{path.name} is for d_model {d}, this model has {model.config.d_model}")
             layer = int(meta.get("layer", match.group(1)))
@@ -69,12 +63,10 @@ class ViewerProbes:
 
     def _tensors(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._loaded:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(self.files[layer]))
+            tensors = load_probe_layer(self.files[layer]).tensors
             if not self.grid_ok:  # too large to keep every layer: keep the last one asked for
                 self._loaded.clear()
-            self._loaded[layer] = {k: v.float() for k, v in tensors.items()}
+            self._loaded[layer] = tensors
         return self._loaded[layer]
 
     def _z(self, layer: int, states: torch.Tensor) -> torch.Tensor:
@@ -96,8 +88,7 @@ class ViewerProbes:
         """Future Lens probabilities [K, vocab] for one state [d]: the predicted final state, decoded by the model."""
         t, z = self._tensors(layer), self._z(layer, state[None])
         m = self.model
-        final = torch.cat([z @ t[f"lens.{k}"] for k in self.offsets]).to(device=m.device, dtype=m.dtype)
-        logits = m.unembed(m.final_norm(final)).float().cpu()
+        logits = m.lens_logits(torch.cat([z @ t[f"lens.{k}"] for k in self.offsets])).cpu()
         temps = torch.tensor([self.temperatures[layer][k]["lens_temperature"] for k in self.offsets])
         return torch.softmax(temps[:, None] * logits, dim=-1)
 

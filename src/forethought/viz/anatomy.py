@@ -14,10 +14,11 @@ import numpy as np  # noqa: E402
 
 from forethought.experiments.anatomy import AnatomyResult, LayerAnatomy  # noqa: E402
 from forethought.experiments.revise import ReviseResult  # noqa: E402
+from forethought.trace import split_name  # noqa: E402
 
 
 def _short(name: str) -> str:
-    return "emb" if name == "embed" else name.split(".")[1]
+    return "emb" if name == "embed" else str(split_name(name)[0])
 
 
 def _x(layers: list[LayerAnatomy]) -> tuple[np.ndarray, list[str]]:

@@ -15,6 +15,12 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _interval(iv) -> str:
+    if iv is None:
+        return "–"
+    return f"{100 * iv.estimate:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+
+
 def _baseline_rows(result: ProbeResult, metric: str) -> tuple[list[str], list[list[float]]]:
     """Rows under each heatmap: baselines per offset and the shuffled control (best layer)."""
     nan = float("nan")
@@ -125,6 +131,23 @@ def markdown(result: ProbeResult) -> str:
             )
             + " |"
         )
+    if result.headline:
+        lines += ["", "## Beyond the context: the probe against context-matched baselines", ""]
+        lines += [
+            f"{result.n_eval_documents} held-out documents ({len(result.near_duplicates_removed)} near-duplicates of "
+            "training documents removed); top-1 %, 95% interval from a bootstrap over documents; the probe's layer "
+            "is chosen on validation positions.",
+            "",
+            "| k | " + " | ".join(result.context[ks[0]]) + " | probe (layer) | excess over the strongest |",
+            "|---|" + "---|" * (len(result.context[ks[0]]) + 2),
+        ]
+        for k in ks:
+            h = result.headline[k]
+            lines.append(
+                f"| {k} | "
+                + " | ".join(_interval(iv) for iv in result.context[k].values())
+                + f" | {_interval(h['probe'])} (L{h['layer']}) | **{_interval(h['excess'])}** vs {h['strongest']} |"
+            )
     lines += ["", "## Best layer per offset (held out)", ""]
     lines += ["| k | readout | layer | top-1 | top-5 | CE (nats) | agreement |", "|---|---|---|---|---|---|---|"]
     for k in ks:
