@@ -41,7 +41,10 @@ def anatomy(
     window: Annotated[int, typer.Option("--window", help="Low-pass window in positions (neighbours ±window/2).")] = 16,
     normalize: Annotated[str, typer.Option("--normalize", help="unit (each state to norm 1) or none.")] = "unit",
     random_control: Annotated[
-        bool, typer.Option("--random-control/--no-random-control", help="Also analyse a random-weight model.")
+        bool,
+        typer.Option(
+            "--random-control/--no-random-control", help="Also analyse the model with its block weights permuted."
+        ),
     ] = True,
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="Write PNG plots into this folder.")] = None,
     model: ModelOpt = "smollm2-135m",
@@ -51,15 +54,15 @@ def anatomy(
 ) -> None:
     """Is a column a position part that changes a lot plus a memory part that changes slowly?"""
     from forethought.experiments.anatomy import anatomy as run_anatomy
-    from forethought.experiments.anatomy import corpus_documents
-    from forethought.model.random_init import random_model
+    from forethought.experiments.anatomy import corpus_documents, permuted_weights
 
     if docs < 4:
         raise ForethoughtError(f"--docs must be >= 4 (two per half), got {docs}")
     chosen = _parse_layers(layers)
     lm = load(model, device, dtype, quiet=as_json)
     token_docs, described = corpus_documents(lm.tokenizer, corpus, docs, length)
-    control = random_model(lm.config).to(device=lm.model.device, dtype=lm.model.dtype) if random_control else None
+    # the control keeps the real weights' scales (a fresh random init's states are far smaller)
+    control = permuted_weights(lm.model) if random_control else None
     if as_json:
         result = run_anatomy(
             lm.model, token_docs, chosen, window, normalize, control, model_name=lm.name, corpus=described
@@ -113,7 +116,7 @@ def anatomy(
         f"vs {result.other_norm:.0f}); token: mean state per token id, fit on the other half of the documents "
         f"(on the {result.token_coverage:.0%} of tokens it saw); slow{window // 2}: mean of the neighbours "
         f"t-{window // 2}..t+{window // 2} without t; doc: mean of the rest of the document; cos1: cosine of "
-        f"centred states 1 apart; tau: decay length of that cosine (positions); r.*: random-weight model. "
+        f"centred states 1 apart; tau: decay length of that cosine (positions); r.*: permuted-weight model. "
         f"States {result.normalize}-normalised."
     )
     console.print(result.verdict())

@@ -39,7 +39,9 @@ def parse_int_list(text: str, what: str, upper: int | None = None) -> list[int]:
 @app.command()
 def extract(
     out: Annotated[Path, typer.Option("--out", help="Store folder (created; rerun to resume).")],
-    corpus: Annotated[str, typer.Option("--corpus", help="'stdlib', a text file, a folder or a .jsonl.")] = "stdlib",
+    corpus: Annotated[
+        str, typer.Option("--corpus", help="'stdlib' (code), 'pydocs' (prose), a text file, a folder or a .jsonl.")
+    ] = "stdlib",
     layers: Annotated[
         str, typer.Option("--layers", help="all, or a list like 0,5,10 (the last is always kept).")
     ] = "all",

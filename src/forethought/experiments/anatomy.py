@@ -26,7 +26,9 @@ the plateau the similarity settles to, the part that does not decay within the w
 first d where c(d) <= 1/e. A 2-D PCA of one document's states shows the trajectory of a few layers.
 
 Controls: positions shuffled within each document (the position share must fall to about 0, and the
-slow share to the document share), and a random-weight model of the same shape.
+slow share to the document share), and the real model with every block weight's entries permuted within its
+tensor (`permuted_weights`): the same value distribution and hence about the same activation scales (a freshly
+initialised model's states are orders of magnitude smaller), but no learned structure.
 
 Position 0 is left out of everything: in SmolLM2 its residual norm is ~2e4 (an attention sink with
 massive activations in two dimensions), against ~100-900 elsewhere, so it alone would be most of the
@@ -60,6 +62,7 @@ class LayerAnatomy:
     position_share: float
     token_share: float  # on evaluated tokens whose id the fitting half saw
     slow_share: float  # leave-self-out centred moving average, `window` positions
+    causal_slow_share: float  # the same from the `window` previous positions only (what the past predicts)
     document_share: float  # leave-self-out mean of the whole document
     position_shuffled: float  # control: positions permuted within each document
     slow_shuffled: float
@@ -95,7 +98,7 @@ class AnatomyResult:
     position0_norm: float  # median raw norm at position 0 over documents, at the layer where it is largest
     other_norm: float  # median raw norm of the other positions at that layer
     layers: list[LayerAnatomy] = field(default_factory=list)
-    random: list[LayerAnatomy] = field(default_factory=list)  # the random-weight control
+    random: list[LayerAnatomy] = field(default_factory=list)  # the permuted-weight control
     pca: list[PCAView] = field(default_factory=list)
     corpus: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -150,7 +153,7 @@ class AnatomyResult:
             f"({_short(s['slow_share_max_layer'])}; shuffled {s['slow_shuffled_at_that_layer']:.1%}, whole-document "
             f"mean {s['document_share_at_that_layer']:.1%}"
             + (
-                f", random-weight model {s['random_slow_share_at_that_layer']:.1%}"
+                f", permuted-weight model {s['random_slow_share_at_that_layer']:.1%}"
                 if s.get("random_slow_share_at_that_layer") is not None
                 else ""
             )
@@ -169,6 +172,23 @@ class AnatomyResult:
 
 def _short(name: str) -> str:
     return "embedding" if name == "embed" else f"after block {split_name(name)[0]}"
+
+
+def permuted_weights(model: Transformer, seed: int = 0) -> Transformer:
+    """A copy of `model` whose block weights have their entries permuted within each tensor (per layer).
+
+    Embedding, final norm and unembedding are kept, so tokens enter and leave as in the real model; what is lost
+    is every learned arrangement inside the blocks, while each tensor's scale and value distribution stay."""
+    import copy
+
+    control = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in control.blocks:
+            for param in block.parameters():
+                flat = param.data.reshape(-1)
+                param.data.copy_(flat[torch.randperm(flat.numel(), generator=g)].reshape(param.shape))
+    return control
 
 
 def layer_names(n_layers: int, layers: Sequence[int] | None = None) -> list[str]:
@@ -302,8 +322,29 @@ def neighbour_mean(x: torch.Tensor, window: int | None) -> torch.Tensor:
     return sums / counts[None, :, None]
 
 
+def trailing_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of the `window` positions before t (t-window..t-1), fewer at the start; position 0 of the analysed
+    states is predicted by nothing (its own value is left out, so it counts as an error of its full size).
+
+    The causal twin of `neighbour_mean`: only what the model could have carried from the past."""
+    T = x.shape[1]
+    c = torch.nn.functional.pad(x.cumsum(1), (0, 0, 1, 0))
+    t = torch.arange(T)
+    lo = (t - window).clamp_min(0)
+    sums = c[:, t] - c[:, lo]
+    counts = (t - lo).to(x.dtype)
+    out = sums / counts.clamp_min(1)[None, :, None]
+    return out
+
+
 def slow_share(x: torch.Tensor, window: int | None) -> float:
+    """Out-of-sample R^2 of the centred leave-self-out moving average (`neighbour_mean`)."""
     return _r2(_sse(x, neighbour_mean(x, window)), _sst(x))
+
+
+def causal_slow_share(x: torch.Tensor, window: int) -> float:
+    """R^2 of the trailing (past-only) moving average (`trailing_mean`)."""
+    return _r2(_sse(x, trailing_mean(x, window)), _sst(x))
 
 
 def cosine_by_distance(x: torch.Tensor, max_distance: int) -> list[float]:
@@ -368,6 +409,7 @@ def analyse_layer(
         position_share=position_share(x),
         token_share=tok,
         slow_share=by_window.get(window, slow_share(x, window)),
+        causal_slow_share=causal_slow_share(x, window),
         document_share=slow_share(x, None),
         position_shuffled=position_share(shuffled),
         slow_shuffled=slow_share(shuffled, window),

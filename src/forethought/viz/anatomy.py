@@ -65,7 +65,7 @@ def _plot_shares(result: AnatomyResult, path: Path) -> Path:
                 color=colour,
                 lw=1.2,
                 alpha=0.6,
-                label=f"{label}, random-weight model",
+                label=f"{label}, permuted-weight model",
             )
         ax.plot(
             x,
@@ -74,7 +74,7 @@ def _plot_shares(result: AnatomyResult, path: Path) -> Path:
             color="tab:blue",
             lw=1.2,
             alpha=0.6,
-            label="position, random-weight model",
+            label="position, permuted-weight model",
         )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.02)
@@ -176,7 +176,7 @@ def _plot_cosine(result: AnatomyResult, path: Path) -> Path:
     ax = axes[1, 0]
     ax.plot(x, [l.tau for l in layers], "-s", ms=4, color="black", lw=2, label="real model")
     if result.random:
-        ax.plot(x, [l.tau for l in result.random], "--s", ms=3, color="grey", lw=1.2, label="random-weight model")
+        ax.plot(x, [l.tau for l in result.random], "--s", ms=3, color="grey", lw=1.2, label="permuted-weight model")
     ax.set_yscale("log")
     _layer_ticks(ax, names)
     ax.set_xlabel("layer")
