@@ -38,6 +38,7 @@ class Config:
     rollouts: int
     n_boot: int
     max_prefix: int = 255
+    ceiling_positions: int | None = None
     causal_corpora: tuple[str, ...] = ("stdlib", "pydocs")
 
 
@@ -69,13 +70,14 @@ SHARED = Config(
     eval_tokens=4096,
     lens_eval_tokens=512,
     causal_positions=500,
-    from_layers=(0, 8, 15, 22),
-    steer_layers=(15, 22),
+    from_layers=(0, 15, 22),
+    steer_layers=(15,),
     steer_offsets=(2,),
     ceiling_offsets=(1, 2, 3, 4, 8),
     rollouts=4,
     n_boot=1000,
     max_prefix=48,
+    ceiling_positions=200,
     causal_corpora=("stdlib",),
 )
 QUICK = Config(
@@ -171,6 +173,7 @@ def causal_phase(lm, store_dir: Path, probes_dir: Path, out: Path, cfg: Config, 
         ceiling_offsets=cfg.ceiling_offsets,
         rollouts=cfg.rollouts,
         max_prefix=cfg.max_prefix,
+        ceiling_positions=cfg.ceiling_positions,
         top_m=16 if cfg.max_prefix < 255 else 32,
     )
     result = run_causal(

@@ -184,3 +184,17 @@ def test_interventions_hook_masks_one_key_exactly(tiny) -> None:
     allowed[5:, 4] = False  # later positions may not read key 4; position 4 still reads itself
     reference = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
     assert torch.allclose(pattern, reference, atol=1e-5)
+
+
+def test_steering_along_the_probe_direction_raises_its_token(tiny, tmp_path: Path) -> None:
+    d = tiny.config.d_model
+    window = torch.randint(3, 60, (40,), generator=torch.Generator().manual_seed(2))
+    y = int(window[20 + 2])
+    probe = _probe_file(tmp_path, 1, d, list(range(64)))
+    # make the probe's direction for y the direction that raises y's logit through the final layer: the
+    # unembedding row of y, so that steering along it at the last layer must raise log p(y) at position t
+    probe.tensors["probe.2"][:-1, y] = tiny.unembed.weight_t[:, y].float() * probe.tensors["std"]
+    settings = CausalSettings(horizon=3, from_layers=(0,), steer_layers=(1,), steer_offsets=(2,), ceiling_offsets=(1,))
+    out = measure_position(tiny, window, 20, settings, {1: probe}, torch.Generator().manual_seed(0), torch.arange(60))
+    assert out["steer_probe@1k2:next"] > 0  # at t itself the added direction is read out directly
+    assert math.isfinite(out["steer_random@1k2:next"]) and math.isfinite(out["steer_random@1k2:target"])

@@ -51,6 +51,7 @@ class CausalSettings:
     top_m: int = 32
     rollouts: int = 8
     max_prefix: int = 255  # positions later in their window are skipped (the prefix's cost grows with it)
+    ceiling_positions: int | None = None  # the ceiling on the first N positions only (None: all)
     seed: int = 0
 
 
@@ -142,6 +143,7 @@ def measure_position(
     probes: dict[int, ProbeLayer],
     gen: torch.Generator,
     vocab_pool: torch.Tensor,
+    ceiling: bool = True,
 ) -> dict[str, np.ndarray | float]:
     """All conditions at local position p of one window: {name: value(s)}; NaN where a condition does not apply."""
     c = model.config
@@ -198,7 +200,7 @@ def measure_position(
 
     # the ceiling: from the unmodified run's cache through x_t
     p1 = logp[0, 0].exp()
-    truth = {k: int(window_tokens[p + k]) for k in settings.ceiling_offsets if p + k < len(window_tokens)}
+    truth = {k: int(window_tokens[p + k]) for k in settings.ceiling_offsets if p + k < len(window_tokens) and ceiling}
     if 1 in truth:
         out["ceiling@1"] = float(int(p1.argmax()) == truth[1])
     if 2 in truth:
@@ -263,7 +265,9 @@ def run_causal(
         for i in range(len(done), len(usable)):
             t = usable[i]
             w, p = divmod(t, W)
-            done.append(measure_position(model, tokens[w * W : (w + 1) * W], p, settings, probes, gen, vocab_pool))
+            with_ceiling = settings.ceiling_positions is None or i < settings.ceiling_positions
+            window_tokens = tokens[w * W : (w + 1) * W]
+            done.append(measure_position(model, window_tokens, p, settings, probes, gen, vocab_pool, with_ceiling))
             if ckpt is not None and (len(done) % 25 == 0 or len(done) == len(usable)):
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save(
