@@ -149,23 +149,44 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
     return json.loads(done.read_text())
 
 
-def causal_phase(lm, store_dir: Path, probes_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+    """Knockout, steering and the ceiling at held-out positions of the probe run's evaluation sample.
+
+    Needs only the store: the positions are recomputed exactly as the probe run draws them, and the steering
+    directions come from probes fitted here for the steering layers and offsets alone (so this phase can run
+    beside the probe phase)."""
     from forethought.data.store import ActivationStore
     from forethought.experiments.causal import CausalSettings, run_causal
     from forethought.experiments.probe_file import load_probe_folder
+    from forethought.experiments.probes import run_probes, split_positions
 
     done = out / "causal.json"
     if done.is_file():
         return json.loads(done.read_text())
     store = ActivationStore(store_dir)
-    evaluation = np.load(probes_dir / "per_position.npz")["evaluation"]
+    steer_dir = out / "steer_probes"
+    if not (steer_dir / "done").is_file():
+        run_probes(
+            store,
+            lm.model,
+            list(cfg.steer_offsets),
+            list(cfg.steer_layers),
+            eval_tokens=256,
+            lens_eval_tokens=64,
+            control_eval_tokens=64,
+            save_dir=steer_dir,
+            progress=False,
+            n_boot=10,
+        )
+        (steer_dir / "done").write_text("")
+    probes = load_probe_folder(steer_dir, lm.config.d_model)
+    evaluation = split_positions(
+        store, max(cfg.offsets), cfg.eval_tokens, cfg.lens_eval_tokens, min(1024, cfg.eval_tokens), 0.1, 0
+    ).evaluation.numpy()
     rng = np.random.default_rng(0)
     window = store.window
     early = evaluation[(evaluation % window >= 2) & (evaluation % window <= min(cfg.max_prefix, window - 6))]
     positions = np.sort(rng.permutation(early)[: cfg.causal_positions])
-    probes = {
-        layer: p for layer, p in load_probe_folder(probes_dir, lm.config.d_model).items() if layer in cfg.steer_layers
-    }
     settings = CausalSettings(
         from_layers=cfg.from_layers,
         steer_layers=cfg.steer_layers,
@@ -199,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default /tmp/plan_answer (or /tmp/plan_quick)")
     parser.add_argument("--corpora", default="stdlib,pydocs", help="comma list of 'stdlib', 'pydocs' or paths")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--only", default="extract,probe,causal,report", help="phases to run (to run them as parallel processes)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else SHARED if args.shared else FULL
@@ -218,34 +242,44 @@ def main(argv: list[str] | None = None) -> int:
     lm = phases.run("load", lambda: load_model("smollm2-135m"))
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     probe_results, causal_results, stores = {}, {}, {}
+    only = {p.strip() for p in args.only.split(",")}
     for corpus in corpora:
         name = Path(corpus).name if corpus not in cfg.tokens else corpus
         base = out / name
         stores[name] = base / "store"
-        phases.run(
-            f"{name}: extract",
-            lambda corpus=corpus, name=name: run_extract(
-                lm,
-                corpus,
-                stores[name],
-                list(cfg.layers),
-                tokens=cfg.tokens.get(corpus, max(cfg.tokens.values())),
-                float16=True,
-                test_fraction=cfg.test_fraction.get(corpus, 0.4),
-                max_doc_tokens=cfg.max_doc_tokens,
-                progress=progress,
-            ),
-        )
+        if "extract" not in only and not (stores[name] / "manifest.json").is_file():
+            continue
+        if "extract" in only:
+            phases.run(
+                f"{name}: extract",
+                lambda corpus=corpus, name=name: run_extract(
+                    lm,
+                    corpus,
+                    stores[name],
+                    list(cfg.layers),
+                    tokens=cfg.tokens.get(corpus, max(cfg.tokens.values())),
+                    float16=True,
+                    test_fraction=cfg.test_fraction.get(corpus, 0.4),
+                    max_doc_tokens=cfg.max_doc_tokens,
+                    progress=progress,
+                ),
+            )
+        if "probe" not in only and not (base / "probes" / "results.json").is_file():
+            continue
         probe_results[name] = phases.run(
             f"{name}: probe", lambda name=name: probe_phase(lm, stores[name], out / name / "probes", cfg, progress)
         )
-    for name in probe_results:
-        if name not in cfg.causal_corpora:
+    for name in stores:
+        if name not in cfg.causal_corpora or not (stores[name] / "manifest.json").is_file():
+            continue
+        if "causal" not in only and not (out / name / "causal.json").is_file():
             continue
         causal_results[name] = phases.run(
             f"{name}: causal",
-            lambda name=name: causal_phase(lm, stores[name], out / name / "probes", out / name, cfg, progress),
+            lambda name=name: causal_phase(lm, stores[name], out / name, cfg, progress),
         )
+    if "report" not in only:
+        return 0
     paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot))
     total = sum(r["wall_s"] for r in phases.rows.values())
     summary = {
