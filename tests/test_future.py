@@ -145,6 +145,14 @@ def test_negative_case_the_probe_does_not_beat_the_bigram(trained, tmp_path: Pat
     assert head["strongest"].startswith(("ngram", "copy")) and head["strongest_top1"].estimate > 0.85
     assert head["probe"].estimate > 0.85  # the probe does read the token two ahead ...
     assert head["excess"].low <= 0.01 and head["excess"].high < 0.05  # ... but no better than the context does
+    # the answer report draws from the JSON alone
+    import json
+
+    from forethought.viz.plan import write_answer
+
+    paths = write_answer(tmp_path / "report", {"perm": json.loads(json.dumps(result.to_dict()))}, {})
+    assert "excess of the probe over the strongest baseline" in paths["markdown"].read_text()
+    assert paths["horizon"].stat().st_size > 10_000
 
 
 def pair_sequences(n: int, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -283,6 +283,7 @@ def plot_causal(causals: dict[str, dict], path: Path) -> Path:
 def write_answer(out: Path, probes: dict[str, dict], causals: dict[str, dict], n_boot: int = 1000) -> dict[str, Path]:
     """answer.md, plan_horizon.png, plan_causal.png under `out` (per-position arrays read from out/<corpus>/)."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     lines = ["# Does SmolLM2-135M plan?", ""]
     for name, probe in probes.items():
         causal = causals.get(name)
