@@ -181,3 +181,13 @@ def test_trailing_mean_and_causal_slow_share_by_hand() -> None:
     walk = noise.cumsum(1) / 10
     assert causal_slow_share(walk, 4) > 0.5  # a slowly drifting state is predicted by its own past
     assert -0.4 < causal_slow_share(noise, 4) < 0  # white noise: -1/w and a bit worse from the first positions
+
+
+def test_decay_fit_quality_separates_an_exponential_from_a_step() -> None:
+    from forethought.experiments.anatomy import decay_fit_r2, fit_decay
+
+    d = torch.arange(1, 41, dtype=torch.float64)
+    curve = (0.7 * torch.exp(-d / 6.0) + 0.1).tolist()
+    assert decay_fit_r2(curve, *fit_decay(curve)) > 0.999
+    step = [0.8] * 20 + [0.1] * 20  # no single time constant describes a cliff
+    assert decay_fit_r2(step, *fit_decay(step)) < 0.9

@@ -71,10 +71,11 @@ class LayerAnatomy:
     position_profile: list[float]  # per analysed position, the share of its variance that is the position part
     slow_by_window: dict[int, float]
     cosine: list[float]  # mean cosine of centred states d = 1..len apart
-    tau: float  # fitted decay length of c(d) (positions)
+    tau: float  # fitted decay length of c(d) (positions); NaN where the fit's R^2 < 0.9 or the curve is flat
     amplitude: float
     plateau: float
     d_e: int | None  # first d with c(d) <= 1/e, None if not within the measured distances
+    decay_fit_r2: float  # how well A exp(-d / tau) + B describes the measured cosines
     mean_norm: float  # of the raw states analysed
 
 
@@ -379,6 +380,18 @@ def fit_decay(cos: list[float]) -> tuple[float, float, float]:
     return float(taus[i]), float(a[i]), float(b[i])
 
 
+DECAY_FIT_MIN_R2 = 0.9  # below it, or with a near-flat curve, no single time constant is reported
+
+
+def decay_fit_r2(cos: list[float], tau: float, amplitude: float, plateau: float) -> float:
+    """R^2 of the fitted A exp(-d / tau) + B against the measured cosines (1 = the exponential describes them)."""
+    c = torch.tensor(cos, dtype=torch.float64)
+    d = torch.arange(1, len(c) + 1, dtype=torch.float64)
+    fit = amplitude * torch.exp(-d / tau) + plateau
+    sst = float((c - c.mean()).pow(2).sum())
+    return 1.0 - float((fit - c).pow(2).sum()) / sst if sst > 0 else float("nan")
+
+
 def d_e(cos: list[float]) -> int | None:
     return next((i + 1 for i, c in enumerate(cos) if c <= 1 / math.e), None)
 
@@ -403,6 +416,9 @@ def analyse_layer(
     template = x.mean(0, keepdim=True)  # the position part, [1, position, d]
     cos = cosine_by_distance(x, min(MAX_DISTANCE, T - 1))
     tau, amplitude, plateau = fit_decay(cos)
+    fit_r2 = decay_fit_r2(cos, tau, amplitude, plateau)
+    if not (fit_r2 >= DECAY_FIT_MIN_R2 and amplitude > 0.05):
+        tau = float("nan")  # the curve is shown as measured; a time constant only where one exponential fits
     by_window = {w: slow_share(x, w) for w in sorted({*WINDOWS, window}) if w < T}
     layer = LayerAnatomy(
         layer=name,
@@ -422,6 +438,7 @@ def analyse_layer(
         amplitude=amplitude,
         plateau=plateau,
         d_e=d_e(cos),
+        decay_fit_r2=fit_r2,
         mean_norm=float(raw.norm(dim=-1).mean()),
     )
     return layer, coverage

@@ -128,7 +128,8 @@ def _plot_cosine(result: AnatomyResult, path: Path) -> Path:
         colour = cmap(j / max(1, len(picks) - 1))
         label = f"layer {_short(l.layer)}: tau {l.tau:.1f}, A {l.amplitude:.2f}, B {l.plateau:.2f}"
         ax.plot(d, l.cosine, color=colour, lw=2, label=label)
-        ax.plot(d, l.amplitude * np.exp(-d / l.tau) + l.plateau, ":", color=colour, lw=1.5)
+        if np.isfinite(l.tau):  # the fit only where one exponential describes the measured curve
+            ax.plot(d, l.amplitude * np.exp(-d / l.tau) + l.plateau, ":", color=colour, lw=1.5)
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("distance d (positions, log scale)")
@@ -181,7 +182,7 @@ def _plot_cosine(result: AnatomyResult, path: Path) -> Path:
     _layer_ticks(ax, names)
     ax.set_xlabel("layer")
     ax.set_ylabel("decay length tau (positions, log)")
-    ax.set_title("Time constant of the similarity's decay (fit above; flat curves, A ~ 0, give arbitrary tau)")
+    ax.set_title("Time constant of the similarity's decay (only where one exponential fits, R^2 >= 0.9)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
 
