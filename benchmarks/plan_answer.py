@@ -77,7 +77,7 @@ SHARED = Config(
     rollouts=4,
     n_boot=1000,
     max_prefix=48,
-    ceiling_positions=200,
+    ceiling_positions=120,
     causal_corpora=("stdlib",),
 )
 QUICK = Config(

@@ -248,7 +248,11 @@ def run_causal(
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False)
-        if saved.get("settings") == asdict(settings) and saved.get("positions") == usable:
+        # the ceiling's subset may shrink between runs (rows already measured keep their ceiling)
+        same = {k: v for k, v in saved.get("settings", {}).items() if k != "ceiling_positions"}
+        if same == {k: v for k, v in asdict(settings).items() if k != "ceiling_positions"} and (
+            saved.get("positions") == usable
+        ):
             done = saved["rows"]
             gen.set_state(saved["rng"])
     bar = None
