@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 BASELINE_LABELS = {
+    "unigram": "unigram (no context; not counted as a context baseline)",
     "ngram1": "backoff n-gram, context 1 (bigram)",
     "ngram2": "backoff n-gram, context 2",
     "ngram3": "backoff n-gram, context 3",
