@@ -112,19 +112,26 @@ def corpus_table(name: str, probe: dict, causal: dict | None, shares: dict[int, 
     )
     if causal:
         ceiling = _by_k(causal.get("ceiling", {}))
+        n_ceiling = causal["settings"].get("ceiling_positions") or causal["n_positions"]
         lines.append(
-            f"| model's own k-step marginal (ceiling; {causal['n_positions']} positions) | "
+            f"| model's own k-step marginal (ceiling; its first {n_ceiling} positions, <= "
+            f"{causal['settings'].get('max_prefix')} tokens into their window) | "
             + " | ".join(_iv(ceiling.get(k)) for k in ks)
             + " |"
         )
+
+        def gap(sh: dict | None) -> str:
+            if not sh:
+                return "–"
+            text = f"probe {100 * sh['probe_minus_strongest']:+.1f}, ceiling {100 * sh['ceiling_minus_strongest']:+.1f}"
+            if sh["ceiling_minus_strongest"] > 0.01:
+                text += f"; share {sh['estimate']:.2f} [{sh['low']:.2f}, {sh['high']:.2f}]"
+            return text
+
         lines.append(
-            "| share of the (ceiling - strongest baseline) gap the probe closes | "
-            + " | ".join(
-                "–"
-                if not shares.get(k)
-                else f"{shares[k]['estimate']:.2f} [{shares[k]['low']:.2f}, {shares[k]['high']:.2f}]"
-                for k in ks
-            )
+            "| on the ceiling's positions: probe and ceiling minus the strongest baseline (points); the share of that "
+            "gap the probe closes, where the ceiling is above the baseline | "
+            + " | ".join(gap(shares.get(k)) for k in ks)
             + " |"
         )
     lines.append("")
