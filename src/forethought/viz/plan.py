@@ -213,7 +213,9 @@ def plot_horizon(probes: dict[str, dict], causals: dict[str, dict], path: Path) 
         if causal and causal.get("ceiling"):
             ceiling = _by_k(causal["ceiling"])
             cks = sorted(ceiling)
-            band(ax, cks, [ceiling[k] for k in cks], "model's own k-step marginal (ceiling)", "C2", "--")
+            n = causal["settings"].get("ceiling_positions") or causal["n_positions"]
+            where = f"its {n} positions <= {causal['settings'].get('max_prefix')} into a window"
+            band(ax, cks, [ceiling[k] for k in cks], f"model's own k-step marginal ({where})", "C2", "--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_ylabel("top-1 accuracy of x_{t+k} (%)")
