@@ -112,7 +112,8 @@ def extract(
     )
     if ray is not None:
         for worker, w in summary["ray"]["workers"].items():
-            err_console.print(f"[dim]ray worker {worker}: {w['shards']} shards, {w['tokens_per_second']:,.0f} tok/s[/dim]")
+            rate = w["tokens_per_second"]
+            err_console.print(f"[dim]ray worker {worker}: {w['shards']} shards, {rate:,.0f} tok/s[/dim]")
     if c.get("skipped"):
         err_console.print(f"[dim]{c['skipped']} unreadable or non-UTF-8 files skipped[/dim]")
     if result.manifest.get("exhausted"):

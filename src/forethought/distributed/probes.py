@@ -171,7 +171,8 @@ def _get(ray, ref) -> LayerOutput:
             raise e.cause from None
         raise
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
-        raise ForethoughtError(f"Ray workers died {MAX_RETRIES + 1} times fitting a layer ({type(e).__name__})") from None
+        why = type(e).__name__
+        raise ForethoughtError(f"Ray workers died {MAX_RETRIES + 1} times fitting a layer ({why})") from None
 
 
 def _bar(enabled: bool):
