@@ -168,19 +168,33 @@ def test_a_killed_driver_resumes_from_the_manifest(cluster, reference: Path, tmp
     assert not list(out.glob("*.tmp"))
 
 
-def test_cli_extract_with_ray_matches_without(cluster, llama_dir: Path, tmp_path: Path) -> None:
+def test_cli_extract_and_probe_with_ray_match_without(cluster, llama_dir: Path, tmp_path: Path, capsys) -> None:
     from forethought.cli import main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(12):
-        (corpus / f"d{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog " * 6)
-    common = ["extract", "--corpus", str(corpus), "--model", str(llama_dir), "--tokens", "640", "--window", "32"]
-    common += ["--batch", "2", "--shard-mb", "0.001", "--json"]
+    for i in [*range(24), 63, 93, 104]:  # the last three are validation documents of the training split
+        (corpus / f"d{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog " * 3)
+    # --tokens beyond the corpus: every document is used, whatever the hash order
+    common = ["extract", "--corpus", str(corpus), "--model", str(llama_dir), "--tokens", "100000", "--window", "32"]
+    common += ["--batch", "4", "--shard-mb", "0.001", "--test-fraction", "0.3", "--json"]
     assert main([*common, "--out", str(tmp_path / "single")]) == 0
     assert main([*common, "--out", str(tmp_path / "ray"), "--ray", "auto"]) == 0  # auto: this session's cluster
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sum(w["tokens"] for w in summary["ray"]["workers"].values()) == summary["tokens"] > 1000
     table = shard_table(tmp_path / "ray")
-    assert len(table) == 10 and table == shard_table(tmp_path / "single")
+    assert len(table) >= 8 and table == shard_table(tmp_path / "single")
+
+    probe = ["probe", "--model", str(llama_dir), "--offsets", "1-2", "--eval-tokens", "128", "--json"]
+    assert main([*probe, "--store", str(tmp_path / "single")]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert main([*probe, "--store", str(tmp_path / "ray"), "--ray", "auto"]) == 0
+    fanned = json.loads(capsys.readouterr().out)
+    assert [(c["layer"], c["offset"]) for c in fanned["cells"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert fanned["baselines"] == single["baselines"]
+    # the first layer matches the sequential run exactly (fit_layer's docstring says why only the first)
+    assert fanned["cells"][:2] == single["cells"][:2]
+    assert (tmp_path / "ray" / "probes" / "probe-layer01.safetensors").is_file()  # written by a worker
 
 
 def test_probe_cells_on_ray_equal_the_same_cells_in_process(cluster, reference: Path) -> None:
