@@ -25,7 +25,9 @@ ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -
 from forethought.data.corpus import split_of  # noqa: E402
 from forethought.data.store import ActivationStore, ExtractSettings, extract  # noqa: E402
 from forethought.distributed.extract import ModelSource, extract_on_ray  # noqa: E402
+from forethought.distributed.fanout import fan_out  # noqa: E402
 from forethought.distributed.probes import fit_layer, map_cells, merge  # noqa: E402
+from forethought.errors import ForethoughtError  # noqa: E402
 from forethought.model.random_init import random_model, tiny_config  # noqa: E402
 
 # Ray workers cannot import this file by name: send its helpers (the crash hook) by value.
@@ -209,3 +211,16 @@ def test_probe_cells_on_ray_equal_the_same_cells_in_process(cluster, reference: 
         assert a == b  # every metric, lambda and temperature, exactly
     assert on_ray.to_dict()["baselines"] == in_process.to_dict()["baselines"]
     assert sum(w["layers"] for w in on_ray.ray["workers"].values()) == 2
+
+
+def weight_sum(seed: int) -> float:
+    if seed < 0:
+        raise ForethoughtError(f"seed {seed} is negative")
+    return float(sum(p.double().sum() for p in random_model(tiny_config(), seed).parameters()))
+
+
+def test_fan_out_over_seeds_keeps_their_order_and_user_errors(cluster) -> None:
+    seeds = [3, 1, 2]
+    assert fan_out(ray, weight_sum, seeds) == [weight_sum(s) for s in seeds]
+    with pytest.raises(ForethoughtError, match="seed -1 is negative"):
+        fan_out(ray, weight_sum, [0, -1])

@@ -28,11 +28,8 @@ import torch
 
 from forethought.data.store import ExtractResult, ExtractSettings, Window, pack_windows, shard_bytes
 from forethought.distributed.cluster import RaySpec, cluster_cpus, ray_session, worker_name
-from forethought.errors import ForethoughtError
+from forethought.distributed.fanout import MAX_RETRIES, unwrap
 from forethought.model.transformer import Transformer
-
-MAX_RETRIES = 3  # reruns of a shard whose worker process died (not of user errors, which are final)
-
 
 # --------------------------------------------------------------------------------------------- the model
 
@@ -195,7 +192,7 @@ class RayShardRunner:
         ref, unit = self._pending.pop(index)
         if unit.first_window != first_window or [w.tokens for w in unit.windows] != [w.tokens for w in windows]:
             raise RuntimeError(f"shard {index}: the planned windows differ from the driver's")
-        out = self._get(ref, index)
+        out: ShardOutput = unwrap(self.ray, ref)
         stats = self.workers.setdefault(out.worker, WorkerStats())
         stats.shards += 1
         stats.tokens += out.tokens
@@ -203,20 +200,6 @@ class RayShardRunner:
         stats.load_seconds += out.load_seconds
         self._top_up(settings)
         return out.data
-
-    def _get(self, ref, index: int) -> ShardOutput:
-        exceptions = self.ray.exceptions
-        try:
-            return self.ray.get(ref)
-        except exceptions.RayTaskError as e:
-            if isinstance(e.cause, ForethoughtError):  # a user error inside the task: the same one-line error
-                raise e.cause from None
-            raise
-        except (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.ObjectLostError) as e:
-            raise ForethoughtError(
-                f"shard {index}: Ray workers died {MAX_RETRIES + 1} times running it ({type(e).__name__}); "
-                "rerun the same command to resume"
-            ) from None
 
     def cancel(self) -> None:
         for ref, _ in self._pending.values():

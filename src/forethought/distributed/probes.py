@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from forethought.distributed.cluster import RaySpec, ray_session, worker_name
-from forethought.distributed.extract import MAX_RETRIES, ModelSource, WorkerStats, worker_model
-from forethought.errors import ForethoughtError
+from forethought.distributed.extract import ModelSource, WorkerStats, worker_model
+from forethought.distributed.fanout import MAX_RETRIES, unwrap
 from forethought.experiments.probes import ProbeResult
 
 Cell = tuple[int, int]  # (layer, offset)
@@ -143,7 +143,7 @@ def map_cells(
         try:
             while waiting:
                 ready, waiting = ray.wait(waiting, num_returns=1)
-                out = _get(ray, ready[0])
+                out: LayerOutput = unwrap(ray, ready[0])
                 outputs[refs[ready[0]]] = out
                 stats = workers.setdefault(out.worker, WorkerStats())
                 stats.shards += 1  # here: layers
@@ -161,18 +161,6 @@ def map_cells(
     }
     values = {f.name: getattr(merged, f.name) for f in fields(ProbeResult)}
     return RayProbeResult(**values, ray={"workers": summary})
-
-
-def _get(ray, ref) -> LayerOutput:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ForethoughtError):
-            raise e.cause from None
-        raise
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
-        why = type(e).__name__
-        raise ForethoughtError(f"Ray workers died {MAX_RETRIES + 1} times fitting a layer ({why})") from None
 
 
 def _bar(enabled: bool):
