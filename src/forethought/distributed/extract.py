@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from forethought.data.store import ExtractResult, ExtractSettings, Window, pack_windows, shard_bytes
+from forethought.data.store import ExtractResult, ExtractSettings, Window, _shard_name, pack_windows, shard_bytes
 from forethought.distributed.cluster import RaySpec, cluster_cpus, ray_session, worker_name
 from forethought.distributed.fanout import MAX_RETRIES, unwrap
 from forethought.model.transformer import Transformer
@@ -180,7 +180,7 @@ class RayShardRunner:
             unit = next(self._plan, None)
             if unit is None:
                 return
-            if f"shard-{unit.index:05d}.safetensors" in self.done:
+            if _shard_name(unit.index) in self.done:
                 continue
             ref = self._remote.remote(self._source_ref, unit, settings, self.threads, self.crash_hook)
             self._pending[unit.index] = (ref, unit)
