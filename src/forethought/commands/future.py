@@ -11,6 +11,11 @@ import typer
 from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console, load
 from forethought.errors import ForethoughtError
 
+RayOpt = Annotated[
+    str | None,
+    typer.Option("--ray", help="Run on Ray: a cluster ADDRESS, auto (the cluster this node joined), or local:N."),
+]
+
 
 def parse_int_list(text: str, what: str, upper: int | None = None) -> list[int]:
     """'all', '0,5,10', '1-4' or a mix ('0-3,8') -> sorted unique ints."""
@@ -54,6 +59,7 @@ def extract(
         int, typer.Option("--max-doc-tokens", help="Keep a document's first N tokens (0: all).")
     ] = 2048,
     float16: Annotated[bool, typer.Option("--float16", help="Store activations as float16.")] = False,
+    ray: RayOpt = None,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -65,6 +71,10 @@ def extract(
     documents = load_corpus(corpus)  # a bad corpus fails before the model loads
     lm = load(model, device, "float32", quiet=as_json)
     layer_list = parse_int_list(layers, "layers", lm.config.n_layers)
+    if ray is not None:  # the same run with its shards computed on Ray workers (forethought.distributed)
+        from forethought.distributed.dispatch import extract_run
+
+        run_extract = extract_run(ray, model, device)
     result = run_extract(
         lm,
         documents,
@@ -90,6 +100,8 @@ def extract(
         "corpus": result.manifest["corpus"],
         "layers": result.manifest["settings"]["layers"],
     }
+    if ray is not None:
+        summary["ray"] = result.ray  # per-worker throughput
     if as_json:
         print(json.dumps(summary))
         return
@@ -100,6 +112,10 @@ def extract(
         f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tok/s)"
         + (f" · resumed past {result.shards_skipped} shards" if result.shards_skipped else "")
     )
+    if ray is not None:
+        for worker, w in summary["ray"]["workers"].items():
+            rate = w["tokens_per_second"]
+            err_console.print(f"[dim]ray worker {worker}: {w['shards']} shards, {rate:,.0f} tok/s[/dim]")
     if c.get("skipped"):
         err_console.print(f"[dim]{c['skipped']} unreadable or non-UTF-8 files skipped[/dim]")
     if result.manifest.get("exhausted"):
@@ -114,6 +130,7 @@ def probe(
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored per cell.")] = 4096,
     out: Annotated[Path | None, typer.Option("--out", help="Results and fitted probes (default STORE/probes).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the top-1 heatmap PNG here.")] = None,
+    ray: RayOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Override the store's model.")] = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -133,6 +150,10 @@ def probe(
         raise ForethoughtError(f"layers {missing} are not in the store (stored: {activation_store.layers})")
     lm = load(model or activation_store.manifest["model"]["name"], device, "float32", quiet=as_json)
     out_dir = out or (Path(store) / "probes")
+    if ray is not None:  # layers fitted on Ray workers, merged in (layer, offset) order (forethought.distributed)
+        from forethought.distributed.dispatch import probe_run
+
+        run_probes = probe_run(ray, model or activation_store.manifest["model"]["name"], device)
     result = run_probes(
         activation_store,
         lm.model,

@@ -29,7 +29,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.transformer import Transformer
-from forethought.trace import run_with_trace
+from forethought.trace import act_name, run_with_trace
 
 MANIFEST = "manifest.json"
 FORMAT = "forethought-activation-store/1"
@@ -172,11 +172,14 @@ def extract(
     corpus_info: dict,
     progress: bool = True,
     after_shard: Callable[[int, Path], None] | None = None,
+    shard_runner: ShardRunner | None = None,
 ) -> ExtractResult:
     """Run the model over packed windows of `token_docs` and write the store at `out` (resuming if it exists).
 
     `after_shard(index, path)` runs after a shard is renamed into place and before the manifest records it:
-    the most delicate instant for a crash, which is why tests hook it.
+    the most delicate instant for a crash, which is why tests hook it. `shard_runner(index, first_window,
+    windows, settings)` returns a shard's bytes computed elsewhere (Ray workers: `forethought.distributed`);
+    this function stays the one writer of shards and manifest either way.
     """
     out = Path(out)
     started = time.perf_counter()
@@ -221,8 +224,6 @@ def extract(
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             raise ForethoughtError(f"{path} is missing or truncated although the manifest records it; delete {out}")
 
-    names = [f"blocks.{layer}.resid_post" for layer in settings.layers]
-    store_dtype = STORE_DTYPES[settings.dtype]
     windows = pack_windows(
         token_docs, doc_splits.__getitem__, settings.window, settings.separator_id, settings.max_doc_tokens
     )
@@ -246,8 +247,10 @@ def extract(
                 skipped += 1
             else:
                 t0 = time.perf_counter()
-                tensors = _run_shard(model, group, names, settings.batch, store_dtype, window_index)
-                data = _serialize(tensors)
+                if shard_runner is None:
+                    data = shard_bytes(model, group, settings, window_index)
+                else:
+                    data = shard_runner(shard_index, window_index, group, settings)
                 _atomic_write(out / name, data)
                 if after_shard is not None:
                     after_shard(shard_index, out / name)
@@ -351,6 +354,17 @@ def _run_shard(
     tensors["window_ids"] = torch.arange(first_window, first_window + n, dtype=torch.int32)
     tensors["split"] = torch.tensor([w.split for w in group], dtype=torch.uint8)
     return tensors
+
+
+def shard_bytes(model: Transformer, group: list[Window], settings: ExtractSettings, first_window: int) -> bytes:
+    """One shard's file contents: the same bytes whichever process computes them (the unit of distributed work)."""
+    names = [act_name(layer, "resid_post") for layer in settings.layers]
+    tensors = _run_shard(model, group, names, settings.batch, STORE_DTYPES[settings.dtype], first_window)
+    return _serialize(tensors)
+
+
+# Computes shard `index` (its first window, its windows) elsewhere and returns shard_bytes' result.
+ShardRunner = Callable[[int, int, list[Window], ExtractSettings], bytes]
 
 
 def _serialize(tensors: dict[str, torch.Tensor]) -> bytes:

@@ -29,6 +29,7 @@ def run_extract(
     max_doc_tokens: int | None = 2048,
     progress: bool = True,
     after_shard=None,
+    shard_runner=None,
 ) -> ExtractResult:
     """Tokenize `corpus`, pack windows, and store `layers`' resid_post (plus the final layer) for a LoadedModel."""
     c = lm.config
@@ -61,4 +62,5 @@ def run_extract(
         corpus_info=docs.describe(),
         progress=progress,
         after_shard=after_shard,
+        shard_runner=shard_runner,
     )

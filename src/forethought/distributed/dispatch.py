@@ -1,0 +1,28 @@
+"""The CLI's one call per command: `--ray SPEC` -> a drop-in for `run_extract` / `run_probes`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from forethought.distributed.cluster import parse_ray_spec
+from forethought.distributed.extract import named_model, run_extract_on_ray
+from forethought.distributed.probes import run_probes_on_ray
+
+
+def extract_run(ray: str, model: str, device: str) -> Callable:
+    """`experiments.future.run_extract(lm, corpus, out, layers, **options)`, its shards computed on Ray."""
+    return functools.partial(run_extract_on_ray, parse_ray_spec(ray), named_model(model, device))
+
+
+def probe_run(ray: str, model: str, device: str) -> Callable:
+    """`experiments.probes.run_probes(store, model, offsets, layers, **options)`, its layers fitted on Ray.
+
+    The driver's loaded model is not sent: every worker loads `model` by name or path itself.
+    """
+    source = named_model(model, device)
+
+    def run(store, _driver_model, offsets, layers=None, **options):
+        return run_probes_on_ray(parse_ray_spec(ray), source, store, offsets, layers, **options)
+
+    return run
