@@ -139,6 +139,17 @@ def test_a_pending_section_reads_another_commands_json(built, tmp_path):
     assert (result.folder / "plot.png").is_file()
 
 
+def test_a_second_models_report_side_by_side(built):
+    ctx, cache, out, _, _ = built
+    sections = [s for s in SECTIONS if s.key in ("invariance", "second_model")]
+    other = replace(ctx, compare=out, findings={}, _loaded={})
+    outcome = run_report(other, sections, cache).outcomes[1]
+    assert outcome.status == "ok", outcome.reason
+    assert outcome.finding.numbers["invariance.causal_unchanged"] == "True vs True"
+    missing = replace(ctx, compare=out / "nowhere", findings={}, _loaded={})
+    assert "no report.json there" in run_report(missing, sections, cache).outcomes[1].reason
+
+
 def test_cli_report_and_its_errors(llama_dir, corpus, tmp_path, capsys):
     args = ["report", "--model", str(llama_dir), "--corpus", str(corpus), "--cache", str(tmp_path / "c")]
     assert main([*args, "--out", str(tmp_path / "r"), "--sections", "nope"]) == 2

@@ -27,6 +27,9 @@ def report(
     results: Annotated[
         Path | None, typer.Option("--results", help="Folder of other commands' results, <section>.json.")
     ] = None,
+    compare: Annotated[
+        Path | None, typer.Option("--compare", help="Another model's report (folder or report.json), side by side.")
+    ] = None,
     cache: Annotated[
         Path, typer.Option("--cache", help="Cached section results and activation stores.")
     ] = DEFAULT_CACHE,
@@ -45,7 +48,12 @@ def report(
         settings=ReportSettings.quick() if quick else ReportSettings.full(),
         device=device,
         results_dir=results,
+        compare=compare,
     )
+    if compare is not None:
+        from forethought.report.builtin import compare_file
+
+        compare_file(ctx)  # a wrong path is the user's error, before minutes of work
     started = time.perf_counter()
     command = "forethought " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     result = run_report(

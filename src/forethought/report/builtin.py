@@ -10,7 +10,7 @@ from pathlib import Path
 
 from forethought.errors import ForethoughtError
 from forethought.report.context import ReportContext, q
-from forethought.report.finding import Figure, Finding, wilson_interval
+from forethought.report.finding import Figure, Finding, Unavailable, wilson_interval
 
 
 def _bytes(n: float | None) -> str:
@@ -41,7 +41,8 @@ def equivalence(ctx: ReportContext, folder: Path) -> Finding:
     seconds = m["seconds_recompute_total"] / max(m["seconds_cached_total"], 1e-12)
     same = "the same" if m["identical_tokens"] else "DIFFERENT"
     verdict = (
-        f"Yes: generating {m['n_steps']} greedy tokens with the KV cache and by recomputing the whole prefix gives "
+        f"{'Yes' if m['identical_tokens'] else 'No'}: generating {m['n_steps']} greedy tokens with the KV cache "
+        f"and by recomputing the whole prefix gives "
         f"{same} tokens; the logits differ by at most {m['logits_max_abs']:.2g} (relative {m['logits_max_rel']:.1g}) "
         f"and the residual stream by {m['resid_max_abs']:.2g}, float rounding. The cache is only a saving: "
         f"recomputing costs {flops:.1f}x the FLOPs and took {seconds:.1f}x the time."
@@ -77,7 +78,8 @@ def invariance(ctx: ReportContext, folder: Path) -> Finding:
     held = "unchanged" if causal.unchanged else "CHANGED"
     failed = "changes them" if not control.unchanged else "does NOT change them (the control did not fail)"
     verdict = (
-        f"Yes: appending tokens leaves the {causal.n_shared} earlier columns {held} at every layer "
+        f"{'Yes' if causal.unchanged else 'No'}: appending tokens leaves the {causal.n_shared} earlier columns "
+        f"{held} at every layer "
         f"(max |diff| {causal.worst_abs:.2g}, relative {causal.worst_rel:.1g}, in {causal.dtype}). The control, "
         f"the same model without its causal mask, {failed}: max |diff| {control.worst_abs:.3g}. So a token's "
         "column is computed once and never revised; anything 'carried' forward lives in those fixed columns."
@@ -171,7 +173,8 @@ def lens(ctx: ReportContext, folder: Path) -> Finding:
     entropy = sum(st.entropy_bits for st in steps) / max(len(steps), 1)
     live = sum(1 for st in steps if len(st.top_probs) > 1 and st.top_probs[1] >= 0.1)
     verdict = (
-        f"The logit lens shows the final prediction settling late: the last layer's top token becomes and stays "
+        f"The logit lens shows the final prediction settling {'late' if settle_median > n_layers / 2 else 'early'}: "
+        f"the last layer's top token becomes and stays "
         f"the top token from layer {settle_median} of {n_layers} (median over {len(settle)} prompt positions). "
         f"The text hides alternatives: over {len(steps)} greedy steps the chosen token had mean probability "
         f"{chosen:.2f}, the runner-up {runner_up:.2f} (>= 0.10 at {live} of {len(steps)} steps), and the model's "
@@ -375,3 +378,44 @@ def revise(ctx: ReportContext, folder: Path) -> Finding:
         commands=[f.command for f in figures],
         data={name: r.to_dict() for name, r in results.items()},
     )
+
+
+# ------------------------------------------------------------------------------------------ a second model
+
+
+def compare_file(ctx: ReportContext) -> Path:
+    path = Path(ctx.compare)
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ForethoughtError(f"--compare {ctx.compare}: no report.json there (run forethought report on it first)")
+    return path
+
+
+def second_model(ctx: ReportContext, folder: Path) -> Finding:
+    """This report's numbers beside another model's report (`--compare`), section by section."""
+    other = json.loads(compare_file(ctx).read_text())
+    other_name = other["meta"]["model"]["name"]
+    mine = {key: finding.numbers for key, finding in ctx.findings.items()}  # this run's sections so far
+    numbers, both = {}, []
+    for section in other["sections"]:
+        theirs = section.get("numbers") or {}
+        here = mine.get(section["key"], {})
+        shared = [k for k in theirs if k in here]
+        if shared:
+            both.append(section["key"])
+        for k in shared:
+            numbers[f"{section['key']}.{k}"] = f"{_short(here[k])} vs {_short(theirs[k])}"
+    if not both:
+        raise Unavailable(f"{other_name}'s report shares no answered section with this one")
+    verdict = (
+        f"Side by side with {other_name} ({other['meta']['mode']} run, {other['meta']['started']}): "
+        f"{len(both)} questions answered on both ({', '.join(both)}). Each row reads this model's value vs "
+        f"{other_name}'s; its own report has the verdicts and figures."
+    )
+    return Finding(verdict, numbers=numbers, commands=[f"forethought report --model {q(other_name)} --out OTHER/"])
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)

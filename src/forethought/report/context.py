@@ -60,6 +60,8 @@ class ReportContext:
     device: str = "cpu"
     work_dir: Path = Path(".")  # long-lived inputs (activation stores), next to the result cache
     results_dir: Path | None = None  # JSON results of other commands (`<results>/<section>.json`)
+    compare: Path | None = None  # another model's report.json, shown side by side
+    findings: dict = field(default_factory=dict, repr=False)  # key -> Finding of the sections run so far
     _loaded: dict = field(default_factory=dict, repr=False)
 
     def lm(self, dtype: str = "float32"):

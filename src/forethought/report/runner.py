@@ -61,7 +61,7 @@ def run_section(section: Section, ctx: ReportContext, model: dict, cache_dir: Pa
     outcome = Outcome(section.key, section.title, section.question, "ok", 0.0)
     try:
         folder = cache_dir / f"{section.key}-{cache_key(section, ctx, model)}"
-        if use_cache and (folder / FINDING).is_file():
+        if use_cache and section.cache and (folder / FINDING).is_file():
             saved = json.loads((folder / FINDING).read_text())
             outcome.finding, outcome.folder = Finding.from_dict(saved), folder
             outcome.cached, outcome.computed_seconds = True, saved.get("seconds")
@@ -139,6 +139,8 @@ def run_report(
             progress.update(task, description=f"{section.key} …")
             outcome = run_section(section, ctx, identity, cache_dir, use_cache)
             outcomes.append(outcome)
+            if outcome.finding is not None:
+                ctx.findings[section.key] = outcome.finding
             progress.advance(task)
             if console is not None:
                 mark = {"ok": "[green]ok[/green]", "failed": "[red]failed[/red]"}.get(outcome.status, "[dim]n/a[/dim]")

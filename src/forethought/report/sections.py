@@ -21,6 +21,7 @@ class Section:
     run: Callable[[ReportContext, Path], Finding]  # writes its PNGs into the folder it is given
     inputs: Callable[[ReportContext], dict]  # the settings its result depends on (besides the model)
     version: int = 1  # bump when the section's output changes, so old cached results are not reused
+    cache: bool = True  # False: cheap, and depends on more than its inputs (e.g. on the other sections)
 
 
 def _settings(*names: str, corpus: bool = False) -> Callable[[ReportContext], dict]:
@@ -34,6 +35,9 @@ def _settings(*names: str, corpus: bool = False) -> Callable[[ReportContext], di
 def _pending(key: str, title: str, question: str, needs: str) -> Section:
     p = Pending(key, needs)
     return Section(key, title, question, p.run, p.inputs)
+
+
+_SECOND = Pending("second_model", "no second model's report to compare with (--compare OTHER/report.json)")
 
 
 SECTIONS: list[Section] = [
@@ -106,11 +110,13 @@ SECTIONS: list[Section] = [
         "How many tokens ahead can a draft guess that the model accepts, and what does it save?",
         "speculative decoding is not in this install",
     ),
-    _pending(
+    Section(
         "second_model",
         "A second model family",
         "Do the answers hold for another model family?",
-        "no second model family's results are in this install",
+        lambda ctx, folder: (builtin.second_model if ctx.compare else _SECOND.run)(ctx, folder),
+        _SECOND.inputs,
+        cache=False,
     ),
 ]
 
