@@ -32,6 +32,7 @@ TINY = ReportSettings(
     future_layers=2,
     future_offsets=2,
     future_window=32,
+    future_doc_tokens=32,
     future_eval_tokens=256,
     anatomy_docs=8,
     anatomy_length=24,

@@ -218,10 +218,20 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
     offsets = list(range(1, s.future_offsets + 1))
     # The store is an input, kept beside the result cache and keyed like it: a rerun resumes or reuses it.
     key = {"model": ctx.model_identity(), "corpus": ctx.corpus, "tokens": s.future_tokens, "layers": layers}
-    key["window"] = window
+    key |= {"window": window, "doc_tokens": s.future_doc_tokens}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     store_dir = ctx.work_dir / "stores" / f"future-{digest}"
-    run_extract(lm, ctx.corpus, store_dir, layers, tokens=s.future_tokens, window=window, float16=True, progress=False)
+    run_extract(
+        lm,
+        ctx.corpus,
+        store_dir,
+        layers,
+        tokens=s.future_tokens,
+        window=window,
+        float16=True,
+        max_doc_tokens=s.future_doc_tokens,
+        progress=False,
+    )
     store = ActivationStore(store_dir)
     result = run_probes(
         store, lm.model, offsets, layers, eval_tokens=s.future_eval_tokens, save_dir=None, progress=False
@@ -253,7 +263,7 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
     layer_list = ",".join(map(str, layers))
     cmd = (
         f"forethought extract --corpus {q(ctx.corpus)} --tokens {s.future_tokens} --layers {layer_list} "
-        f"--window {window} --float16{ctx.model_flag()} --out store/ && forethought probe --store store/ "
+        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --float16{ctx.model_flag()} --out store/ && forethought probe --store store/ "
         f"--offsets 1-{offsets[-1]} --eval-tokens {s.future_eval_tokens} --plot future_top1.png"
     )
     return Finding(

@@ -22,6 +22,7 @@ class ReportSettings:
     future_layers: int = 7  # evenly spaced layers probed (the last is always one of them)
     future_offsets: int = 4
     future_window: int = 256
+    future_doc_tokens: int = 512  # first tokens of each document: many documents, so the test split has some
     future_eval_tokens: int = 4096
     anatomy_docs: int = 64
     anatomy_length: int = 128
@@ -38,10 +39,11 @@ class ReportSettings:
         return cls(
             equivalence_steps=16,
             lens_steps=6,
-            future_tokens=6_000,
+            future_tokens=8_000,
             future_layers=4,
             future_offsets=3,
             future_window=128,
+            future_doc_tokens=128,
             future_eval_tokens=1024,
             anatomy_docs=16,
             anatomy_length=64,

@@ -118,7 +118,7 @@ def run_report(
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": identity,
         "corpus": ctx.corpus,
-        "mode": "quick" if ctx.settings == type(ctx.settings).quick() else "full",
+        "mode": {ctx.settings.quick(): "quick", ctx.settings.full(): "full"}.get(ctx.settings, "custom"),
         "settings": ctx.settings.to_dict(),
         "machine": machine(),
         "versions": versions(),

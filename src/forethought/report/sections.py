@@ -75,7 +75,13 @@ SECTIONS: list[Section] = [
         "Can a linear probe read tokens 2, 3, 4 ahead from one position's state, beyond n-gram baselines?",
         builtin.future_lens,
         _settings(
-            "future_tokens", "future_layers", "future_offsets", "future_window", "future_eval_tokens", corpus=True
+            "future_tokens",
+            "future_layers",
+            "future_offsets",
+            "future_window",
+            "future_doc_tokens",
+            "future_eval_tokens",
+            corpus=True,
         ),
     ),
     _pending(

@@ -54,8 +54,10 @@ nav ol { margin: 6px 0 0 0; padding-left: 22px; }
 <span class="time">{{ s.time }}</span></li>
 {% endfor %}
 </ol></nav>
+{% if meta.command %}
 <p>Regenerate this page:</p>
 <pre>{{ meta.command }}</pre>
+{% endif %}
 </section>
 
 {% for s in sections %}

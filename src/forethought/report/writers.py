@@ -61,7 +61,8 @@ def _model_line(meta: dict) -> str:
     m = meta["model"]
     desc = m.get("description", {})
     config = desc.get("config", {})
-    parts = [m["name"], f"{desc['n_params'] / 1e6:.0f}M parameters" if desc.get("n_params") else None]
+    n = desc.get("n_params")
+    parts = [m["name"], None if not n else f"{n / 1e6:.0f}M parameters" if n >= 1e6 else f"{n:,} parameters"]
     if config:
         parts.append(f"{config.get('n_layers')} layers, d_model {config.get('d_model')}")
         parts.append(config.get("arch") or config.get("architecture"))
