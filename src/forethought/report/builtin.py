@@ -263,7 +263,8 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
     layer_list = ",".join(map(str, layers))
     cmd = (
         f"forethought extract --corpus {q(ctx.corpus)} --tokens {s.future_tokens} --layers {layer_list} "
-        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --float16{ctx.model_flag()} --out store/ && forethought probe --store store/ "
+        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --float16{ctx.model_flag()} --out store/ "
+        f"&& forethought probe --store store/ "
         f"--offsets 1-{offsets[-1]} --eval-tokens {s.future_eval_tokens} --plot future_top1.png"
     )
     return Finding(
