@@ -351,19 +351,20 @@ def revise(ctx: ReportContext, folder: Path) -> Finding:
     stops = (tok.eos_id,) if tok.eos_id is not None else ()
     base = f"forethought revise {q(s.prompt)} --at {REVISE_AT} -n {s.revise_steps}{ctx.model_flag()}"
     runs = []
-    try:  # an implausible token, forced; a model whose tokenizer splits it gets a sampled one instead
+    try:  # an implausible token, forced, vs a plausible one: the runner-up (cold sampling without the greedy token)
         forced = {"force_id": single_token(tok, OFF_PLAN)}
-        runs.append(("forced", forced, f"{base} --force {q(OFF_PLAN)}"))
-    except ForethoughtError:
-        pass
-    runs.append(("sampled", {"temperature": 1.0, "seed": 0}, f"{base} --temperature 1 --seed 0"))
+        runs.append(("implausible", forced, f"{base} --force {q(OFF_PLAN)}"))
+    except ForethoughtError:  # the tokenizer splits it: sample one at temperature 1 instead
+        runs.append(("implausible", {"temperature": 1.0, "seed": 0}, f"{base} --temperature 1 --seed 0"))
+    runs.append(("plausible", {"temperature": 0.05, "seed": 0}, f"{base} --temperature 0.05 --seed 0"))
     results, figures = {}, []
     for name, how, cmd in runs:
         result = run(lm.model, ids, REVISE_AT, s.revise_steps, stop_ids=stops, model_name=lm.name, **how)
         cmd += f" --plot revise_{name}.png"
         plot_revise(result, folder / f"revise_{name}.png", tok.token_str)
         off = tok.token_str(result.off_plan_id)
-        figures.append(Figure(f"revise_{name}.png", f"Off-plan {off!r} ({name}): KL and top-1 per step.", cmd))
+        caption = f"Off-plan {off!r} ({name}): what changed, KL to the original and top-1 agreement per step."
+        figures.append(Figure(f"revise_{name}.png", caption, cmd))
         results[name] = result
     first = next(iter(results.values()))
     causal = max(r.causal_max_diff for r in results.values())

@@ -144,7 +144,7 @@ def run_report(
             progress.advance(task)
             if console is not None:
                 mark = {"ok": "[green]ok[/green]", "failed": "[red]failed[/red]"}.get(outcome.status, "[dim]n/a[/dim]")
-                note = " (cached)" if outcome.cached else ""
+                note = f" (cached; computed in {outcome.computed_seconds or 0:.1f} s)" if outcome.cached else ""
                 reason = f" [dim]{outcome.reason}[/dim]" if outcome.reason else ""
                 progress.console.print(f"{mark} {section.key}: {outcome.seconds:.1f} s{note}{reason}", soft_wrap=True)
     try:

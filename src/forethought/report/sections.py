@@ -103,6 +103,7 @@ SECTIONS: list[Section] = [
         "When a token the model would not have chosen is forced in, what changes, and does the text come back?",
         builtin.revise,
         _settings("prompt", "revise_steps"),
+        version=2,
     ),
     _pending(
         "architectures",
