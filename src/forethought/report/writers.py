@@ -32,7 +32,7 @@ def number(value) -> str:
 
 
 def interval(pair: list[float] | None) -> str:
-    return "" if not pair else f"[{number(pair[0])}, {number(pair[1])}]"
+    return "" if not pair else f"[{pair[0]:.3g}, {pair[1]:.3g}]"
 
 
 def figure_path(outcome: Outcome, file: str) -> str:
