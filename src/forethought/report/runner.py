@@ -152,4 +152,6 @@ def run_report(
     except Exception as e:  # the sections already say why the model did not load
         meta["model"] |= {"description": {"error": f"{type(e).__name__}: {e}"}}
     meta["wall_seconds"] = time.perf_counter() - started
+    # what the sections cost when they were computed (this run or the cached runs): the cold run's time
+    meta["computed_seconds"] = sum(o.computed_seconds or o.seconds for o in outcomes)
     return Report(outcomes, meta)

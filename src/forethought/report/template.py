@@ -44,7 +44,8 @@ nav ol { margin: 6px 0 0 0; padding-left: 22px; }
 <main>
 <h1>What {{ meta.model.name }} carries from one token to the next</h1>
 <p class="sub">{{ model_line }} · corpus <code>{{ meta.corpus }}</code> · {{ meta.mode }} run ·
-{{ "%.0f"|format(total) }} s wall · {{ meta.started }}</p>
+{{ "%.0f"|format(total) }} s wall{% if meta.computed_seconds > total + 1 %} (sections computed in
+{{ "%.0f"|format(meta.computed_seconds) }} s){% endif %} · {{ meta.started }}</p>
 
 <section class="card" id="summary">
 <h2>The questions</h2>

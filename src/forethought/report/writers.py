@@ -75,7 +75,8 @@ def write_markdown(report: Report, path: Path) -> None:
         f"# What {meta['model']['name']} carries from one token to the next",
         "",
         f"Model: {_model_line(meta)} (`{meta['model']['path']}`) · corpus `{meta['corpus']}` · {meta['mode']} run · "
-        f"{meta['wall_seconds']:.0f} s wall · {meta['started']}",
+        f"{meta['wall_seconds']:.0f} s wall (sections computed in {meta['computed_seconds']:.0f} s) · "
+        f"{meta['started']}",
         "",
         f"Regenerate: `{meta['command']}`",
         "",
