@@ -44,7 +44,8 @@ class Pending:
         """What keys the cache: the provider's name, or the results file's bytes."""
         if self.key in PROVIDERS:
             fn = PROVIDERS[self.key]
-            return {"provider": f"{fn.__module__}.{fn.__qualname__}", "settings": ctx.settings.to_dict()}
+            provider = f"{fn.__module__}.{fn.__qualname__}"
+            return {"provider": provider, "settings": ctx.settings.to_dict(), "corpus": ctx.corpus}
         path = self.results_file(ctx)
         if path is not None:
             return {"results_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
