@@ -40,6 +40,7 @@ def figure_path(outcome: Outcome, file: str) -> str:
 
 
 def copy_figures(report: Report, out: Path) -> None:
+    shutil.rmtree(out / "figures", ignore_errors=True)  # ours alone: a figure a section no longer makes must go
     for o in report.outcomes:
         if o.finding is None or o.folder is None:
             continue
