@@ -218,7 +218,7 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
     offsets = list(range(1, s.future_offsets + 1))
     # The store is an input, kept beside the result cache and keyed like it: a rerun resumes or reuses it.
     key = {"model": ctx.model_identity(), "corpus": ctx.corpus, "tokens": s.future_tokens, "layers": layers}
-    key |= {"window": window, "doc_tokens": s.future_doc_tokens}
+    key |= {"window": window, "doc_tokens": s.future_doc_tokens, "test_fraction": s.future_test_fraction}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     store_dir = ctx.work_dir / "stores" / f"future-{digest}"
     run_extract(
@@ -230,6 +230,7 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
         window=window,
         float16=True,
         max_doc_tokens=s.future_doc_tokens,
+        test_fraction=s.future_test_fraction,
         progress=False,
     )
     store = ActivationStore(store_dir)
@@ -253,7 +254,8 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
     }
     beats = intervals["probe_top1"][0] > intervals["baseline_top1"][1]
     verdict = (
-        f"{'A little' if beats else 'Not measurably'}: a linear probe on layer {best['layer']}'s state names the "
+        f"{'A little' if beats else 'Not measurably'}: a linear probe on layer {best['layer']}'s state (the best of "
+        f"{len(layers)} layers, picked on the same held-out tokens, so a little optimistic) names the "
         f"token {k} ahead {_pct(probe['top1'])} of the time (95% interval {_pct(intervals['probe_top1'][0])}-"
         f"{_pct(intervals['probe_top1'][1])}) vs {_pct(base['top1'])} for the best n-gram baseline ({base_name}) "
         f"and {_pct(control['top1'])} for the same probe fitted on shuffled targets (the control); "
@@ -263,7 +265,8 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
     layer_list = ",".join(map(str, layers))
     cmd = (
         f"forethought extract --corpus {q(ctx.corpus)} --tokens {s.future_tokens} --layers {layer_list} "
-        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --float16{ctx.model_flag()} --out store/ "
+        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --test-fraction {s.future_test_fraction} "
+        f"--float16{ctx.model_flag()} --out store/ "
         f"&& forethought probe --store store/ "
         f"--offsets 1-{offsets[-1]} --eval-tokens {s.future_eval_tokens} --plot future_top1.png"
     )

@@ -23,6 +23,7 @@ class ReportSettings:
     future_offsets: int = 4
     future_window: int = 256
     future_doc_tokens: int = 512  # first tokens of each document: many documents, so the test split has some
+    future_test_fraction: float = 0.1  # documents held out (by a hash of their name)
     future_eval_tokens: int = 4096
     anatomy_docs: int = 64
     anatomy_length: int = 128
@@ -44,6 +45,7 @@ class ReportSettings:
             future_offsets=3,
             future_window=128,
             future_doc_tokens=128,
+            future_test_fraction=0.25,  # a small store: hold out more, or the intervals are too wide to read
             future_eval_tokens=1024,
             anatomy_docs=16,
             anatomy_length=64,

@@ -80,9 +80,11 @@ SECTIONS: list[Section] = [
             "future_offsets",
             "future_window",
             "future_doc_tokens",
+            "future_test_fraction",
             "future_eval_tokens",
             corpus=True,
         ),
+        version=2,
     ),
     _pending(
         "plan",
