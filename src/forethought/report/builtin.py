@@ -259,7 +259,8 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
         f"token {k} ahead {_pct(probe['top1'])} of the time (95% interval {_pct(intervals['probe_top1'][0])}-"
         f"{_pct(intervals['probe_top1'][1])}) vs {_pct(base['top1'])} for the best n-gram baseline ({base_name}) "
         f"and {_pct(control['top1'])} for the same probe fitted on shuffled targets (the control); "
-        f"{'the intervals do not overlap' if beats else 'the intervals overlap'}. Trained on {d['n_train']:,} "
+        f"{'the intervals do not overlap' if beats else 'the intervals overlap'} (Wilson intervals over tokens, "
+        f"which treats them as independent: an interval over documents is wider). Trained on {d['n_train']:,} "
         f"tokens of {ctx.corpus}, scored on {d['n_eval']:,} held-out tokens, layers {layers}, offsets {offsets}."
     )
     layer_list = ",".join(map(str, layers))

@@ -84,7 +84,7 @@ SECTIONS: list[Section] = [
             "future_eval_tokens",
             corpus=True,
         ),
-        version=2,
+        version=3,
     ),
     _pending(
         "plan",
