@@ -1,0 +1,437 @@
+"""The sections for the experiments in this install. Each one calls the library's experiment function,
+plots with the library's own plot function, and presents the result object as a Finding: no numbers are
+computed here that the experiment does not already report (save the 95% intervals of accuracies)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from forethought.errors import ForethoughtError
+from forethought.report.context import ReportContext, q
+from forethought.report.finding import Figure, Finding, Unavailable, wilson_interval
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+# ------------------------------------------------------------------------------------------------ equivalence
+
+
+def equivalence(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.equivalence import equivalence as run
+    from forethought.viz.claims import plot_equivalence
+
+    s, lm = ctx.settings, ctx.lm()
+    result = run(lm.model, lm.tokenizer.encode(s.prompt), s.equivalence_steps, lm.name)
+    plot_equivalence(result, folder / "equivalence.png")
+    m = result.summary()
+    flops = m["flops_recompute_total"] / m["flops_cached_total"]
+    seconds = m["seconds_recompute_total"] / max(m["seconds_cached_total"], 1e-12)
+    same = "the same" if m["identical_tokens"] else "DIFFERENT"
+    verdict = (
+        f"{'Yes' if m['identical_tokens'] else 'No'}: generating {m['n_steps']} greedy tokens with the KV cache "
+        f"and by recomputing the whole prefix gives "
+        f"{same} tokens; the logits differ by at most {m['logits_max_abs']:.2g} (relative {m['logits_max_rel']:.1g}) "
+        f"and the residual stream by {m['resid_max_abs']:.2g}, float rounding. The cache is only a saving: "
+        f"recomputing costs {flops:.1f}x the FLOPs and took {seconds:.1f}x the time."
+    )
+    cmd = f"forethought equivalence {q(s.prompt)} -n {s.equivalence_steps}{ctx.model_flag()} --plot equivalence.png"
+    return Finding(
+        verdict,
+        numbers=m | {"flops_ratio": flops, "time_ratio": seconds},
+        figures=[Figure("equivalence.png", "Per step: max |cached - recomputed| and the cost of each way.", cmd)],
+        commands=[cmd],
+        data=result.to_dict(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- invariance
+
+SHORT, LONGER = "Once upon a", "Once upon a time"
+
+
+def invariance(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.invariance import extending_ids
+    from forethought.experiments.invariance import invariance as run
+    from forethought.viz.claims import plot_invariance
+
+    lm = ctx.lm("float64")  # float32 rounding differs with sequence length; float64 separates it from a change
+    try:
+        short_ids, longer_ids = extending_ids(lm.tokenizer, SHORT, LONGER)
+        causal = run(lm.model, short_ids, longer_ids, causal=True, model_name=lm.name)
+        control = run(lm.model, short_ids, longer_ids, causal=False, model_name=lm.name)
+    finally:
+        ctx.release("float64")
+    plot_invariance([causal, control], folder / "invariance.png")
+    held = "unchanged" if causal.unchanged else "CHANGED"
+    failed = "changes them" if not control.unchanged else "does NOT change them (the control did not fail)"
+    verdict = (
+        f"{'Yes' if causal.unchanged else 'No'}: appending tokens leaves the {causal.n_shared} earlier columns "
+        f"{held} at every layer "
+        f"(max |diff| {causal.worst_abs:.2g}, relative {causal.worst_rel:.1g}, in {causal.dtype}). The control, "
+        f"the same model without its causal mask, {failed}: max |diff| {control.worst_abs:.3g}. So a token's "
+        "column is computed once and never revised; anything 'carried' forward lives in those fixed columns."
+    )
+    cmd = f"forethought invariance {q(SHORT)} {q(LONGER)}{ctx.model_flag()} --plot invariance.png"
+    return Finding(
+        verdict,
+        numbers={
+            "causal_max_abs": causal.worst_abs,
+            "causal_max_rel": causal.worst_rel,
+            "causal_unchanged": causal.unchanged,
+            "control_max_abs": control.worst_abs,
+            "control_unchanged": control.unchanged,
+            "shared_columns": causal.n_shared,
+        },
+        figures=[Figure("invariance.png", "Max |diff| of the earlier columns per layer: causal vs no mask.", cmd)],
+        commands=[cmd, cmd.replace(" --plot invariance.png", " --bidirectional")],
+        data={"causal": causal.to_dict(), "control": control.to_dict()},
+    )
+
+
+# ------------------------------------------------------------------------------------------------- state size
+
+
+def state_size(ctx: ReportContext, folder: Path) -> Finding:
+    import inspect
+    import json as json_module
+
+    from forethought.experiments.state_size import named_configs
+    from forethought.experiments.state_size import state_size as run
+    from forethought.viz.claims import plot_state_size
+
+    s, lm = ctx.settings, ctx.lm()
+    # The same real text as `forethought state-size`: the JSON decoder's source, repeated.
+    ids = lm.tokenizer.encode(inspect.getsource(json_module.decoder))
+    ids = (ids * (1 + 1024 // max(len(ids), 1)))[:1024]
+    result = run(lm.model, ids, list(s.state_tokens), named_configs(None), lm.name)
+    plot_state_size(result, folder / "state_size.png")
+    c = result.loaded
+    longest = result.tokens[-1]
+    recurrent = max(c.recurrent_bytes.items(), key=lambda kv: kv[1])
+    crossover = -(-recurrent[1] // c.bytes_per_token)
+    verdict = (
+        f"It grows linearly: {_bytes(c.bytes_per_token)} of K and V per token ({c.n_layers} layers x "
+        f"{c.n_kv_heads} KV heads x {c.head_dim} x 2, {result.dtype}), {_bytes(c.kv_bytes[-1])} at {longest:,} "
+        f"tokens; the measured cache {'matches' if result.measured_matches_formula else 'DIFFERS FROM'} that "
+        f"formula. A recurrent state of the same width is fixed: the largest here, {recurrent[0]}, is "
+        f"{_bytes(recurrent[1])}, which the KV cache passes after {crossover:,} tokens."
+    )
+    tokens = ",".join(map(str, s.state_tokens))
+    cmd = f"forethought state-size --tokens {tokens}{ctx.model_flag()} --plot state_size.png"
+    return Finding(
+        verdict,
+        numbers={
+            "bytes_per_token": c.bytes_per_token,
+            f"kv_bytes_at_{longest}": c.kv_bytes[-1],
+            "measured_matches_formula": result.measured_matches_formula,
+            "largest_recurrent_bytes": recurrent[1],
+            "crossover_tokens": crossover,
+        },
+        figures=[Figure("state_size.png", "KV-cache bytes vs tokens, against fixed recurrent states.", cmd)],
+        commands=[cmd],
+        data=result.to_dict(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- lens
+
+
+def lens(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.lens import lens as run
+    from forethought.model.sampling import SamplingParams
+    from forethought.viz.claims import plot_lens
+
+    s, lm = ctx.settings, ctx.lm()
+    params = SamplingParams(temperature=0.0)
+    result = run(lm.model, lm.tokenizer.encode(s.prompt), s.lens_steps, 5, params, lm.tokenizer.token_str, lm.name)
+    plot_lens(result, folder / "lens.png")
+    # The first layer from which the lens's top-1 is the final layer's top-1 for good, per prompt position.
+    n_layers, settle = len(result.layers), []
+    for p in range(len(result.prompt_ids)):
+        final = result.top_ids[-1][p][0]
+        layer = n_layers - 1
+        while layer > 0 and result.top_ids[layer - 1][p][0] == final:
+            layer -= 1
+        settle.append(layer)
+    settle_median = sorted(settle)[len(settle) // 2]
+    steps = result.steps
+    chosen = sum(st.chosen_prob for st in steps) / max(len(steps), 1)
+    runner_up = sum(st.top_probs[1] for st in steps if len(st.top_probs) > 1) / max(len(steps), 1)
+    entropy = sum(st.entropy_bits for st in steps) / max(len(steps), 1)
+    live = sum(1 for st in steps if len(st.top_probs) > 1 and st.top_probs[1] >= 0.1)
+    verdict = (
+        f"The logit lens shows the final prediction settling {'late' if settle_median > n_layers / 2 else 'early'}: "
+        f"the last layer's top token becomes and stays "
+        f"the top token from layer {settle_median} of {n_layers} (median over {len(settle)} prompt positions). "
+        f"The text hides alternatives: over {len(steps)} greedy steps the chosen token had mean probability "
+        f"{chosen:.2f}, the runner-up {runner_up:.2f} (>= 0.10 at {live} of {len(steps)} steps), and the model's "
+        f"distribution {entropy:.2f} bits of entropy; a sampled text shows one of these per step."
+    )
+    cmd = f"forethought lens {q(s.prompt)} -n {s.lens_steps} --temperature 0{ctx.model_flag()} --plot lens.png"
+    return Finding(
+        verdict,
+        numbers={
+            "settle_layer_median": settle_median,
+            "n_layers": n_layers,
+            "chosen_prob_mean": chosen,
+            "runner_up_prob_mean": runner_up,
+            "steps_with_runner_up_ge_0.1": live,
+            "entropy_bits_mean": entropy,
+        },
+        figures=[Figure("lens.png", "Logit lens per layer and position; the alternatives at each step.", cmd)],
+        commands=[cmd],
+        data=result.to_dict(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ future lens
+
+
+def spaced_layers(n_layers: int, count: int) -> list[int]:
+    """`count` evenly spaced block indices from 0 to the last."""
+    if count >= n_layers:
+        return list(range(n_layers))
+    return sorted({round(i * (n_layers - 1) / (count - 1)) for i in range(count)}) if count > 1 else [n_layers - 1]
+
+
+def future_lens(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.data.store import ActivationStore
+    from forethought.experiments.future import run_extract, run_probes
+    from forethought.viz.future import plot_heatmap
+
+    s, lm = ctx.settings, ctx.lm()
+    layers = spaced_layers(lm.config.n_layers, s.future_layers)
+    window = min(s.future_window, lm.config.context_length)
+    offsets = list(range(1, s.future_offsets + 1))
+    # The store is an input, kept beside the result cache and keyed like it: a rerun resumes or reuses it.
+    key = {"model": ctx.model_identity(), "corpus": ctx.corpus, "tokens": s.future_tokens, "layers": layers}
+    key |= {"window": window, "doc_tokens": s.future_doc_tokens, "test_fraction": s.future_test_fraction}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    store_dir = ctx.work_dir / "stores" / f"future-{digest}"
+    run_extract(
+        lm,
+        ctx.corpus,
+        store_dir,
+        layers,
+        tokens=s.future_tokens,
+        window=window,
+        float16=True,
+        max_doc_tokens=s.future_doc_tokens,
+        test_fraction=s.future_test_fraction,
+        progress=False,
+    )
+    store = ActivationStore(store_dir)
+    result = run_probes(
+        store, lm.model, offsets, layers, eval_tokens=s.future_eval_tokens, save_dir=None, progress=False
+    )
+    plot_heatmap(result, folder / "future_top1.png", "top1")
+    d = result.to_dict()
+    k = 2 if 2 in offsets else offsets[-1]
+    cells = [c for c in d["cells"] if c["offset"] == k]
+    best = max(cells, key=lambda c: c["probe"]["top1"])
+    baselines = {name: m for name, m in d["baselines"][str(k)].items() if name != "model"}
+    base_name, base = max(baselines.items(), key=lambda kv: kv[1]["top1"])
+    probe, control = best["probe"], best["probe_control"]
+    n_probe = probe.get("n") or d["n_eval"]
+    n_ctrl = control.get("n") or d["n_eval_control"]
+    intervals = {
+        "probe_top1": wilson_interval(probe["top1"] * n_probe, n_probe),
+        "baseline_top1": wilson_interval(base["top1"] * (base.get("n") or d["n_eval"]), base.get("n") or d["n_eval"]),
+        "control_top1": wilson_interval(control["top1"] * n_ctrl, n_ctrl),
+    }
+    beats = intervals["probe_top1"][0] > intervals["baseline_top1"][1]
+    verdict = (
+        f"{'A little' if beats else 'Not measurably'}: a linear probe on layer {best['layer']}'s state (the best of "
+        f"{len(layers)} layers, picked on the same held-out tokens, so a little optimistic) names the "
+        f"token {k} ahead {_pct(probe['top1'])} of the time (95% interval {_pct(intervals['probe_top1'][0])}-"
+        f"{_pct(intervals['probe_top1'][1])}) vs {_pct(base['top1'])} for the best n-gram baseline ({base_name}) "
+        f"and {_pct(control['top1'])} for the same probe fitted on shuffled targets (the control); "
+        f"{'the intervals do not overlap' if beats else 'the intervals overlap'} (Wilson intervals over tokens, "
+        f"which treats them as independent: an interval over documents is wider). Trained on {d['n_train']:,} "
+        f"tokens of {ctx.corpus}, scored on {d['n_eval']:,} held-out tokens, layers {layers}, offsets {offsets}."
+    )
+    layer_list = ",".join(map(str, layers))
+    cmd = (
+        f"forethought extract --corpus {q(ctx.corpus)} --tokens {s.future_tokens} --layers {layer_list} "
+        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --test-fraction {s.future_test_fraction} "
+        f"--float16{ctx.model_flag()} --out store/ "
+        f"&& forethought probe --store store/ "
+        f"--offsets 1-{offsets[-1]} --eval-tokens {s.future_eval_tokens} --plot future_top1.png"
+    )
+    return Finding(
+        verdict,
+        numbers={
+            "offset": k,
+            "best_layer": best["layer"],
+            "probe_top1": probe["top1"],
+            "baseline": base_name,
+            "baseline_top1": base["top1"],
+            "control_top1": control["top1"],
+            "lens_top1": best["lens"]["top1"],
+            "n_train": d["n_train"],
+            "n_eval": d["n_eval"],
+        },
+        intervals=intervals,
+        figures=[Figure("future_top1.png", "Held-out top-1 per layer and offset: probe, lens, controls.", cmd)],
+        commands=[cmd],
+        data=d,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- anatomy
+
+
+def anatomy(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.anatomy import anatomy as run
+    from forethought.experiments.anatomy import corpus_documents
+    from forethought.model.random_init import random_model
+    from forethought.viz.anatomy import plot_anatomy
+
+    s, lm = ctx.settings, ctx.lm()
+    length = min(s.anatomy_length, lm.config.context_length)
+    docs, described = corpus_documents(lm.tokenizer, ctx.corpus, s.anatomy_docs, length)
+    control = random_model(lm.config).to(device=lm.model.device, dtype=lm.model.dtype)
+    result = run(lm.model, docs, None, 16, "unit", control, model_name=lm.name, corpus=described)
+    paths = plot_anatomy(result, folder)
+    cmd = f"forethought anatomy --corpus {q(ctx.corpus)} --docs {s.anatomy_docs} --length {length}"
+    cmd += f"{ctx.model_flag()} --plot-dir anatomy/"
+    captions = {
+        "anatomy_shares.png": "Share of a column's variance: position, token, slow (neighbours), document.",
+        "anatomy_cosine.png": "Cosine of states k positions apart, per layer, and its decay length.",
+        "anatomy_pca.png": "Two principal components of one document's states at a few layers.",
+    }
+    data = result.to_dict()
+    data.pop("pca", None)  # point clouds: in the figure, too bulky for report.json
+    return Finding(
+        result.verdict(),
+        numbers=result.summary(),
+        figures=[Figure(p.name, captions.get(p.name, p.stem), cmd) for p in paths],
+        commands=[cmd],
+        data=data,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- revise
+
+OFF_PLAN = " dragon"
+REVISE_AT = 3
+
+
+def _revise_words(result, tok) -> str:
+    s = result.summary()
+    rejoin = (
+        f"rejoins the original text at step {s['rejoin_step']} (shift {s['rejoin_shift']:+d})"
+        if s["rejoined"]
+        else f"does not rejoin the original within {result.n_after} steps"
+    )
+    return (
+        f"after {tok.token_str(result.off_plan_id)!r} (instead of {tok.token_str(result.greedy_id)!r}) the "
+        f"continuation agrees with the original's top-1 at {s['top1_agreement_after']:.0%} of steps (mean KL "
+        f"{s['kl_after_mean']:.2g} nats) and {rejoin}"
+    )
+
+
+def revise(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.revise import revise as run
+    from forethought.experiments.revise import single_token
+    from forethought.viz.anatomy import plot_revise
+
+    s, lm = ctx.settings, ctx.lm()
+    tok = lm.tokenizer
+    ids = tok.encode(s.prompt)
+    stops = (tok.eos_id,) if tok.eos_id is not None else ()
+    base = f"forethought revise {q(s.prompt)} --at {REVISE_AT} -n {s.revise_steps}{ctx.model_flag()}"
+    runs = []
+    try:  # an implausible token, forced, vs a plausible one: the runner-up (cold sampling without the greedy token)
+        forced = {"force_id": single_token(tok, OFF_PLAN)}
+        runs.append(("implausible", forced, f"{base} --force {q(OFF_PLAN)}"))
+    except ForethoughtError:  # the tokenizer splits it: sample one at temperature 1 instead
+        runs.append(("implausible", {"temperature": 1.0, "seed": 0}, f"{base} --temperature 1 --seed 0"))
+    runs.append(("plausible", {"temperature": 0.05, "seed": 0}, f"{base} --temperature 0.05 --seed 0"))
+    results, figures = {}, []
+    for name, how, cmd in runs:
+        result = run(lm.model, ids, REVISE_AT, s.revise_steps, stop_ids=stops, model_name=lm.name, **how)
+        cmd += f" --plot revise_{name}.png"
+        plot_revise(result, folder / f"revise_{name}.png", tok.token_str)
+        off = tok.token_str(result.off_plan_id)
+        caption = f"Off-plan {off!r} ({name}): what changed, KL to the original and top-1 agreement per step."
+        figures.append(Figure(f"revise_{name}.png", caption, cmd))
+        results[name] = result
+    first = next(iter(results.values()))
+    causal = max(r.causal_max_diff for r in results.values())
+    words = "; ".join(f"{name}: {_revise_words(r, tok)}" for name, r in results.items())
+    verdict = (
+        f"Nothing before the off-plan token can change (max |diff| of earlier columns {causal:.2g}); from it on, "
+        f"the model continues from the text it now has: {words}."
+    )
+    numbers = {"causal_max_diff": causal, "at": first.at}
+    for name, r in results.items():
+        sm = r.summary()
+        numbers |= {
+            f"{name}_off_plan": tok.token_str(r.off_plan_id),
+            f"{name}_top1_agreement_after": sm["top1_agreement_after"],
+            f"{name}_kl_after_mean": sm["kl_after_mean"],
+            f"{name}_rejoined": sm["rejoined"],
+            f"{name}_rejoin_step": sm["rejoin_step"],
+        }
+    return Finding(
+        verdict,
+        numbers=numbers,
+        figures=figures,
+        commands=[f.command for f in figures],
+        data={name: r.to_dict() for name, r in results.items()},
+    )
+
+
+# ------------------------------------------------------------------------------------------ a second model
+
+
+def compare_file(ctx: ReportContext) -> Path:
+    path = Path(ctx.compare)
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ForethoughtError(f"--compare {ctx.compare}: no report.json there (run forethought report on it first)")
+    return path
+
+
+def second_model(ctx: ReportContext, folder: Path) -> Finding:
+    """This report's numbers beside another model's report (`--compare`), section by section."""
+    other = json.loads(compare_file(ctx).read_text())
+    other_name = other["meta"]["model"]["name"]
+    mine = {key: finding.numbers for key, finding in ctx.findings.items()}  # this run's sections so far
+    numbers, both = {}, []
+    for section in other["sections"]:
+        theirs = section.get("numbers") or {}
+        here = mine.get(section["key"], {})
+        shared = [k for k in theirs if k in here]
+        if shared:
+            both.append(section["key"])
+        for k in shared:
+            numbers[f"{section['key']}.{k}"] = f"{_short(here[k])} vs {_short(theirs[k])}"
+    if not both:
+        raise Unavailable(f"{other_name}'s report shares no answered section with this one")
+    verdict = (
+        f"Side by side with {other_name} ({other['meta']['mode']} run, {other['meta']['started']}): "
+        f"{len(both)} questions answered on both ({', '.join(both)}). Each row reads this model's value vs "
+        f"{other_name}'s; its own report has the verdicts and figures."
+    )
+    return Finding(verdict, numbers=numbers, commands=[f"forethought report --model {q(other_name)} --out OTHER/"])
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)

@@ -1,0 +1,145 @@
+"""A Report as report.json, report.md (figures beside it) and index.html (one file, figures embedded)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+from pathlib import Path
+
+from jinja2 import Environment
+
+from forethought.report.runner import Outcome, Report
+from forethought.report.template import PAGE
+
+STATUS_WORDS = {"ok": "answered", "failed": "failed", "unavailable": "not available in this install"}
+
+
+def number(value) -> str:
+    """A number as a person reads it: 3 significant digits, percentages left to the verdict."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:.3g}"
+        return f"{value:.4g}"
+    return json.dumps(value, default=str)
+
+
+def interval(pair: list[float] | None) -> str:
+    return "" if not pair else f"[{pair[0]:.3g}, {pair[1]:.3g}]"
+
+
+def figure_path(outcome: Outcome, file: str) -> str:
+    return f"figures/{outcome.key}/{file}"
+
+
+def copy_figures(report: Report, out: Path) -> None:
+    shutil.rmtree(out / "figures", ignore_errors=True)  # ours alone: a figure a section no longer makes must go
+    for o in report.outcomes:
+        if o.finding is None or o.folder is None:
+            continue
+        for f in o.finding.figures:
+            target = out / figure_path(o, f.file)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(o.folder / f.file, target)
+
+
+def write_json(report: Report, path: Path) -> None:
+    d = report.to_dict()
+    for section, o in zip(d["sections"], report.outcomes):
+        for f in section.get("figures", []):
+            f["file"] = figure_path(o, f["file"])
+    path.write_text(json.dumps(d, indent=1, default=str))
+
+
+def _model_line(meta: dict) -> str:
+    m = meta["model"]
+    desc = m.get("description", {})
+    config = desc.get("config", {})
+    n = desc.get("n_params")
+    parts = [m["name"], None if not n else f"{n / 1e6:.0f}M parameters" if n >= 1e6 else f"{n:,} parameters"]
+    if config:
+        parts.append(f"{config.get('n_layers')} layers, d_model {config.get('d_model')}")
+        parts.append(config.get("arch") or config.get("architecture"))
+    return " · ".join(str(p) for p in parts if p)
+
+
+def write_markdown(report: Report, path: Path) -> None:
+    meta = report.meta
+    lines = [
+        f"# What {meta['model']['name']} carries from one token to the next",
+        "",
+        f"Model: {_model_line(meta)} (`{meta['model']['path']}`) · corpus `{meta['corpus']}` · {meta['mode']} run · "
+        f"{meta['wall_seconds']:.0f} s wall (sections computed in {meta['computed_seconds']:.0f} s) · "
+        f"{meta['started']}",
+        "",
+        f"Regenerate: `{meta['command']}`",
+        "",
+        "| question | answer | time |",
+        "|---|---|---|",
+    ]
+    for o in report.outcomes:
+        state = STATUS_WORDS[o.status] + (" (cached)" if o.cached else "")
+        lines.append(f"| [{o.title}](#{o.key}) | {state} | {_seconds(o)} |")
+    for o in report.outcomes:
+        lines += ["", f'<a id="{o.key}"></a>', f"## {o.title}", "", f"*{o.question}*", ""]
+        if o.finding is None:
+            lines += [f"**{STATUS_WORDS[o.status]}**: {o.reason}", ""]
+            continue
+        f = o.finding
+        lines += [f.verdict, "", "| number | value | 95% interval |", "|---|---|---|"]
+        lines += [f"| {k} | {number(v)} | {interval(f.intervals.get(k))} |" for k, v in f.numbers.items()]
+        for fig in f.figures:
+            lines += ["", f"![{fig.caption}]({figure_path(o, fig.file)})", "", f"{fig.caption}", "", "```bash"]
+            lines += [fig.command, "```"]
+        others = [c for c in f.commands if c not in {fig.command for fig in f.figures}]
+        if others:
+            lines += ["", "Numbers from:", "", "```bash", *others, "```"]
+        lines += ["", f"_{_seconds(o)}_"]
+    lines += ["", "## Machine and versions", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in meta["machine"].items()]
+    lines += [f"| {k} | {v} |" for k, v in meta["versions"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _seconds(o: Outcome) -> str:
+    if o.cached and o.computed_seconds is not None:
+        return f"{o.seconds:.1f} s (cached; computed in {o.computed_seconds:.1f} s)"
+    return f"{o.seconds:.1f} s"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_html(report: Report, path: Path) -> None:
+    env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["number"] = number
+    env.filters["interval"] = interval
+    sections = []
+    for o in report.outcomes:
+        figures = []
+        if o.finding is not None:
+            figures = [{"src": _data_uri(o.folder / f.file), "figure": f} for f in o.finding.figures]
+        sections.append({"o": o, "figures": figures, "status": STATUS_WORDS[o.status], "time": _seconds(o)})
+    html = env.from_string(PAGE).render(
+        meta=report.meta, model_line=_model_line(report.meta), sections=sections, total=report.meta["wall_seconds"]
+    )
+    path.write_text(html)
+
+
+def write_report(report: Report, out: Path) -> dict[str, Path]:
+    """index.html, report.md, report.json and figures/ under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"html": out / "index.html", "markdown": out / "report.md", "json": out / "report.json"}
+    copy_figures(report, out)
+    write_json(report, paths["json"])
+    write_markdown(report, paths["markdown"])
+    write_html(report, paths["html"])
+    return paths

@@ -1,0 +1,194 @@
+"""`forethought report` on the tiny random Llama: every section present, a failing one isolated, the cache reused,
+other commands' JSON results picked up, and the page rendered in a real Chromium without console errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import _CORPUS
+
+from forethought.cli import main
+from forethought.report import (
+    SECTIONS,
+    Figure,
+    Finding,
+    ReportContext,
+    ReportSettings,
+    Section,
+    run_report,
+    write_report,
+)
+
+PENDING = {"plan", "architectures", "speculative", "second_model"}
+BUILTIN = [s.key for s in SECTIONS if s.key not in PENDING]
+TINY = ReportSettings(
+    equivalence_steps=4,
+    lens_steps=3,
+    future_tokens=2500,
+    future_layers=2,
+    future_offsets=2,
+    future_window=32,
+    future_doc_tokens=32,
+    future_eval_tokens=256,
+    anatomy_docs=8,
+    anatomy_length=24,
+    revise_steps=4,
+    state_tokens=(1, 10, 100),
+)
+
+
+def _boom(ctx, folder):
+    raise RuntimeError("this section always fails")
+
+
+BOOM = Section("boom", "A section that fails", "Does one failure spare the rest?", _boom, lambda ctx: {})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(48):  # enough documents that the hash split puts some on the test side
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(_CORPUS[(i + j) % len(_CORPUS)] for j in range(3)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(llama_dir, corpus, tmp_path_factory):
+    """One report of every section plus one that fails; returns (ctx, cache, out, report, seconds)."""
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("report")
+    ctx = ReportContext(model=str(llama_dir), corpus=str(corpus), settings=TINY)
+    started = time.perf_counter()
+    report = run_report(ctx, [*SECTIONS, BOOM], cache, command="forethought report (test)")
+    write_report(report, out)
+    return ctx, cache, out, report, time.perf_counter() - started
+
+
+def test_every_section_is_answered_or_says_why(built):
+    _, _, out, report, _ = built
+    by_key = {o.key: o for o in report.outcomes}
+    assert list(by_key) == [s.key for s in SECTIONS] + ["boom"]
+    for key in BUILTIN:
+        assert by_key[key].status == "ok", (key, by_key[key].reason)
+        assert by_key[key].finding.verdict and by_key[key].finding.figures
+    for key in PENDING:
+        assert by_key[key].status == "unavailable"
+        assert "no provider registered" in by_key[key].reason
+    assert by_key["boom"].status == "failed"
+    assert "RuntimeError: this section always fails" in by_key["boom"].reason
+    assert by_key["invariance"].finding.numbers["causal_unchanged"] is True
+    assert by_key["invariance"].finding.numbers["control_unchanged"] is False  # the control must fail
+    assert by_key["equivalence"].finding.numbers["identical_tokens"] is True
+
+
+def test_json_and_markdown_carry_the_same_numbers(built):
+    _, _, out, report, _ = built
+    saved = json.loads((out / "report.json").read_text())
+    markdown = (out / "report.md").read_text()
+    for o, s in zip(report.outcomes, saved["sections"]):
+        assert s["key"] == o.key and s["status"] == o.status
+        if o.finding is None:
+            assert o.reason in markdown
+            continue
+        assert s["numbers"] == json.loads(json.dumps(o.finding.numbers))
+        assert o.finding.verdict in markdown
+        for f in s["figures"]:
+            assert (out / f["file"]).stat().st_size > 1000 and f["file"] in markdown
+    fl = saved["sections"][[o.key for o in report.outcomes].index("future_lens")]
+    low, high = fl["intervals"]["probe_top1"]
+    assert low <= fl["numbers"]["probe_top1"] <= high
+    assert saved["meta"]["model"]["description"]["config"]["n_layers"] == 2
+    assert saved["meta"]["versions"]["torch"]
+
+
+def test_second_run_reuses_the_cache(built):
+    ctx, cache, out, first, seconds = built
+    fresh = ReportContext(model=ctx.model, corpus=ctx.corpus, settings=TINY)
+    started = time.perf_counter()
+    again = run_report(fresh, SECTIONS, cache)
+    took = time.perf_counter() - started
+    assert all(o.cached for o in again.outcomes if o.status == "ok")
+    assert not fresh._loaded, "a fully cached report must not load the model"
+    assert took < max(1.0, seconds / 5), (took, seconds)
+    before = {o.key: o.finding.numbers for o in first.outcomes if o.finding}
+    assert {o.key: o.finding.numbers for o in again.outcomes if o.finding} == before
+    # other settings are another key: the changed section runs again, the others stay cached
+    changed = run_report(replace(fresh, settings=replace(TINY, lens_steps=2)), SECTIONS[:4], cache)
+    assert [o.cached for o in changed.outcomes] == [True, True, True, False]
+
+
+def test_a_pending_section_reads_another_commands_json(built, tmp_path):
+    ctx, cache, _, report, _ = built
+    png = next(o for o in report.outcomes if o.key == "lens").folder / "lens.png"
+    (tmp_path / "plot.png").write_bytes(png.read_bytes())
+    finding = Finding(
+        "Yes, 3 tokens ahead.",
+        numbers={"horizon": 3, "knockout_drop": 0.12},
+        intervals={"knockout_drop": [0.08, 0.16]},
+        figures=[Figure("plot.png", "A plot.", "forethought plan --plot plot.png")],
+        commands=["forethought plan --json"],
+    )
+    (tmp_path / "plan.json").write_text(json.dumps(finding.to_dict()))
+    plan = [s for s in SECTIONS if s.key == "plan"]
+    result = run_report(replace(ctx, results_dir=tmp_path, _loaded={}), plan, cache).outcomes[0]
+    assert result.status == "ok", result.reason
+    assert result.finding.numbers == {"horizon": 3, "knockout_drop": 0.12}
+    assert (result.folder / "plot.png").is_file()
+
+
+def test_a_second_models_report_side_by_side(built):
+    ctx, cache, out, _, _ = built
+    sections = [s for s in SECTIONS if s.key in ("invariance", "second_model")]
+    other = replace(ctx, compare=out, findings={}, _loaded={})
+    outcome = run_report(other, sections, cache).outcomes[1]
+    assert outcome.status == "ok", outcome.reason
+    assert outcome.finding.numbers["invariance.causal_unchanged"] == "True vs True"
+    missing = replace(ctx, compare=out / "nowhere", findings={}, _loaded={})
+    assert "no report.json there" in run_report(missing, sections, cache).outcomes[1].reason
+
+
+def test_cli_report_and_its_errors(llama_dir, corpus, tmp_path, capsys):
+    args = ["report", "--model", str(llama_dir), "--corpus", str(corpus), "--cache", str(tmp_path / "c")]
+    assert main([*args, "--out", str(tmp_path / "r"), "--sections", "nope"]) == 2
+    assert "unknown section 'nope'" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "r"), "--sections", "invariance,plan", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [s["status"] for s in printed["sections"]] == ["ok", "unavailable"]
+    assert (tmp_path / "r" / "index.html").read_text().count("data:image/png;base64,") == 1
+    assert main(["report", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_page_renders_in_chromium(built, tmp_path):
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} is missing: apt-get install -y chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is missing: pip install playwright")
+    _, _, out, report, _ = built
+    n_figures = sum(len(o.finding.figures) for o in report.outcomes if o.finding)
+    with sync_api.sync_playwright() as p:
+        # --no-sandbox: CI containers run as root, where Chromium's sandbox cannot start.
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        requests: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((out / "index.html").as_uri())
+        for o in report.outcomes:
+            card = page.locator(f"section#{o.key}")
+            assert card.get_attribute("data-status") == o.status
+            assert o.title in card.inner_text()
+        assert "not available in this install" in page.inner_text("section#plan")
+        assert "this section always fails" in page.inner_text("section#boom")
+        images = page.locator("img")
+        assert images.count() == n_figures
+        assert images.evaluate_all("imgs => imgs.every(i => i.complete && i.naturalWidth > 100)")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []  # nothing fetched
