@@ -206,7 +206,10 @@ class GGUFHeader:
     alignment: int = 32  # what the writer pads to (not necessarily what the header declares)
 
     def to_bytes(self) -> bytes:
-        out = [b"GGUF", struct.pack("<IQQ", self.version, _or(self.n_tensors, len(self.tensors)), _or(self.n_kvs, len(self.kvs)))]
+        out = [
+            b"GGUF",
+            struct.pack("<IQQ", self.version, _or(self.n_tensors, len(self.tensors)), _or(self.n_kvs, len(self.kvs))),
+        ]
         for kv in self.kvs:
             out += [struct.pack("<Q", len(kv.key)), kv.key, struct.pack("<I", kv.type_id), kv.payload]
         for t in self.tensors:
@@ -308,7 +311,9 @@ def mutate_gguf(h: GGUFHeader, rng: random.Random) -> tuple[str, bytes]:
         full[at] ^= rng.randrange(1, 256)
         return f"flip byte {at}", bytes(full)
     if kind in ("scalar", "float"):
-        numeric = [i for i, kv in enumerate(h.kvs) if kv.type_id in _FMT and (kv.type_id in (6, 12)) == (kind == "float")]
+        numeric = [
+            i for i, kv in enumerate(h.kvs) if kv.type_id in _FMT and (kv.type_id in (6, 12)) == (kind == "float")
+        ]
         i = rng.choice(numeric)
         value = rng.choice(ODD_FLOATS if kind == "float" else HUGE_INTS)
         h.kvs[i].payload = _encode(h.kvs[i].type_id, value)
@@ -350,7 +355,9 @@ def mutate_gguf(h: GGUFHeader, rng: random.Random) -> tuple[str, bytes]:
     if kind == "offset":
         t = rng.choice(h.tensors)
         other = rng.choice(h.tensors)
-        t.offset = rng.choice((len(h.data), len(h.data) - 1, 2**63, 2**64 - 1, other.offset, t.offset + 1, t.offset - 32))
+        t.offset = rng.choice(
+            (len(h.data), len(h.data) - 1, 2**63, 2**64 - 1, other.offset, t.offset + 1, t.offset - 32)
+        )
         return f"{t.name.decode()} offset {t.offset}", h.to_bytes()
     if kind == "duplicate":
         if rng.random() < 0.5:  # a tensor renamed to another tensor's name

@@ -287,9 +287,7 @@ def tensors(config, weights: Mapping[str, torch.Tensor], source: object = "the m
         if name == "pos_embed" and want is not None and w.ndim == 2 and w.shape[0] >= want[0]:
             want = (w.shape[0], want[1])  # GPT-2 files may hold more positions than the config uses
         if want is not None and tuple(w.shape) != want:
-            raise ForethoughtError(
-                f"{source}: tensor {name} has shape {tuple(w.shape)}, the config implies {want}"
-            )
+            raise ForethoughtError(f"{source}: tensor {name} has shape {tuple(w.shape)}, the config implies {want}")
         # A finite sum proves every value finite (NaN and inf propagate) at a fraction of isfinite's cost.
         if w.is_floating_point() and not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
             raise ForethoughtError(f"{source}: tensor {name} holds NaN or infinite values")
@@ -304,7 +302,6 @@ def tokenizer(tok, config, source: object) -> None:
     for label, value in (("bos", tok.bos_id), ("eos", tok.eos_id)):
         if value is not None and not 0 <= value < config.vocab_size:
             raise ForethoughtError(f"{source}: the {label} token id {value} is outside the vocabulary")
-
 
 
 # GGUF tensor names -> canonical names, for checking shapes from the tensor index before dequantizing.
