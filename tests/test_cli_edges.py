@@ -120,3 +120,14 @@ def test_chat_prints_the_answer_and_show_template_keeps_the_markers(capsys, chat
     assert shown.rstrip("\n").endswith(answer.rstrip("\n"))  # the same answer, after the template
     named = chat_model([{"name": "default", "template": CHAT}])  # HF's list of named templates
     assert run(capsys, "generate", "-m", str(named), "--chat", "-n", "6", "-t", "0", "hi")[1] == answer
+
+
+def test_trace_save_never_creates_folders(capsys, llama_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent" / "dir" / "x.safetensors"
+    code, _, err = run(capsys, "trace", "hi", "-m", str(llama_dir), "--save", str(missing))
+    assert_clean_error(code, err, "does not exist")
+    assert not (tmp_path / "nonexistent").exists()
+    code, _, err = run(capsys, "trace", "hi", "-m", str(llama_dir), "--save", str(tmp_path))
+    assert_clean_error(code, err, "is a folder")
+    code, _, err = run(capsys, "trace", "hi", "-m", str(llama_dir), "--save", str(tmp_path / "t.safetensors"))
+    assert code == 0 and (tmp_path / "t.safetensors").is_file(), err

@@ -118,8 +118,8 @@ class GGUFFile:
                 raise ForethoughtError(f"{self.path}: tensor {name} has unknown type id {type_id}") from None
             block, type_size = GGML_QUANT_SIZES[kind]
             count = validate.tensor_dims(name, dims, self.path)
-            if count % block:
-                raise ForethoughtError(f"{self.path}: tensor {name} has {count} values, not whole {kind.name} blocks")
+            if dims[0] % block:  # a block never straddles two rows
+                raise ForethoughtError(f"{self.path}: tensor {name}: rows of {dims[0]}, not whole {kind.name} blocks")
             info = TensorInfo(name, tuple(reversed(dims)), type_id, data_start + offset, count // block * type_size)
             if info.offset + info.nbytes > len(self.data):
                 raise ForethoughtError(
