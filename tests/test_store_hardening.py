@@ -54,6 +54,7 @@ MANIFEST_EDITS = {
     "bytes negative": lambda m: m["shards"][0].update(bytes=-1) or None,
     "d_model huge": lambda m: m.update(d_model=2**40) or None,
     "dtype unknown": lambda m: m["settings"].update(dtype="int4") or None,
+    "model a string": lambda m: m.update(model="smollm2-135m") or None,
 }
 
 

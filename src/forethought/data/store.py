@@ -175,6 +175,8 @@ def check_manifest(manifest: object, path: Path) -> None:
         raise bad(f"missing {', '.join(missing)}")
     if manifest["format"] != FORMAT:
         raise ForethoughtError(f"{path}: unknown store format {str(manifest['format'])[:60]!r}")
+    if not isinstance(manifest["model"], dict) or not isinstance(manifest["model"].get("name"), str):
+        raise bad("model must be an object with a name")
     settings = manifest["settings"]
     if not isinstance(settings, dict):
         raise bad("settings must be an object")
