@@ -59,7 +59,9 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ForethoughtError(f"{self.path} has a string that is not UTF-8 at byte {self.pos}") from None
 
-    def value(self, type_id: int):
+    def value(self, type_id: int, depth: int = 0):
+        if depth > 4:  # arrays of arrays nest this deep at most in real files; a crafted one would recurse
+            raise ForethoughtError(f"{self.path}: metadata arrays nested too deeply at byte {self.pos}")
         if type_id in _SCALARS:
             return self.scalar(_SCALARS[type_id])
         if type_id == STRING:
@@ -73,7 +75,7 @@ class _Cursor:
             if item_type in _NUMPY:  # numeric arrays in one read
                 dtype = np.dtype(_NUMPY[item_type])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
-            return [self.value(item_type) for _ in range(count)]
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         raise ForethoughtError(f"{self.path} has an unknown metadata type {type_id} at byte {self.pos}")
 
 
@@ -106,7 +108,10 @@ class GGUFFile:
         raw = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > validate.MAX_DIMS:  # before the loop: a flipped byte here would mean 2^32 reads
+                raise ForethoughtError(f"{self.path}: tensor {name} has {n_dims} dimensions (at most 4)")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             raw.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
         alignment = validate.alignment(self.fields.get("general.alignment", 32), self.path)
         data_start = -(-cur.pos // alignment) * alignment
