@@ -194,3 +194,16 @@ def test_rope_grows_with_use_and_matches_an_eager_table() -> None:
     inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
     angles = torch.outer(torch.arange(512, dtype=torch.float32), inv_freq)
     assert torch.equal(model.rope_cos, torch.cat((angles, angles), -1).cos())
+
+
+def test_kv_cache_preallocation_is_capped_and_grows_with_use(monkeypatch) -> None:
+    from forethought.model.kv_cache import KVCache
+
+    model = random_model(tiny_config(context_length=10**9), seed=5)
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv heads x head_dim x float32
+    monkeypatch.setattr(KVCache, "PREALLOCATE_BYTES", 8 * per_token)
+    cache = model.new_cache(capacity=10**9)  # would be 256 GB up front
+    assert cache.capacity == 8
+    model(torch.randint(0, 256, (1, 20)), cache=cache)
+    assert cache.length == 20 and cache.capacity >= 20
+    assert cache.copy().length == 20
