@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 DEFECTS = ("traceback", "hang", "crash", "over-budget", "nonfinite")
 
 
@@ -162,6 +164,10 @@ class Report:
         self.seconds += outcome.seconds
         self.max_peak_ratio = max(self.max_peak_ratio, outcome.peak_bytes / max(budget, 1))
         self.lines.append(f"{label}: {outcome.kind} {outcome.detail[:160]} ({outcome.seconds:.1f} s)")
+        log = os.environ.get("FORETHOUGHT_FUZZ_LOG")  # one line per case as it ends, for long runs
+        if log:
+            with open(log, "a") as f:
+                f.write(self.lines[-1] + "\n")
         if outcome.kind in DEFECTS:
             self.defects.append(f"{label}: {outcome.kind} {outcome.detail}")
 
@@ -267,8 +273,8 @@ def parse_gguf(path: Path) -> GGUFHeader:
 def _encode(type_id: int, value) -> bytes:
     if type_id in _FMT:
         fmt = _FMT[type_id]
-        if fmt in ("<f", "<d"):
-            return struct.pack(fmt, value)
+        if fmt in ("<f", "<d"):  # through numpy, so 1e300 as float32 becomes inf instead of an OverflowError
+            return np.array(value, dtype=fmt).tobytes()
         bits = struct.calcsize(fmt) * 8
         if type_id == 7:
             return struct.pack("<B", int(value) % 256)
