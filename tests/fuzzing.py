@@ -274,7 +274,8 @@ def _encode(type_id: int, value) -> bytes:
     if type_id in _FMT:
         fmt = _FMT[type_id]
         if fmt in ("<f", "<d"):  # through numpy, so 1e300 as float32 becomes inf instead of an OverflowError
-            return np.array(value, dtype=fmt).tobytes()
+            with np.errstate(over="ignore"):
+                return np.array(value, dtype=fmt).tobytes()
         bits = struct.calcsize(fmt) * 8
         if type_id == 7:
             return struct.pack("<B", int(value) % 256)
