@@ -79,7 +79,8 @@ def _dequantize(gguf: GGUFFile, tensor: TensorInfo) -> np.ndarray:
         elif kind == GGMLQuantizationType.F16:
             array = raw.view(np.float16).astype(np.float32)
         else:
-            array = quants.dequantize(raw, kind)
+            with np.errstate(all="ignore"):  # NaN/inf from broken scales: validate.tensors names the tensor
+                array = quants.dequantize(raw, kind)
     except NotImplementedError:
         raise ForethoughtError(f"tensor {tensor.name}: GGUF type {kind.name} cannot be dequantized") from None
     return array.reshape(tensor.shape)
