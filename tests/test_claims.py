@@ -14,7 +14,7 @@ from forethought.cli import main
 from forethought.errors import ForethoughtError
 from forethought.experiments.equivalence import cached_step_flops, equivalence, recompute_step_flops
 from forethought.experiments.invariance import extending_ids, invariance
-from forethought.experiments.lens import lens, lens_logits
+from forethought.experiments.lens import lens
 from forethought.experiments.state_size import NAMED_CONFIGS, kv_bytes, named_configs, parse_tokens, state_size
 from forethought.model.random_init import random_model, tiny_config
 from forethought.model.sampling import SamplingParams
@@ -181,7 +181,7 @@ def test_lens_greedy_follows_argmax(tiny):
 
 def test_last_layer_lens_is_the_model(tiny):
     tr = trace(tiny, PROMPT, "resid_post,logits")
-    assert torch.allclose(lens_logits(tiny, tr["resid_post"][-1]), tr["logits"], atol=1e-5)
+    assert torch.allclose(tiny.lens_logits(tr["resid_post"][-1]), tr["logits"], atol=1e-5)
     result = lens(tiny, PROMPT, 0, 1)
     assert [pos[0] for pos in result.top_ids[-1]] == tr["logits"].argmax(-1).tolist()
 
@@ -190,7 +190,7 @@ def test_last_layer_lens_is_the_model(tiny):
 def test_last_layer_lens_is_the_model_real(real):
     ids = real.tokenizer.encode("The capital of France is")
     tr = trace(real.model, ids, "resid_post,logits")
-    assert torch.equal(lens_logits(real.model, tr["resid_post"][-1]), tr["logits"])
+    assert torch.equal(real.model.lens_logits(tr["resid_post"][-1]), tr["logits"])
     result = lens(real.model, ids, 1, 3, SamplingParams(temperature=0), real.tokenizer.token_str)
     assert result.top_tokens[-1][-1][0] == " Paris" == result.steps[0].chosen_token
 

@@ -198,7 +198,7 @@ def test_sigkill_mid_run_then_resume_matches_clean_run(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ | {"PYTHONHASHSEED": "0"})
     deadline = time.time() + 60
     try:
-        while not (out / "manifest.json").exists() and time.time() < deadline:
+        while not ((out / "manifest.json").exists() and shard_table(out)) and time.time() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

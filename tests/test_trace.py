@@ -67,7 +67,7 @@ def test_unknown_patch_name_is_a_user_error(tiny):
 
 def test_save_load_round_trip(tiny, tmp_path):
     tr = trace(tiny, TOKENS, "embed,resid_post,blocks.1.attn_pattern")
-    path = tr.save(tmp_path / "sub" / "t.safetensors", model="tiny", text="hello")
+    path = tr.save(tmp_path / "t.safetensors", model="tiny", text="hello")
     loaded = Trace.load(path)
     assert loaded.names == tr.names
     for name in tr.names:

@@ -4,6 +4,7 @@ the library, so the CLI, the plots and the viewer all show the same objects."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Annotated
 
@@ -55,6 +56,9 @@ def generate(
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix at every step.")] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    show_template: Annotated[
+        bool, typer.Option("--show-template", help="With --chat: print the templated prompt and its markers too.")
+    ] = False,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -75,14 +79,16 @@ def generate(
     text = lm.tokenizer.apply_chat_template(prompt) if chat else prompt
     prompt_ids = lm.tokenizer.encode(text)
     check_prompt(lm.model, prompt_ids, n)  # before anything is printed
-    stream = StreamDecoder(lm.tokenizer)
+    # A chat shows the assistant's answer; its template's <|im_start|>/<|im_end|> only with --show-template.
+    plain_chat = chat and not show_template
+    stream = StreamDecoder(lm.tokenizer, skip_special=plain_chat)
 
     def show(token: int) -> None:
         if not as_json:
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
 
-    if not as_json:
+    if not as_json and not plain_chat:
         sys.stdout.write(text)
         sys.stdout.flush()
     stops = (lm.tokenizer.eos_id,) if lm.tokenizer.eos_id is not None else ()
@@ -97,7 +103,8 @@ def generate(
         "stop_reason": result.stop_reason,
         "cache": not no_cache,
         "prefill_seconds": result.prefill_seconds,
-        "decode_tokens_per_second": result.decode_tokens_per_second,
+        # None, not NaN (which is not JSON), when no decode step ran (-n 0 or 1, or EOS at once)
+        "decode_tokens_per_second": rate if math.isfinite(rate := result.decode_tokens_per_second) else None,
         "kv_cache_bytes": result.cache.nbytes if result.cache is not None else 0,
     }
     if as_json:
@@ -106,8 +113,9 @@ def generate(
     sys.stdout.write("\n")
     sys.stdout.flush()  # the summary goes to stderr: keep it below the text, not inside it
     cache_note = f"KV cache {summary['kv_cache_bytes'] / 1e6:.2f} MB" if not no_cache else "no cache (recompute)"
+    speed = f"{rate:.1f} tok/s · " if summary["decode_tokens_per_second"] is not None else ""
     err_console.print(
-        f"[dim]{len(result.new_ids)} tokens · {summary['decode_tokens_per_second']:.1f} tok/s · "
+        f"[dim]{len(result.new_ids)} tokens · {speed}"
         f"prefill {len(prompt_ids)} tokens in {result.prefill_seconds * 1e3:.0f} ms · {cache_note} · "
         f"stop: {result.stop_reason}[/dim]",
         soft_wrap=True,

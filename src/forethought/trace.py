@@ -67,6 +67,12 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
+def layer_label(name: str) -> str:
+    """A short axis or table label: 'blocks.3.resid_post' -> '3', 'embed' -> 'embed'."""
+    layer, point = split_name(name)
+    return point if layer is None else str(layer)
+
+
 @dataclass(frozen=True)
 class Patch:
     """Replace or add to one activation at some positions while the model runs.
@@ -112,17 +118,21 @@ class Trace:
         layers = self.layers(name)
         if not layers:
             raise KeyError(f"{name!r} was not captured (captured: {', '.join(self.tensors)})")
-        stacked = torch.stack([self.tensors[f"blocks.{layer}.{name}"] for layer in layers])
+        stacked = torch.stack([self.tensors[act_name(layer, name)] for layer in layers])
         return stacked[:, 0] if stacked.shape[1] == 1 else stacked
 
     def save(self, path: str | Path, **metadata) -> Path:
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from forethought.paths import output_file
+
+        path = output_file(path, "--save")
         header = {"token_ids": self.token_ids, "start": self.start, **self.metadata, **metadata}
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors.items()}
-        save_file(tensors, str(path), metadata={"forethought": json.dumps(header, default=str)})
+        try:
+            save_file(tensors, str(path), metadata={"forethought": json.dumps(header, default=str)})
+        except OSError as e:
+            raise ForethoughtError(f"--save {path}: cannot write ({e.strerror})") from None
         return path
 
     @classmethod

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from forethought.cli import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, console, load
 from forethought.errors import ForethoughtError
+from forethought.trace import layer_label as _layer_label
 
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the result to this file.")]
 
@@ -146,7 +147,7 @@ def invariance(
         table.add_column(col, justify="right")
     for i, name in enumerate(result.layers):
         table.add_row(
-            name.removesuffix(".resid_post").removeprefix("blocks."),
+            _layer_label(name),
             f"{result.max_abs[i]:.2e}",
             f"{result.max_rel[i]:.1e}",
             f"{result.value_scale[i]:.3g}",
@@ -279,7 +280,7 @@ def lens(
         table.add_column(escape(repr(t)), justify="left")
     for i in range(len(result.layers) - 1, -1, -1):
         cells = [escape(f"{tok[0]!r} {p[0]:.2f}") for tok, p in zip(result.top_tokens[i], result.top_probs[i])]
-        table.add_row(result.layers[i].split(".")[1], *cells)
+        table.add_row(_layer_label(result.layers[i]), *cells)
     console.print(table)
     if result.steps:
         steps = Table(title=f"Generated tokens (temperature {params.temperature}) and the alternatives not shown")
@@ -314,9 +315,11 @@ def trace(
     as_json: JsonOpt = False,
 ) -> None:
     """Run PROMPT once, capturing the named activations, and save them (safetensors + JSON metadata)."""
+    from forethought.paths import output_file
     from forethought.trace import resolve_names
     from forethought.trace import trace as run_trace
 
+    output_file(save, "--save")  # before the model loads: a bad path fails in milliseconds
     lm = load(model, device, dtype, quiet=as_json)
     chosen = resolve_names(lm.config, names)
     ids = _prompt_ids(lm, prompt)

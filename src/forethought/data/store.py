@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -136,13 +137,111 @@ def _shard_name(index: int) -> str:
 
 
 def read_manifest(out: Path) -> dict | None:
+    """The store's manifest, validated (a hand-edited or damaged one is a clean error naming the file)."""
     path = Path(out) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ForethoughtError(f"{path}: unreadable manifest ({e})") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ForethoughtError(f"{path}: unreadable manifest ({str(e)[:200]})") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+_SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_manifest(manifest: object, path: Path) -> None:
+    """Types, ranges and internal consistency of a manifest, before any of it sizes an allocation or names a file.
+
+    Token counts must follow from the shards (windows x window), and each shard's recorded byte size must hold
+    that many activations, so an absurd `n_tokens` cannot reach `torch.empty`: file sizes are checked on open.
+    """
+
+    def bad(what: str) -> ForethoughtError:
+        return ForethoughtError(f"{path}: invalid manifest: {what}")
+
+    def integer(value: object, what: str, low: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**53:
+            raise bad(f"{what} must be an integer >= {low}, got {str(value)[:40]!r}")
+        return value
+
+    if not isinstance(manifest, dict):
+        raise bad(f"expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in ("format", "model", "tokenizer", "corpus", "settings", "shards") if k not in manifest]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    if manifest["format"] != FORMAT:
+        raise ForethoughtError(f"{path}: unknown store format {str(manifest['format'])[:60]!r}")
+    if not isinstance(manifest["model"], dict) or not isinstance(manifest["model"].get("name"), str):
+        raise bad("model must be an object with a name")
+    settings = manifest["settings"]
+    if not isinstance(settings, dict):
+        raise bad("settings must be an object")
+    for key in ("tokens", "window", "batch", "shard_windows"):
+        integer(settings.get(key), f"settings.{key}", 1)
+    layers = settings.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise bad("settings.layers must be a non-empty list")
+    for layer in layers:
+        integer(layer, "settings.layers[]")
+    if settings.get("dtype") not in STORE_DTYPES:
+        raise bad(f"settings.dtype must be one of {', '.join(STORE_DTYPES)}, got {str(settings.get('dtype'))[:20]!r}")
+    d_model = integer(manifest.get("d_model", 1), "d_model", 1)
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise bad("shards must be a list")
+    per_token = len(layers) * d_model * STORE_DTYPES[settings["dtype"]].itemsize
+    names = set()
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise bad(f"shards[{i}] must be an object")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or name in names:
+            raise bad(f"shards[{i}].name {str(name)[:40]!r} is not a new shard-NNNNN.safetensors")
+        names.add(name)
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise bad(f"shards[{i}].sha256 is not a sha256 hex digest")
+        windows = integer(entry.get("windows"), f"shards[{i}].windows", 1)
+        integer(entry.get("first_window"), f"shards[{i}].first_window")
+        tokens = integer(entry.get("tokens"), f"shards[{i}].tokens", 1)
+        if tokens != windows * settings["window"]:
+            raise bad(f"shards[{i}].tokens = {tokens} is not windows x window")
+        if integer(entry.get("bytes"), f"shards[{i}].bytes", 1) < tokens * per_token:
+            raise bad(f"shards[{i}].bytes is too small for {tokens} tokens")
+        by_split = entry.get("tokens_by_split")
+        if (
+            not isinstance(by_split, dict)
+            or sum(integer(by_split.get(s), f"shards[{i}].{s}") for s in SPLITS) != tokens
+        ):
+            raise bad(f"shards[{i}].tokens_by_split does not add up to its tokens")
+    if manifest.get("complete") is True:
+        total = sum(entry["tokens"] for entry in shards)
+        if integer(manifest.get("n_tokens"), "n_tokens", 1) != total:
+            raise bad(f"n_tokens = {manifest['n_tokens']} but the shards hold {total}")
+    documents = manifest.get("documents", [])
+    if not isinstance(documents, list) or not all(
+        isinstance(d, list) and len(d) == 2 and all(isinstance(x, str) for x in d) for d in documents
+    ):
+        raise bad("documents must be a list of [id, split] pairs")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shard(path: Path, entry: dict) -> None:
+    """The shard's size and sha256 against its manifest entry (a flipped byte is caught, not read as data)."""
+    if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        raise ForethoughtError(f"{path} is missing or has another size than the manifest records; extract again")
+    if _sha256_file(path) != entry["sha256"]:
+        raise ForethoughtError(f"{path}: checksum mismatch (the file changed after extraction); extract again")
 
 
 def _fingerprint(manifest: dict) -> dict:
@@ -216,13 +315,14 @@ def extract(
         nonempty = [p for p in out.iterdir() if not p.name.endswith(".tmp")]
         if any(p.name.startswith("shard-") for p in nonempty):
             raise ForethoughtError(f"{out} holds shards but no manifest; use an empty folder")
+        # Recorded before the first shard exists: a kill right after that shard's rename must leave a store that
+        # resumes (found by killing extract at 20 random points), not a folder with a shard and no manifest.
+        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     for stray in out.glob("*.tmp"):
         stray.unlink()
     done = {s["name"]: s for s in manifest["shards"]}
-    for name, entry in done.items():
-        path = out / name
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise ForethoughtError(f"{path} is missing or truncated although the manifest records it; delete {out}")
+    for name, entry in done.items():  # a resume builds on these shards: each must be the one recorded
+        verify_shard(out / name, entry)
 
     windows = pack_windows(
         token_docs, doc_splits.__getitem__, settings.window, settings.separator_id, settings.max_doc_tokens
@@ -376,13 +476,13 @@ def _serialize(tensors: dict[str, torch.Tensor]) -> bytes:
 class ActivationStore:
     """Read side of a completed store: per-token arrays across shards, and one layer at a time."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        """`verify`: check each shard's sha256 the first time it is read (one extra pass over bytes that are
+        read anyway); only a caller that has just verified the store should turn it off."""
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
             raise ForethoughtError(f"{self.path} is not an activation store (no {MANIFEST}); run forethought extract")
-        if manifest.get("format") != FORMAT:
-            raise ForethoughtError(f"{self.path}: unknown store format {manifest.get('format')!r}")
         if not manifest.get("complete"):
             raise ForethoughtError(f"{self.path}: extraction did not finish; rerun the same extract command to resume")
         self.manifest = manifest
@@ -392,9 +492,23 @@ class ActivationStore:
         self.d_model: int = manifest["d_model"]
         self.n_tokens: int = manifest["n_tokens"]
         self.shard_paths = [self.path / s["name"] for s in manifest["shards"]]
-        for p in self.shard_paths:
-            if not p.is_file():
-                raise ForethoughtError(f"{p} is missing; the store is incomplete")
+        self._unverified = set(self.shard_paths) if verify else set()
+        for p, entry in zip(self.shard_paths, manifest["shards"]):
+            if not p.is_file() or p.stat().st_size != entry["bytes"]:
+                raise ForethoughtError(f"{p} is missing or has another size than the manifest records")
+
+    def _read(self, p: Path, key: str) -> torch.Tensor:
+        """One tensor of one shard, the shard verified first; a damaged file is one error naming it."""
+        from safetensors import SafetensorError, safe_open
+
+        if p in self._unverified:
+            verify_shard(p, self.manifest["shards"][self.shard_paths.index(p)])
+            self._unverified.discard(p)
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ForethoughtError(f"{p}: unreadable shard ({str(e)[:160]})") from None
 
     @property
     def documents(self) -> list[list[str]]:
@@ -402,25 +516,18 @@ class ActivationStore:
 
     def array(self, key: str) -> torch.Tensor:
         """A per-token (or per-window) array over the whole store, e.g. token_ids, greedy_ids, split."""
-        from safetensors import safe_open
-
-        parts = []
-        for p in self.shard_paths:
-            with safe_open(str(p), framework="pt") as f:
-                parts.append(f.get_tensor(key))
-        return torch.cat(parts)
+        return torch.cat([self._read(p, key) for p in self.shard_paths])
 
     def layer(self, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`blocks.{layer}.resid_post` for every stored token, [n_tokens, d_model]."""
-        from safetensors import safe_open
-
         if layer not in self.layers:
             raise ForethoughtError(f"layer {layer} is not in the store (stored: {self.layers})")
-        out = torch.empty(self.n_tokens, self.d_model, dtype=dtype)
+        out = torch.empty(self.n_tokens, self.d_model, dtype=dtype)  # bounded: check_manifest ties it to the files
         row = 0
-        for p in self.shard_paths:
-            with safe_open(str(p), framework="pt") as f:
-                t = f.get_tensor(f"blocks.{layer}.resid_post")
+        for p, entry in zip(self.shard_paths, self.manifest["shards"]):
+            t = self._read(p, act_name(layer, "resid_post"))
+            if tuple(t.shape) != (entry["tokens"], self.d_model):
+                raise ForethoughtError(f"{p}: layer {layer} has shape {tuple(t.shape)}, the manifest implies another")
             out[row : row + t.shape[0]] = t
             row += t.shape[0]
         return out
@@ -428,6 +535,5 @@ class ActivationStore:
     def verify(self) -> None:
         """Check every shard against the sha256 in the manifest."""
         for entry, p in zip(self.manifest["shards"], self.shard_paths, strict=True):
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
-            if digest != entry["sha256"]:
-                raise ForethoughtError(f"{p}: checksum mismatch (the file changed after extraction)")
+            verify_shard(p, entry)
+            self._unverified.discard(p)

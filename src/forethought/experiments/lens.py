@@ -14,12 +14,7 @@ from forethought.model.generate import check_prompt
 from forethought.model.kv_cache import KVCache
 from forethought.model.sampling import SamplingParams, sample, sampling_distribution
 from forethought.model.transformer import Transformer
-from forethought.trace import run_with_trace
-
-
-def lens_logits(model: Transformer, resid: torch.Tensor) -> torch.Tensor:
-    """The model's final norm + unembedding applied to residual-stream vectors [..., d] -> [..., vocab]."""
-    return model.unembed(model.final_norm(resid))
+from forethought.trace import act_name, run_with_trace
 
 
 def entropy_nats(probs: torch.Tensor) -> float:
@@ -85,13 +80,13 @@ def logit_lens(
     nxt = torch.tensor(prompt_ids[1:], dtype=torch.long, device=resid.device)
     for layer in range(resid.shape[0]):
         # One layer at a time: all layers x positions x vocab at once would be gigabytes on long prompts.
-        p = torch.softmax(lens_logits(model, resid[layer]).double(), dim=-1)  # [position, vocab]
+        p = torch.softmax(model.lens_logits(resid[layer]).double(), dim=-1)  # [position, vocab]
         top = torch.topk(p, k, dim=-1)
         ids.append(top.indices.tolist())
         probs.append(top.values.tolist())
         next_probs.append(p[torch.arange(len(nxt)), nxt].tolist())
     fields = {
-        "layers": [f"blocks.{layer}.resid_post" for layer in tr.layers("resid_post")],
+        "layers": [act_name(layer, "resid_post") for layer in tr.layers("resid_post")],
         "top_ids": ids,
         "top_tokens": [[[token_str(i) for i in pos] for pos in layer] for layer in ids],
         "top_probs": probs,

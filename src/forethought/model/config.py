@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -37,8 +38,15 @@ class ModelConfig:
         # Configs come from users' files, so an impossible shape is a user error, not a crash.
         sizes = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "context_length")
         for name in sizes:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ForethoughtError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.norm_eps, float | int) and math.isfinite(self.norm_eps) and 0 < self.norm_eps < 1):
+            raise ForethoughtError(f"model config: norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        if not (isinstance(self.rope_theta, float | int) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ForethoughtError(f"model config: rope_theta must be positive and finite, got {self.rope_theta!r}")
+        if self.family == "llama" and self.head_dim % 2:
+            raise ForethoughtError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ForethoughtError(
                 f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"

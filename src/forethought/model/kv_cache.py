@@ -15,6 +15,8 @@ from forethought.model.config import ModelConfig
 class KVCache:
     """Preallocated keys and values, shape [layer, batch, kv_head, position, head_dim]."""
 
+    PREALLOCATE_BYTES = 1 << 30
+
     def __init__(
         self,
         config: ModelConfig,
@@ -24,7 +26,10 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         self.config = config
-        capacity = max(1, min(capacity, config.context_length))
+        # Preallocated up to a cap, grown with use past it (`reserve`): asking for a context of 1e9 tokens (a
+        # file's declared maximum, or -n 1e9) must not allocate terabytes before the first token.
+        per_token = 2 * config.n_layers * batch_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+        capacity = max(1, min(capacity, config.context_length, self.PREALLOCATE_BYTES // per_token))
         shape = (config.n_layers, batch_size, config.n_kv_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -85,6 +90,7 @@ class KVCache:
     def copy(self) -> KVCache:
         """An independent cache with the same contents (only the filled part is copied)."""
         new = KVCache(self.config, self.batch_size, self.capacity, self.k.dtype, self.k.device)
+        new.reserve(self.length)  # the constructor caps what it preallocates
         new.k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
         new.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
         new.length = self.length

@@ -23,6 +23,8 @@ class SamplingParams:
             raise ForethoughtError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ForethoughtError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # torch's generator takes a 64-bit seed
+            raise ForethoughtError(f"--seed must be in 0..2**64-1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -40,11 +42,15 @@ class SamplingParams:
 def sampling_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The probabilities the sampler actually draws from (after temperature, top-k, top-p), float32."""
     logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise ForethoughtError("the model produced NaN or infinite logits; its weights or config are broken")
     if params.greedy:
         probs = torch.zeros_like(logits)
         probs[logits.argmax()] = 1.0
         return probs
-    scaled = logits / params.temperature
+    # Measured from the top logit, so any temperature > 0 stays finite: as it nears 0 (1e-30, 1e-45) every
+    # token but the likeliest goes to -inf and sampling becomes greedy, the limit, instead of inf/inf = NaN.
+    scaled = (logits - logits.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -62,6 +68,8 @@ def sampling_distribution(logits: torch.Tensor, params: SamplingParams) -> torch
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from the last position's logits [vocab]."""
     if params.greedy:
+        if not bool(torch.isfinite(logits).all()):
+            raise ForethoughtError("the model produced NaN or infinite logits; its weights or config are broken")
         return int(logits.argmax())
     probs = sampling_distribution(logits, params)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -303,15 +303,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_rope()
 
-    def init_rope(self) -> None:
-        """cos/sin of every position's rotation angles, in float32 (HF's rotate-half convention)."""
+    def init_rope(self, positions: int = 256) -> None:
+        """cos/sin of the rotation angles of the first `positions` positions (at most the context), in float32
+        (HF's rotate-half convention). `forward` grows the table as sequences get longer: sizing it by the
+        declared context would let one edited header field (a context of 1e9) allocate tens of gigabytes."""
         c = self.config
         if c.family != "llama" or self.rope_cos.device.type == "meta":
             return
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
-        angles = torch.outer(torch.arange(c.context_length, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1).to(self.rope_cos.device)
-        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+        positions = max(1, min(positions, c.context_length))
+        # Plain tensors even when first needed inside inference_mode, so autograd may use them later.
+        with torch.inference_mode(False), torch.no_grad():
+            inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+            angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1).to(self.rope_cos.device)
+            self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
 
     @property
     def device(self) -> torch.device:
@@ -347,6 +352,8 @@ class Transformer(nn.Module):
             raise ValueError(f"{end} tokens exceed the context length {c.context_length}")
         if cache is not None:
             cache.reserve(end)
+        if c.family == "llama" and end > self.rope_cos.shape[0]:
+            self.init_rope(max(end, 2 * self.rope_cos.shape[0]))  # doubling: O(log n) rebuilds
         wanted = hooks.points if hooks is not None else ()
         if T == 1 and B == 1 and cache is not None and not wanted and self.fused_decode:
             step = self._decode_step(cache)

@@ -26,10 +26,11 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model.kv_cache import KVCache
 from forethought.model.sampling import SamplingParams, sample, sampling_distribution
-from forethought.trace import run_with_trace
+from forethought.trace import act_name, run_with_trace
+from forethought.weights.tokenizer import check_text
 
 CAPTURE = ("embed", "resid_post")
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch: `$` would accept a trailing newline
 
 METRICS = {
     "norm": {
@@ -125,7 +126,7 @@ class SessionStore:
 
 
 def check_session_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         raise ViewerError("session must be 1-64 characters of letters, digits, '-' or '_'")
     return session_id
 
@@ -157,7 +158,7 @@ class ViewerEngine:
         self.lock = threading.Lock()
         self.sessions = SessionStore(limits.max_sessions)
         self.rows = ["embed"] + [f"L{layer}" for layer in range(self.config.n_layers)]
-        self.row_names = ["embed"] + [f"blocks.{layer}.resid_post" for layer in range(self.config.n_layers)]
+        self.row_names = ["embed"] + [act_name(layer, "resid_post") for layer in range(self.config.n_layers)]
         self.stop_ids = (self.tokenizer.eos_id,) if self.tokenizer.eos_id is not None else ()
 
     # ---- public operations (each one takes the lock) -------------------------------------------------
@@ -287,6 +288,7 @@ class ViewerEngine:
             if len(text) > self.limits.max_prompt_chars:
                 raise TooLarge(f"the text has {len(text)} characters; the limit is {self.limits.max_prompt_chars}")
             # No BOS here: the text continues the sequence.
+            check_text(text)
             new_ids = self.tokenizer.backend.encode(text, add_special_tokens=False).ids
             if not new_ids:
                 raise ViewerError("the text encodes to no tokens")
@@ -432,8 +434,7 @@ class ViewerEngine:
     @torch.inference_mode()
     def _lens_probs(self, states: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding of states [n, d] -> next-token probabilities [n, vocab], float32."""
-        x = states.to(device=self.model.device, dtype=self.model.dtype)
-        return torch.softmax(self.model.unembed(self.model.final_norm(x)).float(), dim=-1).cpu()
+        return torch.softmax(self.model.lens_logits(states), dim=-1).cpu()
 
     @torch.inference_mode()
     def _metrics(self, states: torch.Tensor, start: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -486,7 +487,7 @@ class ViewerEngine:
         cache rewound to just before it, which is exactly the step that produced it."""
         cache = session.cache.copy()
         cache.truncate(position)
-        name = f"blocks.{layer}.attn_pattern"
+        name = act_name(layer, "attn_pattern")
         _, traced = run_with_trace(self.model, [session.token_ids[position]], [name], cache=cache, to_cpu=True)
         heads = traced[name][:, 0].float()  # [head, key]
         return {

@@ -13,6 +13,7 @@ from forethought.experiments.equivalence import EquivalenceResult  # noqa: E402
 from forethought.experiments.invariance import InvarianceResult  # noqa: E402
 from forethought.experiments.lens import LensResult  # noqa: E402
 from forethought.experiments.state_size import StateSizeResult  # noqa: E402
+from forethought.trace import layer_label  # noqa: E402
 
 CACHED, RECOMPUTE = "tab:blue", "tab:orange"
 # Exact zeros cannot sit on a log axis; they are drawn at a floor and marked as exact.
@@ -99,7 +100,7 @@ def plot_invariance(results: list[InvarianceResult], path: str | Path) -> Path:
     ax.axhline(1e-2, color="red", ls=":", lw=1, label="1e-2: control must exceed")
     if any_zero:
         ax.plot([], [], "x", color="gray", mew=2, label="exactly 0")
-    ticks = ["embed"] + [n.split(".")[1] for n in first.layers[1:]]
+    ticks = [layer_label(n) for n in first.layers]
     ax.set_xticks(list(x), ticks, fontsize=7)
     ax.set(xlabel="layer (resid_post)", ylabel="max |diff| over the earlier columns")
     ax.set_ylim(floor / 5, None)
@@ -167,7 +168,7 @@ def plot_lens(result: LensResult, path: str | Path) -> Path:
             color = "black" if top1[layer, p] > 0.6 else "white"
             ax.text(p, layer, _short(result.top_tokens[layer][p][0]), ha="center", va="center", fontsize=6, color=color)
     ax.set_xticks(range(n_pos), [_short(t, 10) for t in result.prompt_tokens], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n_layers), [n.split(".")[1] for n in result.layers], fontsize=6)
+    ax.set_yticks(range(n_layers), [layer_label(n) for n in result.layers], fontsize=6)
     ax.set(xlabel="prompt position (input token)", ylabel="layer (resid_post)")
     ax.set_title(f"Logit lens, {result.model}: top-1 token and its probability at every layer x position")
     fig.colorbar(im, ax=ax, label="top-1 probability", fraction=0.03, pad=0.01)

@@ -11,8 +11,10 @@ from forethought.errors import ForethoughtError
 def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ForethoughtError(f"{path}: not readable JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer of 4300+ digits
+        raise ForethoughtError(f"{path}: not readable JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise ForethoughtError(f"{path}: not readable JSON (nested too deeply)") from None
     if not isinstance(value, dict):
         raise ForethoughtError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

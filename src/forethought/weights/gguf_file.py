@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from forethought.errors import ForethoughtError
+from forethought.weights import validate
 
 MAGIC = b"GGUF"
 _SCALARS = {
@@ -58,17 +59,23 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ForethoughtError(f"{self.path} has a string that is not UTF-8 at byte {self.pos}") from None
 
-    def value(self, type_id: int):
+    def value(self, type_id: int, depth: int = 0):
+        if depth > 4:  # arrays of arrays nest this deep at most in real files; a crafted one would recurse
+            raise ForethoughtError(f"{self.path}: metadata arrays nested too deeply at byte {self.pos}")
         if type_id in _SCALARS:
             return self.scalar(_SCALARS[type_id])
         if type_id == STRING:
             return self.string()
         if type_id == ARRAY:
             item_type, count = self.scalar("<I"), self.scalar("<Q")
+            # Every item takes at least this many bytes: a huge count fails here, not after a long loop.
+            least = {STRING: 8, ARRAY: 12}.get(item_type) or struct.calcsize(_SCALARS.get(item_type, "<B"))
+            if count * least > len(self.buf) - self.pos:
+                raise ForethoughtError(f"{self.path} is truncated: an array of {count} items at byte {self.pos}")
             if item_type in _NUMPY:  # numeric arrays in one read
                 dtype = np.dtype(_NUMPY[item_type])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
-            return [self.value(item_type) for _ in range(count)]
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         raise ForethoughtError(f"{self.path} has an unknown metadata type {type_id} at byte {self.pos}")
 
 
@@ -95,13 +102,18 @@ class GGUFFile:
         self.fields: dict[str, object] = {}
         for _ in range(n_fields):
             key = cur.string()
+            if key in self.fields:
+                raise ForethoughtError(f"{self.path}: metadata key {key} appears twice")
             self.fields[key] = cur.value(cur.scalar("<I"))
         raw = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > validate.MAX_DIMS:  # before the loop: a flipped byte here would mean 2^32 reads
+                raise ForethoughtError(f"{self.path}: tensor {name} has {n_dims} dimensions (at most 4)")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             raw.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        alignment = int(self.fields.get("general.alignment", 32))
+        alignment = validate.alignment(self.fields.get("general.alignment", 32), self.path)
         data_start = -(-cur.pos // alignment) * alignment
         self.tensors: list[TensorInfo] = []
         for name, dims, type_id, offset in raw:
@@ -110,9 +122,9 @@ class GGUFFile:
             except ValueError:
                 raise ForethoughtError(f"{self.path}: tensor {name} has unknown type id {type_id}") from None
             block, type_size = GGML_QUANT_SIZES[kind]
-            count = int(np.prod(dims)) if dims else 1
-            if count % block:
-                raise ForethoughtError(f"{self.path}: tensor {name} has {count} values, not whole {kind.name} blocks")
+            count = validate.tensor_dims(name, dims, self.path)
+            if dims[0] % block:  # a block never straddles two rows
+                raise ForethoughtError(f"{self.path}: tensor {name}: rows of {dims[0]}, not whole {kind.name} blocks")
             info = TensorInfo(name, tuple(reversed(dims)), type_id, data_start + offset, count // block * type_size)
             if info.offset + info.nbytes > len(self.data):
                 raise ForethoughtError(
@@ -120,6 +132,7 @@ class GGUFFile:
                     f"the file has {len(self.data)}"
                 )
             self.tensors.append(info)
+        validate.tensor_extents(((t.name, t.offset, t.nbytes) for t in self.tensors), len(self.data), self.path)
 
     def get(self, key: str, default=None):
         return self.fields.get(key, default)

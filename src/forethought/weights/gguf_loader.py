@@ -9,6 +9,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
+from forethought.weights import validate
 from forethought.weights.gguf_file import GGUFFile, TensorInfo
 from forethought.weights.tokenizer import Tokenizer
 
@@ -45,7 +46,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     tokens = gguf.get("tokenizer.ggml.tokens")
     vocab = int(gguf.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
     if vocab == 0:
-        vocab = next(t.shape[0] for t in gguf.tensors if t.name == "token_embd.weight")
+        vocab = next((t.shape[0] for t in gguf.tensors if t.name == "token_embd.weight"), 0)
     has_output = any(t.name == "output.weight" for t in gguf.tensors)
     gpt2 = arch == "gpt2"
     eps_key = "attention.layer_norm_epsilon" if gpt2 else "attention.layer_norm_rms_epsilon"
@@ -78,7 +79,8 @@ def _dequantize(gguf: GGUFFile, tensor: TensorInfo) -> np.ndarray:
         elif kind == GGMLQuantizationType.F16:
             array = raw.view(np.float16).astype(np.float32)
         else:
-            array = quants.dequantize(raw, kind)
+            with np.errstate(all="ignore"):  # NaN/inf from broken scales: validate.tensors names the tensor
+                array = quants.dequantize(raw, kind)
     except NotImplementedError:
         raise ForethoughtError(f"tensor {tensor.name}: GGUF type {kind.name} cannot be dequantized") from None
     return array.reshape(tensor.shape)
@@ -140,7 +142,9 @@ def canonical_tensors(gguf: GGUFFile, config: ModelConfig, arch: str) -> dict[st
 
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
     gguf = GGUFFile(path)
+    validate.gguf_fields(gguf.fields, path.name)
     config = config_from_gguf(gguf)
+    validate.gguf_tensor_index(config, gguf.tensors, path.name)
     tensors = canonical_tensors(gguf, config, gguf.get("general.architecture"))
     tokenizer = Tokenizer.from_gguf_fields(
         model=gguf.get("tokenizer.ggml.model"),

@@ -9,6 +9,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
+from forethought.weights import validate
 from forethought.weights.files import read_json
 from forethought.weights.tokenizer import Tokenizer
 
@@ -71,7 +72,11 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            tensors.update(load_file(str(f)))
+            shard = load_file(str(f))
+            twice = next((name for name in shard if name in tensors), None)
+            if twice is not None:
+                raise ForethoughtError(f"{f}: tensor {twice} is also in another shard")
+            tensors.update(shard)
         except (SafetensorError, OSError, ValueError) as e:
             raise ForethoughtError(f"{f}: corrupt safetensors file ({e})") from None
     return tensors
@@ -134,6 +139,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     if not config_path.is_file():
         raise ForethoughtError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     raw_config = read_json(config_path)
+    validate.hf_config(raw_config, config_path)
     try:
         config = config_from_hf(raw_config, folder)
     except KeyError as e:

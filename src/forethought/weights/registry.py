@@ -110,6 +110,7 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fl
 
     `dtype` is a name in DTYPES, or "int8": weight matrices in 8 bits, activations and cache float32.
     """
+    from forethought.weights import validate
     from forethought.weights.gguf_loader import load_gguf
     from forethought.weights.hf_loader import load_hf_folder
     from forethought.weights.tensors import build_model
@@ -133,6 +134,9 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fl
         config, tensors, tokenizer, meta = load_gguf(path)
     else:
         raise ForethoughtError(f"{path} is not a regular file or folder")
+    # Every config size against a tensor really in the file, before the model allocates by the config.
+    validate.tensors(config, tensors, path)
+    validate.tokenizer(tokenizer, config, path)
     network = build_model(config, tensors, torch_dtype, device)
     if dtype == INT8:
         try:

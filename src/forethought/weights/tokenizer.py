@@ -121,6 +121,7 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        check_text(text)
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if self.add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
@@ -146,28 +147,58 @@ class Tokenizer:
             raise ForethoughtError(f"chat template: {message}")
 
         env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
         bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self.backend.id_to_token(self.eos_id) if self.eos_id is not None else ""
-        return template.render(
-            messages=[{"role": "user", "content": user_message}],
-            add_generation_prompt=True,
-            bos_token=bos,
-            eos_token=eos,
-        )
+        try:  # the template is code from the model file: any failure in it is the file's, reported in one line
+            template = env.from_string(chat_template_text(self.chat_template))
+            text = template.render(
+                messages=[{"role": "user", "content": user_message}],
+                add_generation_prompt=True,
+                bos_token=bos,
+                eos_token=eos,
+            )
+        except ForethoughtError:
+            raise
+        except Exception as e:  # noqa: BLE001 - jinja2 syntax/undefined errors, and whatever the template divides by
+            raise ForethoughtError(f"chat template: {type(e).__name__}: {str(e)[:200]}") from None
+        if not isinstance(text, str):
+            raise ForethoughtError("chat template: did not render to text")
+        return text
+
+
+def chat_template_text(template: object) -> str:
+    """The template's source: a string, or from HF's list of named templates the one called "default"."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not isinstance(template, str):
+        raise ForethoughtError(f"chat template: expected text, got {type(template).__name__}")
+    return template
+
+
+def check_text(text: str) -> None:
+    """Text that is real Unicode: command-line bytes that are not UTF-8 arrive as lone surrogates (Python's
+    surrogateescape), and so can lone surrogates in JSON; the tokenizer would fail on them with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ForethoughtError(
+            f"the text is not valid UTF-8 (character {e.start}: {text[e.start : e.end]!a}); pass UTF-8 text"
+        ) from None
 
 
 class StreamDecoder:
     """Turns ids into text one at a time, holding back bytes of a character not yet complete."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.skip_special = skip_special  # e.g. a chat answer's closing <|im_end|>
         self.ids: list[int] = []
         self.emitted = 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids, skip_special=self.skip_special)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next byte
             return ""
         new = text[self.emitted :]
