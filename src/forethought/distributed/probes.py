@@ -120,12 +120,11 @@ class RayProbeResult(ProbeResult):
     ray: dict = field(default_factory=dict)  # spec, per-worker layers and seconds
 
 
-def merge(store, model, offsets: list[int], outputs: list[LayerOutput], options: dict, started: float) -> ProbeResult:
-    """The single-process ProbeResult from per-layer outputs (in the run's layer order): the shared phase
-    prepared here, then `summarize_probes` over all layers together, as `run_probes` ends."""
-    from forethought.experiments.probes import prepare_probes, summarize_probes
+def merge(store, setup, outputs: list[LayerOutput], options: dict, started: float) -> ProbeResult:
+    """The single-process ProbeResult from per-layer outputs (in the run's layer order) and the driver's own
+    shared phase (`prepare_probes`): `summarize_probes` over all layers together, as `run_probes` ends."""
+    from forethought.experiments.probes import summarize_probes
 
-    setup = prepare_probes(store, model, offsets, **_prepare_options(options))
     cells = [c for out in outputs for c in out.cells]
     correct = {key: hits for out in outputs for key, hits in out.correct.items()}
     timings: dict[str, float] = defaultdict(float, setup.timings)
@@ -172,6 +171,14 @@ def map_cells(
     refs = {remote.remote(store_path, source_ref, layer, offsets, remote_options, threads): layer for layer in by_layer}
     outputs: dict[int, LayerOutput] = {}
     workers: dict[str, WorkerStats] = {}
+    try:  # the driver's copy of the shared phase, computed while the workers fit
+        from forethought.experiments.probes import prepare_probes
+
+        setup = prepare_probes(store, model, offsets, **_prepare_options(options))
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
     with _bar(progress) as bar:
         task = bar.add_task("probe layers", total=len(refs)) if bar else None
         waiting = list(refs)
@@ -189,7 +196,7 @@ def map_cells(
         finally:
             for ref in waiting:
                 ray.cancel(ref, force=True)
-    merged = merge(store, model, offsets, [outputs[layer] for layer in by_layer], options, started)
+    merged = merge(store, setup, [outputs[layer] for layer in by_layer], options, started)
     summary = {
         name: {"layers": s.shards, "seconds": round(s.seconds, 3), "load_seconds": round(s.load_seconds, 3)}
         for name, s in sorted(workers.items())
