@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ print("exit codes:", codes, "ray imported:", "ray" in sys.modules)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        (folder / f"d{i}.txt").write_text(f"text {i}: " + "a small corpus of plain words " * 8)
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing near old stone walls".split()
+    for i in range(40):  # distinct word sequences: the probes drop held-out documents that near-copy training ones
+        text = " ".join(random.Random(i).choice(words) for _ in range(40))
+        (folder / f"d{i}.txt").write_text(f"text {i}: {text}")
     return folder
 
 

@@ -18,11 +18,12 @@ def extract_run(ray: str, model: str, device: str) -> Callable:
 def probe_run(ray: str, model: str, device: str) -> Callable:
     """`experiments.probes.run_probes(store, model, offsets, layers, **options)`, its layers fitted on Ray.
 
-    The driver's loaded model is not sent: every worker loads `model` by name or path itself.
+    The driver's loaded model is not sent: every worker loads `model` by name or path itself (the driver's
+    serves the shared phase and the summary, which the driver computes).
     """
     source = named_model(model, device)
 
-    def run(store, _driver_model, offsets, layers=None, **options):
-        return run_probes_on_ray(parse_ray_spec(ray), source, store, offsets, layers, **options)
+    def run(store, driver_model, offsets, layers=None, **options):
+        return run_probes_on_ray(parse_ray_spec(ray), source, store, driver_model, offsets, layers, **options)
 
     return run

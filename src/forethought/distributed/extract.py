@@ -266,18 +266,23 @@ def run_extract_on_ray(
     spec: RaySpec | None, source: ModelSource, lm, corpus, out: str | Path, layers: list[int], **options
 ) -> RayExtractResult:
     """`experiments.future.run_extract` with its shards computed on Ray (same arguments, same store)."""
-    from forethought.data.corpus import iter_token_documents, split_of
-    from forethought.experiments.future import run_extract
+    import inspect
 
-    test_fraction = options.get("test_fraction", 0.1)
-    splits = [0 if split_of(d.doc_id, test_fraction) == "train" else 1 for d in corpus.documents]
+    from forethought.data.corpus import load_corpus
+    from forethought.experiments.future import document_splits, reading_order, run_extract
+
+    docs = load_corpus(corpus) if isinstance(corpus, str) else corpus
+    # run_extract's own values (its defaults where not given), so the planner reads the documents as it does
+    bound = inspect.signature(run_extract).bind(lm, docs, out, layers, **options)
+    bound.apply_defaults()
+    test_fraction, max_doc_tokens = bound.arguments["test_fraction"], bound.arguments["max_doc_tokens"]
     with ray_session(spec) as ray:
         result = extract_on_ray(
             ray,
             source,
-            functools.partial(run_extract, lm, corpus, out, layers, **options),
-            lambda: iter_token_documents(corpus, lm.tokenizer.encode),
-            splits,
+            functools.partial(run_extract, lm, docs, out, layers, **options),
+            lambda: reading_order(lm, docs, test_fraction, max_doc_tokens),
+            document_splits(docs, test_fraction),
             out,
         )
     result.ray["spec"] = spec.describe() if spec else "session"

@@ -1,12 +1,16 @@
-"""Probe fitting on Ray: (layer, offset) cells fanned out over workers, merged in (layer, offset) order.
+"""Probe fitting on Ray: one task per layer, merged by the driver into exactly the single-process result.
 
-A unit of work is one layer with its offsets: the probes of a layer share one Gram matrix across offsets, so
-splitting a layer would redo its most expensive step. Each worker process opens the store and loads the model
-once (a per-process cache) and fits every layer it is given; the driver merges the cells sorted by
-(layer, offset), whatever order they finish in.
+`run_probes` has three phases (`experiments.probes`): `prepare_probes` (positions, baselines, probe vocabulary:
+once per run), `fit_probe_layer` per layer, and `summarize_probes` over all layers together (the layer chosen
+on validation per offset, every cell's excess over the strongest context baseline, the bootstrap intervals).
+Here the middle phase fans out: a unit of work is one layer with all its offsets (the probes of a layer share
+one Gram matrix, so splitting a layer would redo its most expensive step). Each worker process opens the store,
+loads the model and prepares the shared phase once (per-process caches, keyed by store and options) and fits
+every layer it is given, saving that layer's maps. The driver prepares the same shared phase itself
+(deterministic, so equal to the workers'), collects cells and per-position hits in layer order, and runs the
+summary: the JSON equals the single-process run's in every number but the timings.
 
-The seam: `fit_layer` is the one call into the experiment. It runs the per-layer fitting function on one
-layer's cells and returns a `ProbeResult` holding only them; everything else here is generic.
+The seam: `fit_layer` is the one call into the per-layer fitting; everything else here is generic.
 """
 
 from __future__ import annotations
@@ -22,25 +26,46 @@ import torch
 from forethought.distributed.cluster import RaySpec, ray_session, worker_name
 from forethought.distributed.extract import ModelSource, WorkerStats, worker_model
 from forethought.distributed.fanout import MAX_RETRIES, unwrap
-from forethought.experiments.probes import ProbeResult
+from forethought.experiments.probes import Cell, ProbeResult
 
-Cell = tuple[int, int]  # (layer, offset)
+# the options of `run_probes` that the shared phase depends on (the rest: save_dir, n_boot, progress)
+PREPARE_OPTIONS = ("eval_tokens", "lens_eval_tokens", "control_eval_tokens", "val_fraction", "seed", "dedup_threshold")
 
 
-def fit_layer(store, model, layer: int, offsets: list[int], options: dict) -> ProbeResult:
-    """THE SEAM: fit and score one layer's cells (every offset in `offsets`) on `store` with `model`.
+def _prepare_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k in PREPARE_OPTIONS}
 
-    Today it is `run_probes` restricted to one layer. Note for the merge: `run_probes` draws each layer's
-    temperature rows from one generator shared across its layer loop, so a layer fitted alone (here, or in any
-    fan-out) matches a sequential run over all layers exactly only for the first layer; a per-cell function that
-    seeds its own draws from (seed, layer, offset) makes every layer match.
-    """
-    from forethought.experiments.probes import run_probes
 
-    return run_probes(store, model, offsets, [layer], progress=False, **options)
+def _save_path(options: dict) -> Path | None:
+    save_dir = options.get("save_dir")
+    if save_dir is None:
+        return None
+    path = Path(save_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fit_layer(store, model, layer: int, offsets: list[int], options: dict, prepared=None):
+    """THE SEAM: one layer's cells (every offset) and per-position hits, its maps saved under options["save_dir"].
+
+    `prepared` is (setup, fitter) from `prepare_layer_fitting` (a worker reuses it for every layer it fits)."""
+    from forethought.experiments.probes import fit_probe_layer
+
+    _, fitter = prepared or prepare_layer_fitting(store, model, offsets, options)
+    return fit_probe_layer(fitter, store, layer, _save_path(options))
+
+
+def prepare_layer_fitting(store, model, offsets: list[int], options: dict):
+    """The shared phase and a LayerFitter on it (the final layer loaded once), as `run_probes` builds them."""
+    from forethought.experiments.probes import layer_fitter, prepare_probes
+
+    setup = prepare_probes(store, model, offsets, **_prepare_options(options))
+    s_final = store.layer(model.config.n_layers - 1)
+    return setup, layer_fitter(setup, model, s_final, options.get("seed", 0))
 
 
 _STORES: dict[str, object] = {}  # per worker process: the opened store, reused by every layer it fits
+_PREPARED: dict[tuple, tuple] = {}  # per worker process: (setup, fitter) for one (store, offsets, options)
 
 
 def _worker_store(path: str):
@@ -52,12 +77,23 @@ def _worker_store(path: str):
     return _STORES[path]
 
 
+def _worker_prepared(path: str, source: ModelSource, offsets: list[int], options: dict):
+    key = (path, source.key, tuple(offsets), tuple(sorted(_prepare_options(options).items())))
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one run at a time per worker: a new run's setup replaces the last
+        _PREPARED[key] = prepare_layer_fitting(_worker_store(path), worker_model(source), offsets, options)
+    return _PREPARED[key]
+
+
 @dataclass
 class LayerOutput:
-    result: ProbeResult
+    layer: int
+    cells: list[Cell]
+    correct: dict[tuple[int, int], torch.Tensor]  # (layer, offset) -> hit per evaluation position
+    timings: dict[str, float]  # the fitting's own, this layer only
     worker: str
     seconds: float
-    load_seconds: float
+    load_seconds: float  # store, model and the shared phase, when this task was the worker's first
 
 
 def fit_layer_task(
@@ -68,11 +104,15 @@ def fit_layer_task(
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    prepared = _worker_prepared(store_path, source, offsets, options)
     store, model = _worker_store(store_path), worker_model(source)
     t1 = time.perf_counter()
-    result = fit_layer(store, model, layer, offsets, options)
+    timings = prepared[1].timings
+    before = dict(timings)
+    cells, correct = fit_layer(store, model, layer, offsets, options, prepared)
+    spent = {k: v - before.get(k, 0.0) for k, v in timings.items() if v != before.get(k, 0.0)}
     name = worker_name(ray) if ray.is_initialized() else f"local:{os.getpid()}"
-    return LayerOutput(result, name, time.perf_counter() - t1, t1 - t0)
+    return LayerOutput(layer, cells, correct, spent, name, time.perf_counter() - t1, t1 - t0)
 
 
 @dataclass
@@ -80,36 +120,24 @@ class RayProbeResult(ProbeResult):
     ray: dict = field(default_factory=dict)  # spec, per-worker layers and seconds
 
 
-# the fields every layer's result must agree on (they depend on the store and the options, not on the layer)
-SHARED = ("model", "store", "n_train", "n_val", "n_eval", "n_eval_lens", "n_eval_control", "probe_vocab")
+def merge(store, setup, outputs: list[LayerOutput], options: dict, started: float) -> ProbeResult:
+    """The single-process ProbeResult from per-layer outputs (in the run's layer order) and the driver's own
+    shared phase (`prepare_probes`): `summarize_probes` over all layers together, as `run_probes` ends."""
+    from forethought.experiments.probes import summarize_probes
 
-
-def merge(parts: list[ProbeResult], layers: list[int], seconds: float) -> ProbeResult:
-    """One ProbeResult from per-layer ones: cells in (layer, offset) order, shared fields checked equal."""
-    first = parts[0]
-    for part in parts[1:]:
-        for name in SHARED:
-            if getattr(part, name) != getattr(first, name):
-                raise RuntimeError(f"layer results disagree on {name}: the fan-out is not deterministic")
-        if part.to_dict()["baselines"] != first.to_dict()["baselines"]:
-            raise RuntimeError("layer results disagree on the baselines: the fan-out is not deterministic")
-    cells = sorted((c for p in parts for c in p.cells), key=lambda c: (c.layer, c.offset))
-    timings: dict[str, float] = defaultdict(float)
-    for part in parts:
-        for k, v in part.timings.items():
+    cells = [c for out in outputs for c in out.cells]
+    correct = {key: hits for out in outputs for key, hits in out.correct.items()}
+    timings: dict[str, float] = defaultdict(float, setup.timings)
+    for out in outputs:
+        for k, v in out.timings.items():
             timings[k] += v
-    values = {f.name: getattr(first, f.name) for f in fields(ProbeResult)}
-    values |= {
-        "layers": list(layers),
-        "offsets": sorted({c.offset for c in cells}),
-        "cells": cells,
-        "seconds": seconds,
-        "timings": dict(timings),
-    }
-    return ProbeResult(**values)
+    setup.timings.update(timings)
+    layers = [out.layer for out in outputs]
+    n_boot = options.get("n_boot", 1000)
+    return summarize_probes(setup, store, layers, cells, correct, n_boot, _save_path(options), started)
 
 
-def group_cells(cells: list[Cell]) -> dict[int, list[int]]:
+def group_cells(cells: list[tuple[int, int]]) -> dict[int, list[int]]:
     """layer -> its sorted offsets, layers in first-seen order."""
     by_layer: dict[int, set[int]] = {}
     for layer, offset in cells:
@@ -119,24 +147,38 @@ def group_cells(cells: list[Cell]) -> dict[int, list[int]]:
 
 def map_cells(
     ray,
-    store_path: str | Path,
+    store,
+    model,
     source: ModelSource,
-    cells: list[Cell],
+    cells: list[tuple[int, int]],
     options: dict,
     threads: int = 1,
     progress: bool = False,
 ) -> RayProbeResult:
-    """Fit `cells` on the Ray workers of `ray` (connected) and merge them deterministically."""
+    """`run_probes` over the (layer, offset) `cells` (every layer with the same offsets) on the Ray workers of
+    `ray` (connected); `store` is opened by the driver at a path every node sees, `model` the driver's copy."""
     started = time.perf_counter()
     by_layer = group_cells(cells)
+    offsets = sorted({k for ks in by_layer.values() for k in ks})
+    if any(ks != offsets for ks in by_layer.values()):
+        raise ValueError("every layer must be fitted at the same offsets (they share one set of positions)")
     remote = ray.remote(fit_layer_task).options(num_cpus=threads, max_retries=MAX_RETRIES)
     source_ref = ray.put(source)
-    refs = {
-        remote.remote(str(store_path), source_ref, layer, offsets, options, threads): layer
-        for layer, offsets in by_layer.items()
-    }
+    store_path = str(Path(store.path).resolve())
+    # workers may run elsewhere: absolute paths for them (the merged result keeps the caller's save_dir)
+    save_dir = options.get("save_dir")
+    remote_options = options | {"save_dir": None if save_dir is None else str(Path(save_dir).resolve())}
+    refs = {remote.remote(store_path, source_ref, layer, offsets, remote_options, threads): layer for layer in by_layer}
     outputs: dict[int, LayerOutput] = {}
     workers: dict[str, WorkerStats] = {}
+    try:  # the driver's copy of the shared phase, computed while the workers fit
+        from forethought.experiments.probes import prepare_probes
+
+        setup = prepare_probes(store, model, offsets, **_prepare_options(options))
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
     with _bar(progress) as bar:
         task = bar.add_task("probe layers", total=len(refs)) if bar else None
         waiting = list(refs)
@@ -154,7 +196,7 @@ def map_cells(
         finally:
             for ref in waiting:
                 ray.cancel(ref, force=True)
-    merged = merge([outputs[layer].result for layer in by_layer], list(by_layer), time.perf_counter() - started)
+    merged = merge(store, setup, [outputs[layer] for layer in by_layer], options, started)
     summary = {
         name: {"layers": s.shards, "seconds": round(s.seconds, 3), "load_seconds": round(s.load_seconds, 3)}
         for name, s in sorted(workers.items())
@@ -184,19 +226,22 @@ def run_probes_on_ray(
     spec: RaySpec | None,
     source: ModelSource,
     store,
+    model,
     offsets: list[int],
     layers: list[int] | None = None,
     save_dir: str | Path | None = "default",
     progress: bool = True,
     **options,
 ) -> RayProbeResult:
-    """`experiments.probes.run_probes` with its layers fitted on Ray workers (the store on shared storage)."""
+    """`experiments.probes.run_probes` with its layers fitted on Ray workers (the store on shared storage).
+
+    `model` is the driver's copy (for the shared phase and the summary); workers load `source` themselves."""
     layers = list(store.layers if layers is None else layers)
     if save_dir == "default":
-        save_dir = store.path / "probes"
-    options = options | {"save_dir": None if save_dir is None else str(Path(save_dir).resolve())}
+        save_dir = Path(store.path) / "probes"
+    options = options | {"save_dir": save_dir}
     cells = [(layer, k) for layer in layers for k in sorted(offsets)]
     with ray_session(spec) as ray:
-        result = map_cells(ray, Path(store.path).resolve(), source, cells, options, progress=progress)
+        result = map_cells(ray, store, model, source, cells, options, progress=progress)
     result.ray["spec"] = spec.describe() if spec else "session"
     return result

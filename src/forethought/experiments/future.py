@@ -15,6 +15,17 @@ def run_probes(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def reading_order(lm, docs: Corpus, test_fraction: float, max_doc_tokens: int | None):
+    """The tokenized documents in the order extraction reads them. The one definition: the Ray shard planner
+    (`forethought.distributed.extract`) must cut the corpus exactly as `run_extract` does."""
+    return balanced_order(docs, lm.tokenizer.encode, test_fraction, max_doc_tokens=max_doc_tokens or None)
+
+
+def document_splits(docs: Corpus, test_fraction: float) -> list[int]:
+    """Per corpus document: 0 train (validation included), 1 test."""
+    return [0 if split_of(d.doc_id, test_fraction) == "train" else 1 for d in docs.documents]
+
+
 def run_extract(
     lm,
     corpus: str | Corpus,
@@ -48,12 +59,11 @@ def run_extract(
     )
     docs = load_corpus(corpus) if isinstance(corpus, str) else corpus
     doc_ids = [d.doc_id for d in docs.documents]
-    splits = [0 if split_of(i, test_fraction) == "train" else 1 for i in doc_ids]
     tok = lm.tokenizer
     return extract(
         lm.model,
-        balanced_order(docs, tok.encode, test_fraction, max_doc_tokens=max_doc_tokens or None),
-        splits,
+        reading_order(lm, docs, test_fraction, max_doc_tokens),
+        document_splits(docs, test_fraction),
         doc_ids,
         out,
         settings,

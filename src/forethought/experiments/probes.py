@@ -505,8 +505,67 @@ def run_probes(
     The headline per offset is the probe at the layer chosen on validation, minus the
     strongest context baseline, with a 95% interval from a bootstrap over held-out documents."""
     started = time.perf_counter()
-    timings = Timings()
     layers = list(store.layers if layers is None else layers)
+    setup = prepare_probes(
+        store, model, offsets, eval_tokens, lens_eval_tokens, control_eval_tokens, val_fraction, seed, dedup_threshold
+    )
+    with setup.timings.timed("load"):
+        s_final = store.layer(model.config.n_layers - 1)
+    save_path = None
+    if save_dir is not None:
+        save_path = Path(store.path / "probes" if save_dir == "default" else save_dir)
+        save_path.mkdir(parents=True, exist_ok=True)
+
+    fitter = layer_fitter(setup, model, s_final, seed)
+    cells: list[Cell] = []
+    correct: dict[tuple[int, int], torch.Tensor] = {}
+    bar = _bar(progress, len(layers))
+    task = bar.add_task("probe", total=len(layers)) if bar else None
+    if bar:
+        bar.start()
+    try:
+        for layer in layers:
+            layer_cells, layer_correct = fit_probe_layer(fitter, store, layer, save_path)
+            cells += layer_cells
+            correct.update(layer_correct)
+            if bar:
+                bar.update(task, advance=1)
+    finally:
+        if bar:
+            bar.stop()
+    return summarize_probes(setup, store, layers, cells, correct, n_boot, save_path, started)
+
+
+@dataclass
+class ProbeSetup:
+    """What every layer's fit shares and the summary reads: positions, baselines, probe vocabulary. Deterministic
+    in (store, offsets, options), so a Ray worker that prepares its own copy gets the driver's exactly."""
+
+    offsets: list[int]
+    tokens: torch.Tensor
+    greedy: torch.Tensor
+    doc_of: torch.Tensor
+    pos: Positions
+    baselines: dict[int, dict[str, Metrics]]
+    uni_logp: torch.Tensor
+    vocab_info: ProbeVocabulary
+    context: dict
+    timings: Timings
+
+
+def prepare_probes(
+    store: ActivationStore,
+    model: Transformer,
+    offsets: list[int],
+    eval_tokens: int = 4096,
+    lens_eval_tokens: int = 2048,
+    control_eval_tokens: int = 1024,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    dedup_threshold: float | None = 0.5,
+) -> ProbeSetup:
+    """`run_probes`' first phase: check the request, split positions, fit the baselines (once per run)."""
+    timings = Timings()
     offsets = sorted(offsets)
     if min(offsets) < 1 or max(offsets) >= store.window:
         raise ForethoughtError(f"offsets must lie in 1..{store.window - 1}")
@@ -529,41 +588,53 @@ def run_probes(
         context = {
             k: context_baselines(tokens, pos.trn, pos.val, pos.evaluation, k, store.window, vocab) for k in offsets
         }
+    return ProbeSetup(offsets, tokens, greedy, doc_of, pos, baselines, uni_logp, vocab_info, context, timings)
+
+
+def layer_fitter(setup: ProbeSetup, model: Transformer, s_final: torch.Tensor, seed: int) -> LayerFitter:
+    return LayerFitter(
+        model,
+        setup.tokens,
+        setup.greedy,
+        setup.pos,
+        setup.offsets,
+        setup.vocab_info,
+        setup.uni_logp,
+        s_final,
+        setup.timings,
+        seed,
+    )
+
+
+def fit_probe_layer(fitter: LayerFitter, store: ActivationStore, layer: int, save_path: Path | None):
+    """`run_probes`' second phase for one layer: its cells and per-position hits, its maps saved."""
+    timings = fitter.timings
     with timings.timed("load"):
-        s_final = store.layer(final)
+        final = fitter.model.config.n_layers - 1
+        h = fitter.s_final if layer == final else store.layer(layer)
+    layer_cells, saved, layer_correct = fitter.fit(layer, h)
+    if save_path is not None:
+        with timings.timed("save"):
+            save_probe_layer(save_path, layer, saved, layer_cells, store)
+    return layer_cells, layer_correct
 
-    save_path = None
-    if save_dir is not None:
-        save_path = Path(store.path / "probes" if save_dir == "default" else save_dir)
-        save_path.mkdir(parents=True, exist_ok=True)
 
-    fitter = LayerFitter(model, tokens, greedy, pos, offsets, vocab_info, uni_logp, s_final, timings, seed)
-    cells: list[Cell] = []
-    correct: dict[tuple[int, int], torch.Tensor] = {}
-    bar = _bar(progress, len(layers))
-    task = bar.add_task("probe", total=len(layers)) if bar else None
-    if bar:
-        bar.start()
-    try:
-        for layer in layers:
-            with timings.timed("load"):
-                h = s_final if layer == final else store.layer(layer)
-            layer_cells, saved, layer_correct = fitter.fit(layer, h)
-            cells += layer_cells
-            correct.update(layer_correct)
-            if save_path is not None:
-                with timings.timed("save"):
-                    save_probe_layer(save_path, layer, saved, layer_cells, store)
-            del h
-            if bar:
-                bar.update(task, advance=1)
-    finally:
-        if bar:
-            bar.stop()
-
+def summarize_probes(
+    setup: ProbeSetup,
+    store: ActivationStore,
+    layers: list[int],
+    cells: list[Cell],
+    correct: dict[tuple[int, int], torch.Tensor],
+    n_boot: int,
+    save_path: Path | None,
+    started: float,
+) -> ProbeResult:
+    """`run_probes`' last phase, over all layers together: intervals, the layer chosen on validation."""
+    pos, offsets, timings = setup.pos, setup.offsets, setup.timings
     with timings.timed("intervals"):
-        summary = _summarize(tokens, doc_of, pos.evaluation, offsets, layers, cells, correct, context, n_boot)
-
+        summary = _summarize(
+            setup.tokens, setup.doc_of, pos.evaluation, offsets, layers, cells, correct, setup.context, n_boot
+        )
     return ProbeResult(
         model=store.manifest["model"]["name"],
         store=str(store.path),
@@ -574,8 +645,8 @@ def run_probes(
         n_eval=len(pos.evaluation),
         n_eval_lens=len(pos.lens_eval),
         n_eval_control=len(pos.ctrl_eval),
-        probe_vocab=len(vocab_info.columns),
-        baselines=baselines,
+        probe_vocab=len(setup.vocab_info.columns),
+        baselines=setup.baselines,
         cells=cells,
         seconds=time.perf_counter() - started,
         timings=dict(timings),
@@ -583,7 +654,7 @@ def run_probes(
         n_eval_documents=pos.n_test_documents,
         near_duplicates_removed=pos.near_duplicates,
         context=summary["context"],
-        context_settings={k: context[k].chosen for k in offsets},
+        context_settings={k: setup.context[k].chosen for k in offsets},
         headline=summary["headline"],
         per_position=summary["per_position"],
     )
@@ -619,6 +690,7 @@ class LayerFitter:
             s_final,
             timings,
         )
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.train_all = pos.train_all
         self.perm = torch.randperm(len(self.train_all), generator=self.gen)  # the control's shuffle of positions
@@ -641,7 +713,10 @@ class LayerFitter:
             ridge = Ridge(_gram(z_train[:n_trn]) + g_val, g_val, n_trn)
             z_eval = _augment((h[pos.evaluation] - mean) / std)
             z_sel = _augment((h[pos.select] - mean) / std)
-        val_rows = n_trn + torch.randperm(len(pos.val), generator=self.gen)[:TEMPERATURE_TOKENS]
+        # drawn from (seed, layer), not from a generator shared across the loop over layers: a layer fitted alone
+        # (one Ray task per layer) gets the rows a sequential run gives it
+        layer_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, layer]).generate_state(1)[0]))
+        val_rows = n_trn + torch.randperm(len(pos.val), generator=layer_gen)[:TEMPERATURE_TOKENS]
         saved: dict[str, torch.Tensor] = {"mean": mean, "std": std, "columns": self.v.columns.to(torch.int32)}
         cells, correct = [], {}
         self._lens_ctrl = None
