@@ -198,3 +198,22 @@ def test_steering_along_the_probe_direction_raises_its_token(tiny, tmp_path: Pat
     out = measure_position(tiny, window, 20, settings, {1: probe}, torch.Generator().manual_seed(0), torch.arange(60))
     assert out["steer_probe@1k2:next"] > 0  # at t itself the added direction is read out directly
     assert math.isfinite(out["steer_random@1k2:next"]) and math.isfinite(out["steer_random@1k2:target"])
+
+
+def test_ridge_solves_a_gram_that_rounding_left_slightly_indefinite():
+    """Few tokens and a tiny lambda: the float32-summed Gram can be a hair short of positive definite (a
+    Cholesky factor then fails). The solve must still be the ridge solution."""
+    from forethought.experiments.probes import Ridge
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 8, dtype=torch.float64)
+    x[:, 7] = x[:, 6]  # rank-deficient: one zero eigenvalue
+    g = x.T @ x
+    g[7, 7] -= 1e-6  # ... pushed just below zero, as rounding does
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(g + 1e-9 * torch.eye(8, dtype=torch.float64))
+    b = torch.randn(8, 3, dtype=torch.float64)
+    w = Ridge(g, 0.1 * g, 45).solve(b, 1e-3)
+    ref = torch.linalg.solve(g + 1e-3 * 45 * torch.eye(8, dtype=torch.float64), b)
+    assert torch.isfinite(w).all()
+    assert torch.allclose(w.double(), ref, rtol=1e-4, atol=1e-4)

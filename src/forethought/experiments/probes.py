@@ -144,6 +144,7 @@ class Ridge:
         self.e, self.q = e.clamp_min(0), q
         self.m = q.T @ g_val @ q  # validation Gram in the eigenbasis
         self._inverse: dict[float, torch.Tensor] = {}
+        self._all_eigh: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def select(self, b_all: torch.Tensor, b_val: torch.Tensor, weights: torch.Tensor | None = None) -> float:
         """Lambda from the grid with the least (weighted) validation squared error."""
@@ -175,10 +176,13 @@ class Ridge:
     def solve(self, b_all: torch.Tensor, alpha: float) -> torch.Tensor:
         """W [p, m] = (G_all + lambda I)^-1 B_all, in float32."""
         if alpha not in self._inverse:
-            p = self.g_all.shape[0]
-            lam = alpha * self.n_trn
-            chol = torch.linalg.cholesky(self.g_all + lam * torch.eye(p, dtype=torch.float64))
-            self._inverse[alpha] = torch.cholesky_inverse(chol).float()
+            # Through the eigenbasis, not a Cholesky factor: the Gram is summed from float32 chunks, so with few
+            # tokens and a tiny lambda it can come out a hair short of positive definite and Cholesky fails.
+            if self._all_eigh is None:
+                e, q = torch.linalg.eigh(self.g_all)
+                self._all_eigh = (e.clamp_min(0), q)
+            e, q = self._all_eigh
+            self._inverse[alpha] = ((q / (e + alpha * self.n_trn)) @ q.T).float()
         return self._inverse[alpha] @ b_all.float()
 
 
