@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from forethought.errors import ForethoughtError
@@ -20,6 +21,12 @@ def _bytes(n: float | None) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def no_nan(numbers: dict) -> dict:
+    """NaN (a quantity that is undefined here, e.g. a decay length where no exponential fits) as None: JSON null,
+    and equal to itself when a cached report is compared with a fresh one."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in numbers.items()}
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -352,7 +359,7 @@ def anatomy(ctx: ReportContext, folder: Path) -> Finding:
     data.pop("pca", None)  # point clouds: in the figure, too bulky for report.json
     return Finding(
         _anatomy_words(result, summary, slow),
-        numbers=numbers,
+        numbers=no_nan(numbers),
         figures=[Figure(p.name, captions.get(p.name, p.stem), cmd) for p in paths],
         commands=[cmd],
         data=data,
@@ -361,8 +368,6 @@ def anatomy(ctx: ReportContext, folder: Path) -> Finding:
 
 def _anatomy_words(result, s: dict, slow) -> str:
     """The experiment's own verdict, with the causal (past-only) slow part and the decay as measured."""
-    import math
-
     from forethought.trace import split_name
 
     def where(name: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forethought.report.builtin import future_store, pct_interval, points, sign_words
+from forethought.report.builtin import future_store, no_nan, pct_interval, points, sign_words
 from forethought.report.context import ReportContext, q
 from forethought.report.finding import Figure, Finding
 
@@ -105,7 +105,7 @@ def plan_answer(ctx: ReportContext, folder: Path) -> Finding:
     verdict = _verdict(probe, causal, shares, ctx.corpus)
     return Finding(
         verdict,
-        numbers=numbers,
+        numbers=no_nan(numbers),
         intervals=intervals,
         figures=figures,
         commands=[
@@ -129,7 +129,8 @@ def _numbers(probe, causal, shares) -> tuple[dict, dict]:
 
     def put(key: str, iv) -> None:
         numbers[key] = iv.estimate
-        intervals[key] = [iv.low, iv.high]
+        if iv.low == iv.low:  # NaN where nothing was resampled
+            intervals[key] = [iv.low, iv.high]
 
     for k, head in probe.headline.items():
         numbers[f"k{k}_layer"] = head["layer"]
