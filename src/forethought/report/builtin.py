@@ -454,7 +454,7 @@ def revise(ctx: ReportContext, folder: Path) -> Finding:
     words = "; ".join(f"{name}: {_revise_words(r, tok)}" for name, r in results.items())
     verdict = (
         f"Nothing before the off-plan token can change (max |diff| of earlier columns {causal:.2g}); from it on, "
-        f"the model continues from the text it now has: {words}. One prompt and one forced token per condition, "
+        f"the model continues from the text it now has: {words}. One prompt and one off-plan token per condition, "
         "so these are examples, without intervals."
     )
     numbers = {"causal_max_diff": causal, "at": first.at}
