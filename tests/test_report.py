@@ -4,6 +4,7 @@ other commands' JSON results picked up, and the page rendered in a real Chromium
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from forethought.report import (
     write_report,
 )
 
-PENDING = {"plan", "architectures", "speculative", "second_model"}
+PENDING = {"architectures", "speculative", "second_model"}
 BUILTIN = [s.key for s in SECTIONS if s.key not in PENDING]
 TINY = ReportSettings(
     equivalence_steps=4,
@@ -38,6 +39,13 @@ TINY = ReportSettings(
     anatomy_length=24,
     revise_steps=4,
     state_tokens=(1, 10, 100),
+    plan_offsets=(1, 2, 4),
+    plan_positions=24,
+    plan_max_prefix=20,
+    plan_ceiling_offsets=(1, 2),
+    plan_ceiling_positions=None,
+    plan_rollouts=2,
+    plan_n_boot=100,
 )
 
 
@@ -51,8 +59,11 @@ BOOM = Section("boom", "A section that fails", "Does one failure spare the rest?
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("corpus")
+    words = " ".join(_CORPUS).split()
+    rng = random.Random(0)
     for i in range(48):  # enough documents that the hash split puts some on the test side
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(_CORPUS[(i + j) % len(_CORPUS)] for j in range(3)))
+        # words in random order: no held-out document is a near-copy of a training one (those are dropped)
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(40)))
     return folder
 
 
@@ -83,6 +94,14 @@ def test_every_section_is_answered_or_says_why(built):
     assert by_key["invariance"].finding.numbers["causal_unchanged"] is True
     assert by_key["invariance"].finding.numbers["control_unchanged"] is False  # the control must fail
     assert by_key["equivalence"].finding.numbers["identical_tokens"] is True
+    plan = by_key["plan"].finding
+    assert plan.verdict.startswith("Carries beyond the context?") and "Used? Blocking later positions" in plan.verdict
+    assert [f.file for f in plan.figures] == ["plan_horizon.png", "plan_causal.png"]
+    for k in (1, 2, 4):  # the horizon: per offset, the excess over the strongest context baseline with its interval
+        low, high = plan.intervals[f"k{k}_excess_top1"]
+        assert low <= plan.numbers[f"k{k}_excess_top1"] <= high
+        assert f"k={k} {100 * plan.numbers[f'k{k}_excess_top1']:+.1f}" in plan.verdict
+    assert plan.numbers["causal_positions"] > 0 and "knockout_t@0_minus_random_t+2" in plan.intervals
 
 
 def test_json_and_markdown_carry_the_same_numbers(built):
@@ -132,9 +151,9 @@ def test_a_pending_section_reads_another_commands_json(built, tmp_path):
         figures=[Figure("plot.png", "A plot.", "forethought plan --plot plot.png")],
         commands=["forethought plan --json"],
     )
-    (tmp_path / "plan.json").write_text(json.dumps(finding.to_dict()))
-    plan = [s for s in SECTIONS if s.key == "plan"]
-    result = run_report(replace(ctx, results_dir=tmp_path, _loaded={}), plan, cache).outcomes[0]
+    (tmp_path / "speculative.json").write_text(json.dumps(finding.to_dict()))
+    pending = [s for s in SECTIONS if s.key == "speculative"]
+    result = run_report(replace(ctx, results_dir=tmp_path, _loaded={}), pending, cache).outcomes[0]
     assert result.status == "ok", result.reason
     assert result.finding.numbers == {"horizon": 3, "knockout_drop": 0.12}
     assert (result.folder / "plot.png").is_file()
@@ -155,7 +174,7 @@ def test_cli_report_and_its_errors(llama_dir, corpus, tmp_path, capsys):
     args = ["report", "--model", str(llama_dir), "--corpus", str(corpus), "--cache", str(tmp_path / "c")]
     assert main([*args, "--out", str(tmp_path / "r"), "--sections", "nope"]) == 2
     assert "unknown section 'nope'" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "r"), "--sections", "invariance,plan", "--json"]) == 0
+    assert main([*args, "--out", str(tmp_path / "r"), "--sections", "invariance,speculative", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [s["status"] for s in printed["sections"]] == ["ok", "unavailable"]
     assert (tmp_path / "r" / "index.html").read_text().count("data:image/png;base64,") == 1
@@ -183,7 +202,9 @@ def test_page_renders_in_chromium(built, tmp_path):
             card = page.locator(f"section#{o.key}")
             assert card.get_attribute("data-status") == o.status
             assert o.title in card.inner_text()
-        assert "not available in this install" in page.inner_text("section#plan")
+        assert "not available in this install" in page.inner_text("section#speculative")
+        assert "Carries beyond the context?" in page.inner_text("section#plan")
+        assert page.locator("section#plan img").count() == 2
         assert "this section always fails" in page.inner_text("section#boom")
         images = page.locator("img")
         assert images.count() == n_figures

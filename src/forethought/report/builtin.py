@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from forethought.errors import ForethoughtError
 from forethought.report.context import ReportContext, q
-from forethought.report.finding import Figure, Finding, Unavailable, wilson_interval
+from forethought.report.finding import Figure, Finding, Unavailable
 
 
 def _bytes(n: float | None) -> str:
@@ -20,6 +21,12 @@ def _bytes(n: float | None) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def no_nan(numbers: dict) -> dict:
+    """NaN (a quantity that is undefined here, e.g. a decay length where no exponential fits) as None: JSON null,
+    and equal to itself when a cached report is compared with a fresh one."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in numbers.items()}
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -207,15 +214,15 @@ def spaced_layers(n_layers: int, count: int) -> list[int]:
     return sorted({round(i * (n_layers - 1) / (count - 1)) for i in range(count)}) if count > 1 else [n_layers - 1]
 
 
-def future_lens(ctx: ReportContext, folder: Path) -> Finding:
+def future_store(ctx: ReportContext):
+    """The Future Lens activation store (extracted on first use, resumed or reused after): (store, layers, window,
+    the shell command that makes it). The plan section probes the same store."""
     from forethought.data.store import ActivationStore
-    from forethought.experiments.future import run_extract, run_probes
-    from forethought.viz.future import plot_heatmap
+    from forethought.experiments.future import run_extract
 
     s, lm = ctx.settings, ctx.lm()
     layers = spaced_layers(lm.config.n_layers, s.future_layers)
     window = min(s.future_window, lm.config.context_length)
-    offsets = list(range(1, s.future_offsets + 1))
     # The store is an input, kept beside the result cache and keyed like it: a rerun resumes or reuses it.
     key = {"model": ctx.model_identity(), "corpus": ctx.corpus, "tokens": s.future_tokens, "layers": layers}
     key |= {"window": window, "doc_tokens": s.future_doc_tokens, "test_fraction": s.future_test_fraction}
@@ -233,61 +240,90 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
         test_fraction=s.future_test_fraction,
         progress=False,
     )
-    store = ActivationStore(store_dir)
-    result = run_probes(
-        store, lm.model, offsets, layers, eval_tokens=s.future_eval_tokens, save_dir=None, progress=False
-    )
-    plot_heatmap(result, folder / "future_top1.png", "top1")
-    d = result.to_dict()
-    k = 2 if 2 in offsets else offsets[-1]
-    cells = [c for c in d["cells"] if c["offset"] == k]
-    best = max(cells, key=lambda c: c["probe"]["top1"])
-    baselines = {name: m for name, m in d["baselines"][str(k)].items() if name != "model"}
-    base_name, base = max(baselines.items(), key=lambda kv: kv[1]["top1"])
-    probe, control = best["probe"], best["probe_control"]
-    n_probe = probe.get("n") or d["n_eval"]
-    n_ctrl = control.get("n") or d["n_eval_control"]
-    intervals = {
-        "probe_top1": wilson_interval(probe["top1"] * n_probe, n_probe),
-        "baseline_top1": wilson_interval(base["top1"] * (base.get("n") or d["n_eval"]), base.get("n") or d["n_eval"]),
-        "control_top1": wilson_interval(control["top1"] * n_ctrl, n_ctrl),
-    }
-    beats = intervals["probe_top1"][0] > intervals["baseline_top1"][1]
-    verdict = (
-        f"{'A little' if beats else 'Not measurably'}: a linear probe on layer {best['layer']}'s state (the best of "
-        f"{len(layers)} layers, picked on the same held-out tokens, so a little optimistic) names the "
-        f"token {k} ahead {_pct(probe['top1'])} of the time (95% interval {_pct(intervals['probe_top1'][0])}-"
-        f"{_pct(intervals['probe_top1'][1])}) vs {_pct(base['top1'])} for the best n-gram baseline ({base_name}) "
-        f"and {_pct(control['top1'])} for the same probe fitted on shuffled targets (the control); "
-        f"{'the intervals do not overlap' if beats else 'the intervals overlap'} (Wilson intervals over tokens, "
-        f"which treats them as independent: an interval over documents is wider). Trained on {d['n_train']:,} "
-        f"tokens of {ctx.corpus}, scored on {d['n_eval']:,} held-out tokens, layers {layers}, offsets {offsets}."
-    )
     layer_list = ",".join(map(str, layers))
     cmd = (
         f"forethought extract --corpus {q(ctx.corpus)} --tokens {s.future_tokens} --layers {layer_list} "
         f"--window {window} --max-doc-tokens {s.future_doc_tokens} --test-fraction {s.future_test_fraction} "
-        f"--float16{ctx.model_flag()} --out store/ "
-        f"&& forethought probe --store store/ "
+        f"--float16{ctx.model_flag()} --out store/"
+    )
+    return ActivationStore(store_dir), layers, window, cmd
+
+
+def points(iv, digits: int = 1) -> str:
+    """An excess (a difference of top-1 rates) in percentage points with its interval: +1.2 [-0.3, +2.6]."""
+    return f"{100 * iv.estimate:+.{digits}f} [{100 * iv.low:+.{digits}f}, {100 * iv.high:+.{digits}f}]"
+
+
+def pct_interval(iv) -> str:
+    return f"{_pct(iv.estimate)} [{_pct(iv.low)}, {_pct(iv.high)}]"
+
+
+def sign_words(iv) -> str:
+    """Where a 95% interval lies against zero, in words."""
+    if iv.low > 0:
+        return "above zero"
+    if iv.high < 0:
+        return "below zero"
+    return "consistent with zero"
+
+
+def future_lens(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.future import run_probes
+    from forethought.viz.future import plot_heatmap
+
+    s, lm = ctx.settings, ctx.lm()
+    store, layers, window, extract_cmd = future_store(ctx)
+    offsets = list(range(1, s.future_offsets + 1))
+    result = run_probes(
+        store, lm.model, offsets, layers, eval_tokens=s.future_eval_tokens, save_dir=None, progress=False
+    )
+    plot_heatmap(result, folder / "future_top1.png", "top1")
+    k = 2 if 2 in offsets else offsets[-1]
+    head = result.headline[k]  # the probe at the layer chosen on validation, against the strongest context baseline
+    probe, base, excess = head["probe"], head["strongest_top1"], head["excess"]
+    best_lens = max((c for c in result.cells if c.offset == k), key=lambda c: c.lens.top1)
+    control = max(c.probe_control.top1 for c in result.cells if c.offset == k)
+    verdict = (
+        f"{'Yes, a little' if excess.low > 0 else 'Not beyond the context'}: a linear probe on layer {head['layer']}'s "
+        f"state (chosen on validation documents) names the token {k} ahead {pct_interval(probe)} of the time, the "
+        f"strongest baseline that sees the same context ({head['strongest']}) {pct_interval(base)}: an excess of "
+        f"{points(excess)} points, {sign_words(excess)} (95% intervals from a bootstrap over "
+        f"{result.n_eval_documents} held-out documents; {len(result.near_duplicates_removed)} near-copies of "
+        f"training documents removed). The Future Lens map to the final state reaches {_pct(best_lens.lens.top1)} "
+        f"at its best layer ({best_lens.layer}, picked on the held-out tokens, so optimistic); the probe fitted on "
+        f"shuffled targets (the control) {_pct(control)}. Trained on {result.n_train:,} positions of {ctx.corpus}, "
+        f"scored on {result.n_eval:,} held-out positions, layers {layers}, offsets {offsets}."
+    )
+    cmd = (
+        f"{extract_cmd} && forethought probe --store store/ "
         f"--offsets 1-{offsets[-1]} --eval-tokens {s.future_eval_tokens} --plot future_top1.png"
     )
+    numbers = {
+        "offset": k,
+        "layer_chosen_on_validation": head["layer"],
+        "probe_top1": probe.estimate,
+        "strongest_baseline": head["strongest"],
+        "strongest_baseline_top1": base.estimate,
+        "excess_top1": excess.estimate,
+        "control_top1": control,
+        "lens_top1_best_layer": best_lens.lens.top1,
+        "n_train": result.n_train,
+        "n_eval": result.n_eval,
+        "n_eval_documents": result.n_eval_documents,
+        "near_duplicates_removed": len(result.near_duplicates_removed),
+    }
+    intervals = {
+        "probe_top1": [probe.low, probe.high],
+        "strongest_baseline_top1": [base.low, base.high],
+        "excess_top1": [excess.low, excess.high],
+    }
     return Finding(
         verdict,
-        numbers={
-            "offset": k,
-            "best_layer": best["layer"],
-            "probe_top1": probe["top1"],
-            "baseline": base_name,
-            "baseline_top1": base["top1"],
-            "control_top1": control["top1"],
-            "lens_top1": best["lens"]["top1"],
-            "n_train": d["n_train"],
-            "n_eval": d["n_eval"],
-        },
+        numbers=numbers,
         intervals=intervals,
         figures=[Figure("future_top1.png", "Held-out top-1 per layer and offset: probe, lens, controls.", cmd)],
         commands=[cmd],
-        data=d,
+        data=result.to_dict(),
     )
 
 
@@ -296,31 +332,71 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
 
 def anatomy(ctx: ReportContext, folder: Path) -> Finding:
     from forethought.experiments.anatomy import anatomy as run
-    from forethought.experiments.anatomy import corpus_documents
-    from forethought.model.random_init import random_model
+    from forethought.experiments.anatomy import corpus_documents, permuted_weights
     from forethought.viz.anatomy import plot_anatomy
 
     s, lm = ctx.settings, ctx.lm()
     length = min(s.anatomy_length, lm.config.context_length)
     docs, described = corpus_documents(lm.tokenizer, ctx.corpus, s.anatomy_docs, length)
-    control = random_model(lm.config).to(device=lm.model.device, dtype=lm.model.dtype)
+    control = permuted_weights(lm.model)  # the real weights' scales, no learned arrangement (as the command does)
     result = run(lm.model, docs, None, 16, "unit", control, model_name=lm.name, corpus=described)
     paths = plot_anatomy(result, folder)
     cmd = f"forethought anatomy --corpus {q(ctx.corpus)} --docs {s.anatomy_docs} --length {length}"
     cmd += f"{ctx.model_flag()} --plot-dir anatomy/"
     captions = {
         "anatomy_shares.png": "Share of a column's variance: position, token, slow (neighbours), document.",
-        "anatomy_cosine.png": "Cosine of states k positions apart, per layer, and its decay length.",
+        "anatomy_cosine.png": "Cosine of states d positions apart, per layer; a decay length only where one fits.",
         "anatomy_pca.png": "Two principal components of one document's states at a few layers.",
+    }
+    summary = result.summary()
+    slow = next(lay for lay in result.layers if lay.layer == summary["slow_share_max_layer"])
+    numbers = summary | {
+        "causal_slow_share_at_that_layer": slow.causal_slow_share,
+        "decay_fit_r2_at_that_layer": slow.decay_fit_r2,
+        "d_e_at_that_layer": slow.d_e,
     }
     data = result.to_dict()
     data.pop("pca", None)  # point clouds: in the figure, too bulky for report.json
     return Finding(
-        result.verdict(),
-        numbers=result.summary(),
+        _anatomy_words(result, summary, slow),
+        numbers=no_nan(numbers),
         figures=[Figure(p.name, captions.get(p.name, p.stem), cmd) for p in paths],
         commands=[cmd],
         data=data,
+    )
+
+
+def _anatomy_words(result, s: dict, slow) -> str:
+    """The experiment's own verdict, with the causal (past-only) slow part and the decay as measured."""
+    from forethought.trace import split_name
+
+    def where(name: str) -> str:
+        return "the embedding" if name == "embed" else f"after block {split_name(name)[0]}"
+
+    control = s.get("random_slow_share_at_that_layer")
+    if not math.isnan(slow.tau):
+        decay = (
+            f"it decays like one exponential, tau ≈ {slow.tau:.0f} positions (fit R^2 {slow.decay_fit_r2:.2f}), "
+            f"to a plateau of {slow.plateau:.2f}"
+        )
+    else:
+        reach = f"first falls to 1/e at d = {slow.d_e}" if slow.d_e else f"stays above 1/e up to d = {len(slow.cosine)}"
+        decay = f"no single exponential describes its decay (fit R^2 {slow.decay_fit_r2:.2f}); it {reach}"
+    pos_layer, slow_layer = where(s["position_share_max_layer"]), where(s["slow_share_max_layer"])
+    permuted = f", the model with permuted weights {control:.1%}" if control is not None else ""
+    return (
+        f"Position part: at most {s['position_share_max']:.1%} of the variance ({pos_layer}; "
+        f"{s['position_shuffled_at_that_layer']:.1%} with positions shuffled, the control); per position it is "
+        f"{s['position_profile_first_max']:.0%} of the variance at position 1 and a median "
+        f"{s['position_profile_late_median']:.1%} at positions >= 16. Slow part: the neighbours within "
+        f"±{result.window // 2} positions explain up to {s['slow_share_max']:.1%} ({slow_layer}; shuffled "
+        f"{s['slow_shuffled_at_that_layer']:.1%}, whole-document mean {s['document_share_at_that_layer']:.1%}"
+        f"{permuted}), and the {result.window} previous positions alone, what the past could carry, "
+        f"{slow.causal_slow_share:.1%}. The cosine of states 1 apart is {s['cos1_at_that_layer']:.2f} there; "
+        f"{decay}. Current token: {s['token_share_embed']:.0%} of the variance at the embedding, "
+        f"{s['token_share_last']:.0%} at the last layer. Shares are out-of-sample R^2 over {result.n_docs} "
+        f"documents x {result.length} tokens (position 0, an attention sink of norm {result.position0_norm:.3g} "
+        f"vs {result.other_norm:.3g}, left out)."
     )
 
 
@@ -338,9 +414,12 @@ def _revise_words(result, tok) -> str:
         else f"does not rejoin the original within {result.n_after} steps"
     )
     return (
-        f"after {tok.token_str(result.off_plan_id)!r} (instead of {tok.token_str(result.greedy_id)!r}) the "
-        f"continuation agrees with the original's top-1 at {s['top1_agreement_after']:.0%} of steps (mean KL "
-        f"{s['kl_after_mean']:.2g} nats) and {rejoin}"
+        f"after {tok.token_str(result.off_plan_id)!r} (p = {result.off_plan_prob:.2g}, instead of "
+        f"{tok.token_str(result.greedy_id)!r}, p = {result.greedy_prob:.2g}) the continuation agrees with the "
+        f"original's top-1 at {s['top1_agreement_after']:.0%} of steps (mean KL {s['kl_after_mean']:.2g} nats) and "
+        f"{rejoin}; had the text gone on exactly as before with only that token swapped, the predictions would agree "
+        f"at {s['top1_agreement_substituted_after']:.0%} of steps, KL {s['kl_substituted_first_after']:.2g} nats at "
+        f"the first step and {s['kl_substituted_last_after']:.2g} at the last"
     )
 
 
@@ -375,7 +454,8 @@ def revise(ctx: ReportContext, folder: Path) -> Finding:
     words = "; ".join(f"{name}: {_revise_words(r, tok)}" for name, r in results.items())
     verdict = (
         f"Nothing before the off-plan token can change (max |diff| of earlier columns {causal:.2g}); from it on, "
-        f"the model continues from the text it now has: {words}."
+        f"the model continues from the text it now has: {words}. One prompt and one off-plan token per condition, "
+        "so these are examples, without intervals."
     )
     numbers = {"causal_max_diff": causal, "at": first.at}
     for name, r in results.items():
@@ -386,6 +466,9 @@ def revise(ctx: ReportContext, folder: Path) -> Finding:
             f"{name}_kl_after_mean": sm["kl_after_mean"],
             f"{name}_rejoined": sm["rejoined"],
             f"{name}_rejoin_step": sm["rejoin_step"],
+            f"{name}_off_plan_prob": r.off_plan_prob,
+            f"{name}_top1_agreement_substituted_after": sm["top1_agreement_substituted_after"],
+            f"{name}_kl_substituted_last_after": sm["kl_substituted_last_after"],
         }
     return Finding(
         verdict,

@@ -2,7 +2,8 @@
 speculative decoding, a second model family. Each is answered by the first of:
 
 1. a provider registered with `register_provider(key, fn)` (see `providers.py`): `fn(ctx, folder) -> Finding`
-   runs the experiment in-process, writes its PNGs into `folder` and presents its result;
+   runs the experiment in-process, writes its PNGs into `folder` and presents its result (set
+   `fn.report_version = 2`, 3, ... when its output changes, so cached results are not reused);
 2. `<results>/<key>.json` (`forethought report --results DIR`): a Finding as JSON -- `verdict`, `numbers`,
    `intervals`, `figures` ([{file, caption, command}], files beside the JSON), `commands`, `data`;
 3. otherwise the page says "not available in this install: <reason>".
@@ -45,7 +46,8 @@ class Pending:
         if self.key in PROVIDERS:
             fn = PROVIDERS[self.key]
             provider = f"{fn.__module__}.{fn.__qualname__}"
-            return {"provider": provider, "settings": ctx.settings.to_dict(), "corpus": ctx.corpus}
+            version = getattr(fn, "report_version", 1)  # a provider bumps it when its output changes
+            return {"provider": provider, "version": version, "settings": ctx.settings.to_dict(), "corpus": ctx.corpus}
         path = self.results_file(ctx)
         if path is not None:
             return {"results_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}

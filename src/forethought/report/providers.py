@@ -17,10 +17,17 @@ caches what it returns by model, corpus and `ctx.settings`. Register it below:
 
     register_provider("plan", plan_answer)
 
+"plan" is wired below (`plan.py`). To wire another, e.g. the architectures lab: write `architectures.py` here
+with `def architectures(ctx, folder) -> Finding` that imports its experiment inside the function (so a missing
+optional dependency fails only that section), then `register_provider("architectures", architectures)`.
+
 The pending keys are "plan", "architectures", "speculative" and "second_model" (which `--compare` also answers).
 A section without a provider reads `<results>/<key>.json` (a Finding as JSON) or says it is not available.
 """
 
 from __future__ import annotations
 
-from forethought.report.pending import register_provider  # noqa: F401  (the providers below call it)
+from forethought.report.pending import register_provider
+from forethought.report.plan import plan_answer
+
+register_provider("plan", plan_answer)

@@ -72,7 +72,7 @@ SECTIONS: list[Section] = [
     Section(
         "future_lens",
         "How far ahead do hidden states see?",
-        "Can a linear probe read tokens 2, 3, 4 ahead from one position's state, beyond n-gram baselines?",
+        "Can a linear probe read tokens 2, 3, 4 ahead from one state, beyond baselines that see the same context?",
         builtin.future_lens,
         _settings(
             "future_tokens",
@@ -84,7 +84,7 @@ SECTIONS: list[Section] = [
             "future_eval_tokens",
             corpus=True,
         ),
-        version=3,
+        version=4,
     ),
     _pending(
         "plan",
@@ -98,6 +98,7 @@ SECTIONS: list[Section] = [
         "Is a column a position part that changes a lot plus a memory part that changes slowly?",
         builtin.anatomy,
         _settings("anatomy_docs", "anatomy_length", corpus=True),
+        version=2,
     ),
     Section(
         "revise",
@@ -105,7 +106,7 @@ SECTIONS: list[Section] = [
         "When a token the model would not have chosen is forced in, what changes, and does the text come back?",
         builtin.revise,
         _settings("prompt", "revise_steps"),
-        version=2,
+        version=3,
     ),
     _pending(
         "architectures",
