@@ -75,7 +75,7 @@ def plan_answer(ctx: ReportContext, folder: Path) -> Finding:
         causal = run_causal(lm.model, store, positions.tolist(), maps, settings, progress=False, n_boot=s.plan_n_boot)
     probe_d, causal_d = probe.to_dict(), causal.to_dict()
     name = Path(ctx.corpus).name or ctx.corpus
-    plot_horizon({name: probe_d}, {name: causal_d}, folder / "plan_horizon.png")
+    plot_horizon({name: probe_d}, {name: causal_d}, folder / "plan_horizon.png", ctx.lm().name)
     figures_cmd = f"forethought report --sections plan --corpus {q(ctx.corpus)}{ctx.model_flag()}"
     figures_cmd += (" --quick" if s == type(s).quick() else "") + " --out report/"
     figures = [

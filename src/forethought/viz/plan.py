@@ -183,7 +183,9 @@ def causal_lines(name: str, causal: dict) -> list[str]:
     return lines
 
 
-def plot_horizon(probes: dict[str, dict], causals: dict[str, dict], path: Path) -> Path:
+def plot_horizon(
+    probes: dict[str, dict], causals: dict[str, dict], path: Path, model_name: str = "SmolLM2-135M"
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +233,7 @@ def plot_horizon(probes: dict[str, dict], causals: dict[str, dict], path: Path) 
         ax2.set_ylabel("excess top-1 (points), 95% interval")
         ax2.legend(fontsize=7)
         ax2.grid(alpha=0.3)
-    fig.suptitle("SmolLM2-135M: what h_t says about x_{t+k},\nbeyond statistics of the same context", fontsize=11)
+    fig.suptitle(f"{model_name}: what h_t says about x_{{t+k}},\nbeyond statistics of the same context", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -290,11 +292,13 @@ def plot_causal(causals: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def write_answer(out: Path, probes: dict[str, dict], causals: dict[str, dict], n_boot: int = 1000) -> dict[str, Path]:
+def write_answer(
+    out: Path, probes: dict[str, dict], causals: dict[str, dict], n_boot: int = 1000, model_name: str = "SmolLM2-135M"
+) -> dict[str, Path]:
     """answer.md, plan_horizon.png, plan_causal.png under `out` (per-position arrays read from out/<corpus>/)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# Does SmolLM2-135M plan?", ""]
+    lines = [f"# Does {model_name} plan?", ""]
     for name, probe in probes.items():
         causal = causals.get(name)
         shares: dict[int, dict | None] = {}
@@ -311,7 +315,7 @@ def write_answer(out: Path, probes: dict[str, dict], causals: dict[str, dict], n
             lines += causal_lines(name, causal)
     paths = {"markdown": out / "answer.md"}
     paths["markdown"].write_text("\n".join(lines))
-    paths["horizon"] = plot_horizon(probes, causals, out / "plan_horizon.png")
+    paths["horizon"] = plot_horizon(probes, causals, out / "plan_horizon.png", model_name)
     if any(causals.values()):
         paths["causal"] = plot_causal(causals, out / "plan_causal.png")
     return paths
