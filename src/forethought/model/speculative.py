@@ -254,3 +254,19 @@ def generate_speculative(
         elapsed = time.perf_counter() - step_started
         result.step_seconds.extend([elapsed / made] * made)
     return result
+
+
+@torch.inference_mode()
+def plain_step_seconds(model: Transformer, cache, repeats: int = 5) -> float:
+    """Median seconds of one plain decode step at the cache's current length (the cache is left as it was)."""
+    length = cache.length
+    if length >= model.config.context_length:
+        return float("nan")  # no free position to time a step at without overwriting the cache
+    cache.reserve(length + 1)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(torch.tensor([[0]], device=model.device), cache=cache)
+        times.append(time.perf_counter() - started)
+        cache.truncate(length)
+    return sorted(times)[len(times) // 2]
