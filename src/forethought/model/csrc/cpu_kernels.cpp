@@ -33,6 +33,7 @@ static inline vf vset(float a) { return _mm512_set1_ps(a); }
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 // bfloat16 is the top half of a float32: widen to 32 bits and shift left 16 (exact).
 static inline vf vload(const at::BFloat16* p) {
   __m256i h = _mm256_loadu_si256((const __m256i*)p);
@@ -45,6 +46,11 @@ static inline vf vset(float a) { return _mm256_set1_ps(a); }
 static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 static inline vf vload(const at::BFloat16* p) {
   __m128i h = _mm_loadu_si128((const __m128i*)p);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -58,54 +64,62 @@ static inline float tofloat(at::BFloat16 v) { return static_cast<float>(v); }
 
 // ------------------------------------------------------------------------------ matrix-vector
 
-// For each of T inputs t: acc_t[j0:j1] += sum_{i in [i0,i1)} x_t[i] * W[i, j0:j1], W row-major [in, out]
-// with row stride `out`; x_t = X + t * ldx, acc_t = ACC + t * ldacc. Four rows at a time: each weight
-// vector is loaded once and used by all T inputs (verifying T drafted tokens reads the weights once).
-// Every acc_t[j] is summed in the same order whatever T is, so T tokens at once give bit-for-bit the
-// numbers of T single-token steps -- what keeps speculative greedy decoding token-identical.
+// For each of nT inputs t: acc_t[j0:j1] += sum_{i in [i0,i1)} x_t[i] * W[i, j0:j1], W row-major [in, out]
+// with row stride `out`; x_t = X + t * ldx, acc_t = ACC + t * ldacc.
+//
+// Every acc_t[j] is one chain of fused multiply-adds over i in increasing order, whatever nT is and
+// however the loops are blocked, so T tokens at once give bit-for-bit the numbers of T single-token
+// steps -- what keeps speculative greedy decoding token-identical. The blocking: 8 rows at a time (8
+// sequential streams through the matrix, one accumulator load/store per 8 rows), and a register tile of
+// up to 4 inputs x 4 vectors, so each weight vector loaded feeds up to 4 tokens' multiply-adds (a
+// verification of T drafted tokens reads the weights once and costs little more than one step).
+template <typename T, int TB, int JB>
+static inline void axpy_tile(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t out,
+                             int64_t i, int64_t rows, int64_t j) {
+  vf acc[TB][JB];
+  for (int t = 0; t < TB; t++)
+    for (int b = 0; b < JB; b++) acc[t][b] = vload(ACC + t * ldacc + j + b * VW);
+  for (int64_t r = 0; r < rows; r++) {
+    const T* w = W + (i + r) * out + j;
+    vf wv[JB];
+    for (int b = 0; b < JB; b++) wv[b] = vload(w + b * VW);
+    for (int t = 0; t < TB; t++) {
+      const vf xb = vset(X[t * ldx + i + r]);
+      for (int b = 0; b < JB; b++) acc[t][b] = vfma(wv[b], xb, acc[t][b]);
+    }
+  }
+  for (int t = 0; t < TB; t++)
+    for (int b = 0; b < JB; b++) vstore(ACC + t * ldacc + j + b * VW, acc[t][b]);
+}
+
+template <typename T, int JB>
+static inline void axpy_tiles(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t nT,
+                              int64_t out, int64_t i, int64_t rows, int64_t j) {
+  for (int64_t t = 0; t < nT; t += 4) {
+    const float* x = X + t * ldx;
+    float* acc = ACC + t * ldacc;
+    switch (std::min<int64_t>(4, nT - t)) {
+      case 1: axpy_tile<T, 1, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+      case 2: axpy_tile<T, 2, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+      case 3: axpy_tile<T, 3, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+      default: axpy_tile<T, 4, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+    }
+  }
+}
+
 template <typename T>
 static void rows_axpy(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t nT, int64_t out,
                       int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   const int64_t jv = j0 + (j1 - j0) / VW * VW;
-  int64_t i = i0;
-  for (; i + 4 <= i1; i += 4) {
-    const T* w0 = W + i * out;
-    const T* w1 = w0 + out;
-    const T* w2 = w1 + out;
-    const T* w3 = w2 + out;
+  for (int64_t i = i0; i < i1; i += 8) {
+    const int64_t rows = std::min<int64_t>(8, i1 - i);
     int64_t j = j0;
-    for (; j < jv; j += VW) {
-      const vf a0 = vload(w0 + j), a1 = vload(w1 + j), a2 = vload(w2 + j), a3 = vload(w3 + j);
-      for (int64_t t = 0; t < nT; t++) {
-        const float* x = X + t * ldx;
-        float* acc = ACC + t * ldacc;
-        vf a = vload(acc + j);
-        a = vfma(a0, vset(x[i]), a);
-        a = vfma(a1, vset(x[i + 1]), a);
-        a = vfma(a2, vset(x[i + 2]), a);
-        a = vfma(a3, vset(x[i + 3]), a);
-        vstore(acc + j, a);
-      }
-    }
+    for (; j + 4 * VW <= jv; j += 4 * VW) axpy_tiles<T, 4>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j);
+    for (; j < jv; j += VW) axpy_tiles<T, 1>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j);
     for (; j < j1; j++)
-      for (int64_t t = 0; t < nT; t++) {
-        const float* x = X + t * ldx;
-        ACC[t * ldacc + j] += tofloat(w0[j]) * x[i] + tofloat(w1[j]) * x[i + 1] + tofloat(w2[j]) * x[i + 2] +
-                              tofloat(w3[j]) * x[i + 3];
-      }
-  }
-  for (; i < i1; i++) {
-    const T* w0 = W + i * out;
-    int64_t j = j0;
-    for (; j < jv; j += VW) {
-      const vf a0 = vload(w0 + j);
-      for (int64_t t = 0; t < nT; t++) {
-        float* acc = ACC + t * ldacc;
-        vstore(acc + j, vfma(a0, vset(X[t * ldx + i]), vload(acc + j)));
-      }
-    }
-    for (; j < j1; j++)
-      for (int64_t t = 0; t < nT; t++) ACC[t * ldacc + j] += tofloat(w0[j]) * X[t * ldx + i];
+      for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < nT; t++)
+          ACC[t * ldacc + j] = std::fma(tofloat(W[(i + r) * out + j]), X[t * ldx + i + r], ACC[t * ldacc + j]);
   }
 }
 
@@ -576,10 +590,15 @@ class DecodeStep {
         const float* Vh = V + (h / group) * cap * hd_;
         float* p = scores_.data() + h * context_;
         float mx = -INFINITY;
+        const int64_t hv = hd_ / VW * VW;
         for (int64_t s = 0; s < S; s++) {
+          // q . k in SIMD lanes: a scalar float reduction is one serial chain the compiler may not
+          // reorder, and at a few hundred positions it was most of a step's non-weight time.
           const float* kr = Kh + s * hd_;
-          float dot = 0.f;
-          for (int64_t i = 0; i < hd_; i++) dot += q[i] * kr[i];
+          vf acc = vset(0.f);
+          for (int64_t i = 0; i < hv; i += VW) acc = vfma(vload(q + i), vload(kr + i), acc);
+          float dot = vsum(acc);
+          for (int64_t i = hv; i < hd_; i++) dot += q[i] * kr[i];
           p[s] = dot * scale;
           mx = std::max(mx, p[s]);
         }
