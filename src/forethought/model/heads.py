@@ -220,15 +220,18 @@ def make_training_data(
 
     started = time.perf_counter()
     names = [act_name(layer, "resid_post") for layer in layers]
+    # Batched by length: prompts are cut from the left to a multiple of 8 tokens (a chat prompt loses a
+    # few tokens of its system preamble at most), so a handful of batches of up to 32 cover them all.
     by_length: dict[int, list[list[int]]] = {}
     for p in prompts:
-        by_length.setdefault(len(p), []).append(p)
+        keep = max(8, len(p) // 8 * 8)
+        by_length.setdefault(min(keep, len(p)), []).append(p[-keep:])
     states: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     targets, rows = [], []
     row_id, made = 0, 0
     for length, group in sorted(by_length.items()):
-        for first in range(0, len(group), 16):
-            batch = group[first : first + 16]
+        for first in range(0, len(group), 32):
+            batch = group[first : first + 32]
             B = len(batch)
             cache = model.new_cache(capacity=length + new_tokens, batch_size=B)
             logits, trace = run_with_trace(model, batch, names, cache=cache, last_only=True)
