@@ -77,12 +77,15 @@ class DraftHeads(torch.nn.Module):
         return h @ self.unembed_columns(model)
 
     @torch.inference_mode()
-    def draft(self, model: Transformer, state: torch.Tensor, k: int) -> list[int]:
-        """The argmax of the first k heads for one state [d]."""
+    def draft(self, model: Transformer, state: torch.Tensor, k: int, min_prob: float = 0.0) -> list[int]:
+        """The argmax of the first k heads for one state [d], cut where the heads' joint confidence (the
+        product of their top probabilities) falls below `min_prob`: each drafted token costs part of a
+        step to verify, so a token that is likely rejected is not worth proposing."""
         h = self.hidden(state.float()[None])[0, : min(k, self.n_heads)]
         h = model.final_norm(h.to(model.dtype)).float()
-        best = (h @ self.unembed_columns(model)).argmax(-1)
-        return self.vocab[best].tolist()
+        top, best = torch.softmax(h @ self.unembed_columns(model), dim=-1).max(-1)
+        keep = int((top.cumprod(0) >= min_prob).sum()) if min_prob > 0 else len(best)
+        return self.vocab[best[:keep]].tolist()
 
     def save(self, path: str | Path, model: Transformer) -> Path:
         from safetensors.torch import save_file

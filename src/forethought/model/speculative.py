@@ -49,7 +49,8 @@ class PromptLookup:
     name = "lookup"
     needs_state = False
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    # A one-token match is right too rarely to pay for verifying what follows it.
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._ids: list[int] = []
         self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
@@ -84,13 +85,13 @@ class HeadsDrafter:
     name = "heads"
     needs_state = True
 
-    def __init__(self, heads, model: Transformer) -> None:
-        self.heads, self.model = heads, model
+    def __init__(self, heads, model: Transformer, min_prob: float = 0.15) -> None:
+        self.heads, self.model, self.min_prob = heads, model, min_prob
 
     def draft(self, ids: list[int], state: torch.Tensor | None, k: int) -> list[int]:
         if state is None or k <= 0:
             return []
-        return self.heads.draft(self.model, state, k)
+        return self.heads.draft(self.model, state, k, self.min_prob)
 
 
 class AutoDrafter:
