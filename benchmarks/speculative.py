@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent
 DRAFTERS = ("lookup", "heads", "auto")
 DRAFT_LEN = 4
 LABEL = {"float32": "fp32", "int8": "int8"}
+WARMUP = 16  # tokens of the untimed first run
 PEER_DRAFT = 10  # llama.cpp's and HF's default number of prompt-lookup tokens
 
 
@@ -57,15 +58,16 @@ def forethought_rows(dtype: str, n: int, repeats: int, progress: Callable[[str],
         configs = [None, *drafters]
         runs: dict = {c: [] for c in configs}
         outputs: dict = {}
-        for r in range(repeats + 1):  # run 0 is the warm-up
+        for r in range(repeats + 1):  # run 0 is a short warm-up
             for c in configs:  # interleaved: drift hits every configuration alike
-                g = generate(model, ids, n, GREEDY, speculative=c, draft_len=DRAFT_LEN)
+                g = generate(model, ids, n if r else WARMUP, GREEDY, speculative=c, draft_len=DRAFT_LEN)
                 if r:
                     runs[c].append(len(g.new_ids) / sum(g.step_seconds))
-                outputs[c] = g
+                    outputs[c] = g
         plain = outputs[None]
         base = statistics.median(runs[None])
-        rows.append({"engine": f"forethought {LABEL[dtype]}", "text": text, "mode": "plain", "tok_s": base, "speedup": 1.0})
+        label = f"forethought {LABEL[dtype]}"
+        rows.append({"engine": label, "text": text, "mode": "plain", "tok_s": base, "speedup": 1.0})
         for c in drafters:
             g = outputs[c]
             rate = statistics.median(runs[c])
@@ -115,15 +117,16 @@ def llamacpp_rows(n: int, repeats: int, threads: int, progress: Callable[[str], 
             for mode, llm in engines.items():
                 llm.reset()
                 got, first = [], None
+                want = n if r else WARMUP
                 for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
                     if first is None:
                         first = time.perf_counter()  # after prefill and the first token
                     got.append(t)
-                    if len(got) == n:
+                    if len(got) == want:
                         break
                 if r:
                     runs[mode].append((len(got) - 1) / (time.perf_counter() - first))
-                outs[mode] = got
+                    outs[mode] = got
         base = statistics.median(runs["plain"])
         for mode in engines:
             rate = statistics.median(runs[mode])
@@ -161,14 +164,15 @@ def hf_rows(n: int, repeats: int, progress: Callable[[str], None]) -> list[dict]
                         )
                     return out[0, x.shape[1] :].tolist()
 
+                if not r:
+                    gen(WARMUP)
+                    continue
                 started = time.perf_counter()
                 gen(1)
                 first = time.perf_counter() - started
                 started = time.perf_counter()
-                got = gen(n)
-                if r:
-                    runs[mode].append((n - 1) / (time.perf_counter() - started - first))
-                outs[mode] = got
+                outs[mode] = gen(n)
+                runs[mode].append((n - 1) / (time.perf_counter() - started - first))
         base = statistics.median(runs["plain"])
         for mode in modes:
             rate = statistics.median(runs[mode])
@@ -246,7 +250,7 @@ def histogram_png(result: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.speculative", description=__doc__.split("\n\n")[1])
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per figure (median); run the script twice")
     p.add_argument("--threads", type=int, default=1, help="torch / llama.cpp threads (1 on a shared machine)")
     p.add_argument("--only", default="", help="comma-separated from fp32,int8,llamacpp,hf")
     p.add_argument("--out", type=Path, default=ROOT / "speculative.json")
