@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -286,3 +287,26 @@ def test_real_model_greedy_identity_with_shipped_heads_and_lookup(real_lm):
         for kind in ("lookup", "heads", "auto"):
             spec = generate(real_lm.model, ids, 24, GREEDY, speculative=kind, draft_len=4)
             assert spec.new_ids == plain.new_ids, (text, kind)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_speculative_prints_the_same_tokens_and_its_acceptance(capsys, tiny_gguf):
+    from forethought.cli import main
+
+    def run(*extra: str) -> tuple[int, dict | str]:
+        code = main(["generate", "def add(a, b):", "-m", str(tiny_gguf), "-n", "12", "-t", "0", *extra])
+        out = capsys.readouterr()
+        return code, (json.loads(out.out) if "--json" in extra else out.err)
+
+    code, plain = run("--json")
+    code2, spec = run("--json", "--speculative", "lookup", "--draft-len", "3")
+    assert code == code2 == 0 and spec["new_ids"] == plain["new_ids"]
+    assert spec["speculative"]["drafter"] == "lookup" and spec["speculative"]["speedup"] > 0
+    code, err = run("--speculative", "lookup")
+    assert code == 0 and "tokens per forward" in err and "x plain decode" in err
+    code, err = run("--speculative", "heads")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: no draft heads ship")
+    code, err = run("--speculative", "lookup", "--no-cache")
+    assert code == 2 and err.startswith("error:")

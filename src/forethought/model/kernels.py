@@ -4,6 +4,9 @@ Two things are in the extension: `matvec`, a batch-1 product that streams a weig
 copy speed (torch's MKL path reads ~15 GB/s on two EPYC cores, a plain copy ~22+), and `DecodeStep`,
 which runs one whole decode token of a Llama-family model in one call, so a step pays for its weight
 reads and almost nothing else (op by op, ~20 small ATen calls per block cost ~14 ms per step here).
+`DecodeStep.forward_many` takes up to MAX_TOKENS tokens at once and reads every weight once for all of
+them: how speculative decoding verifies drafted tokens at about the price of one step. It takes its
+weights by name, and `announce_fallback` says once on stderr when the compiled path is not used.
 
 The extension is built with the local C++ compiler the first time it is needed (~40 s, once; cached
 under ~/.cache/forethought/kernels/, keyed by source, torch version and CPU flags). Anything that goes
