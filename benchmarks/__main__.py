@@ -332,6 +332,12 @@ def extra_sections(results: dict) -> list[str]:
             lines += [f"GPU: {cuda['gpu']}", "", "| system | decode tok/s | prefill tok/s |", "|---|---:|---:|"]
             for r in cuda["rows"]:
                 lines.append(f"| {r['engine']} | {fmt(r['decode_tok_s'])} | {fmt(r['prefill_tok_s'], 0)} |")
+    spec = results.get("speculative")
+    if spec and "rows" in spec:
+        from benchmarks.speculative import table
+
+        lines += ["", f"## Speculative decoding ({spec['tokens']} greedy tokens, {spec['threads']} thread(s))", ""]
+        lines += table(spec)
     return lines
 
 
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     opts = {
         "quick": args.quick,
+        "spec_tokens": 32 if args.quick else 128,
         "tokens": args.tokens,
         "nocache_tokens": args.nocache_tokens,
         "prompt_len": args.prompt_len,
