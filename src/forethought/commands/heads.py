@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -63,7 +65,15 @@ def train(
 ) -> None:
     """Generate the model's own greedy continuations, train heads on its last block's output to forecast them,
     report held-out accuracy per head (and per layer with --layers), and save the heads."""
-    from forethought.model.heads import choose_vocab, make_training_data, seed_prompts, shipped_path, train_heads
+    from forethought.model.heads import (
+        HeadsData,
+        choose_vocab,
+        make_training_data,
+        seed_prompts,
+        shipped_path,
+        train_heads,
+    )
+    from forethought.model.kernels import cache_dir
 
     if not 1 <= n_heads <= 15:
         raise ForethoughtError(f"--heads must be in 1..15, got {n_heads}")
@@ -80,11 +90,20 @@ def train(
         raise ForethoughtError(f"--out: folder {out.parent} does not exist")
 
     prompts = seed_prompts(lm.tokenizer, seed=seed)
-    advance, stop = _progress(len(prompts) * (new_tokens - 1), "generating", as_json)
-    try:
-        data = make_training_data(lm.model, prompts, new_tokens, n_heads, used, lm.tokenizer.eos_id, advance)
-    finally:
-        stop()
+    # The continuations are most of the cost (minutes): kept, keyed by everything they depend on, so a
+    # rerun with other training settings starts at once.
+    key = hashlib.sha256(json.dumps([lm.config.name, prompts, new_tokens, n_heads, used]).encode()).hexdigest()[:16]
+    data_file = cache_dir().parent / "heads-data" / f"{key}.pt"
+    if data_file.exists():
+        data = HeadsData(**torch.load(data_file))
+    else:
+        advance, stop = _progress(len(prompts) * (new_tokens - 1), "generating", as_json)
+        try:
+            data = make_training_data(lm.model, prompts, new_tokens, n_heads, used, lm.tokenizer.eos_id, advance)
+        finally:
+            stop()
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dataclasses.asdict(data), data_file)
     always = [lm.tokenizer.eos_id] if lm.tokenizer.eos_id is not None else []
     chosen = choose_vocab(data.targets, vocab, always)
     valid = data.targets[data.targets >= 0]

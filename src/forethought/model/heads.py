@@ -1,9 +1,12 @@
 """Draft heads: the model's own hidden state, read as a forecast of the tokens after the next one.
 
-Head k (k = 1..K) is one small residual block on a block's output h at position t,
-    h_k = h + SiLU(W_k rms(h)),
-decoded by the model's own final norm and unembedding (the logit lens, restricted to the drafter's
-vocabulary: the few thousand tokens that carry almost all of the model's own text) into token t+1+k.
+Head k (k = 1..K) is one small residual block on a block's output x at position t, after the model's
+own final norm n = final_norm(x):
+    h_k = n + SiLU(W_k n),
+decoded by the model's own unembedding (so n alone is the logit lens; the unembedding is restricted to
+the drafter's vocabulary: the few thousand tokens that carry almost all of the model's own text) into
+token t+1+k. (Medusa also reads the normalised last hidden state: the raw residual stream has a few
+huge dimensions, which a small residual update could not move.)
 W_k starts at zero, so an untrained head is the lens itself (it predicts token t+1); training moves it to
 the token k places further on. This is Medusa's recipe (Cai et al. 2024) on a 135M model.
 
@@ -57,10 +60,15 @@ class DraftHeads(torch.nn.Module):
     def n_heads(self) -> int:
         return self.w.shape[0]
 
-    def hidden(self, states: torch.Tensor) -> torch.Tensor:
-        """[N, d] block outputs -> [N, K, d], one state per head."""
-        normed = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return states[:, None, :] + F.silu(torch.einsum("nd,ked->nke", normed, self.w))
+    def hidden(self, normed: torch.Tensor) -> torch.Tensor:
+        """[N, d] final-normed block outputs -> [N, K, d], one state per head (unembed these directly)."""
+        return normed[:, None, :] + F.silu(torch.einsum("nd,ked->nke", normed, self.w))
+
+    @staticmethod
+    def normed(model: Transformer, states: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm of block outputs [..., d], float32."""
+        first = model.final_norm.weight
+        return model.final_norm(states.to(device=first.device, dtype=first.dtype)).float()
 
     def unembed_columns(self, model: Transformer) -> torch.Tensor:
         """The model's unembedding restricted to the drafter's vocabulary, [d, V'] float32 (cached)."""
@@ -72,17 +80,15 @@ class DraftHeads(torch.nn.Module):
         return self._unembed
 
     def logits(self, model: Transformer, states: torch.Tensor) -> torch.Tensor:
-        """[N, d] -> [N, K, V'] logits over the drafter's vocabulary: lens(h_k), columns restricted."""
-        h = model.final_norm(self.hidden(states.float()).to(model.dtype)).float()
-        return h @ self.unembed_columns(model)
+        """[N, d] block outputs -> [N, K, V'] logits over the drafter's vocabulary."""
+        return self.hidden(self.normed(model, states)) @ self.unembed_columns(model)
 
     @torch.inference_mode()
     def draft(self, model: Transformer, state: torch.Tensor, k: int, min_prob: float = 0.0) -> list[int]:
         """The argmax of the first k heads for one state [d], cut where the heads' joint confidence (the
         product of their top probabilities) falls below `min_prob`: each drafted token costs part of a
         step to verify, so a token that is likely rejected is not worth proposing."""
-        h = self.hidden(state.float()[None])[0, : min(k, self.n_heads)]
-        h = model.final_norm(h.to(model.dtype)).float()
+        h = self.hidden(self.normed(model, state[None]))[0, : min(k, self.n_heads)]
         top, best = torch.softmax(h @ self.unembed_columns(model), dim=-1).max(-1)
         keep = int((top.cumprod(0) >= min_prob).sum()) if min_prob > 0 else len(best)
         return self.vocab[best[:keep]].tolist()
@@ -328,17 +334,15 @@ def train_heads(
     K = data.targets.shape[1]
     heads = DraftHeads(model.config.d_model, K, vocab, layer)
     unembed = heads.unembed_columns(model).detach()
-    norm_w = model.final_norm.weight.detach().float()
-    eps = model.final_norm.eps
+    with torch.no_grad():
+        states = torch.cat([heads.normed(model, s) for s in states.split(4096)])  # once, not every epoch
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     train_idx = torch.nonzero(~is_test).squeeze(1)
     steps_total = epochs * math.ceil(len(train_idx) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps_total, pct_start=0.1)
 
-    def head_logits(s: torch.Tensor) -> torch.Tensor:
-        h = heads.hidden(s)
-        h = F.rms_norm(h, (h.shape[-1],), eps=eps) * norm_w
-        return h @ unembed
+    def head_logits(normed: torch.Tensor) -> torch.Tensor:
+        return heads.hidden(normed) @ unembed
 
     with torch.enable_grad():
         for _ in range(epochs):
