@@ -294,8 +294,9 @@ _DECODE_STEPS: weakref.WeakKeyDictionary[Transformer, tuple] = weakref.WeakKeyDi
 class Transformer(nn.Module):
     # A batch-1 decode step of a float32 Llama-family model on the CPU (or a few tokens at once, as
     # speculative decoding verifies them), with no hook asking to see inside, runs as one compiled call
-    # (kernels.DecodeStep): same numbers up to float rounding, 1.5x faster here (benchmarks/RESULTS.md). Set False on an instance to force the op-by-op path (e.g.
-    # for nn.Module hooks, which the compiled step does not call).
+    # (kernels.DecodeStep): same numbers up to float rounding, 1.5x faster here (benchmarks/RESULTS.md).
+    # Set False on an instance to force the op-by-op path (e.g. for nn.Module hooks, which the compiled
+    # step does not call).
     fused_decode = True
 
     def __init__(self, config: ModelConfig) -> None:
