@@ -239,7 +239,7 @@ def histogram_png(result: dict, path: Path) -> Path:
         ax.set_xlabel("drafted tokens accepted in one forward")
         ax.set_xticks(range(DRAFT_LEN + 1))
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("share of verifying forwards")
+    axes[0].set_ylabel("share of forwards (0 includes nothing drafted)")
     fig.suptitle("SmolLM2-135M fp32, greedy, 128 tokens: how far ahead the drafts hold")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

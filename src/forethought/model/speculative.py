@@ -159,6 +159,7 @@ class SpeculativeStats:
             "tokens_per_forward": self.tokens_per_forward,
             "acceptance_rate": self.acceptance_rate,
             "accepted_histogram": [self.accepted.count(i) for i in range(self.draft_len + 1)],
+            "forwards_without_draft": self.drafted.count(0),
         }
 
 
