@@ -235,7 +235,8 @@ def histogram_png(result: dict, path: Path) -> Path:
             share = h / h.sum()
             xs = torch.arange(len(h)) + (i - 1) * 0.27
             ax.bar(xs, share, width=0.27, label=f"{text} ({row['tokens_per_forward']:.2f} tok/fwd)")
-        ax.set_title(f"{drafter} drafter (up to {DRAFT_LEN} drafted)")
+        limit = "first head only" if drafter == "heads" else f"up to {DRAFT_LEN} drafted"
+        ax.set_title(f"{drafter} drafter ({limit})")
         ax.set_xlabel("drafted tokens accepted in one forward")
         ax.set_xticks(range(DRAFT_LEN + 1))
         ax.legend(fontsize=8)
