@@ -100,6 +100,10 @@ def generate(
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
 
+    if lm.model.device.type == "cpu":
+        from forethought.model import kernels
+
+        kernels.module()  # a first-run compile announces itself on stderr now, not inside the streamed text
     if not as_json:
         sys.stdout.write(text)
         sys.stdout.flush()
