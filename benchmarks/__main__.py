@@ -22,18 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-ALL = [
-    "machine",
-    "forethought-fp32",
-    "forethought-fp32-opbyop",
-    "forethought-bf16",
-    "forethought-int8",
-    "hf-fp32",
-    "llamacpp-f32",
-    "llamacpp-q8_0",
-    "llamacpp-q4_1",
-    "cuda",
-]
+from benchmarks.common import ENGINES, PROMPT, TARGETS
+
+ALL = ENGINES  # benchmarks/common.py: one list for the parent, the workers and the report
 ROOT = Path(__file__).resolve().parent
 
 
@@ -133,7 +124,7 @@ def ratio(a, b) -> str:
 def main_rows(results: dict) -> list[dict]:
     """One row per (engine, mode): decode tok/s, prefill tok/s, peak RSS."""
     rows = []
-    order = [name for name in ALL if name not in ("machine", "cuda")]  # the speed rows, in ALL's order
+    order = [name for name in ALL if name not in ("machine", "cuda", "speculative")]  # the speed rows, in ALL's order
     for name in order:
         r = results.get(name)
         if not r or "error" in r:
@@ -214,7 +205,7 @@ def markdown(results: dict, args, info: dict, vers: dict, command: str, total_s:
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
         "- Model: SmolLM2-135M-Instruct from the embedded Q4_1 GGUF; forethought and HF dequantize it to float32 "
         "(bfloat16 row: cast from that); llama.cpp F32 / Q8_0 are `llama_model_quantize` conversions of it.",
-        f"- Decode: {args.tokens} new greedy tokens after the 9-token prompt {json.dumps(PROMPT_TEXT)}; "
+        f"- Decode: {args.tokens} new greedy tokens after the 9-token prompt {json.dumps(PROMPT)}; "
         "tok/s = (n - 1) forwards / their time (prefill excluded). Prefill: "
         f"{args.prompt_len} tokens of `argparse.py`, logits of the last position only. Warm-up first, then the "
         f"median of {args.repeats} runs; 2 threads everywhere.",
@@ -236,16 +227,9 @@ def markdown(results: dict, args, info: dict, vers: dict, command: str, total_s:
 
 
 NOTES_MARK = "<!-- notes: kept when the figures above are regenerated -->"
-PROMPT_TEXT = "Once upon a time, there was a little"
 
 
 # (what, numerator engine, key, denominator engine, key, bar, higher is better)
-TARGETS = [
-    ("fp32 decode vs llama.cpp F32", "forethought-fp32", "decode_tok_s", "llamacpp-f32", "decode_tok_s", 1.0, True),
-    ("fp32 prefill vs llama.cpp F32", "forethought-fp32", "prefill_tok_s", "llamacpp-f32", "prefill_tok_s", 1.0, True),
-    ("int8 decode vs llama.cpp Q8_0", "forethought-int8", "decode_tok_s", "llamacpp-q8_0", "decode_tok_s", 1.0, True),
-    ("fp32 decode vs HF transformers fp32", "forethought-fp32", "decode_tok_s", "hf-fp32", "decode_tok_s", 2.0, True),
-]
 
 
 def target_lines(results: dict) -> list[str]:
@@ -348,6 +332,12 @@ def extra_sections(results: dict) -> list[str]:
             lines += [f"GPU: {cuda['gpu']}", "", "| system | decode tok/s | prefill tok/s |", "|---|---:|---:|"]
             for r in cuda["rows"]:
                 lines.append(f"| {r['engine']} | {fmt(r['decode_tok_s'])} | {fmt(r['prefill_tok_s'], 0)} |")
+    spec = results.get("speculative")
+    if spec and "rows" in spec:
+        from benchmarks.speculative import table
+
+        lines += ["", f"## Speculative decoding ({spec['tokens']} greedy tokens, {spec['threads']} thread(s))", ""]
+        lines += table(spec)
     return lines
 
 
@@ -356,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     opts = {
         "quick": args.quick,
+        "spec_tokens": 32 if args.quick else 128,
         "tokens": args.tokens,
         "nocache_tokens": args.nocache_tokens,
         "prompt_len": args.prompt_len,

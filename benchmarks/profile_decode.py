@@ -1,5 +1,9 @@
 """Where a forethought decode step spends its time: `python -m benchmarks.profile_decode [--dtype D] [--steps N]`.
 
+`--verify-sweep` instead times one forward of T = 1..8 tokens through the compiled step (what verifying
+T-1 drafted tokens costs), as wall time and as the thread's CPU time (the figure a loaded, shared
+machine does not distort), relative to T = 1.
+
 Times, warm and as medians, (1) the step's weight products alone -- every Linear of the model through
 the batch-1 kernel, nothing else: the floor set by memory bandwidth --, (2) the compiled whole-token
 step that `model(token, cache=cache)` runs, and (3) the op-by-op forward (`fused_decode = False`),
@@ -31,11 +35,47 @@ def per_step_ms(fn, steps: int, rounds: int = 5) -> float:
     return statistics.median(times) * 1e3
 
 
+def verify_sweep(threads: int, repeats: int = 12, tokens: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)) -> None:
+    """ms per forward of T tokens at a 300-token context, fp32 and int8, T interleaved in a shuffled order."""
+    import random
+
+    from forethought import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model().model
+    for dtype in ("float32", "int8"):
+        if dtype == "int8":
+            model.quantize_int8_()
+        cache = model.new_cache(1024)
+        model.forward_with_state(list(range(100, 400)), cache)
+        base = cache.length
+        wall: dict[int, list[float]] = {t: [] for t in tokens}
+        cpu: dict[int, list[float]] = {t: [] for t in tokens}
+        order = [t for t in tokens for _ in range(repeats)]
+        random.Random(0).shuffle(order)
+        for t in order:
+            cache.truncate(base)
+            w, c = time.perf_counter(), time.thread_time()
+            model.forward_with_state(list(range(500, 500 + t)), cache, with_state=False)
+            cpu[t].append(time.thread_time() - c)
+            wall[t].append(time.perf_counter() - w)
+        w1, c1 = statistics.median(wall[1]), statistics.median(cpu[1])
+        print(f"{dtype}, {threads} thread(s): T  wall ms (x T=1)  cpu ms (x T=1)")
+        for t in tokens:
+            w, c = statistics.median(wall[t]), statistics.median(cpu[t])
+            print(f"  T={t}  {w * 1e3:7.1f} ({w / w1:.2f}x)  {c * 1e3:7.1f} ({c / c1:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode")
     p.add_argument("--dtype", default="float32", help="float32 or int8 (the compiled step's dtypes)")
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--verify-sweep", action="store_true", help="ms per forward of T = 1..8 tokens instead")
+    p.add_argument("--threads", type=int, default=1, help="threads for --verify-sweep")
     args = p.parse_args()
+    if args.verify_sweep:
+        verify_sweep(args.threads)
+        return
     from forethought import load_model
     from forethought.model import kernels
     from forethought.model.transformer import Linear

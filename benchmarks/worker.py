@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.common import ENGINES as COMMON_ENGINES
 from benchmarks.common import GGUF_NAME, PROMPT, cache_dir, gguf_dir, long_text, median, median_time
 
 THREADS = 2
@@ -120,29 +121,12 @@ def context_sweep(model, text_ids: list[int], opts: dict) -> dict:
 def trace_overhead(model, ids: torch.Tensor, opts: dict) -> dict:
     """A 512-token forward capturing every layer's resid_post vs the same forward without hooks."""
     progress("forethought: trace overhead")
-    try:
-        from forethought.trace import run_with_trace
+    from forethought.trace import run_with_trace
 
-        def traced():
-            return run_with_trace(model, ids, "resid_post")
+    def traced():
+        return run_with_trace(model, ids, "resid_post")
 
-        api = "forethought.trace.run_with_trace(model, ids, 'resid_post')"
-    except ImportError:  # before trace.py existed: a bare Hooks object
-        points = frozenset(f"blocks.{i}.resid_post" for i in range(model.config.n_layers))
-
-        class Keep:
-            def __init__(self):
-                self.points, self.kept = points, {}
-
-            def __call__(self, name, t):
-                self.kept[name] = t.detach()
-                return t
-
-        def traced():
-            with torch.inference_mode():
-                return model(ids, hooks=Keep())
-
-        api = "model(ids, hooks=Keep(resid_post of every layer))"
+    api = "forethought.trace.run_with_trace(model, ids, 'resid_post')"
 
     def plain():
         with torch.inference_mode():
@@ -350,7 +334,15 @@ ENGINES: dict[str, Callable[[dict], dict]] = {
     "llamacpp-q4_1": lambda o: llamacpp_engine(o, "Q4_1"),
     "machine": machine_engine,
     "cuda": cuda_engine,
+    "speculative": lambda o: speculative_engine(o),
 }
+assert set(ENGINES) == set(COMMON_ENGINES), "benchmarks/common.py ENGINES and this table disagree"
+
+
+def speculative_engine(opts: dict) -> dict:
+    from benchmarks.speculative import run
+
+    return run(dict(opts, repeats=min(opts["repeats"], 2)), progress)
 
 
 def main() -> None:

@@ -59,6 +59,17 @@ def generate(
     show_template: Annotated[
         bool, typer.Option("--show-template", help="With --chat: print the templated prompt and its markers too.")
     ] = False,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help="Draft tokens and verify them in one forward (same output): heads, lookup or auto.",
+        ),
+    ] = None,
+    draft_len: Annotated[int, typer.Option("--draft-len", help="Tokens drafted per forward (--speculative).")] = 4,
+    heads: Annotated[
+        str | None, typer.Option("--heads", help="Draft heads file (default: the ones shipped for the model).")
+    ] = None,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -75,12 +86,19 @@ def generate(
         raise ForethoughtError("the prompt is empty: give at least one token of text")
     if n < 0:
         raise ForethoughtError(f"-n must be >= 0, got {n}")
+    if speculative is not None and no_cache:
+        raise ForethoughtError("--speculative verifies drafts on the KV cache: drop --no-cache")
     lm = load(model, device, dtype, quiet=as_json)
     text = lm.tokenizer.apply_chat_template(prompt) if chat else prompt
     prompt_ids = lm.tokenizer.encode(text)
     check_prompt(lm.model, prompt_ids, n)  # before anything is printed
     # A chat shows the assistant's answer; its template's <|im_start|>/<|im_end|> only with --show-template.
     plain_chat = chat and not show_template
+    drafter = None
+    if speculative is not None:
+        from forethought.model.speculative import make_drafter
+
+        drafter = make_drafter(lm.model, speculative, heads)
     stream = StreamDecoder(lm.tokenizer, skip_special=plain_chat)
 
     def show(token: int) -> None:
@@ -88,11 +106,25 @@ def generate(
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
 
+    if lm.model.device.type == "cpu":
+        from forethought.model import kernels
+
+        kernels.module()  # a first-run compile announces itself on stderr now, not inside the streamed text
     if not as_json and not plain_chat:
         sys.stdout.write(text)
         sys.stdout.flush()
     stops = (lm.tokenizer.eos_id,) if lm.tokenizer.eos_id is not None else ()
-    result = run_generation(lm.model, prompt_ids, n, params, use_cache=not no_cache, stop_ids=stops, on_token=show)
+    result = run_generation(
+        lm.model,
+        prompt_ids,
+        n,
+        params,
+        use_cache=not no_cache,
+        stop_ids=stops,
+        on_token=show,
+        speculative=drafter,
+        draft_len=draft_len,
+    )
     new_text = lm.tokenizer.decode(result.new_ids, skip_special=True)
     summary = {
         "model": lm.name,
@@ -107,6 +139,17 @@ def generate(
         "decode_tokens_per_second": rate if math.isfinite(rate := result.decode_tokens_per_second) else None,
         "kv_cache_bytes": result.cache.nbytes if result.cache is not None else 0,
     }
+    if result.speculative is not None:
+        from forethought.model.speculative import plain_step_seconds
+
+        # The speedup is against plain decode steps timed now, on the same cache and machine state.
+        plain = plain_step_seconds(lm.model, result.cache)
+        summary["speculative"] = result.speculative.as_dict() | {
+            "plain_tokens_per_second": 1 / plain,
+            "speedup": None
+            if summary["decode_tokens_per_second"] is None
+            else summary["decode_tokens_per_second"] * plain,
+        }
     if as_json:
         print(json.dumps(summary))
         return
@@ -120,6 +163,15 @@ def generate(
         f"stop: {result.stop_reason}[/dim]",
         soft_wrap=True,
     )
+    if result.speculative is not None:
+        spec = summary["speculative"]
+        err_console.print(
+            f"[dim]speculative ({spec['drafter']}, up to {draft_len} drafted): "
+            f"{spec['tokens_per_forward']:.2f} tokens per forward, {spec['acceptance_rate']:.0%} of drafts accepted, "
+            + (f"{spec['speedup']:.2f}x plain decode " if spec["speedup"] is not None else "")
+            + f"({spec['plain_tokens_per_second']:.1f} tok/s plain, measured now)[/dim]",
+            soft_wrap=True,
+        )
 
 
 @app.command()

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from forethought.errors import ForethoughtError
+from forethought.model import kernels
 from forethought.model.kv_cache import KVCache
 from forethought.model.sampling import SamplingParams, sample
+from forethought.model.speculative import Drafter, SpeculativeStats, generate_speculative, make_drafter
 from forethought.model.transformer import Transformer
 
 GREEDY = SamplingParams(temperature=0)
@@ -24,6 +26,8 @@ class Generation:
     prefill_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     cache: KVCache | None = None
+    speculative: SpeculativeStats | None = None  # drafted / accepted per forward, when speculative
+    origins: list[str] = field(default_factory=list)  # speculative: "draft" (accepted) or "model", per new token
 
     @property
     def ids(self) -> list[int]:
@@ -56,12 +60,21 @@ def generate(
     use_cache: bool = True,
     stop_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
+    speculative: str | Drafter | None = None,
+    draft_len: int = 4,
 ) -> Generation:
     """Generate up to `max_new_tokens` after `prompt_ids`, calling `on_token` as each is chosen.
 
     With `use_cache=False` every step runs the full prefix through the network again: the same
     tokens (the thread's point), at a cost that grows with the length instead of staying flat.
+    `speculative` ("lookup", "heads", "auto" or a Drafter) drafts up to `draft_len` tokens per forward
+    and verifies them: the same tokens as without it (greedy), or the same distribution (sampling).
     """
+    if speculative is not None:
+        if not use_cache:
+            raise ForethoughtError("speculative decoding verifies drafts on the KV cache: drop --no-cache")
+        drafter = make_drafter(model, speculative) if isinstance(speculative, str) else speculative
+        return generate_speculative(model, prompt_ids, max_new_tokens, params, drafter, draft_len, stop_ids, on_token)
     check_prompt(model, prompt_ids, max_new_tokens)
     result = Generation(list(prompt_ids))
     generator = params.generator()
@@ -69,6 +82,8 @@ def generate(
     cache = model.new_cache(capacity=len(prompt_ids) + max_new_tokens) if use_cache else None
     result.cache = cache
 
+    if use_cache and model.device.type == "cpu":
+        kernels.module()  # a first-run compile (~40 s, announced on stderr) is not prefill
     started = time.perf_counter()
     logits = model(torch.tensor([prompt_ids], device=device), cache=cache, last_only=True)[0, -1]
     result.prefill_seconds = time.perf_counter() - started

@@ -4,6 +4,9 @@ Two things are in the extension: `matvec`, a batch-1 product that streams a weig
 copy speed (torch's MKL path reads ~15 GB/s on two EPYC cores, a plain copy ~22+), and `DecodeStep`,
 which runs one whole decode token of a Llama-family model in one call, so a step pays for its weight
 reads and almost nothing else (op by op, ~20 small ATen calls per block cost ~14 ms per step here).
+`DecodeStep.forward_many` takes up to MAX_TOKENS tokens at once and reads every weight once for all of
+them: how speculative decoding verifies drafted tokens at about the price of one step. It takes its
+weights by name, and `announce_fallback` says once on stderr when the compiled path is not used.
 
 The extension is built with the local C++ compiler the first time it is needed (~40 s, once; cached
 under ~/.cache/forethought/kernels/, keyed by source, torch version and CPU flags). Anything that goes
@@ -51,7 +54,9 @@ def _build():
     folder = cache_dir() / key
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / f"forethought_kernels_{key}.so").exists():
-        print(f"forethought: compiling CPU kernels once (~40 s), cached in {folder}", file=sys.stderr)
+        # Its own line on stderr (a spinner or streamed text may be on the current one); callers time
+        # the build apart from prefill by calling `module()` before they start the clock.
+        print(f"\nforethought: compiling CPU kernels once (~40 s), cached in {folder}", file=sys.stderr, flush=True)
     return load(
         name=f"forethought_kernels_{key}",
         sources=[str(_SOURCE_FILE)],
@@ -81,6 +86,7 @@ def module():
         except Exception as exc:  # noqa: BLE001 -- any build failure means "use torch", never a crash
             _state["error"] = f"{type(exc).__name__}: {exc}"
             print(f"forethought: fast CPU kernels unavailable, using torch ({_state['error'][:200]})", file=sys.stderr)
+            _state["announced"] = True  # said once, here
             return None
     return _state["module"]
 
@@ -112,9 +118,39 @@ def matvec(
     return mod.matvec(x, weight_t, _NONE if scale is None else scale, _NONE if bias is None else bias)
 
 
-def decode_step(tensors: list[torch.Tensor | None], n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
-    """A compiled whole-token decode step over these weights (see DecodeStep in the C++), or None."""
+MAX_TOKENS = 16  # the most tokens one DecodeStep call takes (kMaxTokens in the C++)
+
+# Weight names of one product (Linear) in the compiled step: weight, scale (int8), bias.
+LINEAR_FIELDS = ("weight", "scale", "bias")
+
+
+def decode_step(
+    model_weights: dict[str, torch.Tensor | None],
+    layer_weights: list[dict[str, torch.Tensor | None]],
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    eps: float,
+):
+    """A compiled step over these weights, by name (see DecodeStep in the C++), or None without the kernels.
+
+    `model_weights`: embed, final_norm, unembed.{weight,scale,bias}, rope_cos, rope_sin; each of
+    `layer_weights`: attn_norm, qkv.*, o.*, mlp_norm, gate_up.*, down.*. None means absent. A missing or
+    unexpected name raises RuntimeError naming it.
+    """
     mod = module()
     if mod is None:
         return None
-    return mod.DecodeStep([_NONE if t is None else t for t in tensors], n_heads, n_kv_heads, head_dim, eps)
+
+    def filled(named: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        return {k: _NONE if t is None else t for k, t in named.items()}
+
+    return mod.DecodeStep(filled(model_weights), [filled(w) for w in layer_weights], n_heads, n_kv_heads, head_dim, eps)
+
+
+def announce_fallback(reason: str) -> None:
+    """Say once per process, on stderr, that the compiled decode step is off and why (it costs ~30%)."""
+    if _state.get("announced"):
+        return
+    _state["announced"] = True
+    print(f"forethought: compiled decode step unavailable, decoding op by op ({reason[:200]})", file=sys.stderr)

@@ -274,16 +274,29 @@ class Block(nn.Module):
         return torch.softmax(scores.float(), dim=-1).to(q.dtype)
 
 
+class _LastState:
+    """Hooks that keep one activation (the last block's output) and change nothing."""
+
+    def __init__(self, name: str) -> None:
+        self.points = frozenset((name,))
+        self.state: torch.Tensor | None = None
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.state = tensor
+        return tensor
+
+
 # Each model's compiled decode step with the weight addresses it was built for. Kept beside the module,
 # not in it, so that copy.deepcopy / pickling a model never meets the (unpicklable) C++ object.
 _DECODE_STEPS: weakref.WeakKeyDictionary[Transformer, tuple] = weakref.WeakKeyDictionary()
 
 
 class Transformer(nn.Module):
-    # A batch-1 decode step of a float32 Llama-family model on the CPU, with no hook asking to see
-    # inside, runs as one compiled call (kernels.DecodeStep): same numbers up to float rounding, 1.5x
-    # faster here (benchmarks/RESULTS.md). Set False on an instance to force the op-by-op path (e.g.
-    # for nn.Module hooks, which the compiled step does not call).
+    # A batch-1 decode step of a float32 Llama-family model on the CPU (or a few tokens at once, as
+    # speculative decoding verifies them), with no hook asking to see inside, runs as one compiled call
+    # (kernels.DecodeStep): same numbers up to float rounding, 1.5x faster here (benchmarks/RESULTS.md).
+    # Set False on an instance to force the op-by-op path (e.g. for nn.Module hooks, which the compiled
+    # step does not call).
     fused_decode = True
 
     def __init__(self, config: ModelConfig) -> None:
@@ -355,12 +368,14 @@ class Transformer(nn.Module):
         if c.family == "llama" and end > self.rope_cos.shape[0]:
             self.init_rope(max(end, 2 * self.rope_cos.shape[0]))  # doubling: O(log n) rebuilds
         wanted = hooks.points if hooks is not None else ()
-        if T == 1 and B == 1 and cache is not None and not wanted and self.fused_decode:
+        if T <= kernels.MAX_TOKENS and B == 1 and cache is not None and not wanted and self.fused_decode:
+            # A decode step, or the verification of a few drafted tokens (forethought.model.speculative):
+            # one compiled call that reads the weights once for all T tokens.
             step = self._decode_step(cache)
             if step is not None:
-                logits = step.forward(int(tokens[0, 0]), start, cache.k, cache.v)
+                logits, _ = step.forward_many(tokens[0].cpu(), start, cache.k, cache.v)
                 cache.length = end
-                return logits.view(1, 1, -1)
+                return (logits[-1:] if last_only else logits).unsqueeze(0)
 
         x = F.embedding(tokens, self.embed)
         if self.pos_embed is not None:
@@ -392,6 +407,33 @@ class Transformer(nn.Module):
             logits = hooks("logits", logits)
         return logits
 
+    def forward_with_state(
+        self, ids: list[int], cache: KVCache, last_only: bool = False, with_state: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [T, vocab] (float32) of `ids` continuing `cache`, and the last block's output (the residual
+        before the final norm) [T, d_model], or None without `with_state`: what a drafter reads.
+
+        A few tokens go through the compiled step when it applies (it returns the state for free); else
+        the op-by-op forward, with a hook on the last block when the state is wanted.
+        """
+        tokens = torch.tensor([ids], device=self.device)
+        T = len(ids)
+        step = None
+        if T <= kernels.MAX_TOKENS and self.fused_decode:
+            cache.reserve(cache.length + T)
+            step = self._decode_step(cache)
+        if step is not None:
+            logits, states = step.forward_many(tokens[0].cpu(), cache.length, cache.k, cache.v)
+            cache.length += T
+        else:
+            last = _LastState(self.blocks[-1].names["resid_post"]) if with_state else None
+            logits = self(tokens, cache=cache, hooks=last, last_only=last_only)[0].float()
+            states = last.state[0] if last is not None else None
+        if last_only:
+            logits = logits[-1:]
+            states = None if states is None else states[-1:]
+        return logits, (states if with_state else None)
+
     def lens_logits(self, states: torch.Tensor) -> torch.Tensor:
         """The logit lens: this model's final norm + unembedding applied to residual states [..., d_model].
 
@@ -412,7 +454,8 @@ class Transformer(nn.Module):
             or torch.compiler.is_compiling()
         ):
             return None
-        tensors = self._decode_step_tensors()
+        model_weights, layer_weights = self._decode_step_weights()
+        tensors = [t for named in (model_weights, *layer_weights) for t in named.values()]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return None  # someone is training: autograd must see every op
         # Rebuilt whenever a weight tensor is replaced (load, .to(), quantize_int8_); in-place edits
@@ -421,9 +464,14 @@ class Transformer(nn.Module):
         built = _DECODE_STEPS.get(self)
         if built is None or built[0] != key:
             try:
-                step = kernels.decode_step(tensors, c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps)
-            except RuntimeError:
-                step = None  # weights it does not take (e.g. non-contiguous after surgery): op by op
+                step = kernels.decode_step(
+                    model_weights, layer_weights, c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps
+                )
+                if step is None:
+                    kernels.announce_fallback(kernels.status())
+            except RuntimeError as exc:  # weights it does not take (e.g. non-contiguous after surgery): op by op
+                step = None
+                kernels.announce_fallback(str(exc).splitlines()[0])
             built = (key, step)
             _DECODE_STEPS[self] = built
         return built[1]
@@ -436,15 +484,29 @@ class Transformer(nn.Module):
         _DECODE_STEPS.pop(self, None)
         return self
 
-    def _decode_step_tensors(self) -> list[torch.Tensor | None]:
-        """The weights in the order DecodeStep's constructor documents."""
+    def _decode_step_weights(self) -> tuple[dict[str, torch.Tensor | None], list[dict[str, torch.Tensor | None]]]:
+        """The weights DecodeStep reads, by the names its constructor documents (None = absent)."""
 
-        def linear(lin: Linear) -> list[torch.Tensor | None]:
-            return [lin.weight_t, lin.scale, lin.bias]
+        def linear(prefix: str, lin: Linear) -> dict[str, torch.Tensor | None]:
+            fields = (lin.weight_t, lin.scale, lin.bias)
+            return {f"{prefix}.{name}": t for name, t in zip(kernels.LINEAR_FIELDS, fields, strict=True)}
 
-        u = self.unembed
-        tensors = [self.embed, self.final_norm.weight, *linear(u), self.rope_cos, self.rope_sin]
-        for b in self.blocks:
-            tensors += [b.attn_norm.weight, *linear(b.qkv), *linear(b.o), b.mlp_norm.weight]
-            tensors += [*linear(b.gate_up), *linear(b.down)]
-        return tensors
+        model_weights = {
+            "embed": self.embed,
+            "final_norm": self.final_norm.weight,
+            **linear("unembed", self.unembed),
+            "rope_cos": self.rope_cos,
+            "rope_sin": self.rope_sin,
+        }
+        layer_weights = [
+            {
+                "attn_norm": b.attn_norm.weight,
+                **linear("qkv", b.qkv),
+                **linear("o", b.o),
+                "mlp_norm": b.mlp_norm.weight,
+                **linear("gate_up", b.gate_up),
+                **linear("down", b.down),
+            }
+            for b in self.blocks
+        ]
+        return model_weights, layer_weights

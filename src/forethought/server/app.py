@@ -47,6 +47,7 @@ class AnalyzeRequest(BaseModel):
     temperature: float = Field(0.0, ge=0, le=10)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    speculative: Literal["lookup", "heads", "auto"] | None = None
 
 
 class AppendRequest(BaseModel):
@@ -152,7 +153,11 @@ def create_app(lm, limits: Limits | None = None, probes=None, probe_note: str = 
 
     @app.post("/api/analyze")
     def analyze(body: AnalyzeRequest) -> JSON:
-        return JSON(engine.analyze(body.session, body.prompt, body.new_tokens, body.temperature, body.top_k, body.seed))
+        return JSON(
+            engine.analyze(
+                body.session, body.prompt, body.new_tokens, body.temperature, body.top_k, body.seed, body.speculative
+            )
+        )
 
     @app.post("/api/append")
     def append(body: AppendRequest) -> JSON:

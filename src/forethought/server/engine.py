@@ -26,6 +26,7 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model.kv_cache import KVCache
 from forethought.model.sampling import SamplingParams, sample, sampling_distribution
+from forethought.model.speculative import DRAFTERS, generate_speculative, make_drafter
 from forethought.trace import act_name, run_with_trace
 from forethought.weights.tokenizer import check_text
 
@@ -204,8 +205,12 @@ class ViewerEngine:
         temperature: float = 0.0,
         top_k: int = 0,
         seed: int | None = None,
+        speculative: str | None = None,
     ) -> dict:
-        """Start (or restart) a session: tokenize, generate `new_tokens`, and return the whole grid."""
+        """Start (or restart) a session: tokenize, generate `new_tokens`, and return the whole grid.
+
+        `speculative` ("lookup", "heads", "auto") drafts and verifies the new tokens (same tokens, see
+        forethought.model.speculative); the payload then says which were drafted and accepted."""
         check_session_id(session_id)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ViewerError("the prompt is empty: type some text")
@@ -215,6 +220,8 @@ class ViewerEngine:
         if not 0 <= new_tokens <= max_new:
             raise ViewerError(f"new tokens must be between 0 and {max_new}, got {new_tokens}")
         params = self._params(temperature, top_k, seed)
+        if speculative is not None and speculative not in DRAFTERS:
+            raise ViewerError(f"speculative must be one of {', '.join(DRAFTERS)}, got {speculative!r}")
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ViewerError("the prompt encodes to no tokens")
@@ -231,6 +238,21 @@ class ViewerEngine:
             next_logits = logits[0, -1]
             n_prompt = len(ids)
             stop_reason = "max_tokens"
+            drafted = None
+            if speculative is not None and new_tokens:
+                try:
+                    drafter = make_drafter(self.model, speculative)
+                except ForethoughtError as exc:
+                    raise ViewerError(str(exc)) from None
+                cache.truncate(n_prompt)  # generate_speculative prefills its own cache
+                g = generate_speculative(self.model, ids, new_tokens, params, drafter, stop_ids=self.stop_ids)
+                cache, stop_reason = g.cache, g.stop_reason
+                ids = g.ids
+                # The last chosen token is not in the cache yet: run it, as the plain loop below does.
+                logits, _ = run_with_trace(self.model, [ids[-1]], (), cache=cache)
+                next_logits = logits[0, -1]
+                drafted = {"origins": g.origins, **g.speculative.as_dict()}
+                new_tokens = 0
             for _ in range(new_tokens):
                 token = sample(next_logits, params, generator)
                 ids.append(token)
@@ -254,7 +276,8 @@ class ViewerEngine:
                 "tokens": self._tokens(ids),
                 "n_prompt": n_prompt,
                 "generated": len(ids) - n_prompt,
-                "stop_reason": stop_reason if new_tokens else None,
+                "stop_reason": stop_reason if len(ids) > n_prompt else None,
+                "speculative": drafted,
                 **self._grid_payload(metrics, lens_ids),
                 "cache": self._cache_info(cache),
                 "cache_history": session.history,

@@ -1,4 +1,5 @@
-// forethought's CPU kernels: batch-1 matrix-vector products and a whole decode step.
+// forethought's CPU kernels: batch-1 matrix-vector products and a whole decode step (or the
+// verification of a few drafted tokens, which reads the weights once, like one step).
 //
 // A decode step multiplies one vector by every weight matrix, so it is bound by how fast the weights
 // stream from memory. Two things keep torch from that bound at batch 1: MKL's [1, in] x [in, out]
@@ -19,6 +20,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <string>
+#include <tuple>
 #include <vector>
 
 // One SIMD vector of float32, the widest the compiler was allowed (-march=native).
@@ -29,6 +33,7 @@ static inline vf vset(float a) { return _mm512_set1_ps(a); }
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 // bfloat16 is the top half of a float32: widen to 32 bits and shift left 16 (exact).
 static inline vf vload(const at::BFloat16* p) {
   __m256i h = _mm256_loadu_si256((const __m256i*)p);
@@ -41,6 +46,11 @@ static inline vf vset(float a) { return _mm256_set1_ps(a); }
 static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 static inline vf vload(const at::BFloat16* p) {
   __m128i h = _mm_loadu_si128((const __m128i*)p);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -54,40 +64,67 @@ static inline float tofloat(at::BFloat16 v) { return static_cast<float>(v); }
 
 // ------------------------------------------------------------------------------ matrix-vector
 
-// acc[j0:j1] += sum_{i in [i0,i1)} x[i] * W[i, j0:j1], W row-major [in, out] with row stride `out`.
-// Four rows at a time: one load/store of the accumulator (in L1) per four weight vectors.
-template <typename T>
-static void rows_axpy(const T* W, const float* x, float* acc, int64_t out, int64_t i0, int64_t i1, int64_t j0,
-                      int64_t j1) {
-  const int64_t jv = j0 + (j1 - j0) / VW * VW;
-  int64_t i = i0;
-  for (; i + 4 <= i1; i += 4) {
-    const T* w0 = W + i * out;
-    const T* w1 = w0 + out;
-    const T* w2 = w1 + out;
-    const T* w3 = w2 + out;
-    vf x0 = vset(x[i]), x1 = vset(x[i + 1]), x2 = vset(x[i + 2]), x3 = vset(x[i + 3]);
-    int64_t j = j0;
-    for (; j < jv; j += VW) {
-      vf a = vload(acc + j);
-      a = vfma(vload(w0 + j), x0, a);
-      a = vfma(vload(w1 + j), x1, a);
-      a = vfma(vload(w2 + j), x2, a);
-      a = vfma(vload(w3 + j), x3, a);
-      vstore(acc + j, a);
+// For each of nT inputs t: acc_t[j0:j1] += sum_{i in [i0,i1)} x_t[i] * W[i, j0:j1], W row-major [in, out]
+// with row stride `out`; x_t = X + t * ldx, acc_t = ACC + t * ldacc.
+//
+// Every acc_t[j] is one chain of fused multiply-adds over i in increasing order, whatever nT is and
+// however the loops are blocked, so T tokens at once give bit-for-bit the numbers of T single-token
+// steps -- what keeps speculative greedy decoding token-identical. The blocking: 8 rows at a time (8
+// sequential streams through the matrix, one accumulator load/store per 8 rows), and a register tile of
+// up to 4 inputs x 4 vectors, so each weight vector loaded feeds up to 4 tokens' multiply-adds (a
+// verification of T drafted tokens reads the weights once and costs little more than one step).
+template <typename T, int TB, int JB>
+static inline void axpy_tile(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t out,
+                             int64_t i, int64_t rows, int64_t j) {
+  vf acc[TB][JB];
+  for (int t = 0; t < TB; t++)
+    for (int b = 0; b < JB; b++) acc[t][b] = vload(ACC + t * ldacc + j + b * VW);
+  for (int64_t r = 0; r < rows; r++) {
+    const T* w = W + (i + r) * out + j;
+    vf wv[JB];
+    for (int b = 0; b < JB; b++) wv[b] = vload(w + b * VW);
+    for (int t = 0; t < TB; t++) {
+      const vf xb = vset(X[t * ldx + i + r]);
+      for (int b = 0; b < JB; b++) acc[t][b] = vfma(wv[b], xb, acc[t][b]);
     }
-    for (; j < j1; j++)
-      acc[j] += tofloat(w0[j]) * x[i] + tofloat(w1[j]) * x[i + 1] + tofloat(w2[j]) * x[i + 2] +
-                tofloat(w3[j]) * x[i + 3];
   }
-  for (; i < i1; i++) {
-    const T* w0 = W + i * out;
-    vf x0 = vset(x[i]);
-    int64_t j = j0;
-    for (; j < jv; j += VW) vstore(acc + j, vfma(vload(w0 + j), x0, vload(acc + j)));
-    for (; j < j1; j++) acc[j] += tofloat(w0[j]) * x[i];
+  for (int t = 0; t < TB; t++)
+    for (int b = 0; b < JB; b++) vstore(ACC + t * ldacc + j + b * VW, acc[t][b]);
+}
+
+template <typename T, int JB>
+static inline void axpy_tiles(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t nT,
+                              int64_t out, int64_t i, int64_t rows, int64_t j) {
+  for (int64_t t = 0; t < nT; t += 4) {
+    const float* x = X + t * ldx;
+    float* acc = ACC + t * ldacc;
+    switch (std::min<int64_t>(4, nT - t)) {
+      case 1: axpy_tile<T, 1, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+      case 2: axpy_tile<T, 2, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+      case 3: axpy_tile<T, 3, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+      default: axpy_tile<T, 4, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+    }
   }
 }
+
+template <typename T>
+static void rows_axpy(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t nT, int64_t out,
+                      int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  const int64_t jv = j0 + (j1 - j0) / VW * VW;
+  for (int64_t i = i0; i < i1; i += 8) {
+    const int64_t rows = std::min<int64_t>(8, i1 - i);
+    int64_t j = j0;
+    for (; j + 4 * VW <= jv; j += 4 * VW) axpy_tiles<T, 4>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j);
+    for (; j < jv; j += VW) axpy_tiles<T, 1>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j);
+    for (; j < j1; j++)
+      for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < nT; t++)
+          ACC[t * ldacc + j] = std::fma(tofloat(W[(i + r) * out + j]), X[t * ldx + i + r], ACC[t * ldacc + j]);
+  }
+}
+
+// The most tokens one call takes: a decode step plus up to 15 drafted tokens to verify.
+static constexpr int64_t kMaxTokens = 16;
 
 // A weight matrix as the kernels see it: raw pointers, so a decode step touches no tensor objects.
 struct Mat {
@@ -127,97 +164,117 @@ static void quantize_input(const float* x, int64_t in, int16_t* xq, float* dx) {
   }
 }
 
-// acc[16s + c] += sum over groups [g0, g1) of dx[g] * scale[g, 16s + c] * sum_i xq[i] q[i, 16s + c],
-// for strips [s0, s1); acc has room for whole strips (16 floats each).
+// For each input t: acc_t[16s + c] += sum over groups [g0, g1) of dx_t[g] * scale[g, 16s + c] *
+// sum_i xq_t[i] q[i, 16s + c], for strips [s0, s1); xq_t = xq + t * in, dx_t = dx + t * in / 32,
+// acc_t = acc + t * ldacc (room for whole strips, 16 floats each). A strip's 16 weight vectors are
+// widened once and reused by every input; each acc_t sums in the same order whatever nT is.
 static void int8_block(const int8_t* P, const at::Half* S, const int16_t* xq, const float* dx, float* acc,
-                       int64_t out, int64_t g0, int64_t g1, int64_t s0, int64_t s1) {
-  const int64_t ns = strips(out);
+                       int64_t ldacc, int64_t nT, int64_t in, int64_t out, int64_t g0, int64_t g1, int64_t s0,
+                       int64_t s1) {
+  const int64_t ns = strips(out), G = in / kGroup;
   for (int64_t g = g0; g < g1; g++) {
-    if (dx[g] == 0.f) continue;  // an all-zero input group adds nothing
     const int8_t* blocks = P + g * ns * kBlock;
-    const int16_t* xg = xq + g * kGroup;
     const at::Half* sg = S + g * out;
 #if defined(__AVX512BW__)
-    __m512i xs[kGroup / 2];  // each input pair, broadcast: reused by every strip of the group
-    for (int p = 0; p < kGroup / 2; p++) xs[p] = _mm512_set1_epi32(*(const int32_t*)(xg + 2 * p));
-    const __m512 d = _mm512_set1_ps(dx[g]);
     for (int64_t s = s0; s < s1; s++) {
       const int8_t* w = blocks + s * kBlock;
-      __m512i sum = _mm512_setzero_si512();
-      for (int p = 0; p < kGroup / 2; p++) {
-        __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 2 * kStrip * p)));
-#if defined(__AVX512VNNI__)
-        sum = _mm512_dpwssd_epi32(sum, w16, xs[p]);
-#else
-        sum = _mm512_add_epi32(sum, _mm512_madd_epi16(w16, xs[p]));
-#endif
-      }
+      __m512i w16[kGroup / 2];
+      for (int p = 0; p < kGroup / 2; p++)
+        w16[p] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + 2 * kStrip * p)));
       const int64_t j = s * kStrip;
       const __mmask16 live = out - j >= kStrip ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - j)) - 1);
       const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, sg + j));
-      const __m512 a = _mm512_loadu_ps(acc + j);
-      _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), d), sc, a));
+      for (int64_t t = 0; t < nT; t++) {
+        const float dxg = dx[t * G + g];
+        if (dxg == 0.f) continue;  // an all-zero input group adds nothing
+        const int16_t* xg = xq + t * in + g * kGroup;
+        __m512i sum = _mm512_setzero_si512();
+        for (int p = 0; p < kGroup / 2; p++) {
+          const __m512i xs = _mm512_set1_epi32(*(const int32_t*)(xg + 2 * p));
+#if defined(__AVX512VNNI__)
+          sum = _mm512_dpwssd_epi32(sum, w16[p], xs);
+#else
+          sum = _mm512_add_epi32(sum, _mm512_madd_epi16(w16[p], xs));
+#endif
+        }
+        float* at = acc + t * ldacc + j;
+        const __m512 a = _mm512_loadu_ps(at);
+        _mm512_storeu_ps(at, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(dxg)), sc, a));
+      }
     }
 #else
-    for (int64_t s = s0; s < s1; s++) {
-      const int8_t* w = blocks + s * kBlock;
-      for (int64_t c = 0; c < kStrip && s * kStrip + c < out; c++) {
-        int32_t sum = 0;
-        for (int p = 0; p < kGroup / 2; p++)
-          sum += w[2 * kStrip * p + 2 * c] * xg[2 * p] + w[2 * kStrip * p + 2 * c + 1] * xg[2 * p + 1];
-        acc[s * kStrip + c] += sum * dx[g] * static_cast<float>(sg[s * kStrip + c]);
+    for (int64_t t = 0; t < nT; t++) {
+      const float dxg = dx[t * G + g];
+      if (dxg == 0.f) continue;
+      const int16_t* xg = xq + t * in + g * kGroup;
+      for (int64_t s = s0; s < s1; s++) {
+        const int8_t* w = blocks + s * kBlock;
+        for (int64_t c = 0; c < kStrip && s * kStrip + c < out; c++) {
+          int32_t sum = 0;
+          for (int p = 0; p < kGroup / 2; p++)
+            sum += w[2 * kStrip * p + 2 * c] * xg[2 * p] + w[2 * kStrip * p + 2 * c + 1] * xg[2 * p + 1];
+          acc[t * ldacc + s * kStrip + c] += sum * dxg * static_cast<float>(sg[s * kStrip + c]);
+        }
       }
     }
 #endif
   }
 }
 
-static void matvec_int8(const Mat& m, const float* x, float* y, float* scratch) {
+// Y[t] = X[t] @ W (+ bias) for nT inputs X [nT, in] -> Y [nT, out], rows contiguous.
+static void matvec_int8(const Mat& m, const float* X, int64_t nT, float* Y, float* scratch) {
   const int64_t nt = threads_for(m), G = m.in / kGroup, ns = strips(m.out), padded = ns * kStrip;
   const int8_t* P = static_cast<const int8_t*>(m.w);
-  // scratch: [nt][padded] partial sums, then xq (int16) and dx.
+  // scratch: [nt][nT][padded] partial sums, then xq [nT][in] (int16) and dx [nT][G].
   float* parts = scratch;
-  int16_t* xq = reinterpret_cast<int16_t*>(parts + nt * padded);
-  float* dx = reinterpret_cast<float*>(xq + m.in);
-  quantize_input(x, m.in, xq, dx);
+  int16_t* xq = reinterpret_cast<int16_t*>(parts + nt * nT * padded);
+  float* dx = reinterpret_cast<float*>(xq + nT * m.in);
+  for (int64_t t = 0; t < nT; t++) quantize_input(X + t * m.in, m.in, xq + t * m.in, dx + t * G);
   if (m.out >= 4096 || nt == 1) {
     // Wide matrices: threads own disjoint strips of outputs.
-    std::fill(parts, parts + padded, 0.f);
+    std::fill(parts, parts + nT * padded, 0.f);
     const int64_t per = (ns + nt - 1) / nt;
     at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++)
-        int8_block(P, m.scale, xq, dx, parts, m.out, 0, G, std::min(ns, t * per), std::min(ns, (t + 1) * per));
+        int8_block(P, m.scale, xq, dx, parts, padded, nT, m.in, m.out, 0, G, std::min(ns, t * per),
+                   std::min(ns, (t + 1) * per));
     });
-    for (int64_t j = 0; j < m.out; j++) y[j] = parts[j] + (m.bias ? m.bias[j] : 0.f);
+    for (int64_t r = 0; r < nT; r++)
+      for (int64_t j = 0; j < m.out; j++) Y[r * m.out + j] = parts[r * padded + j] + (m.bias ? m.bias[j] : 0.f);
     return;
   }
   // Narrow matrices: threads own disjoint groups of inputs, each summing into its own partial.
   const int64_t per = (G + nt - 1) / nt;
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
-      float* part = parts + t * padded;
-      std::fill(part, part + padded, 0.f);
-      int8_block(P, m.scale, xq, dx, part, m.out, std::min(G, t * per), std::min(G, (t + 1) * per), 0, ns);
+      float* part = parts + t * nT * padded;
+      std::fill(part, part + nT * padded, 0.f);
+      int8_block(P, m.scale, xq, dx, part, padded, nT, m.in, m.out, std::min(G, t * per),
+                 std::min(G, (t + 1) * per), 0, ns);
     }
   });
-  for (int64_t j = 0; j < m.out; j++) {
-    float s = m.bias ? m.bias[j] : 0.f;
-    for (int64_t t = 0; t < nt; t++) s += parts[t * padded + j];
-    y[j] = s;
-  }
+  for (int64_t r = 0; r < nT; r++)
+    for (int64_t j = 0; j < m.out; j++) {
+      float s = m.bias ? m.bias[j] : 0.f;
+      for (int64_t t = 0; t < nt; t++) s += parts[(t * nT + r) * padded + j];
+      Y[r * m.out + j] = s;
+    }
 }
 
 // ------------------------------------------------------------------------------ float weights
 
-// Floats of scratch `matvec` needs for `m`: per thread a partial sum (narrow matrices), and for int8
-// the rounded input.
-static int64_t scratch_floats(const Mat& m) { return threads_for(m) * strips(m.out) * kStrip + m.in; }
+// Floats of scratch `matvec` needs for `m` and nT inputs: per thread and input a partial sum (narrow
+// matrices), and for int8 the rounded inputs.
+static int64_t scratch_floats(const Mat& m, int64_t nT) {
+  return nT * (threads_for(m) * strips(m.out) * kStrip + m.in);
+}
 
 template <typename T>
-static void matvec_typed(const Mat& m, const float* x, float* y, float* scratch) {
+static void matvec_typed(const Mat& m, const float* X, int64_t nT, float* Y, float* scratch) {
   const T* W = static_cast<const T*>(m.w);
   const int64_t in = m.in, out = m.out, nt = threads_for(m);
-  const int64_t col_tile = 2048;  // floats of accumulator per pass: 8 KB, stays in L1
+  // Floats of accumulator per input and pass: the nT of them stay within L1/L2 (8 KB at nT = 1).
+  const int64_t col_tile = std::max<int64_t>(512, 2048 / nT) / VW * VW;
   if (out >= 4096 || nt == 1) {
     // Wide matrices (the unembedding): threads own disjoint column ranges, no reduction needed.
     const int64_t per = ((out + nt - 1) / nt + VW - 1) / VW * VW;
@@ -226,35 +283,40 @@ static void matvec_typed(const Mat& m, const float* x, float* y, float* scratch)
         const int64_t a = std::min(out, t * per), b = std::min(out, a + per);
         for (int64_t j = a; j < b; j += col_tile) {
           const int64_t e = std::min(b, j + col_tile);
-          if (m.bias) std::copy(m.bias + j, m.bias + e, y + j); else std::fill(y + j, y + e, 0.f);
-          rows_axpy(W, x, y, out, 0, in, j, e);
+          for (int64_t r = 0; r < nT; r++) {
+            float* y = Y + r * out;
+            if (m.bias) std::copy(m.bias + j, m.bias + e, y + j); else std::fill(y + j, y + e, 0.f);
+          }
+          rows_axpy(W, X, in, Y, out, nT, out, 0, in, j, e);
         }
       }
     });
     return;
   }
-  // Narrow matrices: each thread streams a contiguous block of rows into its own partial sum.
+  // Narrow matrices: each thread streams a contiguous block of rows into its own partial sums.
   const int64_t per = (in + nt - 1) / nt;
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
       const int64_t a = std::min(in, t * per), b = std::min(in, a + per);
-      float* part = scratch + t * out;
-      std::fill(part, part + out, 0.f);
-      if (a < b) rows_axpy(W, x, part, out, a, b, 0, out);
+      float* part = scratch + t * nT * out;
+      std::fill(part, part + nT * out, 0.f);
+      if (a < b) rows_axpy(W, X, in, part, out, nT, out, a, b, 0, out);
     }
   });
-  for (int64_t j = 0; j < out; j++) {
-    float s = m.bias ? m.bias[j] : 0.f;
-    for (int64_t t = 0; t < nt; t++) s += scratch[t * out + j];
-    y[j] = s;
-  }
+  for (int64_t r = 0; r < nT; r++)
+    for (int64_t j = 0; j < out; j++) {
+      float s = m.bias ? m.bias[j] : 0.f;
+      for (int64_t t = 0; t < nt; t++) s += scratch[(t * nT + r) * out + j];
+      Y[r * out + j] = s;
+    }
 }
 
-static void matvec(const Mat& m, const float* x, float* y, float* scratch) {
+// Y [nT, out] = X [nT, in] @ W (+ bias): the weights are read once for all nT inputs.
+static void matvec(const Mat& m, const float* X, int64_t nT, float* Y, float* scratch) {
   switch (m.type) {
-    case at::kFloat: return matvec_typed<float>(m, x, y, scratch);
-    case at::kBFloat16: return matvec_typed<at::BFloat16>(m, x, y, scratch);
-    case at::kChar: return matvec_int8(m, x, y, scratch);
+    case at::kFloat: return matvec_typed<float>(m, X, nT, Y, scratch);
+    case at::kBFloat16: return matvec_typed<at::BFloat16>(m, X, nT, Y, scratch);
+    case at::kChar: return matvec_int8(m, X, nT, Y, scratch);
     default: TORCH_CHECK(false, "weights must be float32, bfloat16 or int8, not ", m.type);
   }
 }
@@ -302,8 +364,8 @@ torch::Tensor matvec_op(torch::Tensor x, torch::Tensor W, torch::Tensor scale, t
   TORCH_CHECK(x.numel() == m.in, "x has ", x.numel(), " elements, W has ", m.in, " rows");
   auto xf = x.reshape({m.in}).to(torch::kFloat).contiguous();
   auto y = torch::empty({m.out}, xf.options());
-  std::vector<float> scratch(scratch_floats(m));
-  matvec(m, xf.data_ptr<float>(), y.data_ptr<float>(), scratch.data());
+  std::vector<float> scratch(scratch_floats(m, 1));
+  matvec(m, xf.data_ptr<float>(), 1, y.data_ptr<float>(), scratch.data());
   return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -332,43 +394,79 @@ struct Layer {
   Mat qkv, o, gate_up, down;
 };
 
-// One token through a Llama-family model (batch 1), appending its K/V to the cache.
+// Weights passed by name: a missing name, or a name nobody reads, is an error naming it, so the Python
+// side and this one cannot drift apart silently.
+using Named = std::map<std::string, torch::Tensor>;
+
+class Weights {
+ public:
+  Weights(const Named& named, std::string where) : named_(named), where_(std::move(where)) {}
+  // An empty tensor stands for "absent" (no scale, no bias).
+  const torch::Tensor& operator[](const std::string& name) {
+    auto it = named_.find(name);
+    TORCH_CHECK(it != named_.end(), where_, " has no weight named '", name, "'");
+    used_.push_back(name);
+    return it->second;
+  }
+  Mat mat(const std::string& prefix) {
+    return make_mat((*this)[prefix + ".weight"], (*this)[prefix + ".scale"], (*this)[prefix + ".bias"]);
+  }
+  void check_all_used() const {
+    for (const auto& kv : named_)
+      TORCH_CHECK(std::find(used_.begin(), used_.end(), kv.first) != used_.end(), where_, ": unexpected weight '",
+                  kv.first, "'");
+  }
+
+ private:
+  const Named& named_;
+  std::string where_;
+  std::vector<std::string> used_;
+};
+
+// Up to kMaxTokens consecutive tokens through a Llama-family model (batch 1), appending their K/V to
+// the cache: one token is a decode step, several are the verification of drafted tokens, at about the
+// cost of one step since every weight matrix is read once for all of them.
 // Built once per set of weights; holds references to the tensors so the pointers stay valid.
 class DecodeStep {
  public:
-  // `tensors`: embed [vocab, d], final_norm [d], unembed (W, scale, bias), rope cos [ctx, hd], rope sin,
-  // then per layer: attn_norm, qkv (W, scale, bias), o (W, scale, bias), mlp_norm, gate_up (W, scale,
-  // bias), down (W, scale, bias). Missing scales and biases are empty tensors.
-  DecodeStep(std::vector<torch::Tensor> tensors, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps)
-      : keep_(std::move(tensors)), n_q_(n_heads), n_kv_(n_kv_heads), hd_(head_dim), eps_((float)eps) {
-    const size_t per_layer = 14, head = 7;
-    TORCH_CHECK(keep_.size() >= head && (keep_.size() - head) % per_layer == 0, "wrong number of tensors");
-    TORCH_CHECK(n_q_ % n_kv_ == 0, "query heads must be a multiple of KV heads");
-    const auto& embed = keep_[0];
+  // `globals`: embed [vocab, d], final_norm [d], unembed.{weight,scale,bias}, rope_cos [ctx, hd],
+  // rope_sin. `layers`, one dict each: attn_norm, qkv.*, o.*, mlp_norm, gate_up.*, down.* (each
+  // product as .weight, .scale, .bias; absent scales and biases are empty tensors).
+  DecodeStep(Named globals, std::vector<Named> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+             double eps)
+      : globals_(std::move(globals)), layer_weights_(std::move(layers)), n_q_(n_heads), n_kv_(n_kv_heads),
+        hd_(head_dim), eps_((float)eps) {
+    TORCH_CHECK(n_q_ > 0 && n_kv_ > 0 && n_q_ % n_kv_ == 0, "query heads must be a multiple of KV heads");
+    Weights g(globals_, "the model");
+    const auto& embed = g["embed"];
     TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kFloat && embed.is_contiguous(),
                 "embed must be a contiguous float32 matrix");
     vocab_ = embed.size(0);
     d_ = embed.size(1);
     embed_ = embed.data_ptr<float>();
-    final_norm_ = optional_f32(keep_[1], d_, "final_norm");
-    unembed_ = make_mat(keep_[2], keep_[3], keep_[4]);
-    for (int i : {5, 6})
-      TORCH_CHECK(keep_[i].dim() == 2 && keep_[i].size(1) == hd_ && keep_[i].scalar_type() == at::kFloat &&
-                      keep_[i].is_contiguous(),
+    final_norm_ = optional_f32(g["final_norm"], d_, "final_norm");
+    unembed_ = g.mat("unembed");
+    const auto& cos = g["rope_cos"];
+    const auto& sin = g["rope_sin"];
+    for (const auto* r : {&cos, &sin})
+      TORCH_CHECK(r->dim() == 2 && r->size(1) == hd_ && r->scalar_type() == at::kFloat && r->is_contiguous() &&
+                      r->size(0) == cos.size(0),
                   "rope tables must be contiguous float32 [context, head_dim]");
-    cos_ = keep_[5].data_ptr<float>();
-    sin_ = keep_[6].data_ptr<float>();
-    context_ = keep_[5].size(0);
+    cos_ = cos.data_ptr<float>();
+    sin_ = sin.data_ptr<float>();
+    context_ = cos.size(0);
+    g.check_all_used();
     const int64_t qkv_out = (n_q_ + 2 * n_kv_) * hd_;
-    for (size_t first = head; first < keep_.size(); first += per_layer) {
-      const torch::Tensor* t = &keep_[first];
+    for (size_t l = 0; l < layer_weights_.size(); l++) {
+      Weights w(layer_weights_[l], "layer " + std::to_string(l));
       Layer L;
-      L.attn_norm = optional_f32(t[0], d_, "attn_norm");
-      L.qkv = make_mat(t[1], t[2], t[3]);
-      L.o = make_mat(t[4], t[5], t[6]);
-      L.mlp_norm = optional_f32(t[7], d_, "mlp_norm");
-      L.gate_up = make_mat(t[8], t[9], t[10]);
-      L.down = make_mat(t[11], t[12], t[13]);
+      L.attn_norm = optional_f32(w["attn_norm"], d_, "attn_norm");
+      L.qkv = w.mat("qkv");
+      L.o = w.mat("o");
+      L.mlp_norm = optional_f32(w["mlp_norm"], d_, "mlp_norm");
+      L.gate_up = w.mat("gate_up");
+      L.down = w.mat("down");
+      w.check_all_used();
       TORCH_CHECK(L.attn_norm && L.mlp_norm, "norm weights are required");
       TORCH_CHECK(L.qkv.in == d_ && L.qkv.out == qkv_out && L.o.in == n_q_ * hd_ && L.o.out == d_ &&
                       L.gate_up.in == d_ && L.gate_up.out % 2 == 0 && L.down.in == L.gate_up.out / 2 &&
@@ -377,13 +475,15 @@ class DecodeStep {
       d_ff_ = L.down.in;
       layers_.push_back(L);
     }
+    TORCH_CHECK(!layers_.empty(), "the model has no layers");
     TORCH_CHECK(final_norm_ && unembed_.in == d_, "final norm / unembedding disagree with d_model");
-    x_.resize(d_);
-    xn_.resize(d_);
-    qkv_.resize(qkv_out);
-    att_.resize(n_q_ * hd_);
-    tmp_.resize(d_);
-    gu_.resize(2 * d_ff_);
+    x_.resize(kMaxTokens * d_);
+    xn_.resize(kMaxTokens * d_);
+    qkv_.resize(kMaxTokens * qkv_out);
+    att_.resize(kMaxTokens * n_q_ * hd_);
+    tmp_.resize(kMaxTokens * d_);
+    gu_.resize(kMaxTokens * 2 * d_ff_);
+    act_.resize(kMaxTokens * d_ff_);
     scores_.resize(n_q_ * context_);
     size_scratch();
   }
@@ -391,83 +491,114 @@ class DecodeStep {
   // Logits [vocab] (float32) of `token` at position `pos`; K and V are [layer, 1, kv_head, capacity,
   // head_dim] float32 caches that already hold positions 0..pos-1.
   torch::Tensor forward(int64_t token, int64_t pos, torch::Tensor k_cache, torch::Tensor v_cache) {
-    TORCH_CHECK(token >= 0 && token < vocab_, "token id ", token, " is outside the vocabulary");
-    TORCH_CHECK(pos >= 0 && pos < context_, "position ", pos, " is outside the context");
+    auto tokens = torch::tensor({token}, torch::kLong);
+    return std::get<0>(forward_many(tokens, pos, k_cache, v_cache)).view({vocab_});
+  }
+
+  // Logits [T, vocab] and the last block's output (the residual before the final norm) [T, d] of
+  // `tokens` [T] (int64, T <= kMaxTokens) at positions pos..pos+T-1, token t attending to 0..pos+t.
+  std::tuple<torch::Tensor, torch::Tensor> forward_many(torch::Tensor tokens, int64_t pos, torch::Tensor k_cache,
+                                                        torch::Tensor v_cache) {
+    TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && tokens.device().is_cpu(),
+                "tokens must be a CPU int64 vector");
+    const int64_t nT = tokens.size(0);
+    TORCH_CHECK(nT >= 1 && nT <= kMaxTokens, "one call takes 1 to ", kMaxTokens, " tokens, got ", nT);
+    auto tok = tokens.contiguous();
+    const int64_t* ids = tok.data_ptr<int64_t>();
+    for (int64_t t = 0; t < nT; t++)
+      TORCH_CHECK(ids[t] >= 0 && ids[t] < vocab_, "token id ", ids[t], " is outside the vocabulary");
+    TORCH_CHECK(pos >= 0 && pos + nT <= context_, "positions ", pos, "..", pos + nT - 1, " are outside the context");
     for (const auto* c : {&k_cache, &v_cache})
       TORCH_CHECK(c->dim() == 5 && c->scalar_type() == at::kFloat && c->is_contiguous() && c->device().is_cpu() &&
                       c->size(0) == (int64_t)layers_.size() && c->size(1) == 1 && c->size(2) == n_kv_ &&
-                      c->size(4) == hd_ && c->size(3) > pos,
-                  "the KV cache must be contiguous float32 [layers, 1, kv_heads, capacity > pos, head_dim]");
+                      c->size(4) == hd_ && c->size(3) >= pos + nT,
+                  "the KV cache must be contiguous float32 [layers, 1, kv_heads, capacity >= end, head_dim]");
     if (at::get_num_threads() != scratch_threads_) size_scratch();  // torch.set_num_threads since
     const int64_t cap = k_cache.size(3);
+    const int64_t qkv_out = (n_q_ + 2 * n_kv_) * hd_, att_w = n_q_ * hd_;
     float* K = k_cache.data_ptr<float>();
     float* V = v_cache.data_ptr<float>();
     float* x = x_.data();
     float* xn = xn_.data();
-    std::copy(embed_ + token * d_, embed_ + (token + 1) * d_, x);
-    const float* cos = cos_ + pos * hd_;
-    const float* sin = sin_ + pos * hd_;
+    float* tmp = tmp_.data();
+    for (int64_t t = 0; t < nT; t++) std::copy(embed_ + ids[t] * d_, embed_ + (ids[t] + 1) * d_, x + t * d_);
 
     for (size_t l = 0; l < layers_.size(); l++) {
       const Layer& L = layers_[l];
-      // Attention: project, rotate, append K/V, attend over positions 0..pos.
-      rms_norm(x, L.attn_norm, xn, d_, eps_);
-      matvec(L.qkv, xn, qkv_.data(), scratch_.data());
-      float* q = qkv_.data();
-      float* k = q + n_q_ * hd_;
-      float* v = k + n_kv_ * hd_;
-      for (int64_t h = 0; h < n_q_; h++) rope(q + h * hd_, cos, sin, hd_);
-      for (int64_t h = 0; h < n_kv_; h++) {
-        rope(k + h * hd_, cos, sin, hd_);
-        const int64_t slot = ((l * n_kv_ + h) * cap + pos) * hd_;
-        std::copy(k + h * hd_, k + (h + 1) * hd_, K + slot);
-        std::copy(v + h * hd_, v + (h + 1) * hd_, V + slot);
+      // Attention: project, rotate, append K/V, attend over positions 0..pos+t.
+      for (int64_t t = 0; t < nT; t++) rms_norm(x + t * d_, L.attn_norm, xn + t * d_, d_, eps_);
+      matvec(L.qkv, xn, nT, qkv_.data(), scratch_.data());
+      for (int64_t t = 0; t < nT; t++) {
+        const float* cos = cos_ + (pos + t) * hd_;
+        const float* sin = sin_ + (pos + t) * hd_;
+        float* q = qkv_.data() + t * qkv_out;
+        float* k = q + n_q_ * hd_;
+        float* v = k + n_kv_ * hd_;
+        for (int64_t h = 0; h < n_q_; h++) rope(q + h * hd_, cos, sin, hd_);
+        for (int64_t h = 0; h < n_kv_; h++) {
+          rope(k + h * hd_, cos, sin, hd_);
+          const int64_t slot = ((l * n_kv_ + h) * cap + pos + t) * hd_;
+          std::copy(k + h * hd_, k + (h + 1) * hd_, K + slot);
+          std::copy(v + h * hd_, v + (h + 1) * hd_, V + slot);
+        }
       }
-      attend(K + l * n_kv_ * cap * hd_, V + l * n_kv_ * cap * hd_, cap, pos + 1);
-      matvec(L.o, att_.data(), tmp_.data(), scratch_.data());
-      for (int64_t i = 0; i < d_; i++) x[i] += tmp_[i];
+      for (int64_t t = 0; t < nT; t++)
+        attend(qkv_.data() + t * qkv_out, K + l * n_kv_ * cap * hd_, V + l * n_kv_ * cap * hd_, cap, pos + t + 1,
+               att_.data() + t * att_w);
+      matvec(L.o, att_.data(), nT, tmp, scratch_.data());
+      for (int64_t i = 0; i < nT * d_; i++) x[i] += tmp[i];
       // MLP: SwiGLU.
-      rms_norm(x, L.mlp_norm, xn, d_, eps_);
-      matvec(L.gate_up, xn, gu_.data(), scratch_.data());
-      float* gate = gu_.data();
-      const float* up = gate + d_ff_;
-      for (int64_t i = 0; i < d_ff_; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-      matvec(L.down, gate, tmp_.data(), scratch_.data());
-      for (int64_t i = 0; i < d_; i++) x[i] += tmp_[i];
+      for (int64_t t = 0; t < nT; t++) rms_norm(x + t * d_, L.mlp_norm, xn + t * d_, d_, eps_);
+      matvec(L.gate_up, xn, nT, gu_.data(), scratch_.data());
+      for (int64_t t = 0; t < nT; t++) {
+        float* gate = gu_.data() + t * 2 * d_ff_;
+        const float* up = gate + d_ff_;
+        for (int64_t i = 0; i < d_ff_; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+        std::copy(gate, gate + d_ff_, act_.data() + t * d_ff_);  // down reads [T, d_ff] rows
+      }
+      matvec(L.down, act_.data(), nT, tmp, scratch_.data());
+      for (int64_t i = 0; i < nT * d_; i++) x[i] += tmp[i];
     }
-    rms_norm(x, final_norm_, xn, d_, eps_);
-    auto logits = torch::empty({vocab_}, torch::kFloat);
-    matvec(unembed_, xn, logits.data_ptr<float>(), scratch_.data());
-    return logits;
+    auto hidden = torch::from_blob(x, {nT, d_}, torch::kFloat).clone();
+    for (int64_t t = 0; t < nT; t++) rms_norm(x + t * d_, final_norm_, xn + t * d_, d_, eps_);
+    auto logits = torch::empty({nT, vocab_}, torch::kFloat);
+    matvec(unembed_, xn, nT, logits.data_ptr<float>(), scratch_.data());
+    return {logits, hidden};
   }
 
  private:
   // The products' scratch depends on the thread count: sized for the current one.
   void size_scratch() {
     scratch_threads_ = at::get_num_threads();
-    int64_t n = scratch_floats(unembed_);
+    int64_t n = scratch_floats(unembed_, kMaxTokens);
     for (const Layer& L : layers_)
-      for (const Mat* m : {&L.qkv, &L.o, &L.gate_up, &L.down}) n = std::max(n, scratch_floats(*m));
+      for (const Mat* m : {&L.qkv, &L.o, &L.gate_up, &L.down}) n = std::max(n, scratch_floats(*m, kMaxTokens));
     scratch_.assign(n, 0.f);
   }
 
-  // Softmax attention of every query head over `S` cached positions of its KV head (grouped-query).
-  void attend(const float* K, const float* V, int64_t cap, int64_t S) {
+  // Softmax attention of every query head in `qkv` over `S` cached positions of its KV head
+  // (grouped-query), written to `out` [n_heads * head_dim].
+  void attend(const float* qkv, const float* K, const float* V, int64_t cap, int64_t S, float* out) {
     const int64_t group = n_q_ / n_kv_;
     const float scale = 1.f / std::sqrt((float)hd_);
     // Below a few thousand positions one thread is faster than waking the other.
     const int64_t grain = S * n_q_ < 4096 ? n_q_ : 1;
     at::parallel_for(0, n_q_, grain, [&](int64_t h0, int64_t h1) {
       for (int64_t h = h0; h < h1; h++) {
-        const float* q = qkv_.data() + h * hd_;
+        const float* q = qkv + h * hd_;
         const float* Kh = K + (h / group) * cap * hd_;
         const float* Vh = V + (h / group) * cap * hd_;
         float* p = scores_.data() + h * context_;
         float mx = -INFINITY;
+        const int64_t hv = hd_ / VW * VW;
         for (int64_t s = 0; s < S; s++) {
+          // q . k in SIMD lanes: a scalar float reduction is one serial chain the compiler may not
+          // reorder, and at a few hundred positions it was most of a step's non-weight time.
           const float* kr = Kh + s * hd_;
-          float dot = 0.f;
-          for (int64_t i = 0; i < hd_; i++) dot += q[i] * kr[i];
+          vf acc = vset(0.f);
+          for (int64_t i = 0; i < hv; i += VW) acc = vfma(vload(q + i), vload(kr + i), acc);
+          float dot = vsum(acc);
+          for (int64_t i = hv; i < hd_; i++) dot += q[i] * kr[i];
           p[s] = dot * scale;
           mx = std::max(mx, p[s]);
         }
@@ -476,7 +607,7 @@ class DecodeStep {
           p[s] = std::exp(p[s] - mx);
           sum += p[s];
         }
-        float* o = att_.data() + h * hd_;
+        float* o = out + h * hd_;
         std::fill(o, o + hd_, 0.f);
         for (int64_t s = 0; s < S; s++) {
           const float* vr = Vh + s * hd_;
@@ -487,7 +618,8 @@ class DecodeStep {
     });
   }
 
-  std::vector<torch::Tensor> keep_;
+  Named globals_;
+  std::vector<Named> layer_weights_;  // kept so the pointers below stay valid
   std::vector<Layer> layers_;
   const float* embed_;
   const float* final_norm_;
@@ -497,12 +629,14 @@ class DecodeStep {
   int64_t n_q_, n_kv_, hd_, d_ = 0, d_ff_ = 0, vocab_ = 0, context_ = 0;
   float eps_;
   int64_t scratch_threads_ = 0;
-  std::vector<float> x_, xn_, qkv_, att_, tmp_, gu_, scores_, scratch_;
+  std::vector<float> x_, xn_, qkv_, att_, tmp_, gu_, act_, scores_, scratch_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matvec", &matvec_op, "x @ W + bias for one vector x and W [in, out] (int8 W with its scales)");
+  m.attr("MAX_TOKENS") = kMaxTokens;
   pybind11::class_<DecodeStep>(m, "DecodeStep")
-      .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double>())
-      .def("forward", &DecodeStep::forward);
+      .def(pybind11::init<Named, std::vector<Named>, int64_t, int64_t, int64_t, double>())
+      .def("forward", &DecodeStep::forward)
+      .def("forward_many", &DecodeStep::forward_many);
 }

@@ -73,6 +73,7 @@ const state = {
   unchangedUpTo: 0, // columns 0..n-1 verified by the last append
   freshFrom: null,
   selected: null, // {row, pos}
+  origins: null, // speculative: "draft" or "model" per generated token
   cells: [], // [row][pos] -> element
   busy: false,
 };
@@ -212,9 +213,12 @@ function renderGrid() {
 function tokenHeader(tok, pos) {
   const kind = state.appendedFrom !== null && pos >= state.appendedFrom ? "appended" : pos >= state.nPrompt ? "generated" : "prompt";
   const classes = ["tok", kind];
+  // Speculative decoding: a token the drafter proposed and the model accepted, vs one the model made itself.
+  const origin = kind === "generated" && state.origins ? state.origins[pos - state.nPrompt] : null;
+  if (origin === "draft") classes.push("drafted");
   if (pos < state.unchangedUpTo) classes.push("unchanged");
   if (state.freshFrom !== null && pos >= state.freshFrom) classes.push("fresh");
-  const head = el("div", { class: classes.join(" "), "data-pos": pos, title: `position ${pos} · id ${tok.id} · ${kind}` });
+  const head = el("div", { class: classes.join(" "), "data-pos": pos, title: `position ${pos} · id ${tok.id} · ${kind}${origin ? ` · ${origin === "draft" ? "drafted, accepted" : "made by the model (verify step)"}` : ""}` });
   head.append(el("span", { class: "pos", text: String(pos) }), el("span", { class: "txt", text: showToken(tok.text) }));
   return head;
 }
@@ -326,12 +330,14 @@ async function analyze(event) {
     temperature: Number($("temperature").value || 0),
     top_k: Number($("top-k").value || 0),
     seed: seedText === "" ? null : Number(seedText),
+    speculative: $("speculative").value || null,
   };
   setBusy(true, "analyze");
   try {
     const data = await api("/api/analyze", body);
     state.tokens = data.tokens;
     state.nPrompt = data.n_prompt;
+    state.origins = data.speculative ? data.speculative.origins : null;
     state.appendedFrom = null;
     state.metrics = data.metrics;
     state.lensTop1 = data.lens_top1;
@@ -346,7 +352,11 @@ async function analyze(event) {
     $("panel").innerHTML = "";
     $("panel").append(el("div", { class: "empty", text: "Click a cell to see what that state predicts and where its attention looked." }));
     const stop = data.stop_reason === "eos" ? " (stopped at end-of-text)" : "";
-    $("cache-note").textContent = `${data.n_prompt} prompt + ${data.generated} generated tokens${stop} · ${data.timings.total_s.toFixed(2)} s`;
+    const sp = data.speculative;
+    const spec = sp
+      ? ` · ${sp.drafter}: ${sp.origins.filter((o) => o === "draft").length} drafted tokens accepted, ${sp.forwards} verifying forwards, ${sp.tokens_per_forward.toFixed(2)} tokens/forward (underlined)`
+      : "";
+    $("cache-note").textContent = `${data.n_prompt} prompt + ${data.generated} generated tokens${stop}${spec} · ${data.timings.total_s.toFixed(2)} s`;
     $("cache-note").classList.remove("hidden");
   } catch (e) {
     showError(e.message);

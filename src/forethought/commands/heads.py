@@ -1,0 +1,161 @@
+"""`forethought heads train`: draft heads for speculative decoding, learnt from the model's own continuations."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console, load
+from forethought.commands.future import parse_int_list
+from forethought.errors import ForethoughtError
+
+heads_app = typer.Typer(no_args_is_help=True, help="Draft heads for `generate --speculative heads`.")
+app.add_typer(heads_app, name="heads")
+
+
+def _progress(total: int, what: str, quiet: bool):
+    """A Rich bar with throughput, or nothing when quiet; returns (advance, stop)."""
+    if quiet:
+        return (lambda n: None), (lambda: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} positions/s")
+
+    bar = Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    task = bar.add_task(what, total=total)
+    bar.start()
+    return (lambda n: bar.advance(task, n)), bar.stop
+
+
+@heads_app.command("train")
+def train(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Heads file to write (default: the one shipped for the model).")
+    ] = None,
+    n_heads: Annotated[int, typer.Option("--heads", help="Heads: offsets 2..K+1 tokens ahead.")] = 4,
+    new_tokens: Annotated[int, typer.Option("--tokens", help="Greedy tokens generated per prompt.")] = 96,
+    vocab: Annotated[int, typer.Option("--vocab", help="Drafter vocabulary: the most frequent target tokens.")] = 4096,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training positions.")] = 4,
+    layers: Annotated[
+        str, typer.Option("--layers", help="Also train on these layers, to report accuracy per layer (e.g. 9,19).")
+    ] = "",
+    analysis_epochs: Annotated[int, typer.Option("--analysis-epochs", help="Epochs for the --layers heads.")] = 2,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate the model's own greedy continuations, train heads on its last block's output to forecast them,
+    report held-out accuracy per head (and per layer with --layers), and save the heads."""
+    from forethought.model.heads import (
+        HeadsData,
+        choose_vocab,
+        make_training_data,
+        seed_prompts,
+        shipped_path,
+        train_heads,
+    )
+    from forethought.model.kernels import cache_dir
+
+    if not 1 <= n_heads <= 15:
+        raise ForethoughtError(f"--heads must be in 1..15, got {n_heads}")
+    if new_tokens < n_heads + 2:
+        raise ForethoughtError(f"--tokens must be at least --heads + 2, got {new_tokens}")
+    if vocab < 16 or epochs < 1:
+        raise ForethoughtError("--vocab must be >= 16 and --epochs >= 1")
+    lm = load(model, device, "float32", quiet=as_json)
+    last = lm.config.n_layers - 1
+    extra = parse_int_list(layers, "layers", lm.config.n_layers) if layers else []
+    used = sorted({*extra, last})
+    out = out or shipped_path(lm.model)
+    if out.parent and not out.parent.is_dir():
+        raise ForethoughtError(f"--out: folder {out.parent} does not exist")
+
+    prompts = seed_prompts(lm.tokenizer, seed=seed)
+    # The continuations are most of the cost (minutes): kept, keyed by everything they depend on, so a
+    # rerun with other training settings starts at once.
+    key = hashlib.sha256(json.dumps([lm.config.name, prompts, new_tokens, n_heads, used]).encode()).hexdigest()[:16]
+    data_file = cache_dir().parent / "heads-data" / f"{key}.pt"
+    if data_file.exists():
+        data = HeadsData(**torch.load(data_file))
+    else:
+        advance, stop = _progress(len(prompts) * (new_tokens - 1), "generating", as_json)
+        try:
+            data = make_training_data(lm.model, prompts, new_tokens, n_heads, used, lm.tokenizer.eos_id, advance)
+        finally:
+            stop()
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dataclasses.asdict(data), data_file)
+    always = [lm.tokenizer.eos_id] if lm.tokenizer.eos_id is not None else []
+    chosen = choose_vocab(data.targets, vocab, always)
+    valid = data.targets[data.targets >= 0]
+    coverage = float(torch.isin(valid, chosen).float().mean())
+
+    accuracy: dict[int, list[float]] = {}
+    seconds = {"generate": round(data.seconds, 1)}
+    shipped = None
+    for layer in used:
+        n_epochs = epochs if layer == last else analysis_epochs
+        started = time.perf_counter()
+        advance, stop = _progress(n_epochs * len(data.rows), f"training layer {layer}", as_json)
+        try:
+            heads, acc = train_heads(lm.model, data, layer, chosen, epochs=n_epochs, seed=seed, progress=advance)
+        finally:
+            stop()
+        seconds[f"train_layer_{layer}"] = round(time.perf_counter() - started, 1)
+        accuracy[layer] = acc
+        if layer == last:
+            shipped = heads
+    shipped.meta = {
+        "prompts": len(prompts),
+        "tokens_per_prompt": new_tokens,
+        "positions": len(data.rows),
+        "vocab": len(chosen),
+        "coverage": coverage,
+        "epochs": epochs,
+        "seed": seed,
+        "heldout_accuracy": accuracy[last],
+        "command": "forethought heads train" + (f" --out {out}" if out != shipped_path(lm.model) else ""),
+    }
+    path = shipped.save(out, lm.model)
+    summary = {
+        "out": str(path),
+        "bytes": path.stat().st_size,
+        "heads": n_heads,
+        "offsets": [k + 1 for k in range(1, n_heads + 1)],
+        "vocab": len(chosen),
+        "coverage": coverage,
+        "positions": len(data.rows),
+        "tokens_generated": data.tokens_generated,
+        "accuracy_by_layer": {str(k): v for k, v in accuracy.items()},
+        "seconds": seconds,
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return
+    console.print(
+        f"heads: {path} ({summary['bytes'] / 1e6:.1f} MB), {len(chosen)}-token vocabulary covering "
+        f"{coverage:.1%} of the model's tokens, {len(data.rows)} positions"
+    )
+    console.print("held-out top-1 accuracy, by layer read and by how far ahead of the state (t+1 = next token):")
+    console.print("layer  " + "  ".join(f"t+{k + 1:<4}" for k in range(1, n_heads + 1)))
+    for layer, acc in accuracy.items():
+        console.print(f"{layer:<6} " + "  ".join(f"{a:6.1%}" for a in acc))

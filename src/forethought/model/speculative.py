@@ -1,0 +1,277 @@
+"""Lossless speculative decoding: draft a few tokens cheaply, verify them in one forward, keep the exact output.
+
+Every iteration holds one *pending* token, already chosen from the target model's own distribution. A
+drafter proposes up to K tokens that might follow it; one forward over [pending, d1..dK] on the KV cache
+(at about the cost of one decode step: the compiled step reads the weights once for all of them) gives
+the model's distribution after each. Draft i is kept while it is what the model would have produced:
+
+- greedy: it equals the argmax -- so the output is token-identical to plain greedy decoding;
+- sampling: it is accepted with probability p_i(d_i), and on rejection the next token is drawn from p_i
+  with d_i removed and renormalised. For a drafter that proposes one token with certainty (both here do),
+  this is the speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023) with q a point mass,
+  so every emitted token has exactly the target model's distribution.
+
+The first rejected position supplies the next pending token (the correction), or, when all K drafts are
+kept, the position after them does (the bonus). The cache is truncated to the accepted tokens, so it
+always equals a fresh prefill of the text so far.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from forethought.errors import ForethoughtError
+from forethought.model.sampling import SamplingParams, sample, sampling_distribution
+from forethought.model.transformer import Transformer
+
+DRAFTERS = ("lookup", "heads", "auto")
+
+
+class Drafter(Protocol):
+    """Proposes up to `k` tokens to follow `ids` (whose last token is the pending one)."""
+
+    name: str
+    needs_state: bool  # whether `draft` reads the last block's output at the last verified position
+
+    def draft(self, ids: list[int], state: torch.Tensor | None, k: int) -> list[int]: ...
+
+
+class PromptLookup:
+    """Prompt lookup: find the latest earlier occurrence of the text's last n tokens (n = max_ngram down
+    to 1) and propose what followed it. No model, no training; pays on text that repeats its context
+    (code, quoting answers, lists)."""
+
+    name = "lookup"
+    needs_state = False
+
+    # A one-token match is right too rarely to pay for verifying what follows it.
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2) -> None:
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._ids: list[int] = []
+        self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self.last_match = 0  # n of the n-gram behind the last non-empty draft (0: none)
+
+    def _update(self, ids: list[int]) -> None:
+        if ids[: len(self._ids)] != self._ids:  # a different text: start over
+            self._ids, self._index = [], [{} for _ in range(self.max_ngram + 1)]
+        # Index every n-gram that has at least one token after it, latest start winning.
+        old_end = max(0, len(self._ids) - 1)
+        for n in range(1, self.max_ngram + 1):
+            table = self._index[n]
+            for start in range(max(0, old_end - n + 1), len(ids) - n):
+                table[tuple(ids[start : start + n])] = start
+        self._ids = list(ids)
+
+    def draft(self, ids: list[int], state: torch.Tensor | None, k: int) -> list[int]:
+        self._update(ids)
+        self.last_match = 0
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            start = self._index[n].get(tuple(ids[-n:]))
+            if start is not None:
+                self.last_match = n
+                return ids[start + n : start + n + k]
+        return []
+
+
+class HeadsDrafter:
+    """Drafts from the model's own state: head i maps the last block's output at the last verified
+    position to the token i places after the pending one (see forethought.model.heads)."""
+
+    name = "heads"
+    needs_state = True
+
+    # The shipped heads forecast t+2 right ~27% of the time (held out) but t+3.. only 5-16%, and their
+    # confidence barely separates right from wrong: past the first head a drafted token costs more to
+    # verify than it returns, so by default only the first head drafts (benchmarks/RESULTS.md).
+    def __init__(self, heads, model: Transformer, max_tokens: int = 1, min_prob: float = 0.0) -> None:
+        self.heads, self.model, self.max_tokens, self.min_prob = heads, model, max_tokens, min_prob
+
+    def draft(self, ids: list[int], state: torch.Tensor | None, k: int) -> list[int]:
+        if state is None or k <= 0:
+            return []
+        return self.heads.draft(self.model, state, min(k, self.max_tokens), self.min_prob)
+
+
+class AutoDrafter:
+    """Prompt lookup where the context has a match of at least `min_match` tokens (long, often right),
+    the heads elsewhere."""
+
+    name = "auto"
+    needs_state = True
+
+    def __init__(self, heads: HeadsDrafter, min_match: int = 2) -> None:
+        self.lookup, self.heads, self.min_match = PromptLookup(), heads, min_match
+
+    def draft(self, ids: list[int], state: torch.Tensor | None, k: int) -> list[int]:
+        proposal = self.lookup.draft(ids, state, k)
+        if proposal and self.lookup.last_match >= self.min_match:
+            return proposal
+        return self.heads.draft(ids, state, k)
+
+
+def make_drafter(model: Transformer, kind: str, heads_path: str | None = None) -> Drafter:
+    """`lookup`, `heads` or `auto` for this model; heads come from `heads_path` or the shipped file."""
+    if kind == "lookup":
+        return PromptLookup()
+    if kind not in DRAFTERS:
+        raise ForethoughtError(f"--speculative must be one of {', '.join(DRAFTERS)}, got {kind!r}")
+    from forethought.model.heads import load_heads
+
+    heads = HeadsDrafter(load_heads(model, heads_path), model)
+    return heads if kind == "heads" else AutoDrafter(heads)
+
+
+@dataclass
+class SpeculativeStats:
+    """What the drafter proposed and the model kept, one entry per verifying forward."""
+
+    drafter: str
+    draft_len: int
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def forwards(self) -> int:
+        return len(self.drafted)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Drafted tokens kept per forward (0 = no gain; plain decoding makes 1 token per forward)."""
+        return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Acceptance length: tokens each verifying forward yields (accepted drafts + the model's own)."""
+        return 1.0 + self.mean_accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        total = sum(self.drafted)
+        return sum(self.accepted) / total if total else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "drafter": self.drafter,
+            "draft_len": self.draft_len,
+            "forwards": self.forwards,
+            "tokens_per_forward": self.tokens_per_forward,
+            "acceptance_rate": self.acceptance_rate,
+            "accepted_histogram": [self.accepted.count(i) for i in range(self.draft_len + 1)],
+            "forwards_without_draft": self.drafted.count(0),
+        }
+
+
+def accept(
+    logits: torch.Tensor, drafts: list[int], params: SamplingParams, generator: torch.Generator
+) -> tuple[int, int]:
+    """(how many drafts to keep, the token that follows them) given logits [len(drafts) + 1, vocab],
+    row i being the model's prediction for the position of drafts[i]."""
+    for i, d in enumerate(drafts):
+        if params.greedy:
+            choice = int(logits[i].argmax())
+            if choice != d:
+                return i, choice
+            continue
+        p = sampling_distribution(logits[i], params)
+        if float(torch.rand((), generator=generator)) < float(p[d]):
+            continue
+        residual = p.clone()
+        residual[d] = 0  # a point-mass draft: max(0, p - q) is p without d
+        return i, int(torch.multinomial(residual.cpu() / residual.sum(), 1, generator=generator))
+    return len(drafts), sample(logits[len(drafts)], params, generator)
+
+
+@torch.inference_mode()
+def generate_speculative(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    drafter: Drafter,
+    draft_len: int = 4,
+    stop_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+):
+    """Like `generate`, with each forward verifying up to `draft_len` drafted tokens; see the module doc."""
+    from forethought.model import kernels
+    from forethought.model.generate import Generation, check_prompt
+
+    check_prompt(model, prompt_ids, max_new_tokens)
+    if not 1 <= draft_len < kernels.MAX_TOKENS:
+        raise ForethoughtError(f"--draft-len must be in 1..{kernels.MAX_TOKENS - 1}, got {draft_len}")
+    if model.device.type == "cpu":
+        kernels.module()  # a first-run compile is not prefill
+    result = Generation(list(prompt_ids))
+    stats = SpeculativeStats(drafter.name, draft_len)
+    result.speculative = stats
+    generator = params.generator()
+    cache = model.new_cache(capacity=len(prompt_ids) + max_new_tokens)
+    result.cache = cache
+
+    started = time.perf_counter()
+    logits, states = model.forward_with_state(prompt_ids, cache, last_only=True)
+    result.prefill_seconds = time.perf_counter() - started
+    if max_new_tokens == 0:
+        return result
+
+    def emit(token: int, origin: str) -> bool:
+        """Record a token; True when generation must stop after it."""
+        result.new_ids.append(token)
+        result.origins.append(origin)
+        if on_token is not None:
+            on_token(token)
+        if token in stop_ids:
+            result.stop_reason = "eos"
+            return True
+        return len(result.new_ids) >= max_new_tokens
+
+    step_started = time.perf_counter()
+    pending = sample(logits[-1], params, generator)
+    state = states[-1]
+    done = emit(pending, "model")
+    result.step_seconds.append(time.perf_counter() - step_started)
+    while not done:
+        step_started = time.perf_counter()
+        k = min(draft_len, max_new_tokens - len(result.new_ids) - 1)
+        context = result.ids
+        drafts = drafter.draft(context, state if drafter.needs_state else None, k)[:k] if k > 0 else []
+        start = cache.length
+        logits, states = model.forward_with_state([pending, *drafts], cache, with_state=drafter.needs_state)
+        n_ok, following = accept(logits, drafts, params, generator)
+        cache.truncate(start + 1 + n_ok)  # pending + the kept drafts; the rest is forgotten
+        stats.drafted.append(len(drafts))
+        stats.accepted.append(n_ok)
+        state = states[n_ok] if states is not None else None
+        made = 0
+        for token in drafts[:n_ok]:
+            made += 1
+            if done := emit(token, "draft"):
+                break
+        if not done:
+            pending = following
+            made += 1
+            done = emit(pending, "model")
+        elapsed = time.perf_counter() - step_started
+        result.step_seconds.extend([elapsed / made] * made)
+    return result
+
+
+@torch.inference_mode()
+def plain_step_seconds(model: Transformer, cache, repeats: int = 5) -> float:
+    """Median seconds of one plain decode step at the cache's current length (the cache is left as it was)."""
+    length = cache.length
+    if length >= model.config.context_length:
+        return float("nan")  # no free position to time a step at without overwriting the cache
+    cache.reserve(length + 1)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(torch.tensor([[0]], device=model.device), cache=cache)
+        times.append(time.perf_counter() - started)
+        cache.truncate(length)
+    return sorted(times)[len(times) // 2]
