@@ -164,9 +164,10 @@ def test_real_model_small(real_lm) -> None:
     r = anatomy(real_lm.model, docs, layers=[15, 29])
     assert r.position0_norm > 20 * r.other_norm  # the attention sink at position 0, left out
     assert r.layers[0].token_share == pytest.approx(1.0, abs=1e-4)  # the embedding is a function of the token
-    for l in r.layers:
+    for l in r.layers[1:]:
         # real text has slow structure that shuffling positions destroys (this can fail: a model whose states
-        # were position-independent noise would score the same either way)
+        # were position-independent noise would score the same either way). Not the embedding: it sees no
+        # context, so its "slow part" is only what nearby tokens share, with no margin to demand.
         assert l.slow_shuffled < l.slow_share - 0.02, l
 
 
