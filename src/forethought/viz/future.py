@@ -51,8 +51,9 @@ def plot_heatmap(result: ProbeResult, path: str | Path, metric: str = "top1") ->
     names, base = _baseline_rows(result, metric)
     if metric == "agreement":  # agreement with the model: the model row is 1 by definition, drop it
         names, base = names[:2], base[:2]
-    vmax = max(float(np.nanmax(g)) for g in grids.values())
-    vmax = max(vmax, float(np.nanmax(np.array(base, dtype=float))), 1e-3)
+    # Cells or baselines can all be NaN on a tiny store (nothing held out for them): scale by what exists.
+    finite = [a[np.isfinite(a)] for a in (*grids.values(), np.array(base, dtype=float))]
+    vmax = max([1e-3, *(float(a.max()) for a in finite if a.size)])
     n_layers, n_off = len(result.layers), len(result.offsets)
     n_extra = len(names) + 1
     height = 1.2 + 0.24 * (n_layers + n_extra)
