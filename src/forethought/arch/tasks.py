@@ -289,7 +289,7 @@ def build_task(name: str, length: int | None = None, **options) -> Task:
     if name == "perm":
         return PermutationComposition(options.get("elements", 3), length or 32)
     if name == "recall":
-        return AssociativeRecall(options.get("pairs", 6))
+        return AssociativeRecall(options.get("pairs", 4), options.get("keys", 8), options.get("values", 8))
     if name == "text":
         return build_text_task(
             options.get("corpus", "stdlib"),

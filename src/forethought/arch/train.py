@@ -33,6 +33,7 @@ class TrainSettings:
     seed: int = 0
     eval_batches: int = 4
     checkpoint_every: int = 100
+    eval_every: int = 0  # also evaluate every this many steps (0: only at the end), for loss-vs-FLOPs curves
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.eval_batches < 1:
@@ -58,6 +59,7 @@ class TrainResult:
     train_seconds: float
     train_tokens: int
     history: list[dict] = field(default_factory=list)  # {step, train_loss, flops}
+    evals: list[dict] = field(default_factory=list)  # {step, flops, loss, accuracy} on the held-out split
     final: Evaluation | None = None
 
     @property
@@ -82,7 +84,9 @@ def lr_at(step: int, settings: TrainSettings) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: ArchModel, task: Task, batches: int = 4, batch_size: int = 64, length: int | None = None) -> Evaluation:
+def evaluate(
+    model: ArchModel, task: Task, batches: int = 4, batch_size: int = 64, length: int | None = None
+) -> Evaluation:
     """Held-out loss and accuracy (argmax == target) on the scored positions, plus accuracy per position."""
     model.eval()
     total_loss, hits, count = 0.0, None, None
@@ -148,6 +152,7 @@ def train(
         optimizer.load_state_dict(torch.load(out / OPTIMIZER, weights_only=True))
         result.steps_done, result.train_seconds = state["steps_done"], state["train_seconds"]
         result.train_tokens, result.history = state["train_tokens"], state["history"]
+        result.evals = state.get("evals", [])
     flops_per_token = 3 * model.forward_flops_per_token(task.length)  # forward + backward
     model.train()
     for step in range(result.steps_done, settings.steps):
@@ -168,11 +173,23 @@ def train(
         result.history.append(
             {"step": step + 1, "train_loss": loss.item(), "flops": result.train_tokens * flops_per_token}
         )
+        if settings.eval_every and result.steps_done % settings.eval_every == 0 and result.steps_done < settings.steps:
+            e = evaluate(model, task, settings.eval_batches)
+            result.evals.append(
+                {"step": step + 1, "flops": result.history[-1]["flops"], "loss": e.loss, "accuracy": e.accuracy}
+            )
+        if out is not None and (
+            result.steps_done % settings.checkpoint_every == 0 or result.steps_done == settings.steps
+        ):
+            _save(out, model, optimizer, result)
         if on_step is not None:
             on_step(step + 1, loss.item(), tokens / seconds)
-        if out is not None and (result.steps_done % settings.checkpoint_every == 0 or result.steps_done == settings.steps):
-            _save(out, model, optimizer, result)
     result.final = evaluate(model, task, settings.eval_batches)
+    if not result.evals or result.evals[-1]["step"] != result.steps_done:
+        flops = result.history[-1]["flops"] if result.history else 0.0
+        result.evals.append(
+            {"step": result.steps_done, "flops": flops, "loss": result.final.loss, "accuracy": result.final.accuracy}
+        )
     if out is not None:
         _save(out, model, optimizer, result)
     return model, result
