@@ -58,7 +58,7 @@ PRESETS = {
         3,
         (
             Plan("parity", (1, 2), 32, 4, 64, steps=300, batch_size=32, lr=3e-3, length=32),
-            Plan("recall", (2,), 32, 4, 64, steps=600, batch_size=32, lr=1e-2),
+            Plan("repeat", (2,), 32, 4, 64, steps=500, batch_size=32, lr=3e-3, length=24),
             Plan("text", (2,), 64, 4, 128, steps=400, batch_size=16, lr=3e-3, length=64, eval_every=100),
         ),
     ),
@@ -67,7 +67,7 @@ PRESETS = {
         2,
         (
             Plan("parity", (1,), 32, 4, 64, steps=120, batch_size=32, lr=3e-3, length=16),
-            Plan("recall", (2,), 32, 4, 64, steps=150, batch_size=32, lr=1e-2),
+            Plan("repeat", (2,), 32, 4, 64, steps=150, batch_size=32, lr=3e-3, length=24),
             Plan("text", (2,), 64, 4, 128, steps=40, batch_size=8, lr=3e-3, length=32, eval_every=20),
         ),
     ),

@@ -142,14 +142,15 @@ class PermutationComposition(SyntheticTask):
 
 @dataclass
 class AssociativeRecall(SyntheticTask):
-    """The look-ahead task: `k1 v1 k2 v2 ... kn vn` then the keys again in a new order, each followed by its value.
+    """The look-ahead task: `k1 v1 k2 v2 ... kn vn`, then n queries (keys drawn again), each followed by its value.
     Only the answers are scored. Tokens are uniform, so nothing at a value's own position rewards remembering which
     key came before it: a model answers the later query only if the value's position *pre-caches* its key (a
     previous-token head) for a future it is not scored on -- exactly what myopic training removes."""
 
-    pairs: int = 6
-    keys: int = 16
-    values: int = 16
+    pairs: int = 4
+    keys: int = 8
+    values: int = 8
+    queries: int = 0  # 0: as many as pairs
     length: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -157,25 +158,60 @@ class AssociativeRecall(SyntheticTask):
             raise ForethoughtError(f"--pairs must lie in 1..{self.keys}, got {self.pairs}")
         self.name = "recall"
         self.vocab_size = self.keys + self.values
-        self.length = 4 * self.pairs - 1
+        self.queries = self.queries or self.pairs
+        self.length = 2 * (self.pairs + self.queries) - 1
 
     def sample(self, generator, n, length):
-        p = self.pairs
+        p, nq = self.pairs, self.queries
         keys = torch.argsort(torch.rand(n, self.keys, generator=generator), dim=1)[:, :p]
         values = torch.randint(self.keys, self.keys + self.values, (n, p), generator=generator)
-        order = torch.argsort(torch.rand(n, p, generator=generator), dim=1)
-        seq = torch.empty(n, 4 * p, dtype=torch.long)
+        # Queries drawn with replacement: no "the value not yet asked for" shortcut by elimination.
+        order = torch.randint(0, p, (n, nq), generator=generator)
+        seq = torch.empty(n, 2 * (p + nq), dtype=torch.long)
         seq[:, 0 : 2 * p : 2], seq[:, 1 : 2 * p : 2] = keys, values
         seq[:, 2 * p :: 2], seq[:, 2 * p + 1 :: 2] = keys.gather(1, order), values.gather(1, order)
         return seq
 
     def batch(self, split, index, batch_size, length=None):
-        return super().batch(split, index, batch_size, 4 * self.pairs)
+        return super().batch(split, index, batch_size, self.length + 1)
 
     def label(self, sequences):
         inputs, targets = sequences[:, :-1], sequences[:, 1:]
         mask = torch.zeros_like(inputs, dtype=torch.bool)
         mask[:, 2 * self.pairs :: 2] = True  # positions holding a query key: the next token is its value
+        return Batch(inputs, targets, mask)
+
+
+@dataclass
+class RepeatedBlock(SyntheticTask):
+    """The look-ahead task: a block of `period` distinct random symbols (period drawn from `periods`) repeated to
+    fill the sequence. After the first block, the right next token is the one that followed this token's previous
+    occurrence. The period is not a fixed offset, so a position can only find that token if the position after the
+    earlier occurrence *pre-cached* its predecessor (a previous-token head) when it was read -- work that does nothing
+    for its own prediction (its own next token is still unseen) and that myopic training therefore never rewards."""
+
+    length: int = 24
+    symbols: int = 16
+    periods: tuple[int, int] = (3, 8)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.periods
+        if not 2 <= lo <= hi <= self.symbols or hi >= self.length:
+            raise ForethoughtError(f"periods {self.periods} must lie in 2..{min(self.symbols, self.length - 1)}")
+        self.name = "repeat"
+        self.vocab_size = self.symbols
+
+    def sample(self, generator, n, length):
+        lo, hi = self.periods
+        period = torch.randint(lo, hi + 1, (n, 1), generator=generator)
+        block = torch.argsort(torch.rand(n, self.symbols, generator=generator), dim=1)
+        positions = torch.arange(length + 1).expand(n, -1) % period
+        return torch.cat((block.gather(1, positions), period), dim=1)  # the period rides along as a last column
+
+    def label(self, sequences):
+        period, seq = sequences[:, -1:], sequences[:, :-1]
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        mask = torch.arange(inputs.shape[1]).expand_as(inputs) + 1 >= period  # the target is a repeat
         return Batch(inputs, targets, mask)
 
 
@@ -277,7 +313,7 @@ def build_text_task(
     return TextTask(train_ids, test_ids, kept, length, corpus)
 
 
-TASKS = ("parity", "sum-mod", "perm", "recall", "text")
+TASKS = ("parity", "sum-mod", "perm", "repeat", "recall", "text")
 
 
 def build_task(name: str, length: int | None = None, **options) -> Task:
@@ -288,8 +324,12 @@ def build_task(name: str, length: int | None = None, **options) -> Task:
         return RunningSum(options.get("modulus", 5), length or 32)
     if name == "perm":
         return PermutationComposition(options.get("elements", 3), length or 32)
+    if name == "repeat":
+        return RepeatedBlock(length or 24)
     if name == "recall":
-        return AssociativeRecall(options.get("pairs", 4), options.get("keys", 8), options.get("values", 8))
+        return AssociativeRecall(
+            options.get("pairs", 4), options.get("keys", 8), options.get("values", 8), options.get("queries", 0)
+        )
     if name == "text":
         return build_text_task(
             options.get("corpus", "stdlib"),

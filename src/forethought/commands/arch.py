@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +39,7 @@ def _progress(total: int | None, quiet: bool):
 def train_command(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint folder (created; rerun to resume).")],
     arch: Annotated[str, typer.Option("--arch", help="standard, feedback, myopic or recurrent.")] = "standard",
-    task_name: Annotated[str, typer.Option("--task", help="parity, sum-mod, perm, recall or text.")] = "parity",
+    task_name: Annotated[str, typer.Option("--task", help="parity, sum-mod, perm, repeat, recall or text.")] = "parity",
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 300,
     batch: Annotated[int, typer.Option("--batch", help="Sequences per step.")] = 32,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup + cosine).")] = 3e-3,
@@ -54,6 +55,7 @@ def train_command(
     corpus: Annotated[str, typer.Option("--corpus", help="text: 'stdlib', a file, a folder or a .jsonl.")] = "stdlib",
     vocab: Annotated[int, typer.Option("--vocab", help="text: most frequent tokens kept (+1 <unk>).")] = 1024,
     no_export: Annotated[bool, typer.Option("--no-export", help="Skip the engine folder (out/engine).")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Train one architecture on one task; standard/myopic models are also written as an engine folder."""
@@ -74,8 +76,10 @@ def train_command(
         cache_dir=out / "data",
     )
     config = ArchConfig(arch, task.vocab_size, d_model, layers, heads, d_ff, context_length=max(256, task.length))
+    if threads < 1:
+        raise ForethoughtError(f"--threads must be >= 1, got {threads}")
     settings = TrainSettings(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=max(1, steps // 5))
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(threads)
     with _progress(steps, as_json) as progress:
         bar = progress.add_task(f"{arch} on {task.name}", total=steps, loss=float("nan"), speed=0.0)
 
@@ -108,6 +112,9 @@ def compare_command(
     quick: Annotated[bool, typer.Option("--quick", help="The few-minute preset (2 seeds, short runs).")] = False,
     preset: Annotated[str, typer.Option("--preset", help="full or quick.")] = "full",
     archs: Annotated[str, typer.Option("--archs", help="Comma-separated subset of the architectures.")] = "",
+    tasks: Annotated[
+        str, typer.Option("--tasks", help="Comma-separated subset of the preset's tasks (parallel runs share --out).")
+    ] = "",
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="Where PNGs go (default: --out).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
     as_json: JsonOpt = False,
@@ -130,6 +137,12 @@ def compare_command(
         raise ForethoughtError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     p = PRESETS[name]
+    wanted = [t.strip() for t in tasks.split(",") if t.strip()]
+    known = [plan.task for plan in p.plans]
+    if any(t not in known for t in wanted):
+        raise ForethoughtError(f"--tasks {tasks!r}: preset {name!r} has {', '.join(known)}")
+    if wanted:
+        p = replace(p, plans=tuple(plan for plan in p.plans if plan.task in wanted))
     total = p.seeds * len(chosen) * sum(len(plan.layers) for plan in p.plans)
     with _progress(total, as_json) as progress:
         runs = progress.add_task("runs", total=total, loss=float("nan"), speed=0.0)

@@ -86,7 +86,7 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
                     ax.plot(range(1, len(acc) + 1), acc, label=row["arch"], color=COLORS[row["arch"]])
             ax.set_title(f"{task}, {layers} layer{'s' if layers > 1 else ''}")
             ax.set_xlabel("position (symbols so far)")
-            ax.set_ylim(0.3, 1.02)
+            ax.set_ylim(0, 1.02)
             ax.axhline(0.5, color="grey", lw=0.5, ls=":")
         axes[0][0].set_ylabel(f"held-out accuracy (mean of {result.seeds} seeds)")
         axes[0][-1].legend(fontsize=8)
