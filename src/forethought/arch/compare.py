@@ -51,15 +51,26 @@ class Preset:
     plans: tuple[Plan, ...]
 
 
-# Sized for the shared 2-core CPU: the sequential Feedback Transformer dominates (README: architectures lab).
+# "full" is sized for an idle 2-core CPU (<= 90 min, README: architectures lab); "reduced" is what a machine shared
+# with six other jobs finished in under an hour; "quick" is the few-minute smoke run. The sequential Feedback
+# Transformer dominates every budget.
 PRESETS = {
     "full": Preset(
         "full",
         3,
         (
             Plan("parity", (1, 2), 32, 4, 64, steps=300, batch_size=32, lr=3e-3, length=32),
-            Plan("repeat", (2,), 32, 4, 64, steps=500, batch_size=32, lr=3e-3, length=24),
+            Plan("repeat", (2,), 32, 4, 64, steps=600, batch_size=32, lr=3e-3, length=24),
             Plan("text", (2,), 64, 4, 128, steps=400, batch_size=16, lr=3e-3, length=64, eval_every=100),
+        ),
+    ),
+    "reduced": Preset(
+        "reduced",
+        3,
+        (
+            Plan("parity", (1, 2), 32, 4, 64, steps=200, batch_size=32, lr=3e-3, length=16),
+            Plan("repeat", (2,), 32, 4, 64, steps=400, batch_size=32, lr=3e-3, length=24),
+            Plan("text", (2,), 64, 4, 128, steps=300, batch_size=16, lr=3e-3, length=32, eval_every=75),
         ),
     ),
     "quick": Preset(

@@ -110,7 +110,7 @@ def train_command(
 def compare_command(
     out: Annotated[Path, typer.Option("--out", help="Results folder (runs resume from here).")] = Path("arch_results"),
     quick: Annotated[bool, typer.Option("--quick", help="The few-minute preset (2 seeds, short runs).")] = False,
-    preset: Annotated[str, typer.Option("--preset", help="full or quick.")] = "full",
+    preset: Annotated[str, typer.Option("--preset", help="full, reduced or quick.")] = "full",
     archs: Annotated[str, typer.Option("--archs", help="Comma-separated subset of the architectures.")] = "",
     tasks: Annotated[
         str, typer.Option("--tasks", help="Comma-separated subset of the preset's tasks (parallel runs share --out).")
