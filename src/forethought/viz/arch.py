@@ -122,7 +122,9 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
             c = c if isinstance(c, dict) else c.__dict__
             xs = sorted(int(n) for n in c["state_bytes"])
             ys = [max(1, c["state_bytes"].get(n, c["state_bytes"].get(str(n)))) for n in xs]
-            axes[0].loglog(xs, ys, marker="o", label=arch, color=COLORS[arch])
+            # myopic is the standard network at inference: dashed, so the two coinciding lines stay visible
+            style = "--" if arch == "myopic" else "-"
+            axes[0].loglog(xs, ys, style, marker="o", label=arch, color=COLORS[arch])
         axes[0].set_xlabel("tokens so far")
         axes[0].set_ylabel("bytes carried to the next token")
         axes[0].legend(fontsize=8)
