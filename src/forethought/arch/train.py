@@ -129,6 +129,14 @@ def load_checkpoint(folder: Path) -> tuple[ArchModel, dict]:
     return model, state
 
 
+def check_resumable(out: Path, config: ArchConfig, task: Task) -> None:
+    """Refuse to resume a run in `out` that was started with another config or task."""
+    if (out / STATE).is_file():
+        state = json.loads((out / STATE).read_text())
+        if state.get("config") != config.to_dict() or state.get("task") != task.describe():
+            raise ForethoughtError(f"{out} holds a run with another config or task; choose a new --out")
+
+
 def train(
     config: ArchConfig,
     task: Task,
@@ -145,9 +153,8 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     result = TrainResult(config, task.describe(), settings, 0, 0.0, 0)
     if out is not None and (out / STATE).is_file():
+        check_resumable(out, config, task)
         model, state = load_checkpoint(out)
-        if state["config"] != config.to_dict() or state["task"] != task.describe():
-            raise ForethoughtError(f"{out} holds a run with another config or task; choose a new --out")
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         optimizer.load_state_dict(torch.load(out / OPTIMIZER, weights_only=True))
         result.steps_done, result.train_seconds = state["steps_done"], state["train_seconds"]

@@ -63,7 +63,7 @@ def train_command(
 
     from forethought.arch.config import ArchConfig
     from forethought.arch.tasks import build_task
-    from forethought.arch.train import TrainSettings, train
+    from forethought.arch.train import TrainSettings, check_resumable, train
 
     task = build_task(
         task_name,
@@ -79,6 +79,7 @@ def train_command(
     if threads < 1:
         raise ForethoughtError(f"--threads must be >= 1, got {threads}")
     settings = TrainSettings(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=max(1, steps // 5))
+    check_resumable(out, config, task)  # before the progress bar starts drawing
     torch.set_num_threads(threads)
     with _progress(steps, as_json) as progress:
         bar = progress.add_task(f"{arch} on {task.name}", total=steps, loss=float("nan"), speed=0.0)
