@@ -105,6 +105,7 @@ class RunSummary:
     by_position: list[float]
     train_tokens_per_second: float
     evals: list[dict]
+    train_seconds: float
 
 
 @dataclass
@@ -150,6 +151,7 @@ def _one_run(task: Task, plan: Plan, layers: int, arch: str, seed: int, out: Pat
             final["by_position"],
             state["train_tokens_per_second"],
             state.get("evals", []),
+            state["train_seconds"],
         )
     model, result = train(config, task, settings, folder, on_step=on_step)
     return RunSummary(
@@ -163,6 +165,7 @@ def _one_run(task: Task, plan: Plan, layers: int, arch: str, seed: int, out: Pat
         result.final.by_position,
         result.train_tokens_per_second,
         result.evals,
+        result.train_seconds,
     )
 
 

@@ -26,8 +26,10 @@ def _bytes(n: float) -> str:
 
 def markdown(result: ComparisonResult) -> str:
     lines = [
-        f"### Architectures lab: preset `{result.preset}`, {result.seeds} seeds, {result.seconds / 60:.1f} min",
+        f"### Architectures lab: preset `{result.preset}`, {result.seeds} seeds, {len(result.runs)} runs",
         "",
+        f"Training time summed over runs: {sum(r.train_seconds for r in result.runs) / 60:.1f} min "
+        "(one thread each, on a shared, loaded 2-core CPU: compare speeds only within this table).",
         "Held-out accuracy (scored positions) and loss; mean ± 95% t-interval over seeds.",
         "",
         "| task | layers | arch | params | accuracy | loss | train tok/s |",
@@ -122,9 +124,10 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
             c = c if isinstance(c, dict) else c.__dict__
             xs = sorted(int(n) for n in c["state_bytes"])
             ys = [max(1, c["state_bytes"].get(n, c["state_bytes"].get(str(n)))) for n in xs]
-            # myopic is the standard network at inference: dashed, so the two coinciding lines stay visible
-            style = "--" if arch == "myopic" else "-"
-            axes[0].loglog(xs, ys, style, marker="o", label=arch, color=COLORS[arch])
+            if arch == "myopic" and "standard" in result.costs:
+                continue  # the standard network at inference: one line, labelled for both
+            label = "standard = myopic" if arch == "standard" and "myopic" in result.costs else arch
+            axes[0].loglog(xs, ys, marker="o", label=label, color=COLORS[arch])
         axes[0].set_xlabel("tokens so far")
         axes[0].set_ylabel("bytes carried to the next token")
         axes[0].legend(fontsize=8)
