@@ -128,7 +128,9 @@ def _run_folder(out: Path, plan: Plan, layers: int, arch: str, seed: int) -> Pat
     return out / "runs" / f"{plan.task}-L{layers}-{arch}-s{seed}"
 
 
-def _one_run(task: Task, plan: Plan, layers: int, arch: str, seed: int, out: Path, on_step) -> RunSummary:
+def _one_run(
+    task: Task, plan: Plan, layers: int, arch: str, seed: int, out: Path, on_step, train_missing: bool = True
+) -> RunSummary | None:
     config = ArchConfig(
         arch, task.vocab_size, plan.d_model, layers, plan.n_heads, plan.d_ff, context_length=max(256, task.length)
     )
@@ -153,6 +155,8 @@ def _one_run(task: Task, plan: Plan, layers: int, arch: str, seed: int, out: Pat
             state.get("evals", []),
             state["train_seconds"],
         )
+    if not train_missing:
+        return None
     model, result = train(config, task, settings, folder, on_step=on_step)
     return RunSummary(
         task.name,
@@ -233,8 +237,11 @@ def run_comparison(
     text_cache: Path | None = None,
     on_run: Callable[[str], None] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    train_missing: bool = True,
 ) -> ComparisonResult:
-    """Train every (task, depth, architecture, seed) of `preset` under `out`, then aggregate."""
+    """Train every (task, depth, architecture, seed) of `preset` under `out`, then aggregate.
+
+    With `train_missing=False`, only runs already finished under `out` are aggregated (a partial comparison)."""
     started = time.perf_counter()
     result = ComparisonResult(preset.name, preset.seeds, [], {}, {}, 0.0)
     text_shape: tuple[Task, Plan] | None = None
@@ -251,7 +258,9 @@ def run_comparison(
                 for seed in range(preset.seeds):
                     if on_run is not None:
                         on_run(f"{task.name} L{layers} {arch} seed {seed}")
-                    result.runs.append(_one_run(task, plan, layers, arch, seed, out, on_step))
+                    run = _one_run(task, plan, layers, arch, seed, out, on_step, train_missing)
+                    if run is not None:
+                        result.runs.append(run)
     task, plan = text_shape if text_shape else (task, plan)
     torch.manual_seed(0)
     for arch in archs:

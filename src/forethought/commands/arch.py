@@ -118,6 +118,9 @@ def compare_command(
     ] = "",
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="Where PNGs go (default: --out).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
+    only_finished: Annotated[
+        bool, typer.Option("--only-finished", help="Aggregate the runs already finished in --out; train nothing.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Every architecture x task x seed of a preset -> compare.md, compare.json and arch_*.png."""
@@ -158,7 +161,7 @@ def compare_command(
         def on_step(step: int, loss: float, speed: float) -> None:
             progress.update(steps, completed=step, loss=loss, speed=speed)
 
-        result = run_comparison(p, out, chosen, on_run=on_run, on_step=on_step)
+        result = run_comparison(p, out, chosen, on_run=on_run, on_step=on_step, train_missing=not only_finished)
         progress.update(runs, completed=total)
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "compare.json")
