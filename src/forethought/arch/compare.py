@@ -1,0 +1,277 @@
+"""The comparison: every architecture on every task over several seeds, as one plain result object.
+
+Each run trains into its own folder under `out/runs/` and is skipped when already finished there, so an interrupted
+comparison resumes where it stopped. Myopia gaps are paired by seed: the myopic and standard runs of one seed share
+the initial weights and the batches, and differ only in where the gradient flows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from forethought.arch.config import ARCHS, ArchConfig
+from forethought.arch.measure import Costs, costs
+from forethought.arch.models import build_model
+from forethought.arch.tasks import Task, build_task
+from forethought.arch.train import STATE, TrainSettings, evaluate, load_checkpoint, train
+
+# Student-t 97.5% quantiles for a 95% interval of a mean over n seeds (df = n - 1).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One task's part of the comparison: its shape, its training budget, and the depths to try."""
+
+    task: str
+    layers: tuple[int, ...]
+    d_model: int
+    n_heads: int
+    d_ff: int
+    steps: int
+    batch_size: int
+    lr: float
+    length: int | None = None
+    eval_every: int = 0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    seeds: int
+    plans: tuple[Plan, ...]
+
+
+# "full" is sized for an idle 2-core CPU (<= 90 min, README: architectures lab); "reduced" is what a machine shared
+# with six other jobs finished in under an hour; "quick" is the few-minute smoke run. The sequential Feedback
+# Transformer dominates every budget.
+PRESETS = {
+    "full": Preset(
+        "full",
+        3,
+        (
+            Plan("parity", (1, 2), 32, 4, 64, steps=300, batch_size=32, lr=3e-3, length=32),
+            Plan("repeat", (2,), 32, 4, 64, steps=600, batch_size=32, lr=3e-3, length=24),
+            Plan("text", (2,), 64, 4, 128, steps=400, batch_size=16, lr=3e-3, length=64, eval_every=100),
+        ),
+    ),
+    "reduced": Preset(
+        "reduced",
+        3,
+        (
+            Plan("parity", (1, 2), 32, 4, 64, steps=200, batch_size=32, lr=3e-3, length=16),
+            Plan("repeat", (2,), 32, 4, 64, steps=400, batch_size=32, lr=3e-3, length=24),
+            Plan("text", (2,), 64, 4, 128, steps=300, batch_size=16, lr=3e-3, length=32, eval_every=75),
+        ),
+    ),
+    "quick": Preset(
+        "quick",
+        2,
+        (
+            Plan("parity", (1,), 32, 4, 64, steps=120, batch_size=32, lr=3e-3, length=16),
+            Plan("repeat", (2,), 32, 4, 64, steps=150, batch_size=32, lr=3e-3, length=24),
+            Plan("text", (2,), 64, 4, 128, steps=40, batch_size=8, lr=3e-3, length=32, eval_every=20),
+        ),
+    ),
+}
+
+
+def interval(values: list[float]) -> dict:
+    """Mean and 95% t-interval half-width over seeds (NaN width for a single seed)."""
+    mean = statistics.fmean(values)
+    n = len(values)
+    half = _T975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "ci95": half, "n": n, "values": values}
+
+
+@dataclass
+class RunSummary:
+    task: str
+    layers: int
+    arch: str
+    seed: int
+    n_params: int
+    accuracy: float
+    loss: float
+    by_position: list[float]
+    train_tokens_per_second: float
+    evals: list[dict]
+    train_seconds: float
+
+
+@dataclass
+class ComparisonResult:
+    preset: str
+    seeds: int
+    runs: list[RunSummary]
+    costs: dict[str, Costs]  # per architecture, at the text shape
+    tasks: dict[str, dict]
+    seconds: float
+    table: list[dict] = field(default_factory=list)  # per task, layers, arch: accuracy/loss intervals
+    myopia_gaps: list[dict] = field(default_factory=list)  # per task: myopic - standard, paired by seed
+    equal_flops: list[dict] = field(default_factory=list)  # text: held-out loss at the smallest shared FLOPs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _run_folder(out: Path, plan: Plan, layers: int, arch: str, seed: int) -> Path:
+    return out / "runs" / f"{plan.task}-L{layers}-{arch}-s{seed}"
+
+
+def _one_run(
+    task: Task, plan: Plan, layers: int, arch: str, seed: int, out: Path, on_step, train_missing: bool = True
+) -> RunSummary | None:
+    config = ArchConfig(
+        arch, task.vocab_size, plan.d_model, layers, plan.n_heads, plan.d_ff, context_length=max(256, task.length)
+    )
+    settings = TrainSettings(
+        steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, eval_every=plan.eval_every
+    )
+    folder = _run_folder(out, plan, layers, arch, seed)
+    state_path = folder / STATE
+    if state_path.is_file() and json.loads(state_path.read_text()).get("final"):
+        model, state = load_checkpoint(folder)
+        final = state["final"]
+        return RunSummary(
+            task.name,
+            layers,
+            arch,
+            seed,
+            model.n_params(),
+            final["accuracy"],
+            final["loss"],
+            final["by_position"],
+            state["train_tokens_per_second"],
+            state.get("evals", []),
+            state["train_seconds"],
+        )
+    if not train_missing:
+        return None
+    model, result = train(config, task, settings, folder, on_step=on_step)
+    return RunSummary(
+        task.name,
+        layers,
+        arch,
+        seed,
+        model.n_params(),
+        result.final.accuracy,
+        result.final.loss,
+        result.final.by_position,
+        result.train_tokens_per_second,
+        result.evals,
+        result.train_seconds,
+    )
+
+
+def _aggregate(result: ComparisonResult) -> None:
+    groups: dict[tuple, list[RunSummary]] = {}
+    for r in result.runs:
+        groups.setdefault((r.task, r.layers, r.arch), []).append(r)
+    for (task, layers, arch), runs in groups.items():
+        positions = list(zip(*(r.by_position for r in runs)))
+        result.table.append(
+            {
+                "task": task,
+                "layers": layers,
+                "arch": arch,
+                "n_params": runs[0].n_params,
+                "accuracy": interval([r.accuracy for r in runs]),
+                "loss": interval([r.loss for r in runs]),
+                "accuracy_by_position": [
+                    statistics.fmean(p) if not any(map(math.isnan, p)) else None for p in positions
+                ],
+                "train_tokens_per_second": statistics.fmean(r.train_tokens_per_second for r in runs),
+            }
+        )
+        if arch != "myopic":
+            continue
+        standard = {r.seed: r for r in groups.get((task, layers, "standard"), [])}
+        paired = [(r, standard[r.seed]) for r in runs if r.seed in standard]
+        if paired:
+            result.myopia_gaps.append(
+                {
+                    "task": task,
+                    "layers": layers,
+                    "loss_gap": interval([m.loss - s.loss for m, s in paired]),
+                    "accuracy_gap": interval([m.accuracy - s.accuracy for m, s in paired]),
+                }
+            )
+    _equal_flops(result)
+
+
+def _loss_at(evals: list[dict], flops: float) -> float:
+    """Held-out loss at `flops` training FLOPs, linearly interpolated between evaluations."""
+    points = sorted((e["flops"], e["loss"]) for e in evals)
+    for (f0, l0), (f1, l1) in zip(points, points[1:]):
+        if f0 <= flops <= f1:
+            return l0 + (l1 - l0) * (flops - f0) / (f1 - f0) if f1 > f0 else l1
+    return points[-1][1] if flops >= points[-1][0] else float("nan")
+
+
+def _equal_flops(result: ComparisonResult) -> None:
+    text = [r for r in result.runs if r.task == "text" and r.evals]
+    if not text:
+        return
+    budget = min(max(e["flops"] for e in r.evals) for r in text)
+    for arch in ARCHS:
+        runs = [r for r in text if r.arch == arch]
+        if runs:
+            losses = [_loss_at(r.evals, budget) for r in runs]
+            result.equal_flops.append({"arch": arch, "flops": budget, "loss": interval(losses)})
+
+
+def run_comparison(
+    preset: Preset,
+    out: Path,
+    archs: tuple[str, ...] = ARCHS,
+    text_cache: Path | None = None,
+    on_run: Callable[[str], None] | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    train_missing: bool = True,
+) -> ComparisonResult:
+    """Train every (task, depth, architecture, seed) of `preset` under `out`, then aggregate.
+
+    With `train_missing=False`, only runs already finished under `out` are aggregated (a partial comparison)."""
+    started = time.perf_counter()
+    result = ComparisonResult(preset.name, preset.seeds, [], {}, {}, 0.0)
+    text_shape: tuple[Task, Plan] | None = None
+    for plan in preset.plans:
+        options = dict(plan.options)
+        if plan.task == "text":
+            options["cache_dir"] = text_cache or out / "data"
+        task = build_task(plan.task, plan.length, **options)
+        result.tasks[task.name] = task.describe()
+        if plan.task == "text":
+            text_shape = (task, plan)
+        for layers in plan.layers:
+            for arch in archs:
+                for seed in range(preset.seeds):
+                    if on_run is not None:
+                        on_run(f"{task.name} L{layers} {arch} seed {seed}")
+                    run = _one_run(task, plan, layers, arch, seed, out, on_step, train_missing)
+                    if run is not None:
+                        result.runs.append(run)
+    task, plan = text_shape if text_shape else (task, plan)
+    torch.manual_seed(0)
+    for arch in archs:
+        config = ArchConfig(arch, task.vocab_size, plan.d_model, plan.layers[-1], plan.n_heads, plan.d_ff)
+        result.costs[arch] = costs(build_model(config), task.length)
+    _aggregate(result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def evaluate_lengths(folder: Path, task: Task, lengths: list[int]) -> dict[int, float]:
+    """Accuracy of a trained state-tracking model at other sequence lengths (length generalisation)."""
+    model, _ = load_checkpoint(folder)
+    return {n: evaluate(model, task, 2, 64, n).accuracy for n in lengths}

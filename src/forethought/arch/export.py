@@ -1,0 +1,117 @@
+"""Write a trained standard or myopic model as a Hugging Face Llama folder (config.json, model.safetensors,
+tokenizer.json), so `forethought.weights.load_model(folder)` -- and with it `lens`, `probe`, the trace API and
+the viewer -- runs it on the engine unchanged.
+
+Synthetic tasks get a word-level tokenizer over their own symbols (space-separated). A text model was trained on
+the embedded tokenizer's most frequent tokens plus <unk>; the export restores the full vocabulary so the engine
+tokenizes text exactly as in training: every token outside the kept set gets <unk>'s embedding and <unk>'s
+unembedding row. Hidden states, and the ranking of kept tokens, are the trained model's exactly; probabilities
+differ in that <unk>'s mass is repeated once per rare token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from forethought.arch.models import StandardLM
+from forethought.arch.tasks import Task, TextTask
+from forethought.errors import ForethoughtError
+
+
+def token_names(task: Task) -> list[str]:
+    """One printable, space-free name per synthetic token id."""
+    name = task.name
+    if name == "recall":
+        keys = task.keys
+        return [f"k{i}" for i in range(keys)] + [f"v{i}" for i in range(task.vocab_size - keys)]
+    if name.startswith("perm"):
+        from forethought.arch.tasks import _permutations
+
+        perms, _ = _permutations(task.elements)
+        return ["p" + "".join(map(str, p)) for p in perms]
+    return [str(i) for i in range(task.vocab_size)]
+
+
+def _word_level_tokenizer(names: list[str]) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {n: i for i, n in enumerate(names)} | {"<unk>": len(names)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tok.to_str()
+
+
+def export_engine_folder(model: StandardLM, task: Task, folder: Path) -> Path:
+    """Write `model` where `load_model(folder)` reads it; returns the folder."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, StandardLM):
+        raise ForethoughtError(f"only standard and myopic models run on the engine, not {model.config.arch!r}")
+    net = model.net
+    c = net.config
+    d, hd, nq, ff = c.d_model, c.head_dim, c.n_heads, c.d_ff
+    embed = net.embed.detach()
+    unembed = net.unembed.weight_t.detach().t()  # [vocab, d]
+    vocab_size = c.vocab_size
+    if isinstance(task, TextTask):
+        from forethought.arch.tasks import embedded_tokenizer
+
+        tokenizer = embedded_tokenizer()
+        vocab_size = tokenizer.vocab_size
+        full = torch.full((vocab_size,), task.vocab_size - 1, dtype=torch.long)  # <unk> everywhere ...
+        full[torch.from_numpy(task.kept_ids)] = torch.arange(len(task.kept_ids))  # ... but the kept tokens
+        embed, unembed = embed[full], unembed[full]
+        tokenizer_json = tokenizer.backend.to_str()
+    else:
+        names = token_names(task)
+        # One extra row for the tokenizer's <unk>, never produced by the task: zero embedding, zero logit.
+        embed = torch.cat((embed, embed.new_zeros(1, d)))
+        unembed = torch.cat((unembed, unembed.new_zeros(1, d)))
+        vocab_size += 1
+        tokenizer_json = _word_level_tokenizer(names)
+    tensors = {
+        "model.embed_tokens.weight": embed,
+        "lm_head.weight": unembed,
+        "model.norm.weight": net.final_norm.weight.detach(),
+    }
+    for i, block in enumerate(net.blocks):
+        p = f"model.layers.{i}"
+        qkv = block.qkv.weight_t.detach()
+        gate_up = block.gate_up.weight_t.detach()
+        tensors |= {
+            f"{p}.input_layernorm.weight": block.attn_norm.weight.detach(),
+            f"{p}.post_attention_layernorm.weight": block.mlp_norm.weight.detach(),
+            f"{p}.self_attn.q_proj.weight": qkv[:, : nq * hd].t(),
+            f"{p}.self_attn.k_proj.weight": qkv[:, nq * hd : (nq + c.n_kv_heads) * hd].t(),
+            f"{p}.self_attn.v_proj.weight": qkv[:, (nq + c.n_kv_heads) * hd :].t(),
+            f"{p}.self_attn.o_proj.weight": block.o.weight_t.detach().t(),
+            f"{p}.mlp.gate_proj.weight": gate_up[:, :ff].t(),
+            f"{p}.mlp.up_proj.weight": gate_up[:, ff:].t(),
+            f"{p}.mlp.down_proj.weight": block.down.weight_t.detach().t(),
+        }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": d,
+        "intermediate_size": ff,
+        "num_attention_heads": nq,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": hd,
+        "num_hidden_layers": c.n_layers,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": c.context_length,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "forethought_arch": {"arch": model.config.arch, "task": task.describe()},
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    (folder / "tokenizer.json").write_text(tokenizer_json)
+    return folder

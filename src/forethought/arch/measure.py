@@ -1,0 +1,51 @@
+"""What each architecture costs to carry and to run: state bytes vs tokens, decode speed with its own cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from forethought.arch.models import ArchModel
+
+STATE_TOKENS = (1, 16, 64, 256, 1024, 4096)
+
+
+@dataclass
+class Costs:
+    arch: str
+    n_params: int
+    state_bytes_per_token: float  # growth per token (0 for a fixed-size state)
+    state_bytes: dict[int, int]  # tokens -> bytes carried after that many tokens
+    decode_tokens_per_second: float
+    forward_flops_per_token: float
+
+
+@torch.no_grad()
+def decode_speed(model: ArchModel, tokens: int = 128, repeats: int = 3) -> float:
+    """Batch-1 greedy-free decode with the model's own cache: best of `repeats` runs of `tokens` steps."""
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for _ in range(repeats):
+        state = model.new_state(1, tokens)
+        started = time.perf_counter()
+        for t in range(tokens):
+            model.step(ids[t].view(1, 1), state)
+        best = min(best, time.perf_counter() - started)
+    model.train()
+    return tokens / best
+
+
+def costs(model: ArchModel, context: int, decode_tokens: int = 128) -> Costs:
+    sizes = {n: model.state_bytes(n) for n in STATE_TOKENS}
+    growth = (sizes[STATE_TOKENS[-1]] - sizes[STATE_TOKENS[-2]]) / (STATE_TOKENS[-1] - STATE_TOKENS[-2])
+    return Costs(
+        arch=model.config.arch,
+        n_params=model.n_params(),
+        state_bytes_per_token=growth,
+        state_bytes=sizes,
+        decode_tokens_per_second=decode_speed(model, min(decode_tokens, model.config.context_length)),
+        forward_flops_per_token=model.forward_flops_per_token(context),
+    )
