@@ -24,7 +24,7 @@ from forethought.report import (
     write_report,
 )
 
-PENDING = {"architectures", "speculative", "second_model"}
+PENDING = {"second_model"}
 BUILTIN = [s.key for s in SECTIONS if s.key not in PENDING]
 TINY = ReportSettings(
     equivalence_steps=4,
@@ -46,6 +46,8 @@ TINY = ReportSettings(
     plan_ceiling_positions=None,
     plan_rollouts=2,
     plan_n_boot=100,
+    speculative_tokens=8,
+    arch_preset="smoke",
 )
 
 
@@ -102,6 +104,12 @@ def test_every_section_is_answered_or_says_why(built):
         assert low <= plan.numbers[f"k{k}_excess_top1"] <= high
         assert f"k={k} {100 * plan.numbers[f'k{k}_excess_top1']:+.1f}" in plan.verdict
     assert plan.numbers["causal_positions"] > 0 and "knockout_t@0_minus_random_t+2" in plan.intervals
+    spec = by_key["speculative"].finding
+    assert spec.numbers["greedy_identical"] is True  # drafting never changes greedy text
+    assert spec.numbers["lookup_tokens_per_forward"] >= 1.0
+    assert "heads" in spec.data["skipped"]  # no heads ship for the tiny model: said, not hidden
+    arch = by_key["architectures"].finding
+    assert "myopia_gap_repeat_L1_loss" in arch.intervals and arch.figures
 
 
 def test_json_and_markdown_carry_the_same_numbers(built):
@@ -151,8 +159,8 @@ def test_a_pending_section_reads_another_commands_json(built, tmp_path):
         figures=[Figure("plot.png", "A plot.", "forethought plan --plot plot.png")],
         commands=["forethought plan --json"],
     )
-    (tmp_path / "speculative.json").write_text(json.dumps(finding.to_dict()))
-    pending = [s for s in SECTIONS if s.key == "speculative"]
+    (tmp_path / "second_model.json").write_text(json.dumps(finding.to_dict()))
+    pending = [s for s in SECTIONS if s.key == "second_model"]
     result = run_report(replace(ctx, results_dir=tmp_path, _loaded={}), pending, cache).outcomes[0]
     assert result.status == "ok", result.reason
     assert result.finding.numbers == {"horizon": 3, "knockout_drop": 0.12}
@@ -174,7 +182,7 @@ def test_cli_report_and_its_errors(llama_dir, corpus, tmp_path, capsys):
     args = ["report", "--model", str(llama_dir), "--corpus", str(corpus), "--cache", str(tmp_path / "c")]
     assert main([*args, "--out", str(tmp_path / "r"), "--sections", "nope"]) == 2
     assert "unknown section 'nope'" in capsys.readouterr().err
-    assert main([*args, "--out", str(tmp_path / "r"), "--sections", "invariance,speculative", "--json"]) == 0
+    assert main([*args, "--out", str(tmp_path / "r"), "--sections", "invariance,second_model", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [s["status"] for s in printed["sections"]] == ["ok", "unavailable"]
     assert (tmp_path / "r" / "index.html").read_text().count("data:image/png;base64,") == 1
@@ -202,7 +210,7 @@ def test_page_renders_in_chromium(built, tmp_path):
             card = page.locator(f"section#{o.key}")
             assert card.get_attribute("data-status") == o.status
             assert o.title in card.inner_text()
-        assert "not available in this install" in page.inner_text("section#speculative")
+        assert "not available in this install" in page.inner_text("section#second_model")
         assert "Carries beyond the context?" in page.inner_text("section#plan")
         assert page.locator("section#plan img").count() == 2
         assert "this section always fails" in page.inner_text("section#boom")

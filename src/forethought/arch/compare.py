@@ -73,6 +73,15 @@ PRESETS = {
             Plan("text", (2,), 64, 4, 128, steps=300, batch_size=16, lr=3e-3, length=32, eval_every=75),
         ),
     ),
+    # seconds: the plumbing (train, aggregate, plot) on models too small to learn; for tests of what presents it
+    "smoke": Preset(
+        "smoke",
+        2,
+        (
+            Plan("parity", (1,), 16, 2, 32, steps=3, batch_size=8, lr=3e-3, length=8),
+            Plan("repeat", (1,), 16, 2, 32, steps=3, batch_size=8, lr=3e-3, length=12),
+        ),
+    ),
     "quick": Preset(
         "quick",
         2,

@@ -38,6 +38,8 @@ class ReportSettings:
     anatomy_length: int = 128
     revise_steps: int = 16
     state_tokens: tuple[int, ...] = (1, 10, 100, 1000, 8192)
+    speculative_tokens: int = 128  # greedy tokens per prompt, plain and with each drafter
+    arch_preset: str = "reduced"  # forethought.arch.compare.PRESETS: the trained-here architecture comparison
     prompt: str = STORY
 
     @classmethod
@@ -67,6 +69,8 @@ class ReportSettings:
             anatomy_docs=16,
             anatomy_length=64,
             revise_steps=12,
+            speculative_tokens=64,
+            arch_preset="quick",
         )
 
     def to_dict(self) -> dict:

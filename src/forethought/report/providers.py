@@ -17,9 +17,8 @@ caches what it returns by model, corpus and `ctx.settings`. Register it below:
 
     register_provider("plan", plan_answer)
 
-"plan" is wired below (`plan.py`). To wire another, e.g. the architectures lab: write `architectures.py` here
-with `def architectures(ctx, folder) -> Finding` that imports its experiment inside the function (so a missing
-optional dependency fails only that section), then `register_provider("architectures", architectures)`.
+"plan", "speculative" and "architectures" are wired below (`plan.py`, `speculative.py`, `architectures.py`); each
+imports its experiment inside the function, so a missing optional dependency fails only that section.
 
 The pending keys are "plan", "architectures", "speculative" and "second_model" (which `--compare` also answers).
 A section without a provider reads `<results>/<key>.json` (a Finding as JSON) or says it is not available.
@@ -27,7 +26,11 @@ A section without a provider reads `<results>/<key>.json` (a Finding as JSON) or
 
 from __future__ import annotations
 
+from forethought.report.architectures import architectures
 from forethought.report.pending import register_provider
 from forethought.report.plan import plan_answer
+from forethought.report.speculative import speculative
 
 register_provider("plan", plan_answer)
+register_provider("speculative", speculative)
+register_provider("architectures", architectures)
