@@ -129,7 +129,9 @@ class SlidingKVCache(KVCache):
         self.k = torch.zeros((len(global_), batch_size, kv, capacity, hd), dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.ring_size = min(self.window + max(0, rewind), config.context_length)
-        ring_shape = (len(local), batch_size, kv, self.ring_size, hd)
+        # Allocated like the global part (room for `capacity` tokens) and grown up to ring_size: until
+        # the ring wraps, position p sits in slot p, so growing is a plain copy.
+        ring_shape = (len(local), batch_size, kv, min(capacity, self.ring_size), hd)
         self.ring_k = torch.zeros(ring_shape, dtype=dtype, device=device)
         self.ring_v = torch.zeros_like(self.ring_k)
         self._batch = batch_size
@@ -161,6 +163,18 @@ class SlidingKVCache(KVCache):
     @property
     def allocated_nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.ring_k.nbytes + self.ring_v.nbytes
+
+    def reserve(self, n_tokens: int) -> None:
+        super().reserve(n_tokens)
+        allocated, needed = self.ring_k.shape[3], min(n_tokens, self.ring_size)
+        if needed <= allocated:
+            return
+        new_slots = min(max(needed, 2 * allocated), self.ring_size)
+        for name in ("ring_k", "ring_v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], new_slots, old.shape[4]))
+            new[:, :, :, :allocated] = old
+            setattr(self, name, new)
 
     def ring_positions(self, end: int) -> torch.Tensor:
         """The position each ring slot holds once tokens 0..end-1 are written (-1: empty)."""

@@ -3,8 +3,8 @@
 A K-quant super-block holds 256 weights in sub-blocks of 16 or 32 that share a small integer scale
 (and, for Q4_K/Q5_K, a minimum), which a float16 super-scale turns into floats. The layouts below
 follow ggml's `dequantize_row_q*_K`; the result is checked value for value against the `gguf`
-package's own dequantizer on the real Gemma 3 file (tests/test_gemma.py on random blocks, tests/test_gemma_real.py on the real file). Working on whole tensors
-at once makes this several times faster than looping over rows.
+package's own dequantizer (tests/test_gemma.py on random blocks, tests/test_gemma_real.py on the
+real file). Working on whole tensors at once makes this several times faster than looping over rows.
 """
 
 from __future__ import annotations
