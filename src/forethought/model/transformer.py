@@ -439,8 +439,6 @@ class Transformer(nn.Module):
         """Every weight matrix to int8 with Q8_0-style scales (embedding, norms and cache stay float)."""
         for module in self.modules():
             if isinstance(module, Linear):
-                if not module.weight_t.is_contiguous():  # Gemma's unembedding is a view of the embedding
-                    module.weight_t = nn.Parameter(module.weight_t.contiguous(), requires_grad=False)
                 module.quantize_int8_()
         _DECODE_STEPS.pop(self, None)
         return self
