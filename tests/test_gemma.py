@@ -325,3 +325,31 @@ def test_missing_tokenizer_field_is_named(hf_gemma, tmp_path, field):
     path = write_gemma_gguf(tmp_path / "g.gguf", hf_gemma[0], drop=field)
     with pytest.raises(ForethoughtError, match=field.replace(".", r"\.")):
         load_gguf(path)
+
+
+def test_viewer_on_a_sliding_window_model(hf_gemma, tmp_path):
+    """The viewer's grid, append and attention cell beyond the window (its cache is the ring)."""
+    from fastapi.testclient import TestClient
+
+    from forethought.server import create_app
+    from forethought.trace import run_with_trace
+    from forethought.weights.registry import LoadedModel
+
+    path = write_gemma_gguf(tmp_path / "g.gguf", hf_gemma[0])
+    config, tensors, tokenizer, meta = load_gguf(path)
+    lm = LoadedModel(build_model(config, tensors, torch.float32, "cpu"), tokenizer, "tiny-gemma", path, meta)
+    with TestClient(create_app(lm), raise_server_exceptions=False) as client:
+        r = client.post("/api/analyze", json={"session": "s", "prompt": "hello ab hello ab", "new_tokens": 6})
+        assert r.status_code == 200, r.text
+        ids = [t["id"] for t in r.json()["tokens"]]
+        r = client.post("/api/append", json={"session": "s", "mode": "greedy"})
+        assert r.status_code == 200, r.text
+        step = r.json()
+        ids += [t["id"] for t in step["tokens"]]
+        n = step["n_tokens"]
+        assert n == len(ids) > WINDOW + 2 and step["cache_vs_recompute"] <= 1e-5 * step["unchanged"]["max_abs_state"]
+        cell = client.get("/api/cell", params={"session": "s", "row": 1, "position": n - 1}).json()
+    heads = torch.tensor(cell["attention"]["heads"])
+    _, traced = run_with_trace(lm.model, ids, ["blocks.0.attn_pattern"])
+    assert torch.allclose(heads, traced["blocks.0.attn_pattern"][:, -1], atol=1e-3)
+    assert heads.shape == (2, n) and (heads[:, : n - WINDOW] == 0).all()  # layer 0 is local: only the window
