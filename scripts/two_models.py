@@ -38,7 +38,15 @@ def commands(model: str, folder: Path, tokens: int) -> dict[str, list[str]]:
             "float64",
             "--bidirectional",
         ],
-        "state_size": ["state-size", "--tokens", "1,10,100,512,1000,8192,32768", "--plot", str(folder / "state.png")],
+        "state_size": [
+            "state-size",
+            "--tokens",
+            "1,10,100,512,1000,8192,32768",
+            "--config",
+            "gpt2-small,llama-3-8b",
+            "--plot",
+            str(folder / "state.png"),
+        ],  # fmt: skip
         "revise_force": ["revise", PROMPT, "--at", "3", "--force", " dragon", "--plot", str(folder / "revise.png")],
         "anatomy": ["anatomy", "--docs", "32", "--length", "128", "--plot-dir", str(folder / "anatomy")],
         "extract": [

@@ -6,6 +6,8 @@ Skipped, with the install command, when the package is absent."""
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +23,11 @@ pytestmark = [
     ),
 ]
 
-# llama.cpp's ids (Llama.tokenize(text, add_bos=True, special=True)) for hard strings.
-LLAMA_CPP_IDS: dict[str, list[int]] = {}
+# llama.cpp's ids for hard strings (spaces, digits, accents, CJK, emoji, chat markers), recorded with
+# llama-cpp-python (the file's "source" says how); the live test below re-asks llama.cpp where it is installed.
+LLAMA_CPP_IDS: dict[str, list[int]] = json.loads((Path(__file__).parent / "gemma_llama_cpp_ids.json").read_text())[
+    "ids"
+]
 GREEDY_PROMPT = "The capital of France is"
 # HF transformers fp32 on the same GGUF, greedy (max_new_tokens=30).
 GREEDY_TEXT = (
@@ -75,6 +80,15 @@ def test_greedy_continuation_matches_references(gemma):
 @pytest.mark.parametrize("text", list(LLAMA_CPP_IDS))
 def test_token_ids_equal_llama_cpp(gemma, text):
     assert gemma.tokenizer.encode(text) == LLAMA_CPP_IDS[text]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_token_ids_equal_live_llama_cpp(gemma):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gemma.path), vocab_only=True, verbose=False)
+    for text in LLAMA_CPP_IDS:
+        assert gemma.tokenizer.encode(text) == llm.tokenize(text.encode(), add_bos=True, special=True), text
 
 
 def test_cache_equals_recompute_beyond_the_window(gemma):
