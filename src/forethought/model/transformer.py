@@ -360,7 +360,7 @@ class Transformer(nn.Module):
                 cache.length = end
                 return logits.view(1, 1, -1)
         if c.family == "gemma3":
-            return self._gemma_forward(tokens, cache, hooks, last_only, causal, start)
+            return gemma_forward(self, tokens, cache, hooks, last_only, causal, start)
 
         x = F.embedding(tokens, self.embed)
         if self.pos_embed is not None:
@@ -401,9 +401,6 @@ class Transformer(nn.Module):
         first = self.final_norm.weight
         logits = self.unembed(self.final_norm(states.to(device=first.device, dtype=first.dtype))).float()
         return softcap(logits, self.config.final_logit_softcap)
-
-    def _gemma_forward(self, tokens, cache, hooks, last_only, causal, start) -> torch.Tensor:
-        return _gemma_forward(self, tokens, cache, hooks, last_only, causal, start)
 
     def _decode_step(self, cache: KVCache):
         """The compiled step for the current weights, or None where it does not apply."""
@@ -601,7 +598,7 @@ class GemmaBlock(nn.Module):
         return None if bool(allowed.all()) else allowed
 
 
-def _gemma_forward(
+def gemma_forward(
     model: Transformer,
     tokens: torch.Tensor,
     cache: KVCache | None,
