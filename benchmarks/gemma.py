@@ -83,12 +83,20 @@ def hf_model():
     converting the GGUF takes minutes on 2 busy cores, loading the copy seconds."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors.torch import save_model
+
     folder = cache_dir() / "hf" / "gemma-3-270m-from-q4_k_m"
     if not (folder / "config.json").is_file():
         progress("HF: converting the GGUF (once)")
         path = gguf_path()
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        model.save_pretrained(folder)
+        # save_pretrained refuses GGUF-loaded models; the weights are plain float32 by now, so save them
+        # directly and drop the GGUF marker from the config.
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(folder / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (folder / "config.json").write_text(json.dumps(config))
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
@@ -119,7 +127,6 @@ def engine_forethought(opts: dict) -> dict:
     tok, model = lm.tokenizer, lm.model
     if opts["mode"] == "agree":
         out["tokens"] = [tok.encode(s) for s in HARD_STRINGS]
-        out["decoded_roundtrip"] = [tok.decode(tok.encode(s), skip_special=True) == s for s in HARD_STRINGS]
         logits = {}
         with torch.inference_mode():
             for p in PROMPTS:
