@@ -81,9 +81,8 @@ def f32_gguf() -> Path:
 def hf_model():
     """HF transformers' Gemma3ForCausalLM from the same GGUF (its own converter), cached as safetensors:
     converting the GGUF takes minutes on 2 busy cores, loading the copy seconds."""
-    from transformers import AutoModelForCausalLM
-
     from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
 
     folder = cache_dir() / "hf" / "gemma-3-270m-from-q4_k_m"
     if not (folder / "config.json").is_file():
