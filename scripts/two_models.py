@@ -147,11 +147,10 @@ def findings(model: str) -> dict[str, str]:
         )
     rv = load(model, "revise_force")
     if rv:
-        rejoin = rv.get("rejoin") or {}
-        prefix = rv.get("prefix_identical", rv.get("prefix_max_abs_diff"))
+        rejoin = f"yes, at step {rv.get('rejoin_step')}" if rv.get("rejoined") else "no (16 steps)"
         out["off-plan token (forced ' dragon')"] = (
-            f"p={fmt(rv.get('off_plan_prob'), '.2g')}; prefix unchanged: {prefix}; "
-            f"rejoins: {'yes, step ' + str(rejoin.get('step')) if rejoin else 'no'}"
+            f"p={fmt(rv.get('off_plan_prob'), '.2g')}; states before it changed by {fmt(rv.get('causal_max_diff'))}; "
+            f"rejoins: {rejoin}; top-1 agreement after {fmt(rv.get('top1_agreement_after'), '.2f')}"
         )
     return out
 
