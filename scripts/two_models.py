@@ -142,8 +142,10 @@ def findings(model: str) -> dict[str, str]:
     if an and an.get("layers"):
         pos = max(layer["position_share"] for layer in an["layers"])
         slow = max(layer["slow_share"] for layer in an["layers"])
+        rand = max((layer["slow_share"] for layer in an.get("random", [])), default=None)
+        control = f"; random-weight control up to {100 * rand:.1f}%" if rand is not None else ""
         out["small position part, slow memory part"] = (
-            f"position <= {100 * pos:.1f}%; slow part up to {100 * slow:.1f}%"
+            f"position <= {100 * pos:.1f}%; slow part up to {100 * slow:.1f}%{control}"
         )
     rv = load(model, "revise_force")
     if rv:
