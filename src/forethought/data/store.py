@@ -245,7 +245,9 @@ def verify_shard(path: Path, entry: dict) -> None:
 
 
 def _fingerprint(manifest: dict) -> dict:
-    return {k: manifest[k] for k in ("format", "model", "tokenizer", "corpus", "settings")}
+    # Through JSON, so a fresh manifest compares as its stored copy would (tuples such as Gemma's
+    # sliding_layers come back as lists).
+    return json.loads(json.dumps({k: manifest[k] for k in ("format", "model", "tokenizer", "corpus", "settings")}))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

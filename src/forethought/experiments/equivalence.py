@@ -20,7 +20,7 @@ def matmul_flops_per_token(config: ModelConfig, with_unembed: bool = True) -> in
     """2 FLOPs per weight of every projection a token goes through (embedding lookup is free)."""
     c = config
     attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    mlp = (3 if c.family == "llama" else 2) * c.d_model * c.d_ff
+    mlp = (2 if c.family == "gpt2" else 3) * c.d_model * c.d_ff  # GPT-2: up, down; gated: gate, up, down
     flops = 2 * c.n_layers * (attn + mlp)
     return flops + (2 * c.d_model * c.vocab_size if with_unembed else 0)
 

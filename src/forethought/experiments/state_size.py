@@ -12,7 +12,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
-from forethought.model.kv_cache import KVCache
+from forethought.model.kv_cache import KVCache, SlidingKVCache
 from forethought.model.transformer import Transformer
 
 DEFAULT_TOKENS = (1, 10, 100, 1000, 8192)
@@ -48,6 +48,21 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
         tie_embeddings=False,
         name="Llama-3-8B",
     ),
+    "gemma-3-270m": ModelConfig(
+        family="gemma3",
+        n_layers=18,
+        d_model=640,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=256,
+        d_ff=2048,
+        vocab_size=262144,
+        context_length=32768,
+        rope_theta=1_000_000.0,
+        name="Gemma-3-270M (15 of 18 layers sliding, window 512)",
+        sliding_window=512,
+        sliding_layers=tuple(i for i in range(18) if (i + 1) % 6),
+    ),
     "llama-3-70b": ModelConfig(
         family="llama",
         n_layers=80,
@@ -70,8 +85,19 @@ MAMBA_EXPAND, MAMBA_STATE, MAMBA_CONV = 2, 16, 4
 
 
 def kv_bytes(config: ModelConfig, n_tokens: int, element_bytes: int) -> int:
-    """2 (K and V) * layers * kv_heads * head_dim * bytes per element, per token."""
+    """2 (K and V) * layers * kv_heads * head_dim * bytes per element, per token; sliding-window
+    layers (Gemma 3) count at most their window of tokens."""
+    if config.sliding_layers:
+        return config.kv_bytes(n_tokens, element_bytes)
     return n_tokens * 2 * config.n_layers * config.n_kv_heads * config.head_dim * element_bytes
+
+
+def kv_bytes_by_kind(config: ModelConfig, n_tokens: int, element_bytes: int) -> tuple[int, int]:
+    """(bytes held by global layers, bytes held by sliding-window layers) after `n_tokens` tokens."""
+    per_layer_token = 2 * config.n_kv_heads * config.head_dim * element_bytes
+    n_local = len(config.sliding_layers)
+    local = n_local * min(n_tokens, config.sliding_window) * per_layer_token if n_local else 0
+    return config.n_global_layers * n_tokens * per_layer_token, local
 
 
 def recurrent_states(config: ModelConfig, element_bytes: int) -> dict[str, int]:
@@ -101,6 +127,11 @@ class ConfigSize:
     measured_nbytes: list[int | None] = field(default_factory=list)  # KVCache.nbytes after a real prefill
     measured_allocated: list[int | None] = field(default_factory=list)  # k.nbytes + v.nbytes at that capacity
     prefilled: list[bool] = field(default_factory=list)
+    # Models with sliding-window layers (Gemma 3): the formula split by kind of layer.
+    n_local_layers: int = 0
+    sliding_window: int = 0
+    kv_bytes_global: list[int] = field(default_factory=list)
+    kv_bytes_local: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +188,12 @@ def _describe(key: str, config: ModelConfig, tokens: list[int], element_bytes: i
         bytes_per_token=kv_bytes(config, 1, element_bytes),
         kv_bytes=[kv_bytes(config, t, element_bytes) for t in tokens],
         recurrent_bytes=recurrent_states(config, element_bytes),
+        n_local_layers=len(config.sliding_layers),
+        sliding_window=config.sliding_window if config.sliding_layers else 0,
+        kv_bytes_global=[kv_bytes_by_kind(config, t, element_bytes)[0] for t in tokens]
+        if config.sliding_layers
+        else [],
+        kv_bytes_local=[kv_bytes_by_kind(config, t, element_bytes)[1] for t in tokens] if config.sliding_layers else [],
     )
 
 
@@ -164,7 +201,11 @@ def _describe(key: str, config: ModelConfig, tokens: list[int], element_bytes: i
 def measure_cache(model: Transformer, n_tokens: int, token_ids: list[int]) -> tuple[int | None, int]:
     """(nbytes of a cache after prefilling `n_tokens` real tokens, or None when not prefilled;
     bytes of the K/V tensors of a cache allocated for exactly `n_tokens`)."""
-    cache = KVCache(model.config, 1, n_tokens, model.dtype, model.device)
+    if model.config.sliding_layers:
+        # No spare ring slots: the measured bytes are exactly what a query can read.
+        cache = SlidingKVCache(model.config, 1, n_tokens, model.dtype, model.device, rewind=0)
+    else:
+        cache = KVCache(model.config, 1, n_tokens, model.dtype, model.device)
     allocated = cache.allocated_nbytes
     if n_tokens > min(PREFILL_LIMIT, len(token_ids)):
         return None, allocated

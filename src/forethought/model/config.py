@@ -8,7 +8,7 @@ from typing import Literal
 
 from forethought.errors import ForethoughtError
 
-Family = Literal["llama", "gpt2"]
+Family = Literal["llama", "gpt2", "gemma3"]
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class ModelConfig:
     """Shape and numerics of a decoder-only transformer.
 
     `llama` covers Llama, SmolLM, Mistral-style and Qwen2 (RMSNorm, RoPE, grouped-query attention,
-    SwiGLU, optional q/k/v bias); `gpt2` covers GPT-2 (LayerNorm, learned positions, GELU).
+    SwiGLU, optional q/k/v bias); `gpt2` covers GPT-2 (LayerNorm, learned positions, GELU);
+    `gemma3` covers Gemma 3 text models (see the Gemma fields below).
     """
 
     family: Family
@@ -33,6 +34,13 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = True
     name: str = "model"
+    # Gemma 3 only. Local layers attend to the last `sliding_window` positions (the query's own
+    # included) and rotate with `rope_local_theta`; the others are global and use `rope_theta`.
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float = 10000.0
+    query_scale: float = 0.0  # attention score scale; 0 means 1/sqrt(head_dim)
+    final_logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) when > 0
 
     def __post_init__(self) -> None:
         # Configs come from users' files, so an impossible shape is a user error, not a crash.
@@ -51,6 +59,21 @@ class ModelConfig:
             raise ForethoughtError(
                 f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
             )
+        if self.sliding_layers and self.sliding_window <= 0:
+            raise ForethoughtError("model config: sliding-window layers need a positive sliding_window")
+        if any(not 0 <= i < self.n_layers for i in self.sliding_layers):
+            raise ForethoughtError(f"model config: sliding_layers {self.sliding_layers} name layers that do not exist")
+
+    @property
+    def n_global_layers(self) -> int:
+        return self.n_layers - len(self.sliding_layers)
+
+    def kv_bytes(self, n_tokens: int, element_bytes: int = 4) -> int:
+        """K and V held after `n_tokens` tokens: global layers grow with every token, sliding-window
+        layers stop growing at the window."""
+        per_layer_token = 2 * self.n_kv_heads * self.head_dim * element_bytes
+        local = min(n_tokens, self.sliding_window) if self.sliding_layers else 0
+        return per_layer_token * (self.n_global_layers * n_tokens + len(self.sliding_layers) * local)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -60,7 +83,7 @@ class ModelConfig:
     def n_params(self) -> int:
         d, f, L = self.d_model, self.d_ff, self.n_layers
         attn = d * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = (3 if self.family == "llama" else 2) * d * f
+        mlp = (2 if self.family == "gpt2" else 3) * d * f
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         pos = self.context_length * d if self.family == "gpt2" else 0
         return L * (attn + mlp) + emb + pos

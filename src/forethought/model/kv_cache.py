@@ -101,3 +101,146 @@ class KVCache:
             f"KVCache(length={self.length}, capacity={self.capacity}, "
             f"bytes_per_token={self.bytes_per_token}, nbytes={self.nbytes})"
         )
+
+
+class SlidingKVCache(KVCache):
+    """A KV cache for models with sliding-window layers (Gemma 3): global layers keep every token
+    (`k`, `v`: [global layer, batch, kv_head, position, head_dim], grown like KVCache), local layers
+    keep a ring of `window + rewind` slots (`ring_k`, `ring_v`), position p in slot p % ring_size.
+
+    A local layer's query at position q reads keys q-window+1..q, so once the ring is full its state
+    stops growing: the cache's bytes saturate for local layers and grow only for global ones. The
+    ring is exact, not an approximation: every key a query may see is still there (tested against
+    recompute beyond the window). `rewind` extra slots let `truncate` go back that many tokens.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int = 1,
+        capacity: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        rewind: int = 0,
+    ) -> None:
+        self.config = config
+        self.window = config.sliding_window
+        local = sorted(set(config.sliding_layers))
+        global_ = [i for i in range(config.n_layers) if i not in local]
+        # Index of each layer inside its own storage.
+        self.slot_of = {layer: i for i, layer in enumerate(global_)} | {layer: i for i, layer in enumerate(local)}
+        self.is_local = {layer: layer in local for layer in range(config.n_layers)}
+        capacity = max(1, min(capacity, config.context_length))
+        kv, hd = config.n_kv_heads, config.head_dim
+        self.k = torch.zeros((len(global_), batch_size, kv, capacity, hd), dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.ring_size = min(self.window + max(0, rewind), config.context_length)
+        # Allocated like the global part (room for `capacity` tokens) and grown up to ring_size: until
+        # the ring wraps, position p sits in slot p, so growing is a plain copy.
+        ring_shape = (len(local), batch_size, kv, min(capacity, self.ring_size), hd)
+        self.ring_k = torch.zeros(ring_shape, dtype=dtype, device=device)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self._batch = batch_size
+        self.length = 0
+        # The most tokens ever written: truncate may go back at most the spare slots from there.
+        self._high = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    @property
+    def n_local(self) -> int:
+        return self.ring_k.shape[0]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one more token while the rings fill; global layers only once they are full."""
+        per_layer = 2 * self.batch_size * self.config.n_kv_heads * self.config.head_dim * self.k.element_size()
+        return per_layer * (self.k.shape[0] + (self.n_local if self.length < self.window else 0))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state held for the tokens seen so far: global layers grow with `length`, each local
+        layer holds at most `window` tokens (the slots a query can read)."""
+        per_layer = 2 * self.batch_size * self.config.n_kv_heads * self.config.head_dim * self.k.element_size()
+        return per_layer * (self.k.shape[0] * self.length + self.n_local * min(self.length, self.window))
+
+    @property
+    def allocated_nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.ring_k.nbytes + self.ring_v.nbytes
+
+    def reserve(self, n_tokens: int) -> None:
+        super().reserve(n_tokens)
+        allocated, needed = self.ring_k.shape[3], min(n_tokens, self.ring_size)
+        if needed <= allocated:
+            return
+        new_slots = min(max(needed, 2 * allocated), self.ring_size)
+        for name in ("ring_k", "ring_v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], new_slots, old.shape[4]))
+            new[:, :, :, :allocated] = old
+            setattr(self, name, new)
+
+    def ring_positions(self, end: int) -> torch.Tensor:
+        """The position each ring slot holds once tokens 0..end-1 are written (-1: empty)."""
+        slots = torch.arange(self.ring_size, device=self.ring_k.device)
+        # The newest p < end with p % ring_size == slot.
+        return end - 1 - (end - 1 - slots) % self.ring_size if end > 0 else slots * 0 - 1
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_local[layer]:
+            raise RuntimeError("local layers write with write_window, which also returns key positions")
+        return super().write(self.slot_of[layer], start, k, v)
+
+    def write_window(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store K/V of positions start.. in the layer's ring; return the keys, values and key
+        positions [S] that the new queries may need (the caller masks by position and window)."""
+        T = k.shape[2]
+        end = start + T
+        R = self.ring_size
+        i = self.slot_of[layer]
+        rk, rv = self.ring_k[i], self.ring_v[i]
+        self._high = max(self._high, end)
+        if T <= R - self.window + 1:
+            # Writing first only overwrites positions older than any new query's window: return the ring.
+            slots = torch.arange(start, end, device=rk.device) % R
+            rk[:, :, slots], rv[:, :, slots] = k, v
+            n = min(end, R)
+            return rk[:, :, :n], rv[:, :, :n], self.ring_positions(end)[:n]
+        # A chunk longer than the spare slots: the earliest new queries still need keys the chunk's
+        # own writes would overwrite, so attend over (old ring + whole chunk) and write afterwards.
+        n_old = min(start, R)
+        keys = torch.cat((rk[:, :, :n_old], k), dim=2)
+        values = torch.cat((rv[:, :, :n_old], v), dim=2)
+        positions = torch.cat((self.ring_positions(start)[:n_old], torch.arange(start, end, device=rk.device)))
+        keep = min(T, R)
+        slots = torch.arange(end - keep, end, device=rk.device) % R
+        rk[:, :, slots], rv[:, :, slots] = k[:, :, T - keep :], v[:, :, T - keep :]
+        return keys, values, positions
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget tokens from position `n_tokens` on; a local layer can only go back as far as its
+        spare ring slots (`rewind`) reach, since older keys were overwritten."""
+        oldest = max(0, self._high - (self.ring_size - self.window))
+        if n_tokens < oldest and self.n_local:
+            raise ValueError(
+                f"a sliding-window cache of {self.length} tokens can rewind to {oldest} at the earliest, "
+                f"not {n_tokens} (create it with a larger `rewind`)"
+            )
+        super().truncate(n_tokens)
+
+    def copy(self) -> SlidingKVCache:
+        new = SlidingKVCache.__new__(SlidingKVCache)
+        new.__dict__.update(self.__dict__)
+        new.k, new.v = self.k.clone(), self.v.clone()
+        new.ring_k, new.ring_v = self.ring_k.clone(), self.ring_v.clone()
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"SlidingKVCache(length={self.length}, window={self.window}, ring={self.ring_size}, "
+            f"global_layers={self.k.shape[0]}, local_layers={self.n_local}, nbytes={self.nbytes})"
+        )

@@ -9,6 +9,7 @@ per point and nothing else.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from typing import Protocol
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from forethought.model import kernels
 from forethought.model.config import ModelConfig
-from forethought.model.kv_cache import KVCache
+from forethought.model.kv_cache import KVCache, SlidingKVCache
 
 BLOCK_POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "q", "k", "v", "attn_pattern")
 GLOBAL_POINTS = ("embed", "final_norm", "logits")
@@ -307,7 +308,8 @@ class Transformer(nn.Module):
         self.pos_embed = (
             nn.Parameter(torch.empty(c.context_length, c.d_model), requires_grad=False) if c.family == "gpt2" else None
         )
-        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        block_class = GemmaBlock if c.family == "gemma3" else Block
+        self.blocks = nn.ModuleList(block_class(c, i) for i in range(c.n_layers))
         self.final_norm = Norm(c.d_model, c.norm_eps, c.family == "gpt2")
         # Kept [d_model, vocab] even when tied to the embedding: the copy costs memory but makes the
         # largest matrix-vector product of a decode step read at the faster layout.
@@ -340,6 +342,9 @@ class Transformer(nn.Module):
         return self.embed.dtype
 
     def new_cache(self, capacity: int = 256, batch_size: int = 1) -> KVCache:
+        if self.config.sliding_layers:
+            # Local layers keep a bounded ring; a few spare slots let callers rewind rejected tokens.
+            return SlidingKVCache(self.config, batch_size, capacity, self.dtype, self.device, rewind=GEMMA_REWIND)
         return KVCache(self.config, batch_size, capacity, self.dtype, self.device)
 
     def forward(
@@ -376,6 +381,8 @@ class Transformer(nn.Module):
                 logits, _ = step.forward_many(tokens[0].cpu(), start, cache.k, cache.v)
                 cache.length = end
                 return (logits[-1:] if last_only else logits).unsqueeze(0)
+        if c.family == "gemma3":
+            return gemma_forward(self, tokens, cache, hooks, last_only, causal, start)
 
         x = F.embedding(tokens, self.embed)
         if self.pos_embed is not None:
@@ -441,11 +448,15 @@ class Transformer(nn.Module):
         probes and the viewer decode a hidden state into next-token logits.
         """
         first = self.final_norm.weight
-        return self.unembed(self.final_norm(states.to(device=first.device, dtype=first.dtype))).float()
+        logits = self.unembed(self.final_norm(states.to(device=first.device, dtype=first.dtype))).float()
+        return softcap(logits, self.config.final_logit_softcap)
 
     def _decode_step(self, cache: KVCache):
         """The compiled step for the current weights, or None where it does not apply."""
         c = self.config
+        if c.family == "gemma3":
+            _say_once("the compiled decode step covers Llama-family models only; Gemma 3 decodes op by op")
+            return None
         if (
             c.family != "llama"
             or self.device.type != "cpu"
@@ -510,3 +521,182 @@ class Transformer(nn.Module):
             for b in self.blocks
         ]
         return model_weights, layer_weights
+
+
+# Gemma 3 ----------------------------------------------------------------------------------------------
+
+# Tokens a Gemma cache can rewind (SlidingKVCache.truncate): spare ring slots beyond the window.
+GEMMA_REWIND = 16
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"forethought: {message}", file=sys.stderr)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) (Gemma 2 style); the identity when cap is 0."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def rope_tables(theta: float, head_dim: int, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [end - start, head_dim] for positions start..end-1, float32, rotate-half convention.
+
+    Computed per call rather than stored: a Gemma context of 32k positions would need 128 MB of tables
+    for its two bases, and the outer product of a few positions costs microseconds."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(start, end, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+class GemmaBlock(nn.Module):
+    """A Gemma 3 block: `h = x + norm(attention(norm(x))); out = h + norm(mlp(norm(h)))`.
+
+    Differences from the Llama block: a norm after attention and after the MLP as well as before;
+    RMSNorm on each head's query and key before RoPE; GeGLU (tanh GELU) instead of SwiGLU; sliding-
+    window (local) layers that see only the last `sliding_window` positions and use their own RoPE
+    base. Norm gains are stored as the multiplier (GGUF convention; HF stores gain - 1). The named
+    points mean the same as in Block: `attn_out`/`mlp_out` are what is added to the residual stream.
+    """
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.index = index
+        self.local = index in c.sliding_layers
+        self.theta = c.rope_local_theta if self.local else c.rope_theta
+        self.scale = c.query_scale or c.head_dim**-0.5
+        self.names = {p: f"blocks.{index}.{p}" for p in BLOCK_POINTS}
+        self.attn_norm = Norm(c.d_model, c.norm_eps, False)
+        self.post_attn_norm = Norm(c.d_model, c.norm_eps, False)
+        self.mlp_norm = Norm(c.d_model, c.norm_eps, False)
+        self.post_mlp_norm = Norm(c.d_model, c.norm_eps, False)
+        self.q_norm = Norm(c.head_dim, c.norm_eps, False)
+        self.k_norm = Norm(c.head_dim, c.norm_eps, False)
+        self.qkv = Linear(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
+        self.o = Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self.gate_up = Linear(c.d_model, 2 * c.d_ff, bias=False)
+        self.down = Linear(c.d_ff, c.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ropes: dict[float, tuple[torch.Tensor, torch.Tensor]],
+        causal: bool,
+        cache: KVCache | None,
+        start: int,
+        hooks: Hooks | None,
+    ) -> torch.Tensor:
+        names = self.names
+        wanted = hooks.points if hooks is not None else ()
+        if names["resid_pre"] in wanted:
+            x = hooks(names["resid_pre"], x)
+        attn = self.post_attn_norm(self.attention(self.attn_norm(x), ropes[self.theta], causal, cache, start, hooks))
+        if names["attn_out"] in wanted:
+            attn = hooks(names["attn_out"], attn)
+        h = x + attn
+        if names["resid_mid"] in wanted:
+            h = hooks(names["resid_mid"], h)
+        mlp = self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
+        if names["mlp_out"] in wanted:
+            mlp = hooks(names["mlp_out"], mlp)
+        out = h + mlp
+        if names["resid_post"] in wanted:
+            out = hooks(names["resid_post"], out)
+        return out
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.gelu(gate, approximate="tanh") * up)
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        causal: bool,
+        cache: KVCache | None,
+        start: int,
+        hooks: Hooks | None,
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        n_q, n_kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        q, k, v = self.qkv(x).split((n_q * hd, n_kv * hd, n_kv * hd), dim=-1)
+        q = self.q_norm(q.view(B, T, n_q, hd)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, n_kv, hd)).transpose(1, 2)
+        v = v.view(B, T, n_kv, hd).transpose(1, 2)
+        cos, sin = (t.to(x.dtype) for t in rope)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if hooks is not None:
+            q, k, v = (Block._hook(self, hooks, point, t) for point, t in (("q", q), ("k", k), ("v", v)))
+        device = x.device
+        if isinstance(cache, SlidingKVCache) and self.local:
+            k, v, key_pos = cache.write_window(self.index, start, k, v)
+        else:
+            if cache is not None:
+                k, v = cache.write(self.index, start, k, v)
+            key_pos = torch.arange(k.shape[2], device=device)
+        mask = self.mask(torch.arange(start, start + T, device=device), key_pos, causal)
+        S = k.shape[2]
+        group = n_q // n_kv
+        qg = q.reshape(B, n_kv, group * T, hd)
+        if hooks is not None and self.names["attn_pattern"] in hooks.points:
+            # Key axis in cache order: position order except on a local layer's ring.
+            scores = (torch.matmul(qg, k.transpose(-1, -2)) * self.scale).view(B, n_q, T, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            pattern = hooks(self.names["attn_pattern"], torch.softmax(scores.float(), dim=-1).to(q.dtype))
+            out = torch.matmul(pattern.view(B, n_kv, group * T, S), v).view(B, n_q, T, hd)
+        else:
+            m = None if mask is None else mask.repeat(group, 1)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m, scale=self.scale).view(B, n_q, T, hd)
+        return self.o(out.transpose(1, 2).reshape(B, T, n_q * hd))
+
+    def mask(self, query_pos: torch.Tensor, key_pos: torch.Tensor, causal: bool) -> torch.Tensor | None:
+        """Which keys each query may read [T, S], or None when it may read them all."""
+        allowed = (key_pos >= 0)[None, :].expand(len(query_pos), -1)
+        if causal:
+            allowed = allowed & (key_pos[None, :] <= query_pos[:, None])
+            if self.local:
+                allowed = allowed & (query_pos[:, None] - key_pos[None, :] < self.config.sliding_window)
+        return None if bool(allowed.all()) else allowed
+
+
+def gemma_forward(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    hooks: Hooks | None,
+    last_only: bool,
+    causal: bool,
+    start: int,
+) -> torch.Tensor:
+    """Transformer.forward for Gemma 3: embedding scaled by sqrt(d_model), two RoPE bases, optional
+    final logit soft-capping; the rest as for Llama."""
+    c = model.config
+    end = start + tokens.shape[1]
+    wanted = hooks.points if hooks is not None else ()
+    x = F.embedding(tokens, model.embed)
+    # HF and llama.cpp both multiply by sqrt(d_model) rounded to the activation dtype.
+    x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype)
+    if "embed" in wanted:
+        x = hooks("embed", x)
+    ropes = {theta: rope_tables(theta, c.head_dim, start, end, x.device) for theta in {b.theta for b in model.blocks}}
+    for block in model.blocks:
+        x = block(x, ropes, causal, cache, start, hooks)
+    if cache is not None:
+        cache.length = end
+    if last_only:
+        x = x[:, -1:]
+    x = model.final_norm(x)
+    if "final_norm" in wanted:
+        x = hooks("final_norm", x)
+    logits = softcap(model.unembed(x), c.final_logit_softcap)
+    if "logits" in wanted:
+        logits = hooks("logits", logits)
+    return logits

@@ -508,11 +508,18 @@ class ViewerEngine:
     def _attention(self, session: Session, layer: int, position: int) -> dict:
         """Layer `layer`'s attention from `position` to 0..position: re-run that one token on a copy of the
         cache rewound to just before it, which is exactly the step that produced it."""
-        cache = session.cache.copy()
-        cache.truncate(position)
         name = act_name(layer, "attn_pattern")
-        _, traced = run_with_trace(self.model, [session.token_ids[position]], [name], cache=cache, to_cpu=True)
-        heads = traced[name][:, 0].float()  # [head, key]
+        if self.model.config.sliding_layers:
+            # A sliding-window cache (Gemma) rewinds only a few tokens and keeps a local layer's keys in ring
+            # order: recompute the prefix instead and read the last query's row.
+            ids = session.token_ids[: position + 1]
+            _, traced = run_with_trace(self.model, ids, [name], to_cpu=True)
+            heads = traced[name][:, -1].float()  # [head, key]
+        else:
+            cache = session.cache.copy()
+            cache.truncate(position)
+            _, traced = run_with_trace(self.model, [session.token_ids[position]], [name], cache=cache, to_cpu=True)
+            heads = traced[name][:, 0].float()  # [head, key]
         return {
             "layer": layer,
             "heads": rounded(heads),

@@ -126,6 +126,11 @@ def plot_state_size(result: StateSizeResult, path: str | Path) -> Path:
         filled = [(t, m) for t, m in zip(tokens, c.measured_nbytes) if m is not None]
         if filled:
             ax.loglog(*zip(*filled), "x", color=color, ms=7, label="  measured .nbytes after prefill")
+        if c.kv_bytes_local:  # sliding-window layers: their share saturates at the window
+            n_global = c.n_layers - c.n_local_layers
+            ax.loglog(tokens, c.kv_bytes_global, "--", color=color, lw=1, label=f"  {n_global} global layers")
+            local_label = f"  {c.n_local_layers} sliding-window layers (saturate at {c.sliding_window} tokens)"
+            ax.loglog(tokens, c.kv_bytes_local, ":", color=color, lw=1.5, label=local_label)
     loaded = result.loaded
     styles = ["-.", ":", "--", (0, (1, 4))]
     for (name, size), style in zip(loaded.recurrent_bytes.items(), styles):

@@ -9,11 +9,11 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
-from forethought.weights import validate
+from forethought.weights import kquants, validate
 from forethought.weights.gguf_file import GGUFFile, TensorInfo
 from forethought.weights.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2", "gemma3")
 
 
 def read_metadata(gguf: GGUFFile) -> dict:
@@ -28,6 +28,11 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         raise ForethoughtError(
             f"{path.name}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+
+    if arch == "gemma3":
+        from forethought.weights.gemma import config_from_gguf_gemma3
+
+        return config_from_gguf_gemma3(gguf)
 
     def need(key: str):
         value = gguf.get(f"{arch}.{key}")
@@ -78,6 +83,8 @@ def _dequantize(gguf: GGUFFile, tensor: TensorInfo) -> np.ndarray:
             array = raw.view(np.float32).astype(np.float32)  # a copy: the memmap is read-only
         elif kind == GGMLQuantizationType.F16:
             array = raw.view(np.float16).astype(np.float32)
+        elif kind.name in kquants.SUPPORTED:
+            array = kquants.dequantize(raw, kind.name)
         else:
             with np.errstate(all="ignore"):  # NaN/inf from broken scales: validate.tensors names the tensor
                 array = quants.dequantize(raw, kind)
@@ -108,6 +115,13 @@ _LLAMA_NAMES = {
     "ffn_up": "up",
     "ffn_down": "down",
 }
+# Gemma 3's extra norms (llama.cpp names -> canonical).
+_GEMMA3_NAMES = {
+    "post_attention_norm": "post_attn_norm",
+    "post_ffw_norm": "post_mlp_norm",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
+}
 
 
 def canonical_tensors(gguf: GGUFFile, config: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
@@ -121,12 +135,13 @@ def canonical_tensors(gguf: GGUFFile, config: ModelConfig, arch: str) -> dict[st
                 for part, chunk in zip("qkv", w.chunk(3, dim=0)):
                     out[f"blocks.{layer}.{part}.{leaf}"] = chunk
                 continue
-            if kind not in _LLAMA_NAMES:
+            names = _LLAMA_NAMES | _GEMMA3_NAMES if arch == "gemma3" else _LLAMA_NAMES
+            if kind not in names:
                 raise ForethoughtError(f"unexpected tensor {name} in a {arch} GGUF")
             if arch == "llama" and kind in ("attn_q", "attn_k"):
                 heads = config.n_heads if kind == "attn_q" else config.n_kv_heads
                 w = _unpermute_rope_rows(w, heads)
-            out[f"blocks.{layer}.{_LLAMA_NAMES[kind]}.{leaf}"] = w
+            out[f"blocks.{layer}.{names[kind]}.{leaf}"] = w
         elif name == "token_embd.weight":
             out["embed"] = w
         elif name == "position_embd.weight":
@@ -138,6 +153,15 @@ def canonical_tensors(gguf: GGUFFile, config: ModelConfig, arch: str) -> dict[st
         elif name == "rope_freqs.weight":
             raise ForethoughtError("RoPE frequency factors (Llama 3.1 style scaling) are not supported")
     return out
+
+
+def _default_chat_template(gguf: GGUFFile) -> str | None:
+    """The family's chat format for GGUFs that do not carry one (the Gemma 3 270M file does not)."""
+    if gguf.get("general.architecture") == "gemma3":
+        from forethought.weights.gemma import GEMMA_CHAT_TEMPLATE
+
+        return GEMMA_CHAT_TEMPLATE
+    return None
 
 
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
@@ -157,5 +181,8 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeniz
         add_bos=bool(gguf.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=gguf.get("tokenizer.chat_template"),
         source=path.name,
+        scores=gguf.get("tokenizer.ggml.scores"),
+        add_space_prefix=bool(gguf.get("tokenizer.ggml.add_space_prefix", True)),
+        default_chat_template=_default_chat_template(gguf),
     )
     return config, tensors, tokenizer, read_metadata(gguf)

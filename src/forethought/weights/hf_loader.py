@@ -11,6 +11,7 @@ from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
 from forethought.weights import validate
 from forethought.weights.files import read_json
+from forethought.weights.gemma import HF_MODEL_TYPES, canonical_tensors_hf_gemma3, config_from_hf_gemma3
 from forethought.weights.tokenizer import Tokenizer
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
@@ -57,8 +58,11 @@ def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             name=folder.name,
         )
+    if kind in HF_MODEL_TYPES:
+        return config_from_hf_gemma3(raw, folder)
     raise ForethoughtError(
-        f"{folder}: model_type {kind!r} is not supported (supported: gpt2, {', '.join(LLAMA_TYPES)})"
+        f"{folder}: model_type {kind!r} is not supported "
+        f"(supported: gpt2, {', '.join(LLAMA_TYPES)}, {', '.join(HF_MODEL_TYPES)})"
     )
 
 
@@ -146,7 +150,10 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
         raise ForethoughtError(f"{config_path} lacks the key {e.args[0]!r}") from None
     except TypeError as e:
         raise ForethoughtError(f"{config_path} has a value of the wrong type ({e})") from None
-    tensors = canonical_tensors(_read_safetensors(folder), config)
+    if config.family == "gemma3":
+        tensors = canonical_tensors_hf_gemma3(_read_safetensors(folder), config)
+    else:
+        tensors = canonical_tensors(_read_safetensors(folder), config)
     eos = raw_config.get("eos_token_id")
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():

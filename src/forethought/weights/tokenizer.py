@@ -1,10 +1,11 @@
-"""Tokenizer: byte-level BPE built with `tokenizers` from a GGUF vocab, or a tokenizer.json."""
+"""Tokenizer: byte-level BPE or SentencePiece-style BPE built with `tokenizers` from a GGUF vocab,
+or a tokenizer.json."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from forethought.errors import ForethoughtError
@@ -22,6 +23,28 @@ _QWEN2_SPLIT = (
 )
 _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
 CONTROL_TOKEN = 3  # llama.cpp token type of <|im_start|>, <|endoftext|> ...
+NORMAL_TOKEN, USER_DEFINED_TOKEN, BYTE_TOKEN = 1, 4, 6
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _spm_merges(tokens: list[str], scores: list[float], token_types: list[int] | None) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece/llama.cpp's score-driven merging.
+
+    llama.cpp's SPM tokenizer repeatedly joins the adjacent pair whose concatenation is the vocabulary
+    piece with the highest score. A BPE model does the same if every split (a, b) of every normal piece
+    is a merge, ranked by the piece's score: the best-scoring available pair always merges first.
+    """
+    vocab = set(tokens)
+    ranked: list[tuple[float, int, str, str]] = []
+    for i, piece in enumerate(tokens):
+        if len(piece) < 2 or (token_types and token_types[i] != NORMAL_TOKEN):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], i, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, left, right in ranked]
 
 
 def _pre_tokenizer(pre: str | None):
@@ -68,9 +91,15 @@ class Tokenizer:
         add_bos: bool,
         chat_template: str | None,
         source: str,
+        scores: list[float] | None = None,
+        add_space_prefix: bool = True,
+        default_chat_template: str | None = None,
     ) -> Tokenizer:
+        if model == "llama":
+            backend = _spm_backend(tokens, scores, token_types, add_space_prefix, source)
+            return cls(backend, bos_id, eos_id, add_bos, chat_template or default_chat_template)
         if model != "gpt2":
-            raise ForethoughtError(f"{source}: tokenizer type {model!r} is not supported (only byte-level BPE 'gpt2')")
+            raise ForethoughtError(f"{source}: tokenizer type {model!r} is not supported (supported: 'gpt2', 'llama')")
         if not tokens or merges is None:
             raise ForethoughtError(f"{source}: the GGUF has no tokenizer vocabulary or merges")
         vocab = {token: i for i, token in enumerate(tokens)}
@@ -163,6 +192,8 @@ class Tokenizer:
             raise ForethoughtError(f"chat template: {type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(text, str):
             raise ForethoughtError("chat template: did not render to text")
+        if self.add_bos and bos and text.startswith(bos):
+            text = text[len(bos) :]  # encode() adds it; a template's own copy would make it twice
         return text
 
 
@@ -185,6 +216,48 @@ def check_text(text: str) -> None:
         raise ForethoughtError(
             f"the text is not valid UTF-8 (character {e.start}: {text[e.start : e.end]!a}); pass UTF-8 text"
         ) from None
+
+
+def _spm_backend(
+    tokens: list[str] | None,
+    scores: list[float] | None,
+    token_types: list[int] | None,
+    add_space_prefix: bool,
+    source: str,
+) -> HFTokenizer:
+    """A SentencePiece-style ("llama" in GGUF) tokenizer as llama.cpp runs it: control and user-defined
+    pieces are cut out of the raw text first (longest first), spaces become U+2581, pieces are merged by
+    score, and characters outside the vocabulary fall back to <0xXX> byte pieces."""
+    for key, value in (("tokens", tokens), ("scores", scores), ("token_type", token_types)):
+        if not value:
+            raise ForethoughtError(f"{source}: metadata key tokenizer.ggml.{key} is missing")
+    if not len(tokens) == len(scores) == len(token_types):
+        raise ForethoughtError(
+            f"{source}: tokenizer.ggml.tokens, .scores and .token_type differ in length "
+            f"({len(tokens)}, {len(scores)}, {len(token_types)})"
+        )
+    vocab = {piece: i for i, piece in enumerate(tokens)}
+    unk = next((p for p, kind in zip(tokens, token_types) if kind == 2), None)
+    bpe = models.BPE(
+        vocab=vocab, merges=_spm_merges(tokens, scores, token_types), unk_token=unk, byte_fallback=True, fuse_unk=True
+    )
+    backend = HFTokenizer(bpe)
+    steps = [normalizers.Replace(" ", SPM_SPACE)]
+    if add_space_prefix:
+        steps.insert(0, normalizers.Prepend(SPM_SPACE))
+    backend.normalizer = normalizers.Sequence(steps)
+    decode = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        decode.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(decode)
+    backend.add_tokens(
+        [
+            AddedToken(piece, special=kind == CONTROL_TOKEN, normalized=False)
+            for piece, kind in zip(tokens, token_types)
+            if kind in (CONTROL_TOKEN, USER_DEFINED_TOKEN)
+        ]
+    )
+    return backend
 
 
 class StreamDecoder:

@@ -1,0 +1,195 @@
+"""Every finding on two models: run the same forethought commands on SmolLM2-135M and Gemma 3 270M and
+write one table of which findings hold on both.
+
+    python scripts/two_models.py [--tokens 20000] [--models smollm2-135m,gemma3-270m] [--summary-only]
+
+Each command's JSON goes to docs/results/gemma/runs/<model>/<command>.json and its plot beside it; a
+finished command is not rerun (delete its JSON to redo it), so an interrupted run resumes. The table
+is docs/results/gemma/two_models.md. Budgets are small on purpose (a shared 2-core machine): the
+Future Lens here uses --tokens per model at four layers of equal relative depth, not the full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "gemma"
+PROMPT = "Once upon a time, there was a little"
+# Four layers at depth 0, 1/3, 2/3 and the last, per model. Stored as float32: Gemma's residual stream
+# reaches ~1e5, beyond float16's range (extract refuses --float16 for it).
+LAYERS = {"smollm2-135m": "0,10,20,29", "gemma3-270m": "0,6,12,17"}
+
+
+def commands(model: str, folder: Path, tokens: int) -> dict[str, list[str]]:
+    store = folder / "store"
+    return {
+        "equivalence": ["equivalence", PROMPT, "-n", "16", "--plot", str(folder / "equivalence.png")],
+        "invariance": ["invariance", "Once upon a", "Once upon a time", "--dtype", "float64"],
+        "invariance_control": [
+            "invariance",
+            "Once upon a",
+            "Once upon a time",
+            "--dtype",
+            "float64",
+            "--bidirectional",
+        ],
+        "state_size": [
+            "state-size",
+            "--tokens",
+            "1,10,100,512,1000,8192,32768",
+            "--config",
+            "gpt2-small,llama-3-8b",
+            "--plot",
+            str(folder / "state.png"),
+        ],  # fmt: skip
+        "revise_force": ["revise", PROMPT, "--at", "3", "--force", " dragon", "--plot", str(folder / "revise.png")],
+        "anatomy": ["anatomy", "--docs", "32", "--length", "128", "--plot-dir", str(folder / "anatomy")],
+        "extract": [
+            "extract",
+            "--corpus",
+            "stdlib",
+            "--tokens",
+            str(tokens),
+            "--layers",
+            LAYERS[model],
+            "--out",
+            str(store),
+        ],  # fmt: skip
+        "probe": ["probe", "--store", str(store), "--offsets", "1-3", "--plot", str(folder / "future_top1.png")],
+    }
+
+
+def run(model: str, tokens: int, only: list[str]) -> None:
+    folder = OUT / "runs" / model
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, args in commands(model, folder, tokens).items():
+        target = folder / f"{name}.json"
+        if target.exists() or (only and name not in only):
+            continue
+        argv = [sys.executable, "-m", "forethought", *args, "--json"]
+        if name != "probe":  # probe takes the model from its store
+            argv += ["--model", model]
+        print(f"{model}: {name} ...", flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            print(f"  failed ({proc.returncode}): {proc.stderr.strip()[-400:]}", flush=True)
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        data = json.loads(lines[-1]) if lines else {}
+        data["_seconds"] = time.perf_counter() - started
+        target.write_text(json.dumps(data))
+        print(f"  done in {data['_seconds']:.0f} s", flush=True)
+
+
+def load(model: str, name: str) -> dict:
+    path = OUT / "runs" / model / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def fmt(x, spec: str = ".3g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def findings(model: str) -> dict[str, str]:
+    """One short cell per finding, from the command's own JSON."""
+    out: dict[str, str] = {}
+    eq = load(model, "equivalence")
+    if eq:
+        s = eq.get("summary", eq)
+        out["cache = recompute"] = (
+            f"identical tokens: {s.get('identical')}; max logit diff {fmt(s.get('max_logit_abs_diff'))}"
+        )
+    inv, ctrl = load(model, "invariance"), load(model, "invariance_control")
+    if inv:
+        control = f"; control (no mask) {fmt(max(ctrl['max_abs']))}" if ctrl.get("max_abs") else ""
+        out["earlier columns unchanged"] = f"max diff {fmt(max(inv['max_abs']))} (float64){control}"
+    st = load(model, "state_size")
+    if st:
+        c = st["configs"][0]
+        tokens = st["tokens"]
+        grow = c["kv_bytes"][-1] / c["kv_bytes"][tokens.index(1000)] if 1000 in tokens else None
+        kind = (
+            f"{c['n_local_layers']} of {c['n_layers']} layers saturate at {c['sliding_window']} tokens"
+            if c.get("n_local_layers")
+            else "every layer grows"
+        )
+        out["state grows linearly"] = (
+            f"{c['kv_bytes'][tokens.index(1000)] / 1e6:.1f} MB at 1k tokens, x{fmt(grow)} at {tokens[-1]} "
+            f"(x{tokens[-1] // 1000} tokens); {kind}; measured = formula: {st.get('measured_matches_formula')}"
+        )
+    pr = load(model, "probe")
+    if pr:
+        cells = pr.get("cells", [])
+        for k in (2, 3):
+            best = max((c for c in cells if c["offset"] == k), key=lambda c: c["probe"]["top1"], default=None)
+            base = pr.get("baselines", {}).get(str(k), {})
+            bigram = (base.get("bigram") or {}).get("top1")
+            if best:
+                control = (best.get("probe_control") or {}).get("top1")
+                pct = [fmt(None if x is None else 100 * x, ".1f") for x in (best["probe"]["top1"], bigram, control)]
+                out[f"probe k={k} beats bigram"] = (
+                    f"layer {best['layer']}: {pct[0]}% vs bigram {pct[1]}%, shuffled control {pct[2]}% "
+                    f"({pr.get('n_train', 0):,} train tokens)"
+                )
+    an = load(model, "anatomy")
+    if an and an.get("layers"):
+        pos = max(layer["position_share"] for layer in an["layers"])
+        slow = max(layer["slow_share"] for layer in an["layers"])
+        rand = max((layer["slow_share"] for layer in an.get("random", [])), default=None)
+        control = f"; random-weight control up to {100 * rand:.1f}%" if rand is not None else ""
+        out["small position part, slow memory part"] = (
+            f"position <= {100 * pos:.1f}%; slow part up to {100 * slow:.1f}%{control}"
+        )
+    rv = load(model, "revise_force")
+    if rv:
+        rejoin = f"yes, at step {rv.get('rejoin_step')}" if rv.get("rejoined") else "no (16 steps)"
+        out["off-plan token (forced ' dragon')"] = (
+            f"p={fmt(rv.get('off_plan_prob'), '.2g')}; states before it changed by {fmt(rv.get('causal_max_diff'))}; "
+            f"rejoins: {rejoin}; top-1 agreement after {fmt(rv.get('top1_agreement_after'), '.2f')}"
+        )
+    return out
+
+
+def summarize(models: list[str]) -> str:
+    rows = {m: findings(m) for m in models}
+    names = list(dict.fromkeys(k for m in models for k in rows[m]))
+    lines = [
+        "# Two models: which findings hold on both",
+        "",
+        "`python scripts/two_models.py` (same commands, small budgets; per-command JSON and plots in `runs/`). "
+        "Taken on a shared, loaded 2-core machine.",
+        "",
+        "| finding | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(rows[m].get(name, "not run") for m in models) + " |")
+    text = "\n".join(lines) + "\n"
+    (OUT / "two_models.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python scripts/two_models.py")
+    p.add_argument("--tokens", type=int, default=20000, help="Future Lens tokens per model (train + test)")
+    p.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    p.add_argument("--only", default="", help="comma-separated command names to run (default: all)")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    if not args.summary_only:
+        for m in models:
+            run(m, args.tokens, [n for n in args.only.split(",") if n])
+    print(summarize(models))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
