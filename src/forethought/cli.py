@@ -110,6 +110,7 @@ def generate(
         from forethought.model import kernels
 
         kernels.module()  # a first-run compile announces itself on stderr now, not inside the streamed text
+    lm.model.announce_decode_path()  # likewise a decode path without the compiled step
     if not as_json and not plain_chat:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -451,11 +451,17 @@ class Transformer(nn.Module):
         logits = self.unembed(self.final_norm(states.to(device=first.device, dtype=first.dtype))).float()
         return softcap(logits, self.config.final_logit_softcap)
 
+    def announce_decode_path(self) -> None:
+        """Say once on stderr when decoding cannot use the compiled step, so that a caller about to stream text
+        can have it said first, on its own line, rather than in the middle of the text."""
+        if self.config.family == "gemma3":
+            _say_once("the compiled decode step covers Llama-family models only; Gemma 3 decodes op by op")
+
     def _decode_step(self, cache: KVCache):
         """The compiled step for the current weights, or None where it does not apply."""
         c = self.config
         if c.family == "gemma3":
-            _say_once("the compiled decode step covers Llama-family models only; Gemma 3 decodes op by op")
+            self.announce_decode_path()
             return None
         if (
             c.family != "llama"
