@@ -150,3 +150,12 @@ def test_twenty_sigkills_in_a_row_then_resume_is_hash_identical(tmp_path: Path) 
     assert [_sha(out / n) for n in shards] == [_sha(clean / n) for n in shards]
     assert not list(out.glob("*.tmp"))
     ActivationStore(out).verify()
+
+
+def test_a_config_field_added_later_with_its_empty_value_is_not_a_difference():
+    from forethought.data.store import _differences
+
+    stored = {"model": {"config": {"d_model": 64}}}
+    assert _differences(stored, {"model": {"config": {"d_model": 64, "final_logit_softcap": 0.0}}}) == []
+    assert _differences(stored, {"model": {"config": {"d_model": 64, "final_logit_softcap": 30.0}}}) != []
+    assert _differences(stored, {"model": {"config": {"d_model": 32}}}) != []
