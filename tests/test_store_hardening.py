@@ -152,10 +152,11 @@ def test_twenty_sigkills_in_a_row_then_resume_is_hash_identical(tmp_path: Path) 
     ActivationStore(out).verify()
 
 
-def test_a_config_field_added_later_with_its_empty_value_is_not_a_difference():
+def test_a_config_field_added_after_the_store_was_written_is_not_a_difference():
     from forethought.data.store import _differences
 
-    stored = {"model": {"config": {"d_model": 64}}}
-    assert _differences(stored, {"model": {"config": {"d_model": 64, "final_logit_softcap": 0.0}}}) == []
-    assert _differences(stored, {"model": {"config": {"d_model": 64, "final_logit_softcap": 30.0}}}) != []
-    assert _differences(stored, {"model": {"config": {"d_model": 32}}}) != []
+    stored = {"model": {"config": {"d_model": 64}}, "settings": {"window": 8}}
+    later = {"model": {"config": {"d_model": 64, "rope_local_theta": 10000.0}}, "settings": {"window": 8}}
+    assert _differences(stored, later) == []
+    assert _differences(stored, {"model": {"config": {"d_model": 32}}, "settings": {"window": 8}}) != []
+    assert _differences(stored, {"model": {"config": {"d_model": 64}}, "settings": {"window": 8, "x": 1}}) != []

@@ -254,9 +254,9 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if key not in old and b in (None, 0, 0.0, False, "", [], {}):
-            # A field added to the config after the store was written (e.g. Gemma's softcap, local RoPE base):
-            # its empty value means the feature is absent, which is what the older store's model had.
+        if key not in old and prefix == "model.config.":
+            # A config field added after the store was written (Gemma's softcap, local RoPE base, ...): the model
+            # that wrote it could not have had the feature, and the fields it did record still have to match.
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _differences(a, b, f"{prefix}{key}.")
