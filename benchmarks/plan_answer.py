@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from forethought.weights import load_model
 
     progress = not args.no_progress
+    title = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}.get(args.model, args.model)
     phases = Phases()
     load_before = os.getloadavg()
     lm = phases.run("load", lambda: load_model(args.model))
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "report" not in only:
         return 0
-    paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot))
+    paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot, title))
     total = sum(r["wall_s"] for r in phases.rows.values())
     summary = {
         "config": "quick" if args.quick else "shared" if args.shared else "full",
