@@ -223,6 +223,12 @@ def _override(cfg: Config, args: argparse.Namespace) -> Config:
     if args.offsets:
         changes["offsets"] = tuple(int(x) for x in args.offsets.split(","))
         changes["ceiling_offsets"] = tuple(k for k in cfg.ceiling_offsets if k in changes["offsets"])
+    if args.from_layers:
+        changes["from_layers"] = tuple(int(x) for x in args.from_layers.split(","))
+    if args.steer_layers:
+        changes["steer_layers"] = tuple(int(x) for x in args.steer_layers.split(","))
+    if args.causal_positions:
+        changes["causal_positions"] = args.causal_positions
     return replace(cfg, **changes) if changes else cfg
 
 
@@ -241,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=0, help="override the config's tokens per corpus")
     parser.add_argument("--layers", default="", help="override the config's layers, e.g. 0,6,12,17")
     parser.add_argument("--offsets", default="", help="override the config's offsets, e.g. 1,2,4,8")
+    parser.add_argument("--from-layers", default="", help="override the knockout layers, e.g. 0,6,12")
+    parser.add_argument("--steer-layers", default="", help="override the steering layers, e.g. 6")
+    parser.add_argument("--causal-positions", type=int, default=0, help="override the causal test's positions")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else SHARED if args.shared else FULL
     cfg = _override(cfg, args)
