@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +213,25 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
     return d
 
 
+def _override(cfg: Config, args: argparse.Namespace) -> Config:
+    """The config with --tokens/--layers/--offsets applied (a smaller run for another model on a loaded machine)."""
+    changes: dict = {}
+    if args.tokens:
+        changes["tokens"] = {k: args.tokens for k in cfg.tokens}
+    if args.layers:
+        changes["layers"] = tuple(int(x) for x in args.layers.split(","))
+    if args.offsets:
+        changes["offsets"] = tuple(int(x) for x in args.offsets.split(","))
+        changes["ceiling_offsets"] = tuple(k for k in cfg.ceiling_offsets if k in changes["offsets"])
+    if args.from_layers:
+        changes["from_layers"] = tuple(int(x) for x in args.from_layers.split(","))
+    if args.steer_layers:
+        changes["steer_layers"] = tuple(int(x) for x in args.steer_layers.split(","))
+    if args.causal_positions:
+        changes["causal_positions"] = args.causal_positions
+    return replace(cfg, **changes) if changes else cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: the whole pipeline in <= 5 min")
@@ -224,8 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="extract,probe,causal,report", help="phases to run (to run them as parallel processes)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--model", default="smollm2-135m", help="registry name or GGUF path (e.g. gemma3-270m)")
+    parser.add_argument("--tokens", type=int, default=0, help="override the config's tokens per corpus")
+    parser.add_argument("--layers", default="", help="override the config's layers, e.g. 0,6,12,17")
+    parser.add_argument("--offsets", default="", help="override the config's offsets, e.g. 1,2,4,8")
+    parser.add_argument("--from-layers", default="", help="override the knockout layers, e.g. 0,6,12")
+    parser.add_argument("--steer-layers", default="", help="override the steering layers, e.g. 6")
+    parser.add_argument("--causal-positions", type=int, default=0, help="override the causal test's positions")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else SHARED if args.shared else FULL
+    cfg = _override(cfg, args)
     out = args.out or Path("/tmp/plan_quick" if args.quick else "/tmp/plan_answer")
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -237,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     from forethought.weights import load_model
 
     progress = not args.no_progress
+    title = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}.get(args.model, args.model)
     phases = Phases()
     load_before = os.getloadavg()
-    lm = phases.run("load", lambda: load_model("smollm2-135m"))
+    lm = phases.run("load", lambda: load_model(args.model))
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     probe_results, causal_results, stores = {}, {}, {}
     only = {p.strip() for p in args.only.split(",")}
@@ -258,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                     stores[name],
                     list(cfg.layers),
                     tokens=cfg.tokens.get(corpus, max(cfg.tokens.values())),
-                    float16=True,
+                    # Gemma's residual stream reaches ~1e5, beyond float16's range: float32 for it.
+                    float16=args.model == "smollm2-135m",
                     test_fraction=cfg.test_fraction.get(corpus, 0.4),
                     max_doc_tokens=cfg.max_doc_tokens,
                     progress=progress,
@@ -280,10 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "report" not in only:
         return 0
-    paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot))
+    paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot, title))
     total = sum(r["wall_s"] for r in phases.rows.values())
     summary = {
         "config": "quick" if args.quick else "shared" if args.shared else "full",
+        "model": args.model,
+        "tokens": cfg.tokens,
+        "layers": cfg.layers,
+        "offsets": cfg.offsets,
         "phases": phases.rows,
         "total_wall_s": total,
         "load_average_before": load_before,

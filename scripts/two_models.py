@@ -138,6 +138,9 @@ def findings(model: str) -> dict[str, str]:
                     f"layer {best['layer']}: {pct[0]}% vs bigram {pct[1]}%, shuffled control {pct[2]}% "
                     f"({pr.get('n_train', 0):,} train tokens)"
                 )
+    plan = load(model, "plan")
+    if plan:
+        out["plans ahead: probe at k=2 beyond the strongest context baseline"] = plan_cell(plan, 2)
     an = load(model, "anatomy")
     if an and an.get("layers"):
         pos = max(layer["position_share"] for layer in an["layers"])
@@ -155,6 +158,33 @@ def findings(model: str) -> dict[str, str]:
             f"rejoins: {rejoin}; top-1 agreement after {fmt(rv.get('top1_agreement_after'), '.2f')}"
         )
     return out
+
+
+def plan_cell(plan: dict, k: int) -> str:
+    """The k-step headline of `benchmarks/plan_answer.py`: probe (layer chosen on validation) against the
+    strongest context baseline, and the excess with its bootstrap-over-documents interval."""
+    h = plan["headline"][str(k)]
+
+    def pct(iv: dict) -> str:
+        return f"{100 * iv['estimate']:.1f}% [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}]"
+
+    ex = h["excess"]
+    return (
+        f"{plan['corpus']}, k={k}: probe {pct(h['probe'])} (L{h['layer']}) vs {h['strongest']} "
+        f"{pct(h['strongest_top1'])}; excess {100 * ex['estimate']:+.1f} points "
+        f"[{100 * ex['low']:+.1f}, {100 * ex['high']:+.1f}] ({plan['n_eval_documents']} held-out documents, "
+        f"{plan['n_train']:,} train positions, layers {plan['layers']})"
+    )
+
+
+def import_plan(model: str, results: Path, corpus: str, command: str) -> None:
+    """Keep the headline of a plan_answer probe run (its results.json) as runs/<model>/plan.json."""
+    d = json.loads(results.read_text())
+    keep = {key: d[key] for key in ("layers", "offsets", "n_train", "n_val", "n_eval", "n_eval_documents", "headline")}
+    keep.update(corpus=corpus, command=command)
+    folder = OUT / "runs" / model
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.json").write_text(json.dumps(keep, indent=1))
 
 
 def summarize(models: list[str]) -> str:
@@ -182,7 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="smollm2-135m,gemma3-270m")
     p.add_argument("--only", default="", help="comma-separated command names to run (default: all)")
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument(
+        "--import-plan",
+        nargs=4,
+        metavar=("MODEL", "RESULTS_JSON", "CORPUS", "COMMAND"),
+        help="keep a benchmarks/plan_answer.py probe run's headline as runs/MODEL/plan.json, then summarize",
+    )
     args = p.parse_args(argv)
+    if args.import_plan:
+        model, results, corpus, command = args.import_plan
+        import_plan(model, Path(results), corpus, command)
+        args.summary_only = True
     models = [m for m in args.models.split(",") if m]
     if not args.summary_only:
         for m in models:
