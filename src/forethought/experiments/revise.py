@@ -610,12 +610,14 @@ def revise_at_scale(
     stop_ids: tuple[int, ...] = (),
     model_name: str = "",
     on_trial=None,
+    index_offset: int = 0,
 ) -> ReviseScaleResult:
     """`revise` on every prompt, once per bucket: forced tokens of rank 2, 10 and 1000 and one with p < 1e-6 at
     new-token step `at`, and one sampled at `temperature` with the greedy choice excluded.
 
     A prompt whose greedy run stops before `at`, or is too long, is skipped with its reason. `on_trial()` is
-    called after every `revise` run (for a progress bar).
+    called after every `revise` run (for a progress bar). `index_offset` numbers the prompts from there, so that
+    a list split into parts (run in parallel, trials merged, then `summarize_buckets`) gives the same trials.
     """
     import time
 
@@ -637,7 +639,7 @@ def revise_at_scale(
         max_shift=MAX_SHIFT,
     )
     sample_bucket = SAMPLE_BUCKET.format(t=temperature)
-    for index, prompt in enumerate(prompts):
+    for index, prompt in enumerate(prompts, start=index_offset):
         try:
             check_prompt(model, prompt.ids, at + 1 + n_after + MAX_SHIFT)
             original = generate(model, prompt.ids, at + 1 + n_after + MAX_SHIFT, stop_ids=stop_ids).new_ids

@@ -22,9 +22,9 @@ def _bars(ax, x: np.ndarray, intervals: list[Interval], width: float, **style) -
 
 def plot_revise_scale(result: ReviseScaleResult, path: str | Path) -> Path:
     buckets = result.buckets
-    labels = [f"{b.bucket}\n(n={b.n}, p~{b.median_prob:.1g})" for b in buckets]
+    labels = [f"{b.bucket}\nn={b.n}\nmedian p\n{b.median_prob:.1g}" for b in buckets]
     x = np.arange(len(buckets))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
 
     _bars(axes[0], x, [b.rejoin_rate for b in buckets], 0.6, color="tab:green")
     axes[0].set_ylim(0, 1)
