@@ -181,3 +181,84 @@ def test_real_model_off_plan_token(real_lm) -> None:
     probs = torch.softmax(real_lm.model(torch.tensor([prompt + r.original_ids[:2]]))[0, -1].double(), -1)
     assert r.off_plan_prob == pytest.approx(float(probs[r.off_plan_id]), rel=1e-3)
     assert r.greedy_prob == pytest.approx(float(probs.max()), rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------- at scale
+
+
+def test_bucket_tokens_pick_the_named_ranks_and_a_tiny_probability() -> None:
+    from forethought.experiments.revise import TINY_BUCKET, _bucket_tokens
+
+    probs = torch.full((2000,), 1e-7, dtype=torch.float64)
+    probs[:1100] = torch.linspace(0.5, 1e-5, 1100, dtype=torch.float64)
+    perm = torch.randperm(2000, generator=torch.Generator().manual_seed(0))
+    probs = probs[perm] / probs.sum()  # shuffled, so ranks are not ids
+    chosen = _bucket_tokens(probs, torch.Generator().manual_seed(1))
+    for name, rank in (("rank 2", 2), ("rank 10", 10), ("rank 1000", 1000)):
+        assert 1 + int((probs > probs[chosen[name]]).sum()) == rank
+    assert probs[chosen[TINY_BUCKET]] < 1e-6
+    # a distribution with no token under 1e-6 has no such bucket, and ranks past the vocabulary are left out
+    assert set(_bucket_tokens(torch.full((50,), 0.02, dtype=torch.float64), torch.Generator())) == {
+        "rank 2",
+        "rank 10",
+    }
+
+
+def test_draw_prompts_is_deterministic_round_robin_and_refuses_too_few() -> None:
+    from forethought.data.corpus import Corpus, Document
+    from forethought.experiments.revise import draw_prompts
+
+    def corpus(name: str, n: int) -> Corpus:
+        docs = [Document(f"{name}{i}", " ".join(f"w{i}_{j}" for j in range(30))) for i in range(n)]
+        return Corpus(name, "/", "folder", docs)
+
+    def encode(text: str) -> list[int]:
+        return [hash(w) % 1000 for w in text.split()]
+
+    a = draw_prompts([corpus("a", 3), corpus("b", 5)], encode, 6, 8, seed=0)
+    assert [p.corpus for p in a] == ["a", "b", "a", "b", "a", "b"] and all(len(p.ids) == 8 for p in a)
+    assert a == draw_prompts([corpus("a", 3), corpus("b", 5)], encode, 6, 8, seed=0)
+    assert [p.corpus for p in draw_prompts([corpus("a", 1), corpus("b", 5)], encode, 4, 8)] == ["a", "b", "b", "b"]
+    with pytest.raises(ForethoughtError, match="only 2"):
+        draw_prompts([corpus("a", 2)], encode, 3, 8)
+
+
+def test_revise_at_scale_buckets_ranks_and_intervals(tiny) -> None:
+    from forethought.experiments.revise import ScalePrompt, revise_at_scale
+
+    prompts = [ScalePrompt("t", str(i), [(11 * i + 7 * j) % 256 for j in range(6)]) for i in range(3)]
+    at = 1
+    r = revise_at_scale(tiny, prompts, at=at, n_after=3, temperature=1.0, seed=0)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["prompts_used"] == 3 and not r.skipped
+    # vocabulary 256: no rank-1000 bucket; a random tiny model gives no token p < 1e-6
+    assert [b.bucket for b in r.buckets] == ["rank 2", "rank 10", "T=1 sample"] and all(b.n == 3 for b in r.buckets)
+    for t in r.trials:
+        # independent check of the rank: a full forward pass over the prompt and the greedy prefix
+        prefix = generate(tiny, prompts[t.prompt_index].ids, at).new_ids
+        probs = torch.softmax(tiny(torch.tensor([prompts[t.prompt_index].ids + prefix]))[0, -1].double(), -1)
+        rank = 1 + int((probs > probs[t.token_id]).sum())
+        assert rank == t.rank and rank > 1  # never the greedy token
+        if t.bucket.startswith("rank "):
+            assert rank == int(t.bucket.split()[1])
+        assert abs(float(probs[t.token_id]) - t.prob) < 1e-6
+        assert t.kl_after_mean >= 0 and t.state_last > 0 and t.state_last_swap > 0
+    for b in r.buckets:
+        rows = [t for t in r.trials if t.bucket == b.bucket]
+        assert b.rejoin_rate.estimate == pytest.approx(sum(t.rejoined for t in rows) / len(rows))
+        for iv in (b.rejoin_rate, b.kl_after_mean, b.state_mid, b.state_last, b.state_mid_swap, b.state_last_swap):
+            assert iv.low <= iv.estimate <= iv.high
+
+
+def test_revise_scale_cli(llama_dir: Path, tmp_path: Path, capsys) -> None:
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(3):
+        (texts / f"{i}.txt").write_text(f"Once upon a time, there was a little girl number {i} in a village. " * 3)
+    plot = tmp_path / "scale.png"
+    args = ["revise-scale", "--corpus", str(texts), "--prompts", "2", "--prompt-tokens", "8", "-n", "3"]
+    assert main(args + ["--model", str(llama_dir), "--json", "--plot", str(plot)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompts_used"] == 2 and out["buckets"] and plot.stat().st_size > 10_000
+    assert main(args[:3] + ["--prompts", "9", "--model", str(llama_dir)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error:")

@@ -284,3 +284,111 @@ def _split_name(name: str) -> tuple[int | None, str]:
     from forethought.trace import split_name  # imported on use: the CLI starts without torch
 
     return split_name(name)
+
+
+@app.command("revise-scale")
+def revise_scale(
+    prompts: Annotated[int, typer.Option("--prompts", help="Prompts drawn from the corpora (round-robin).")] = 50,
+    corpus: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--corpus",
+            help="stdlib, pydocs, a file, folder or .jsonl; repeat for several. "
+            "Default: stdlib, plus pydocs when installed.",
+        ),
+    ] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Tokens per prompt.")] = 24,
+    at: Annotated[int, typer.Option("--at", help="New-token step (0-based) that gets the off-plan token.")] = 2,
+    n: Annotated[int, typer.Option("-n", help="Steps to compare after the off-plan token.")] = 12,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="Temperature of the sampled bucket (greedy excluded).")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for prompt offsets, p<1e-6 picks and samples.")] = 0,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    as_json: JsonOpt = False,
+) -> None:
+    """`revise` over many corpus prompts, off-plan tokens in rank buckets: rejoin rate, KL, state change, 95% CIs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from forethought.data.corpus import DEFAULT_CORPUS, PROSE_CORPUS, load_corpus, pydocs_root
+    from forethought.experiments.revise import RANK_BUCKETS, draw_prompts, revise_at_scale
+
+    specs = corpus or ([DEFAULT_CORPUS] + ([PROSE_CORPUS] if pydocs_root() is not None else []))
+    lm = load(model, device, dtype, quiet=as_json)
+    tok = lm.tokenizer
+
+    def encode(text: str) -> list[int]:
+        ids = tok.encode(text)
+        return ids[1:] if tok.add_bos and ids and ids[0] == tok.bos_id else ids
+
+    drawn = draw_prompts([load_corpus(s) for s in specs], encode, prompts, prompt_tokens, seed)
+    if tok.add_bos and tok.bos_id is not None:
+        for p in drawn:
+            p.ids = [tok.bos_id] + p.ids
+    stops = (tok.eos_id,) if tok.eos_id is not None else ()
+    bar = Progress(
+        TextColumn("revise"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]:.2f} runs/s"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=as_json,
+    )
+    with bar:
+        task = bar.add_task("revise", total=len(drawn) * (len(RANK_BUCKETS) + 2), speed=0.0)
+
+        def tick() -> None:
+            bar.advance(task)
+            elapsed = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, speed=bar.tasks[0].completed / elapsed)
+
+        result = revise_at_scale(
+            lm.model, drawn, at, n, temperature, seed, stop_ids=stops, model_name=lm.name, on_trial=tick
+        )
+    if not result.trials:
+        raise ForethoughtError("no prompt could be used: " + "; ".join(result.skipped[:3]))
+    if plot is not None:
+        from forethought.viz.revise_scale import plot_revise_scale
+
+        plot_revise_scale(result, plot)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+
+    def ci(iv, fmt: str = "{:.3g}") -> str:
+        return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]"
+
+    table = Table(
+        title=f"{result.model}: off-plan token at step {result.at} of {result.n_prompts} prompts "
+        f"({', '.join(result.corpora)}), 95% bootstrap over prompts",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in ("bucket", "n", "median p", "rejoin", "KL after", "state mid", "state last", "mid swap", "last swap"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for b in result.buckets:
+        table.add_row(
+            b.bucket,
+            str(b.n),
+            f"{b.median_prob:.2g}",
+            ci(b.rejoin_rate, "{:.0%}"),
+            ci(b.kl_after_mean),
+            ci(b.state_mid),
+            ci(b.state_last),
+            ci(b.state_mid_swap),
+            ci(b.state_last_swap),
+        )
+    console.print(table)
+    console.print(
+        f"[dim]rejoin: greedy text back on the original's tokens ({result.rejoin_window} in a row, shift <= "
+        f"{result.max_shift}) within {result.n_after} steps; KL(original || revised) per step after the off-plan "
+        f"token, nats; state: ||h_orig - h_rev|| / ||h_orig|| at {result.mid_layer} / {result.last_layer}, mean over "
+        "later positions; swap: only the off-plan token swapped into the original's tokens[/dim]"
+    )
+    for why in result.skipped:
+        err_console.print(f"[dim]skipped {why}[/dim]")
+    err_console.print(f"[dim]{result.seconds:.1f} s[/dim]")
