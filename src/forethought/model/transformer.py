@@ -403,13 +403,17 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, cache, start, hooks)
         if cache is not None:
             cache.length = end
+        return self._head(x, hooks, last_only)
 
+    def _head(self, x: torch.Tensor, hooks: Hooks | None, last_only: bool) -> torch.Tensor:
+        """Final norm + unembedding (+ Gemma's soft-cap) of the last block's output, with their hook points."""
+        wanted = hooks.points if hooks is not None else ()
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
         if "final_norm" in wanted:
             x = hooks("final_norm", x)
-        logits = self.unembed(x)
+        logits = softcap(self.unembed(x), self.config.final_logit_softcap)
         if "logits" in wanted:
             logits = hooks("logits", logits)
         return logits
@@ -697,12 +701,4 @@ def gemma_forward(
         x = block(x, ropes, causal, cache, start, hooks)
     if cache is not None:
         cache.length = end
-    if last_only:
-        x = x[:, -1:]
-    x = model.final_norm(x)
-    if "final_norm" in wanted:
-        x = hooks("final_norm", x)
-    logits = softcap(model.unembed(x), c.final_logit_softcap)
-    if "logits" in wanted:
-        logits = hooks("logits", logits)
-    return logits
+    return model._head(x, hooks, last_only)
