@@ -119,13 +119,13 @@ def test_feedback_memory_sees_the_top_layer_of_earlier_tokens():
     tokens = torch.tensor([[1, 2, 3, 4]])
     base = model(tokens)[0, -1]
     with torch.no_grad():
-        model.blocks[1].down.weight_t.mul_(3.0)  # changes every token's top-layer state
+        model.net.blocks[1].down.weight_t.mul_(3.0)  # changes every token's top-layer state
     assert (model(tokens)[0, -1] - base).abs().max() > 1e-4
     with torch.no_grad():
-        model.layer_logits.copy_(torch.tensor([50.0, -50.0, -50.0]))  # memory = embedding only
+        model.net.memory.layer_logits.copy_(torch.tensor([50.0, -50.0, -50.0]))  # memory = embedding only
     before = model(tokens)[0, 0]
     with torch.no_grad():
-        model.blocks[1].down.weight_t.mul_(3.0)
+        model.net.blocks[1].down.weight_t.mul_(3.0)
     # Token 0 has no past, so only its own path changes; token 3's memory inputs stay the embeddings.
     assert (model(tokens)[0, 0] - before).abs().max() > 1e-4
 

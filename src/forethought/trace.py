@@ -2,7 +2,8 @@
 
 Names follow one pattern everywhere (CLI, store, plots, viewer):
   embed, blocks.{layer}.{resid_pre|attn_out|resid_mid|mlp_out|resid_post|q|k|v|attn_pattern},
-  final_norm, logits.
+  final_norm, logits; a Feedback Transformer adds `memory`, and a recurrent (GRU) model's blocks have only
+  resid_pre and resid_post.
 Patterns may use globs (`blocks.*.resid_post`, `blocks.1?.q`), and a bare point name such as
 `resid_post` means that point at every layer. Only what is asked for is kept: a plain forward pays
 one set lookup per point, which keeps capture of every layer's residual stream within a few
@@ -33,10 +34,21 @@ def act_name(layer: int, point: str) -> str:
     return f"blocks.{layer}.{point}"
 
 
+def block_points(config: ModelConfig) -> tuple[str, ...]:
+    """The named points inside each block of this model (a GRU layer has no attention or residual parts)."""
+    if config.family == "recurrent":
+        from forethought.model.recurrent import POINTS
+
+        return POINTS
+    return BLOCK_POINTS
+
+
 def all_names(config: ModelConfig) -> list[str]:
     names = ["embed"]
     for layer in range(config.n_layers):
-        names += [act_name(layer, point) for point in BLOCK_POINTS]
+        names += [act_name(layer, point) for point in block_points(config)]
+    if config.family == "feedback":
+        names.append("memory")  # each token's merged memory vector, what later tokens' keys/values read
     return names + ["final_norm", "logits"]
 
 
@@ -52,8 +64,10 @@ def resolve_names(config: ModelConfig, patterns: str | Iterable[str]) -> list[st
             pattern = f"blocks.*.{pattern}"
         matches = [n for n in known if fnmatch.fnmatchcase(n, pattern)]
         if not matches:
+            points = ", ".join(block_points(config))
             raise ForethoughtError(
-                f"no activation matches {raw!r} (names look like embed, blocks.3.resid_post, blocks.*.q, logits)"
+                f"no activation matches {raw!r} in this {config.family} model (names look like embed, "
+                f"blocks.3.resid_post, blocks.*.{block_points(config)[-1]}, logits; block points: {points})"
             )
         chosen.update(matches)
     return [n for n in known if n in chosen]
@@ -153,7 +167,7 @@ class Trace:
 
 
 def _natural_order(names: Iterable[str]) -> list[str]:
-    rank = {"embed": -1, "final_norm": 10**9, "logits": 10**9 + 1}
+    rank = {"embed": -1, "memory": 10**9 - 1, "final_norm": 10**9, "logits": 10**9 + 1}
 
     def key(name: str) -> tuple[int, int]:
         layer, point = split_name(name)

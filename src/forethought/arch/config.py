@@ -41,10 +41,15 @@ class ArchConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def family(self) -> str:
+        """The engine family this architecture runs as (`standard` and `myopic` are the same network)."""
+        return {"feedback": "feedback", "recurrent": "recurrent"}.get(self.arch, "llama")
+
     def engine_config(self, name: str = "arch") -> ModelConfig:
         """The engine's config for the same shape (multi-head attention, untied unembedding)."""
         return ModelConfig(
-            family="llama",
+            family=self.family,
             n_layers=self.n_layers,
             d_model=self.d_model,
             n_heads=self.n_heads,

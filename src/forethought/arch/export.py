@@ -1,6 +1,8 @@
-"""Write a trained standard or myopic model as a Hugging Face Llama folder (config.json, model.safetensors,
-tokenizer.json), so `forethought.weights.load_model(folder)` -- and with it `lens`, `probe`, the trace API and
-the viewer -- runs it on the engine unchanged.
+"""Write a trained model as a model folder (config.json, model.safetensors, tokenizer.json), so
+`forethought.weights.load_model(folder)` -- and with it `lens`, `probe`, the trace API and the viewer -- runs it on
+the engine unchanged. Standard and myopic models are written as Hugging Face Llama folders (HF transformers loads
+them too); the Feedback Transformer and the GRU, which HF has no class for, as `forethought_feedback` /
+`forethought_recurrent` folders holding the engine's canonical tensor names (weights/tensors.py).
 
 Synthetic tasks get a word-level tokenizer over their own symbols (space-separated). A text model was trained on
 the embedded tokenizer's most frequent tokens plus <unk>; the export restores the full vocabulary so the engine
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from forethought.arch.models import StandardLM
+from forethought.arch.models import ArchModel, EngineLM
 from forethought.arch.tasks import Task, TextTask
 from forethought.errors import ForethoughtError
+from forethought.model.transformer import Transformer
 
 
 def token_names(task: Task) -> list[str]:
@@ -45,15 +48,14 @@ def _word_level_tokenizer(names: list[str]) -> str:
     return tok.to_str()
 
 
-def export_engine_folder(model: StandardLM, task: Task, folder: Path) -> Path:
+def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
     """Write `model` where `load_model(folder)` reads it; returns the folder."""
     from safetensors.torch import save_file
 
-    if not isinstance(model, StandardLM):
-        raise ForethoughtError(f"only standard and myopic models run on the engine, not {model.config.arch!r}")
+    if not isinstance(model, EngineLM):
+        raise ForethoughtError(f"{type(model).__name__} does not run on the engine")
     net = model.net
     c = net.config
-    d, hd, nq, ff = c.d_model, c.head_dim, c.n_heads, c.d_ff
     embed = net.embed.detach()
     unembed = net.unembed.weight_t.detach().t()  # [vocab, d]
     vocab_size = c.vocab_size
@@ -69,15 +71,51 @@ def export_engine_folder(model: StandardLM, task: Task, folder: Path) -> Path:
     else:
         names = token_names(task)
         # One extra row for the tokenizer's <unk>, never produced by the task: zero embedding, zero logit.
-        embed = torch.cat((embed, embed.new_zeros(1, d)))
-        unembed = torch.cat((unembed, unembed.new_zeros(1, d)))
+        embed = torch.cat((embed, embed.new_zeros(1, c.d_model)))
+        unembed = torch.cat((unembed, unembed.new_zeros(1, c.d_model)))
         vocab_size += 1
         tokenizer_json = _word_level_tokenizer(names)
-    tensors = {
-        "model.embed_tokens.weight": embed,
-        "lm_head.weight": unembed,
-        "model.norm.weight": net.final_norm.weight.detach(),
+    if c.family == "llama":
+        tensors, model_type = _llama_tensors(net), "llama"
+    else:
+        tensors, model_type = _canonical_tensors(net), f"forethought_{c.family}"
+    tensors |= (
+        {"embed": embed, "unembed": unembed}
+        if model_type != "llama"
+        else {
+            "model.embed_tokens.weight": embed,
+            "lm_head.weight": unembed,
+        }
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    config = {
+        "model_type": model_type,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.d_ff,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "num_hidden_layers": c.n_layers,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": c.context_length,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "tie_word_embeddings": False,
+        "forethought_arch": {"arch": model.config.arch, "task": task.describe()},
     }
+    if model_type == "llama":
+        config |= {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    (folder / "tokenizer.json").write_text(tokenizer_json)
+    return folder
+
+
+def _llama_tensors(net: Transformer) -> dict[str, torch.Tensor]:
+    """The blocks and final norm under HF Llama's names."""
+    c = net.config
+    hd, nq, ff = c.head_dim, c.n_heads, c.d_ff
+    tensors = {"model.norm.weight": net.final_norm.weight.detach()}
     for i, block in enumerate(net.blocks):
         p = f"model.layers.{i}"
         qkv = block.qkv.weight_t.detach()
@@ -93,25 +131,35 @@ def export_engine_folder(model: StandardLM, task: Task, folder: Path) -> Path:
             f"{p}.mlp.up_proj.weight": gate_up[:, ff:].t(),
             f"{p}.mlp.down_proj.weight": block.down.weight_t.detach().t(),
         }
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": d,
-        "intermediate_size": ff,
-        "num_attention_heads": nq,
-        "num_key_value_heads": c.n_kv_heads,
-        "head_dim": hd,
-        "num_hidden_layers": c.n_layers,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": c.context_length,
-        "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "forethought_arch": {"arch": model.config.arch, "task": task.describe()},
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    (folder / "tokenizer.json").write_text(tokenizer_json)
-    return folder
+    return tensors
+
+
+def _canonical_tensors(net: Transformer) -> dict[str, torch.Tensor]:
+    """The blocks, final norm and (Feedback Transformer) memory under the engine's canonical names, [out, in]."""
+    c = net.config
+    tensors = {"final_norm.weight": net.final_norm.weight.detach()}
+    for i, block in enumerate(net.blocks):
+        p = f"blocks.{i}"
+        if c.family == "recurrent":
+            for leaf in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                tensors[f"{p}.gru.{leaf}"] = getattr(block.gru, f"{leaf}_l0").detach()
+            continue
+        gate, up = block.gate_up.weight_t.detach().t().chunk(2, dim=0)
+        tensors |= {
+            f"{p}.attn_norm.weight": block.attn_norm.weight.detach(),
+            f"{p}.mlp_norm.weight": block.mlp_norm.weight.detach(),
+            f"{p}.q.weight": block.q.weight_t.detach().t(),
+            f"{p}.o.weight": block.o.weight_t.detach().t(),
+            f"{p}.gate.weight": gate,
+            f"{p}.up.weight": up,
+            f"{p}.down.weight": block.down.weight_t.detach().t(),
+        }
+    if c.family == "feedback":
+        k, v = net.memory.kv.weight_t.detach().t().chunk(2, dim=0)
+        tensors |= {
+            "memory.norm.weight": net.memory.norm.weight.detach(),
+            "memory.k.weight": k,
+            "memory.v.weight": v,
+            "memory.layer_logits": net.memory.layer_logits.detach(),
+        }
+    return tensors

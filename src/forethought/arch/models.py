@@ -7,31 +7,22 @@ recompute), `new_state` + `step` (decode with the model's own cache), and what t
 - `FeedbackLM` is Fan et al.'s Feedback Transformer: each token's layer states merge into one memory vector
   (softmax-weighted), projected once to a key and a value that every layer of every later token attends to.
 - `RecurrentLM` is a GRU of the same width and depth: a fixed-size state.
+
+All four are the engine's own `Transformer` (families `llama`, `feedback`, `recurrent`), so every trained model
+exports to a folder that `forethought.weights.load_model` -- and with it the trace API, `lens`, `probe` and the
+viewer -- runs unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from forethought.arch.config import ArchConfig
 from forethought.model.config import ModelConfig
-from forethought.model.kv_cache import KVCache
-from forethought.model.transformer import Block, Linear, Norm, Transformer, rotate_half
-
-BYTES_PER_FLOAT = 4  # every model here keeps its state in float32
-
-
-def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [positions, head_dim] in the engine's rotate-half convention (Transformer.init_rope)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+from forethought.model.transformer import Block, Transformer, rotate_half
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,11 +63,11 @@ def _init_weights(module: nn.Module, n_layers: int, generator: torch.Generator) 
     with torch.no_grad():
         for name, param in module.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if ".gru." in f".{name}" or name.startswith("gru."):
+            if ".gru." in f".{name}":
                 continue
             if "norm" in name and leaf == "weight":
                 param.fill_(1.0)
-            elif leaf == "bias" or name == "layer_logits":
+            elif leaf in ("bias", "layer_logits"):
                 param.zero_()
             else:
                 std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o.weight_t", "down.weight_t")) else 0.02
@@ -117,199 +108,82 @@ class ArchModel(nn.Module):
         return 0.0
 
 
-class StandardLM(ArchModel):
-    """The engine's decoder (`forethought.model.transformer.Transformer`) with trainable weights."""
+class EngineLM(ArchModel):
+    """An architecture that runs as an engine family: the trainable model is the engine's `Transformer`, so the
+    network trained is the network traced, probed and served, with no second implementation of its maths."""
 
     def __init__(self, config: ArchConfig, seed: int = 0) -> None:
         super().__init__()
         self.config = config
-        self.net = Transformer(config.engine_config(f"arch-{config.arch}"))
-        self.net.blocks = nn.ModuleList(TrainableBlock(self.net.config, i) for i in range(config.n_layers))
+        # torch's own modules (the GRU) draw their init from the global generator.
+        torch.manual_seed(seed)
+        self.net = self._make_net(config.engine_config(f"arch-{config.arch}"))
         # Every model here decodes op by op in Python, so speed comparisons are like for like.
         self.net.fused_decode = False
         _init_weights(self.net, config.n_layers, torch.Generator().manual_seed(seed))
         self.net.requires_grad_(True)
-        self.set_myopic(config.arch == "myopic")
+
+    def _make_net(self, config: ModelConfig) -> Transformer:
+        return Transformer(config)
 
     @property
     def engine_config(self) -> ModelConfig:
         return self.net.config
 
-    def set_myopic(self, myopic: bool) -> None:
-        for block in self.net.blocks:
-            block.myopic = myopic
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)
 
-    def new_state(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
+    def new_state(self, batch_size: int = 1, capacity: int = 256):
         return self.net.new_cache(capacity, batch_size)
 
-    def step(self, tokens: torch.Tensor, state: KVCache) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, state) -> torch.Tensor:
         return self.net(tokens, cache=state)
 
     def state_bytes(self, n_tokens: int, batch_size: int = 1) -> int:
-        return n_tokens * batch_size * self.net.config.kv_bytes_per_token
+        return self.net.config.kv_bytes(n_tokens) * batch_size
+
+
+class StandardLM(EngineLM):
+    """The engine's decoder (`forethought.model.transformer.Transformer`, Llama blocks) with trainable weights;
+    `set_myopic(True)` trains it with the stop-gradient."""
+
+    def _make_net(self, config: ModelConfig) -> Transformer:
+        net = Transformer(config)
+        net.blocks = nn.ModuleList(TrainableBlock(config, i) for i in range(config.n_layers))
+        return net
+
+    def __init__(self, config: ArchConfig, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self.set_myopic(config.arch == "myopic")
+
+    def set_myopic(self, myopic: bool) -> None:
+        for block in self.net.blocks:
+            block.myopic = myopic
 
     def _attention_flops(self, mean_context: float) -> float:
         return 4.0 * self.config.n_layers * self.config.d_model * mean_context  # QK^T and PV
 
 
-class FeedbackBlock(Block):
-    """The engine's block with its own query projection only: keys and values come from the shared memory."""
-
-    def __init__(self, config: ModelConfig, index: int) -> None:
-        super().__init__(config, index)
-        del self.qkv
-        self.q = Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
-
-
-@dataclass
-class FeedbackCache:
-    """One key and one value per past token (not one per layer): [batch, head, position, head_dim]."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.length * self.bytes_per_token
-
-    @property
-    def bytes_per_token(self) -> int:
-        B, H, _, hd = self.k.shape
-        return 2 * B * H * hd * self.k.element_size()
-
-
-class FeedbackLM(ArchModel):
-    """Feedback Transformer: memory_t = sum_l softmax(w)_l state_t^l over the embedding and every layer's output;
-    layer l of token t attends to the memories of tokens < t and to its own layer-(l-1) state, through one key/value
-    projection shared by all layers. Training is sequential in time, because token t's memory needs its top layer."""
-
-    def __init__(self, config: ArchConfig, seed: int = 0) -> None:
-        super().__init__()
-        self.config = config
-        ec = config.engine_config("arch-feedback")
-        d = config.d_model
-        self.embed = nn.Parameter(torch.empty(config.vocab_size, d))
-        self.blocks = nn.ModuleList(FeedbackBlock(ec, i) for i in range(config.n_layers))
-        self.memory_norm = Norm(d, ec.norm_eps, layer_norm=False)
-        self.memory_kv = Linear(d, 2 * d, bias=False)
-        self.layer_logits = nn.Parameter(torch.zeros(config.n_layers + 1))
-        self.final_norm = Norm(d, ec.norm_eps, layer_norm=False)
-        self.unembed = Linear(d, config.vocab_size, bias=False)
-        cos, sin = rope_tables(config.head_dim, config.rope_theta, config.context_length)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        _init_weights(self, config.n_layers, torch.Generator().manual_seed(seed))
-        self.requires_grad_(True)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        return x.view(B, 1, self.config.n_heads, self.config.head_dim).transpose(1, 2)
-
-    def _token(
-        self, x: torch.Tensor, pos: int, mem_k: torch.Tensor, mem_v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One token through every layer: (top state [B, 1, d], its memory key, its memory value [B, H, 1, hd])."""
-        B, d = x.shape[0], self.config.d_model
-        cos, sin = self.rope_cos[pos : pos + 1], self.rope_sin[pos : pos + 1]
-        h, states = x, [x]
-        for block in self.blocks:
-            a = block.attn_norm(h)
-            q = apply_rope(self._heads(block.q(a)), cos, sin)
-            k_own, v_own = self.memory_kv(a).split(d, dim=-1)
-            keys = torch.cat((mem_k, apply_rope(self._heads(k_own), cos, sin)), dim=2)
-            values = torch.cat((mem_v, self._heads(v_own)), dim=2)
-            attn = F.scaled_dot_product_attention(q, keys, values)
-            h = h + block.o(attn.transpose(1, 2).reshape(B, 1, d))
-            h = h + block.mlp(block.mlp_norm(h))
-            states.append(h)
-        weights = torch.softmax(self.layer_logits, dim=0)
-        memory = torch.einsum("l,lbtd->btd", weights, torch.stack(states))
-        k_mem, v_mem = self.memory_kv(self.memory_norm(memory)).split(d, dim=-1)
-        return h, apply_rope(self._heads(k_mem), cos, sin), self._heads(v_mem)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        B, T = tokens.shape
-        if T > self.config.context_length:
-            raise ValueError(f"{T} tokens exceed the context length {self.config.context_length}")
-        x = F.embedding(tokens, self.embed)
-        H, hd = self.config.n_heads, self.config.head_dim
-        mem_k = x.new_zeros(B, H, 0, hd)
-        mem_v = x.new_zeros(B, H, 0, hd)
-        tops = []
-        for t in range(T):
-            top, k, v = self._token(x[:, t : t + 1], t, mem_k, mem_v)
-            mem_k, mem_v = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)
-            tops.append(top)
-        return self.unembed(self.final_norm(torch.cat(tops, dim=1)))
-
-    def new_state(self, batch_size: int = 1, capacity: int = 256) -> FeedbackCache:
-        shape = (batch_size, self.config.n_heads, min(capacity, self.config.context_length), self.config.head_dim)
-        return FeedbackCache(self.embed.new_zeros(shape), self.embed.new_zeros(shape))
-
-    def step(self, tokens: torch.Tensor, state: FeedbackCache) -> torch.Tensor:
-        n = state.length
-        if n >= state.k.shape[2]:
-            raise ValueError(f"the feedback cache is full ({n} tokens)")
-        x = F.embedding(tokens, self.embed)
-        top, k, v = self._token(x, n, state.k[:, :, :n], state.v[:, :, :n])
-        state.k[:, :, n : n + 1] = k
-        state.v[:, :, n : n + 1] = v
-        state.length = n + 1
-        return self.unembed(self.final_norm(top))
-
-    def state_bytes(self, n_tokens: int, batch_size: int = 1) -> int:
-        return n_tokens * batch_size * 2 * self.config.d_model * BYTES_PER_FLOAT
+class FeedbackLM(EngineLM):
+    """Feedback Transformer (the engine's `feedback` family, forethought.model.feedback): memory_t = sum_l
+    softmax(w)_l state_t^l over the embedding and every layer's output; layer l of token t attends to the
+    memories of tokens < t and to its own layer input, through one key/value projection shared by all layers.
+    Training is sequential in time, because token t's memory needs its top layer. Its cache holds one K and one
+    V per token."""
 
     def _attention_flops(self, mean_context: float) -> float:
         # Every layer attends over the memories; the memory K/V projection is counted with the weights.
         return 4.0 * self.config.n_layers * self.config.d_model * mean_context
 
     def _matmul_weights(self) -> int:
-        # memory_kv multiplies L + 1 vectors per token (each layer's own state, then the memory).
-        extra = self.config.n_layers * self.memory_kv.weight_t.numel()
+        # The shared K/V map multiplies L + 1 vectors per token (each layer's own input, then the memory).
+        extra = self.config.n_layers * self.net.memory.kv.weight_t.numel()
         return super()._matmul_weights() + extra
 
 
-@dataclass
-class RecurrentState:
-    h: torch.Tensor | None
-    batch_size: int
-    length: int = 0
-
-
-class RecurrentLM(ArchModel):
-    """A GRU (torch's) of the model width and depth between the shared embedding and unembedding."""
-
-    def __init__(self, config: ArchConfig, seed: int = 0) -> None:
-        super().__init__()
-        self.config = config
-        d = config.d_model
-        torch.manual_seed(seed)  # nn.GRU draws its init from the global generator
-        self.embed = nn.Parameter(torch.empty(config.vocab_size, d))
-        self.gru = nn.GRU(d, d, num_layers=config.n_layers, batch_first=True)
-        self.final_norm = Norm(d, 1e-5, layer_norm=False)
-        self.unembed = Linear(d, config.vocab_size, bias=False)
-        _init_weights(self, config.n_layers, torch.Generator().manual_seed(seed))
-        self.requires_grad_(True)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gru(F.embedding(tokens, self.embed))
-        return self.unembed(self.final_norm(out))
-
-    def new_state(self, batch_size: int = 1, capacity: int = 256) -> RecurrentState:
-        return RecurrentState(None, batch_size)
-
-    def step(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        out, state.h = self.gru(F.embedding(tokens, self.embed), state.h)
-        state.length += 1
-        return self.unembed(self.final_norm(out))
-
-    def state_bytes(self, n_tokens: int, batch_size: int = 1) -> int:
-        return batch_size * self.config.n_layers * self.config.d_model * BYTES_PER_FLOAT if n_tokens else 0
+class RecurrentLM(EngineLM):
+    """A GRU (torch's) of the model width and depth between the shared embedding and unembedding (the engine's
+    `recurrent` family, forethought.model.recurrent): a fixed-size state."""
 
 
 def build_model(config: ArchConfig, seed: int = 0) -> ArchModel:

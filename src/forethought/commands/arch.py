@@ -58,7 +58,7 @@ def train_command(
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train one architecture on one task; standard/myopic models are also written as an engine folder."""
+    """Train one architecture on one task; the trained model is also written as a model folder (--model)."""
     import torch
 
     from forethought.arch.config import ArchConfig
@@ -90,7 +90,7 @@ def train_command(
         model, result = train(config, task, settings, out, on_step=on_step)
     summary = result.to_dict()
     summary.pop("history")
-    if arch in ("standard", "myopic") and not no_export:
+    if not no_export:
         from forethought.arch.export import export_engine_folder
 
         summary["engine_folder"] = str(export_engine_folder(model, task, out / "engine"))

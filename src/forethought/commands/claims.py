@@ -237,7 +237,11 @@ def state_size(
         "allocated for that many tokens, without running the model[/dim]"
     )
     match = "[green]matches[/green]" if result.measured_matches_formula else "[red]DIFFERS FROM[/red]"
-    console.print(f"measured KV cache of {loaded.key} {match} the formula 2·layers·kv_heads·head_dim·bytes·tokens")
+    formula = {
+        "feedback": "2·kv_heads·head_dim·bytes·tokens (one memory K and V per token, not per layer)",
+        "recurrent": "layers·d_model·bytes (a fixed state, whatever the tokens)",
+    }.get(lm.config.family, "2·layers·kv_heads·head_dim·bytes·tokens")
+    console.print(f"measured state of {loaded.key} {match} the formula {formula}")
     if plot is not None:
         _plotted(plot)
 

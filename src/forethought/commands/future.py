@@ -148,12 +148,15 @@ def probe(
     missing = sorted(set(layer_list) - set(activation_store.layers))
     if missing:
         raise ForethoughtError(f"layers {missing} are not in the store (stored: {activation_store.layers})")
-    lm = load(model or activation_store.manifest["model"]["name"], device, "float32", quiet=as_json)
+    # Stores written before the "source" field name their model only (right for registry models).
+    stored = activation_store.manifest["model"]
+    model = model or stored.get("source") or stored["name"]
+    lm = load(model, device, "float32", quiet=as_json)
     out_dir = out or (Path(store) / "probes")
     if ray is not None:  # layers fitted on Ray workers, merged in (layer, offset) order (forethought.distributed)
         from forethought.distributed.dispatch import probe_run
 
-        run_probes = probe_run(ray, model or activation_store.manifest["model"]["name"], device)
+        run_probes = probe_run(ray, model, device)
     result = run_probes(
         activation_store,
         lm.model,

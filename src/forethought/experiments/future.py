@@ -67,7 +67,7 @@ def run_extract(
         doc_ids,
         out,
         settings,
-        model_info={"name": lm.name, "file": Path(lm.path).name, "config": c.to_dict()},
+        model_info={"name": lm.name, "file": Path(lm.path).name, "source": lm.source, "config": c.to_dict()},
         tokenizer_info={"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id, "add_bos": False},
         corpus_info=docs.describe(),
         progress=progress,

@@ -13,6 +13,7 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
 from forethought.model.kv_cache import KVCache, SlidingKVCache
+from forethought.model.recurrent import RecurrentCache
 from forethought.model.transformer import Transformer
 
 DEFAULT_TOKENS = (1, 10, 100, 1000, 8192)
@@ -85,11 +86,9 @@ MAMBA_EXPAND, MAMBA_STATE, MAMBA_CONV = 2, 16, 4
 
 
 def kv_bytes(config: ModelConfig, n_tokens: int, element_bytes: int) -> int:
-    """2 (K and V) * layers * kv_heads * head_dim * bytes per element, per token; sliding-window
-    layers (Gemma 3) count at most their window of tokens."""
-    if config.sliding_layers:
-        return config.kv_bytes(n_tokens, element_bytes)
-    return n_tokens * 2 * config.n_layers * config.n_kv_heads * config.head_dim * element_bytes
+    """2 (K and V) * cached layers * kv_heads * head_dim * bytes per element, per token; sliding-window
+    layers (Gemma 3) count at most their window of tokens; a recurrent model's state is fixed."""
+    return config.kv_bytes(n_tokens, element_bytes)
 
 
 def kv_bytes_by_kind(config: ModelConfig, n_tokens: int, element_bytes: int) -> tuple[int, int]:
@@ -204,6 +203,9 @@ def measure_cache(model: Transformer, n_tokens: int, token_ids: list[int]) -> tu
     if model.config.sliding_layers:
         # No spare ring slots: the measured bytes are exactly what a query can read.
         cache = SlidingKVCache(model.config, 1, n_tokens, model.dtype, model.device, rewind=0)
+    elif model.config.family == "recurrent":
+        # No rewind history: only the state carried to the next token.
+        cache = RecurrentCache(model.config, 1, n_tokens, model.dtype, model.device, history=False)
     else:
         cache = KVCache(model.config, 1, n_tokens, model.dtype, model.device)
     allocated = cache.allocated_nbytes

@@ -8,7 +8,7 @@ from typing import Literal
 
 from forethought.errors import ForethoughtError
 
-Family = Literal["llama", "gpt2", "gemma3"]
+Family = Literal["llama", "gpt2", "gemma3", "feedback", "recurrent"]
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,10 @@ class ModelConfig:
 
     `llama` covers Llama, SmolLM, Mistral-style and Qwen2 (RMSNorm, RoPE, grouped-query attention,
     SwiGLU, optional q/k/v bias); `gpt2` covers GPT-2 (LayerNorm, learned positions, GELU);
-    `gemma3` covers Gemma 3 text models (see the Gemma fields below).
+    `gemma3` covers Gemma 3 text models (see the Gemma fields below). Two families exist for the
+    architectures lab's trained models (`forethought.arch`): `feedback` is the Feedback Transformer
+    (Llama blocks whose keys and values come from one memory vector per token, see model/feedback.py)
+    and `recurrent` a stack of GRU layers (model/recurrent.py; the head fields are unused there).
     """
 
     family: Family
@@ -53,7 +56,7 @@ class ModelConfig:
             raise ForethoughtError(f"model config: norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not (isinstance(self.rope_theta, float | int) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ForethoughtError(f"model config: rope_theta must be positive and finite, got {self.rope_theta!r}")
-        if self.family == "llama" and self.head_dim % 2:
+        if self.family in ("llama", "feedback") and self.head_dim % 2:
             raise ForethoughtError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ForethoughtError(
@@ -68,23 +71,38 @@ class ModelConfig:
     def n_global_layers(self) -> int:
         return self.n_layers - len(self.sliding_layers)
 
+    @property
+    def kv_layers(self) -> int:
+        """How many K/V pairs a token adds to the cache: one per layer, except the Feedback Transformer's
+        single memory key/value per token, and none for a recurrent model (its state does not grow)."""
+        return {"feedback": 1, "recurrent": 0}.get(self.family, self.n_layers)
+
     def kv_bytes(self, n_tokens: int, element_bytes: int = 4) -> int:
-        """K and V held after `n_tokens` tokens: global layers grow with every token, sliding-window
-        layers stop growing at the window."""
+        """The state held after `n_tokens` tokens: K and V of global layers grow with every token,
+        sliding-window layers stop growing at the window; a recurrent model's state is one vector per
+        layer however many tokens it has read."""
+        if self.family == "recurrent":
+            return self.n_layers * self.d_model * element_bytes if n_tokens else 0
         per_layer_token = 2 * self.n_kv_heads * self.head_dim * element_bytes
         local = min(n_tokens, self.sliding_window) if self.sliding_layers else 0
-        return per_layer_token * (self.n_global_layers * n_tokens + len(self.sliding_layers) * local)
+        global_layers = self.kv_layers - len(self.sliding_layers)
+        return per_layer_token * (global_layers * n_tokens + len(self.sliding_layers) * local)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V for every layer, float32: the state a transformer adds per token."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+        """K and V for every cached layer, float32: the state a transformer adds per token."""
+        return 2 * self.kv_layers * self.n_kv_heads * self.head_dim * 4
 
     def n_params(self) -> int:
-        d, f, L = self.d_model, self.d_ff, self.n_layers
-        attn = d * self.head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = (2 if self.family == "gpt2" else 3) * d * f
+        d, f, L, hd = self.d_model, self.d_ff, self.n_layers, self.head_dim
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.family == "recurrent":
+            return L * (2 * 3 * d * d + 2 * 3 * d) + emb  # a GRU layer: input and hidden maps, two biases
+        if self.family == "feedback":
+            memory = 2 * d * self.n_heads * hd + L + 1  # the shared key/value projection, the layer weights
+            return L * (2 * d * self.n_heads * hd + 3 * d * f) + memory + emb
+        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = (2 if self.family == "gpt2" else 3) * d * f
         pos = self.context_length * d if self.family == "gpt2" else 0
         return L * (attn + mlp) + emb + pos
 

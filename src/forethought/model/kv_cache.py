@@ -13,7 +13,8 @@ from forethought.model.config import ModelConfig
 
 
 class KVCache:
-    """Preallocated keys and values, shape [layer, batch, kv_head, position, head_dim]."""
+    """Preallocated keys and values, shape [layer, batch, kv_head, position, head_dim]: one layer slot per
+    cached layer (`config.kv_layers`; a single one for the Feedback Transformer's per-token memory)."""
 
     PREALLOCATE_BYTES = 1 << 30
 
@@ -28,9 +29,9 @@ class KVCache:
         self.config = config
         # Preallocated up to a cap, grown with use past it (`reserve`): asking for a context of 1e9 tokens (a
         # file's declared maximum, or -n 1e9) must not allocate terabytes before the first token.
-        per_token = 2 * config.n_layers * batch_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+        per_token = 2 * config.kv_layers * batch_size * config.n_kv_heads * config.head_dim * dtype.itemsize
         capacity = max(1, min(capacity, config.context_length, self.PREALLOCATE_BYTES // per_token))
-        shape = (config.n_layers, batch_size, config.n_kv_heads, capacity, config.head_dim)
+        shape = (config.kv_layers, batch_size, config.n_kv_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # tokens whose K and V are stored
@@ -45,9 +46,9 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token at every layer, for the whole batch."""
+        """K and V of one token at every cached layer, for the whole batch."""
         c = self.config
-        return 2 * c.n_layers * self.batch_size * c.n_kv_heads * c.head_dim * self.k.element_size()
+        return 2 * c.kv_layers * self.batch_size * c.n_kv_heads * c.head_dim * self.k.element_size()
 
     @property
     def nbytes(self) -> int:

@@ -23,6 +23,8 @@ from forethought.model.kv_cache import KVCache, SlidingKVCache
 
 BLOCK_POINTS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "q", "k", "v", "attn_pattern")
 GLOBAL_POINTS = ("embed", "final_norm", "logits")
+ROPE_FAMILIES = ("llama", "feedback")  # rotate-half RoPE from one table (Gemma builds its own per base)
+OP_BY_OP_FAMILIES = ("gemma3", "feedback", "recurrent")  # families the compiled decode step does not run
 
 
 class Hooks(Protocol):
@@ -287,6 +289,20 @@ class _LastState:
         return tensor
 
 
+def _block_class(family: str) -> type[nn.Module]:
+    if family == "gemma3":
+        return GemmaBlock
+    if family == "feedback":
+        from forethought.model.feedback import FeedbackBlock
+
+        return FeedbackBlock
+    if family == "recurrent":
+        from forethought.model.recurrent import RecurrentBlock
+
+        return RecurrentBlock
+    return Block
+
+
 # Each model's compiled decode step with the weight addresses it was built for. Kept beside the module,
 # not in it, so that copy.deepcopy / pickling a model never meets the (unpicklable) C++ object.
 _DECODE_STEPS: weakref.WeakKeyDictionary[Transformer, tuple] = weakref.WeakKeyDictionary()
@@ -308,8 +324,12 @@ class Transformer(nn.Module):
         self.pos_embed = (
             nn.Parameter(torch.empty(c.context_length, c.d_model), requires_grad=False) if c.family == "gpt2" else None
         )
-        block_class = GemmaBlock if c.family == "gemma3" else Block
-        self.blocks = nn.ModuleList(block_class(c, i) for i in range(c.n_layers))
+        self.blocks = nn.ModuleList(_block_class(c.family)(c, i) for i in range(c.n_layers))
+        self.memory = None
+        if c.family == "feedback":
+            from forethought.model.feedback import FeedbackMemory
+
+            self.memory = FeedbackMemory(c)
         self.final_norm = Norm(c.d_model, c.norm_eps, c.family == "gpt2")
         # Kept [d_model, vocab] even when tied to the embedding: the copy costs memory but makes the
         # largest matrix-vector product of a decode step read at the faster layout.
@@ -323,7 +343,7 @@ class Transformer(nn.Module):
         (HF's rotate-half convention). `forward` grows the table as sequences get longer: sizing it by the
         declared context would let one edited header field (a context of 1e9) allocate tens of gigabytes."""
         c = self.config
-        if c.family != "llama" or self.rope_cos.device.type == "meta":
+        if c.family not in ROPE_FAMILIES or self.rope_cos.device.type == "meta":
             return
         positions = max(1, min(positions, c.context_length))
         # Plain tensors even when first needed inside inference_mode, so autograd may use them later.
@@ -342,6 +362,10 @@ class Transformer(nn.Module):
         return self.embed.dtype
 
     def new_cache(self, capacity: int = 256, batch_size: int = 1) -> KVCache:
+        if self.config.family == "recurrent":
+            from forethought.model.recurrent import RecurrentCache
+
+            return RecurrentCache(self.config, batch_size, capacity, self.dtype, self.device)
         if self.config.sliding_layers:
             # Local layers keep a bounded ring; a few spare slots let callers rewind rejected tokens.
             return SlidingKVCache(self.config, batch_size, capacity, self.dtype, self.device, rewind=GEMMA_REWIND)
@@ -370,7 +394,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{end} tokens exceed the context length {c.context_length}")
         if cache is not None:
             cache.reserve(end)
-        if c.family == "llama" and end > self.rope_cos.shape[0]:
+        if c.family in ROPE_FAMILIES and end > self.rope_cos.shape[0]:
             self.init_rope(max(end, 2 * self.rope_cos.shape[0]))  # doubling: O(log n) rebuilds
         wanted = hooks.points if hooks is not None else ()
         if T <= kernels.MAX_TOKENS and B == 1 and cache is not None and not wanted and self.fused_decode:
@@ -383,6 +407,14 @@ class Transformer(nn.Module):
                 return (logits[-1:] if last_only else logits).unsqueeze(0)
         if c.family == "gemma3":
             return gemma_forward(self, tokens, cache, hooks, last_only, causal, start)
+        if c.family == "feedback":
+            from forethought.model.feedback import feedback_forward
+
+            return feedback_forward(self, tokens, cache, hooks, last_only, causal, start)
+        if c.family == "recurrent":
+            from forethought.model.recurrent import recurrent_forward
+
+            return recurrent_forward(self, tokens, cache, hooks, last_only, causal, start)
 
         x = F.embedding(tokens, self.embed)
         if self.pos_embed is not None:
@@ -458,13 +490,14 @@ class Transformer(nn.Module):
     def announce_decode_path(self) -> None:
         """Say once on stderr when decoding cannot use the compiled step, so that a caller about to stream text
         can have it said first, on its own line, rather than in the middle of the text."""
-        if self.config.family == "gemma3":
-            _say_once("the compiled decode step covers Llama-family models only; Gemma 3 decodes op by op")
+        family = self.config.family
+        if family in OP_BY_OP_FAMILIES:
+            _say_once(f"the compiled decode step covers Llama-family models only; {family} decodes op by op")
 
     def _decode_step(self, cache: KVCache):
         """The compiled step for the current weights, or None where it does not apply."""
         c = self.config
-        if c.family == "gemma3":
+        if c.family in OP_BY_OP_FAMILIES:
             self.announce_decode_path()
             return None
         if (

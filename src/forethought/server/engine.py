@@ -428,7 +428,12 @@ class ViewerEngine:
             }
             if self.probes is not None:
                 payload["probes"] = self.probes.predictions(row, state, k=min(k, 10), tokenizer=self.tokenizer)
-            if row == 0:
+            if self.config.family == "recurrent":
+                payload["attention_note"] = (
+                    "A recurrent (GRU) model has no attention: each layer reads only the state it carried "
+                    "from the previous token."
+                )
+            elif row == 0:
                 payload["attention_note"] = (
                     "The embedding row is a table lookup of this token: no attention has run yet. "
                     "Click a layer row to see where its attention looked."

@@ -15,6 +15,9 @@ from forethought.weights.gemma import HF_MODEL_TYPES, canonical_tensors_hf_gemma
 from forethought.weights.tokenizer import Tokenizer
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
+# Folders written by `forethought arch train` for architectures HF has no class for; their tensors are stored
+# under the engine's canonical names (weights/tensors.py).
+LAB_TYPES = {"forethought_feedback": "feedback", "forethought_recurrent": "recurrent"}
 
 
 def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
@@ -60,9 +63,26 @@ def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
         )
     if kind in HF_MODEL_TYPES:
         return config_from_hf_gemma3(raw, folder)
+    if kind in LAB_TYPES:
+        n_heads = raw["num_attention_heads"]
+        return ModelConfig(
+            family=LAB_TYPES[kind],
+            n_layers=raw["num_hidden_layers"],
+            d_model=raw["hidden_size"],
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
+            d_ff=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            context_length=raw["max_position_embeddings"],
+            norm_eps=raw.get("rms_norm_eps", 1e-5),
+            rope_theta=raw.get("rope_theta", 10000.0),
+            tie_embeddings=False,
+            name=folder.name,
+        )
     raise ForethoughtError(
         f"{folder}: model_type {kind!r} is not supported "
-        f"(supported: gpt2, {', '.join(LLAMA_TYPES)}, {', '.join(HF_MODEL_TYPES)})"
+        f"(supported: gpt2, {', '.join(LLAMA_TYPES)}, {', '.join(HF_MODEL_TYPES)}, {', '.join(LAB_TYPES)})"
     )
 
 
@@ -152,6 +172,8 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
         raise ForethoughtError(f"{config_path} has a value of the wrong type ({e})") from None
     if config.family == "gemma3":
         tensors = canonical_tensors_hf_gemma3(_read_safetensors(folder), config)
+    elif config.family in LAB_TYPES.values():
+        tensors = _read_safetensors(folder)
     else:
         tensors = canonical_tensors(_read_safetensors(folder), config)
     eos = raw_config.get("eos_token_id")

@@ -94,6 +94,12 @@ class LoadedModel:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    @property
+    def source(self) -> str:
+        """What `load_model` needs to load this model again: its registry name, or its file or folder's
+        absolute path (a bare folder name is not enough once the caller's working directory changes)."""
+        return self.name if self.name in REGISTRY else str(Path(self.path).resolve())
+
     def describe(self) -> dict:
         return {
             "name": self.name,

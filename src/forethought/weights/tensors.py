@@ -5,7 +5,9 @@ Every file-format loader translates its own names into these, in the usual [out,
   blocks.{i}.attn_norm.weight/.bias, blocks.{i}.mlp_norm.weight/.bias,
   blocks.{i}.{q,k,v,o}.weight/.bias, blocks.{i}.{gate,up,down}.weight/.bias,
   and for Gemma 3: blocks.{i}.{post_attn_norm,post_mlp_norm,q_norm,k_norm}.weight (norm gains as
-  multipliers, i.e. HF's stored value + 1).
+  multipliers, i.e. HF's stored value + 1); for the Feedback Transformer no blocks.{i}.k/v but
+  memory.norm.weight, memory.k.weight, memory.v.weight, memory.layer_logits; for a GRU stack only the norms
+  outside the blocks and blocks.{i}.gru.{weight_ih,weight_hh,bias_ih,bias_hh} (torch's layout).
 Keeping the fusing and transposing here means no loader knows about the engine's layout.
 """
 
@@ -63,15 +65,31 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
     unembed = embed if config.tie_embeddings else take("unembed")
     set_linear(model.unembed, [unembed], [None])
 
+    if config.family == "recurrent":
+        for i, block in enumerate(model.blocks):
+            for leaf in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                # Shapes were checked against the config (validate.expected_shapes) before the model was built.
+                param = getattr(block.gru, f"{leaf}_l0")
+                param.data = take(f"blocks.{i}.gru.{leaf}").to(dtype=dtype, device=device)
+            block.gru.flatten_parameters()
+        return model.eval()
+    if config.family == "feedback":
+        set_norm(model.memory.norm, "memory.norm")
+        set_linear(model.memory.kv, [take("memory.k.weight"), take("memory.v.weight")], [None, None])
+        model.memory.layer_logits.data = take("memory.layer_logits").to(dtype=dtype, device=device)
+
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}"
         set_norm(block.attn_norm, f"{p}.attn_norm")
         set_norm(block.mlp_norm, f"{p}.mlp_norm")
-        set_linear(
-            block.qkv,
-            [take(f"{p}.{n}.weight") for n in "qkv"],
-            [maybe(f"{p}.{n}.bias") for n in "qkv"],
-        )
+        if config.family == "feedback":  # keys and values come from the shared memory map
+            set_linear(block.q, [take(f"{p}.q.weight")], [None])
+        else:
+            set_linear(
+                block.qkv,
+                [take(f"{p}.{n}.weight") for n in "qkv"],
+                [maybe(f"{p}.{n}.bias") for n in "qkv"],
+            )
         set_linear(block.o, [take(f"{p}.o.weight")], [maybe(f"{p}.o.bias")])
         if config.family == "gpt2":
             set_linear(block.up, [take(f"{p}.up.weight")], [maybe(f"{p}.up.bias")])

@@ -236,6 +236,19 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     }
     if c.family == "gpt2":
         shapes["pos_embed"] = (c.context_length, d)
+    if c.family == "feedback":
+        shapes |= {
+            "memory.norm.weight": (d,),
+            "memory.k.weight": (c.n_heads * hd, d),
+            "memory.v.weight": (c.n_heads * hd, d),
+            "memory.layer_logits": (c.n_layers + 1,),
+        }
+    if c.family == "recurrent":
+        for i in range(c.n_layers):
+            p = f"blocks.{i}.gru"
+            shapes |= {f"{p}.weight_ih": (3 * d, d), f"{p}.weight_hh": (3 * d, d)}
+            shapes |= {f"{p}.bias_ih": (3 * d,), f"{p}.bias_hh": (3 * d,)}
+        return shapes
     for i in range(c.n_layers):
         p = f"blocks.{i}"
         shapes |= {
