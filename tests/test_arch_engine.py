@@ -41,7 +41,7 @@ def reference_feedback(net, tokens: torch.Tensor) -> torch.Tensor:
     every layer attends over [memories of earlier tokens; its own input], both through the one shared K/V map;
     the memory is the softmax(w)-weighted sum of the embedding and every layer's output."""
     c = net.config
-    H, hd, d = c.n_heads, c.head_dim, c.d_model
+    H, hd = c.n_heads, c.head_dim
     W = {name: p.detach().double() for name, p in net.named_parameters()}
 
     def rms(x, w):
