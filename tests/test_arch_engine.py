@@ -249,3 +249,18 @@ def test_viewer_serves_a_lab_model(arch, folders):
         assert heads.shape == (2, 7) and torch.allclose(heads.sum(-1), torch.ones(2), atol=1e-3)
     else:
         assert cell["attention"] is None and "no attention" in cell["attention_note"]
+
+
+def test_streamed_text_continues_the_prompt_with_its_separator(tmp_path):
+    """`generate` streams token by token; the first new word of a word-level tokenizer needs the space that
+    only the prompt's last token decides (before the prompt was given as context it printed "0 1 10 0")."""
+    from forethought.weights.tokenizer import StreamDecoder
+
+    task = build_task("parity", 8)
+    export_engine_folder(lab_model("feedback", vocab=task.vocab_size), task, tmp_path / "fb")
+    tokenizer = load_model(str(tmp_path / "fb")).tokenizer
+    prompt, new = tokenizer.encode("0 1 1"), tokenizer.encode("0 1 0")
+    with_context = StreamDecoder(tokenizer, context=prompt)
+    assert "".join(with_context.push(i) for i in new) == " 0 1 0"
+    without = StreamDecoder(tokenizer)
+    assert "".join(without.push(i) for i in new) == "0 1 0"  # no prompt: nothing to separate from

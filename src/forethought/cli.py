@@ -99,7 +99,7 @@ def generate(
         from forethought.model.speculative import make_drafter
 
         drafter = make_drafter(lm.model, speculative, heads)
-    stream = StreamDecoder(lm.tokenizer, skip_special=plain_chat)
+    stream = StreamDecoder(lm.tokenizer, skip_special=plain_chat, context=prompt_ids)
 
     def show(token: int) -> None:
         if not as_json:

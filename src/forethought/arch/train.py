@@ -21,6 +21,7 @@ from forethought.errors import ForethoughtError
 CHECKPOINT = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
+ENGINE = "engine"  # the trained model as a model folder (arch/export.py)
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,10 @@ def train(
     settings: TrainSettings,
     out: Path | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    export: bool = True,
 ) -> tuple[ArchModel, TrainResult]:
-    """Train `config.arch` on `task`; with `out`, checkpoint there and resume from what is there.
+    """Train `config.arch` on `task`; with `out`, checkpoint there and resume from what is there, and (with
+    `export`) write the trained model as a model folder `out/engine` for `--model` / `load_model`.
 
     `on_step(step, loss, tokens_per_second)` is called after every step (for progress bars).
     """
@@ -199,4 +202,8 @@ def train(
         )
     if out is not None:
         _save(out, model, optimizer, result)
+        if export:
+            from forethought.arch.export import export_engine_folder
+
+            export_engine_folder(model, task, out / ENGINE)
     return model, result

@@ -63,7 +63,7 @@ def train_command(
 
     from forethought.arch.config import ArchConfig
     from forethought.arch.tasks import build_task
-    from forethought.arch.train import TrainSettings, check_resumable, train
+    from forethought.arch.train import ENGINE, TrainSettings, check_resumable, train
 
     task = build_task(
         task_name,
@@ -87,13 +87,11 @@ def train_command(
         def on_step(step: int, loss: float, speed: float) -> None:
             progress.update(bar, completed=step, loss=loss, speed=speed)
 
-        model, result = train(config, task, settings, out, on_step=on_step)
+        model, result = train(config, task, settings, out, on_step=on_step, export=not no_export)
     summary = result.to_dict()
     summary.pop("history")
     if not no_export:
-        from forethought.arch.export import export_engine_folder
-
-        summary["engine_folder"] = str(export_engine_folder(model, task, out / "engine"))
+        summary["engine_folder"] = str(out / ENGINE)
     if as_json:
         print(json.dumps(summary, default=float))
         return

@@ -261,17 +261,30 @@ def _spm_backend(
 
 
 class StreamDecoder:
-    """Turns ids into text one at a time, holding back bytes of a character not yet complete."""
+    """Turns ids into text one at a time, holding back bytes of a character not yet complete.
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+    `context` (the prompt's ids) is decoded in front of the new ids and cut off again, so the first new token
+    gets the separator that only its left neighbour decides: a word-level tokenizer's space, SentencePiece's
+    leading "▁" that decoding drops at the start of a text.
+    """
+
+    CONTEXT_TOKENS = 8  # the last few prompt tokens decide the joint; decoding the whole prompt each step would not
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, context: list[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special = skip_special  # e.g. a chat answer's closing <|im_end|>
+        self.context = list(context)[-self.CONTEXT_TOKENS :]
+        self.prefix = tokenizer.decode(self.context, skip_special=skip_special) if self.context else ""
         self.ids: list[int] = []
         self.emitted = 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special=self.skip_special)
+        text = self.tokenizer.decode(self.context + self.ids, skip_special=self.skip_special)
+        if text.startswith(self.prefix):
+            text = text[len(self.prefix) :]
+        else:  # a decoder that rewrites across the joint: fall back to the new ids alone
+            text = self.tokenizer.decode(self.ids, skip_special=self.skip_special)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next byte
             return ""
         new = text[self.emitted :]
