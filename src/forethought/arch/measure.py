@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -23,19 +24,20 @@ class Costs:
 
 
 @torch.no_grad()
-def decode_speed(model: ArchModel, tokens: int = 128, repeats: int = 3) -> float:
-    """Batch-1 greedy-free decode with the model's own cache: best of `repeats` runs of `tokens` steps."""
+def decode_speed(model: ArchModel, tokens: int = 128, repeats: int = 5) -> float:
+    """Batch-1 decode (of given tokens) with the model's own cache: tokens/s, the median of `repeats` timed runs
+    of `tokens` steps after one untimed warm-up run."""
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
-    best = float("inf")
-    for _ in range(repeats):
+    seconds = []
+    for _ in range(repeats + 1):
         state = model.new_state(1, tokens)
         started = time.perf_counter()
         for t in range(tokens):
             model.step(ids[t].view(1, 1), state)
-        best = min(best, time.perf_counter() - started)
+        seconds.append(time.perf_counter() - started)
     model.train()
-    return tokens / best
+    return tokens / statistics.median(seconds[1:])
 
 
 def costs(model: ArchModel, context: int, decode_tokens: int = 128) -> Costs:
