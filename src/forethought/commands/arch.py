@@ -107,6 +107,13 @@ def train_command(
         console.print(f"engine folder (load_model / --model): {summary['engine_folder']}")
 
 
+def _depths(text: str) -> set[int]:
+    try:
+        return {int(n) for n in text.split(",") if n.strip()}
+    except ValueError:
+        raise ForethoughtError(f"--layers {text!r}: give comma-separated whole numbers, e.g. 1,2") from None
+
+
 @arch_app.command("compare")
 def compare_command(
     out: Annotated[Path, typer.Option("--out", help="Results folder (runs resume from here).")] = Path("arch_results"),
@@ -115,6 +122,9 @@ def compare_command(
     archs: Annotated[str, typer.Option("--archs", help="Comma-separated subset of the architectures.")] = "",
     tasks: Annotated[
         str, typer.Option("--tasks", help="Comma-separated subset of the preset's tasks (parallel runs share --out).")
+    ] = "",
+    layers: Annotated[
+        str, typer.Option("--layers", help="Comma-separated subset of the preset's depths (parallel runs share --out).")
     ] = "",
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="Where PNGs go (default: --out).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
@@ -147,6 +157,13 @@ def compare_command(
         raise ForethoughtError(f"--tasks {tasks!r}: preset {name!r} has {', '.join(known)}")
     if wanted:
         p = replace(p, plans=tuple(plan for plan in p.plans if plan.task in wanted))
+    depths = _depths(layers)
+    if depths:
+        plans = tuple(replace(plan, layers=tuple(n for n in plan.layers if n in depths)) for plan in p.plans)
+        p = replace(p, plans=tuple(plan for plan in plans if plan.layers))
+        if not p.plans:
+            offered = sorted({n for plan in PRESETS[name].plans for n in plan.layers})
+            raise ForethoughtError(f"--layers {layers!r}: preset {name!r} trains {', '.join(map(str, offered))} layers")
     total = p.seeds * len(chosen) * sum(len(plan.layers) for plan in p.plans)
     with _progress(total, as_json) as progress:
         runs = progress.add_task("runs", total=total, loss=float("nan"), speed=0.0)
