@@ -48,11 +48,15 @@ def evaluate_lengths(
 
     With the default `batches` and `batch_size`, the result at the training length is the training loop's own final
     evaluation. A length beyond the model's context is refused with one line, before anything is evaluated."""
-    context = model.config.context_length
+    check_lengths(lengths, model.config.context_length)
+    return {n: evaluate(model, task, batches, batch_size, n) for n in lengths}
+
+
+def check_lengths(lengths: Sequence[int], context: int) -> None:
+    """Refuse, in one line, an evaluation length the model cannot read (checked before any training or evaluation)."""
     for n in lengths:
         if not 1 <= n <= context:
             raise ForethoughtError(f"evaluation length {n} is outside 1..{context} (the model's context length)")
-    return {n: evaluate(model, task, batches, batch_size, n) for n in lengths}
 
 
 def length_record(evaluations: dict[int, Evaluation]) -> dict[int, dict]:

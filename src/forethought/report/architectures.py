@@ -38,6 +38,11 @@ def architectures(ctx: ReportContext, folder: Path) -> Finding:
         intervals[key] = _iv(gap["loss_gap"])
     for arch, cost in result.costs.items():
         numbers[f"{arch}_state_bytes_per_token"] = cost.state_bytes_per_token
+    for sweep in result.length_sweep:
+        for point in sweep["points"]:
+            key = f"{sweep['task']}_L{sweep['layers']}_{sweep['arch']}_tail_accuracy_at_{point['length']}"
+            numbers[key] = point["tail_accuracy"]["mean"] * 100
+            intervals[key] = _iv(point["tail_accuracy"], 100.0)
 
     def acc(task: str, arch: str) -> str:
         rows = [r for r in result.table if r["task"] == task and r["arch"] == arch and r["layers"] == 1]
@@ -54,12 +59,38 @@ def architectures(ctx: ReportContext, folder: Path) -> Finding:
         g = rows[-1]["loss_gap"]
         return f"{g['mean']:+.3f} ± {g['ci95']:.3f} nats"
 
+    def depth(arch: str) -> str:
+        rows = [d for d in result.depth_sweep if d["arch"] == arch]
+        if not rows:
+            return "n/a"
+        return " / ".join(f"{100 * p['accuracy']['mean']:.0f}%" for p in rows[0]["points"])
+
+    def longest(arch: str) -> str:
+        """Tail accuracy at the longest evaluation length, for the shallowest model of `arch`."""
+        rows = sorted((s for s in result.length_sweep if s["arch"] == arch), key=lambda s: s["layers"])
+        if not rows or not rows[0]["points"]:
+            return "n/a"
+        p = rows[0]["points"][-1]["tail_accuracy"]
+        return f"{100 * p['mean']:.0f}% ± {100 * p['ci95']:.0f}"
+
+    sweeps = ""
+    if result.depth_sweep and result.length_sweep:
+        d0, s0 = result.depth_sweep[0], min(result.length_sweep, key=lambda s: s["layers"])
+        layers = "/".join(str(p["layers"]) for p in d0["points"])
+        n = s0["points"][-1]["length"]
+        sweeps = (
+            f" Depth ({d0['task']} at length {d0['length']}, {layers} layers): standard {depth('standard')}, "
+            f"feedback {depth('feedback')}, GRU {depth('recurrent')}. Length generalisation (trained at "
+            f"{s0['train_length']}, evaluated at {n}, accuracy on the last quarter, {s0['layers']} layer"
+            f"{'s' if s0['layers'] > 1 else ''}): standard {longest('standard')}, feedback {longest('feedback')}, "
+            f"GRU {longest('recurrent')}."
+        )
     seeds = result.seeds
     verdict = (
         f"Preset '{preset}', {seeds} seeds, mean ± 95% t-interval over seeds (tiny models trained here). Pyramidal "
         f"flow: on running parity a 1-layer standard decoder reaches {acc('parity', 'standard')} held-out accuracy, "
         f"the 1-layer Feedback Transformer (every layer of the past in one memory) {acc('parity', 'feedback')}, the "
-        f"GRU {acc('parity', 'recurrent')}. Pre-caching: myopic training (no gradient from a later loss into "
+        f"GRU {acc('parity', 'recurrent')}.{sweeps} Pre-caching: myopic training (no gradient from a later loss into "
         f"earlier positions' keys and values) costs {gap('repeat')} on the look-ahead task, {gap('parity')} on "
         f"parity (nothing to pre-cache: the control) and {gap('text')} on stdlib text. Full tables and the "
         "three-seed runs of the committed comparison: docs/results/arch_compare.md."
@@ -75,4 +106,4 @@ def architectures(ctx: ReportContext, folder: Path) -> Finding:
     )
 
 
-architectures.report_version = 1
+architectures.report_version = 2  # 2: depth and length sweeps
