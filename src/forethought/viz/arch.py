@@ -107,11 +107,15 @@ def _plot_depth(result: ComparisonResult, folder: Path, prefix: str, plt) -> lis
         return []
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for d in (d for d in result.depth_sweep if d["task"] == task):
+        rows = [d for d in result.depth_sweep if d["task"] == task]
+        for i, d in enumerate(rows):
             xs = [p["layers"] for p in d["points"]]
+            nudge = 2 ** (0.05 * (i - (len(rows) - 1) / 2))  # side by side, so the intervals do not hide each other
             ys = [p["accuracy"]["mean"] for p in d["points"]]
             errs = [0 if math.isnan(p["accuracy"]["ci95"]) else p["accuracy"]["ci95"] for p in d["points"]]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=d["arch"], color=COLORS[d["arch"]])
+            ax.errorbar(
+                [x * nudge for x in xs], ys, yerr=errs, marker="o", capsize=3, label=d["arch"], color=COLORS[d["arch"]]
+            )
             length = d["length"]
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
@@ -142,8 +146,8 @@ def _plot_lengths(result: ComparisonResult, folder: Path, prefix: str, plt) -> l
             ax.plot(xs, ys, marker="o", label=s["arch"], color=COLORS[s["arch"]])
             ax.fill_between(
                 xs,
-                [y - h for y, h in zip(ys, half)],
-                [y + h for y, h in zip(ys, half)],
+                [max(0.0, y - h) for y, h in zip(ys, half)],
+                [min(1.0, y + h) for y, h in zip(ys, half)],
                 color=COLORS[s["arch"]],
                 alpha=0.12,
                 lw=0,
