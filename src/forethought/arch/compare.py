@@ -69,7 +69,8 @@ class Preset:
 # was made: README, architectures lab; `python -m benchmarks.arch_compare --estimate` times it again on the machine at
 # hand). "reduced" is what a machine shared with six other jobs finished in under an hour; "quick" is the few-minute
 # run; "smoke" the seconds-long plumbing for tests. The sequential Feedback Transformer dominates every budget.
-# State tracking (parity) sweeps depth (1, 2, 4 layers at one length) and evaluation length (L/2 .. 4L).
+# State tracking (parity; S3 composition, the smallest non-abelian group) sweeps depth (1, 2, 4 layers at one length)
+# and evaluation length (L/2 .. 4L).
 SWEEP = (0.5, 1.0, 2.0, 4.0)
 PRESETS = {
     "full": Preset(
@@ -77,6 +78,7 @@ PRESETS = {
         5,
         (
             Plan("parity", (1, 2, 4), 32, 4, 64, steps=600, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
+            Plan("perm", (1, 2, 4), 32, 4, 64, steps=600, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
             Plan("repeat", (2,), 32, 4, 64, steps=800, batch_size=32, lr=3e-3, length=24),
             Plan("text", (2,), 64, 4, 128, steps=800, batch_size=16, lr=3e-3, length=64, eval_every=100),
         ),

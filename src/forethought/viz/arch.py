@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -100,6 +101,40 @@ def _sweep_markdown(result: ComparisonResult) -> list[str]:
     return lines
 
 
+def _plot_positions(result: ComparisonResult, folder: Path, prefix: str, plt) -> list[Path]:
+    """Accuracy at each position of sequences of the training length; a row per task, a column per depth."""
+    rows = [r for r in result.table if r["task"] not in ("text", "recall")]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    depths = sorted({r["layers"] for r in rows})
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(
+        len(tasks), len(depths), figsize=(3.6 * len(depths), 0.4 + 3.0 * len(tasks)), squeeze=False
+    )
+    for (i, task), (j, layers) in itertools.product(enumerate(tasks), enumerate(depths)):
+        ax = axes[i][j]
+        panel = [r for r in rows if (r["task"], r["layers"]) == (task, layers)]
+        if not panel:
+            ax.set_axis_off()
+            continue
+        for row in panel:
+            acc = row["accuracy_by_position"]
+            ax.plot(range(1, len(acc) + 1), acc, label=row["arch"], color=COLORS[row["arch"]])
+        ax.set_title(f"{task}, {_layers(layers)}", fontsize=9)
+        ax.set_xlabel("position t (symbols tracked so far)")
+        ax.set_ylim(0, 1.02)
+        ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
+        if j == 0:
+            ax.set_ylabel(f"accuracy (mean of {result.seeds} seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Accuracy by position within one sequence of the training length", fontsize=10)
+    fig.tight_layout()
+    path = folder / f"{prefix}accuracy_by_position.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def _plot_depth(result: ComparisonResult, folder: Path, prefix: str, plt) -> list[Path]:
     """Held-out accuracy at the training length vs number of layers, one line per architecture, 95% intervals."""
     tasks = list(dict.fromkeys(d["task"] for d in result.depth_sweep))
@@ -133,12 +168,20 @@ def _plot_depth(result: ComparisonResult, folder: Path, prefix: str, plt) -> lis
 
 
 def _plot_lengths(result: ComparisonResult, folder: Path, prefix: str, plt) -> list[Path]:
-    """Length generalisation: accuracy on each sequence's last quarter vs evaluation length, one panel per depth."""
-    panels = sorted({(s["task"], s["layers"]) for s in result.length_sweep})
-    if not panels:
+    """Length generalisation: accuracy on each sequence's last quarter vs evaluation length; a row per task, a
+    column per depth."""
+    tasks = list(dict.fromkeys(s["task"] for s in result.length_sweep))
+    depths = sorted({s["layers"] for s in result.length_sweep})
+    if not tasks:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    for ax, (task, layers) in zip(axes[0], panels):
+    fig, axes = plt.subplots(
+        len(tasks), len(depths), figsize=(3.6 * len(depths), 0.4 + 3.2 * len(tasks)), squeeze=False
+    )
+    for (row, task), (col, layers) in itertools.product(enumerate(tasks), enumerate(depths)):
+        ax = axes[row][col]
+        if not any((s["task"], s["layers"]) == (task, layers) for s in result.length_sweep):
+            ax.set_axis_off()
+            continue
         for s in (s for s in result.length_sweep if (s["task"], s["layers"]) == (task, layers)):
             xs = [p["length"] for p in s["points"]]
             ys = [p["tail_accuracy"]["mean"] for p in s["points"]]
@@ -161,7 +204,8 @@ def _plot_lengths(result: ComparisonResult, folder: Path, prefix: str, plt) -> l
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("evaluation length n (tokens)")
         ax.set_title(f"{task}, {_layers(layers)}", fontsize=9)
-    axes[0][0].set_ylabel("accuracy on the last n/4 positions")
+        if col == 0:
+            ax.set_ylabel("accuracy on the last n/4 positions")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(
         f"Length generalisation: trained at one length, evaluated at others (mean ± 95% CI, {result.seeds} seeds)",
@@ -189,25 +233,7 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
     paths: list[Path] = []
 
     # 1. Accuracy vs position within one sequence of the training length (= symbols tracked so far).
-    panels = sorted({(r["task"], r["layers"]) for r in result.table if r["task"] not in ("text", "recall")})
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-        for ax, (task, layers) in zip(axes[0], panels):
-            for row in result.table:
-                if (row["task"], row["layers"]) == (task, layers):
-                    acc = row["accuracy_by_position"]
-                    ax.plot(range(1, len(acc) + 1), acc, label=row["arch"], color=COLORS[row["arch"]])
-            ax.set_title(f"{task}, {_layers(layers)}")
-            ax.set_xlabel("position t (symbols tracked so far)")
-            ax.set_ylim(0, 1.02)
-            ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
-        axes[0][0].set_ylabel(f"held-out accuracy (mean of {result.seeds} seeds)")
-        axes[0][-1].legend(fontsize=8)
-        fig.suptitle("Accuracy by position within one sequence of the training length", fontsize=10)
-        fig.tight_layout()
-        paths.append(folder / f"{prefix}accuracy_by_position.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+    paths += _plot_positions(result, folder, prefix, plt)
     paths += _plot_depth(result, folder, prefix, plt)
     paths += _plot_lengths(result, folder, prefix, plt)
 
