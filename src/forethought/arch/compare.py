@@ -105,7 +105,7 @@ PRESETS = {
         "quick",
         2,
         (
-            Plan("parity", (1, 2, 4), 32, 4, 64, steps=150, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
+            Plan("parity", (1, 2), 32, 4, 64, steps=300, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
             Plan("repeat", (2,), 32, 4, 64, steps=150, batch_size=32, lr=3e-3, length=24),
             Plan("text", (2,), 64, 4, 128, steps=40, batch_size=8, lr=3e-3, length=32, eval_every=20),
         ),

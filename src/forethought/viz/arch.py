@@ -101,6 +101,13 @@ def _sweep_markdown(result: ComparisonResult) -> list[str]:
     return lines
 
 
+def _bars(intervals: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """Means and asymmetric error bars of accuracy intervals, clipped to [0, 1] (no bar for a single seed)."""
+    means = [iv["mean"] for iv in intervals]
+    half = [0.0 if math.isnan(iv["ci95"]) else iv["ci95"] for iv in intervals]
+    return means, [[min(h, m) for m, h in zip(means, half)], [min(h, 1 - m) for m, h in zip(means, half)]]
+
+
 def _plot_positions(result: ComparisonResult, folder: Path, prefix: str, plt) -> list[Path]:
     """Accuracy at each position of sequences of the training length; a row per task, a column per depth."""
     rows = [r for r in result.table if r["task"] not in ("text", "recall")]
@@ -121,7 +128,9 @@ def _plot_positions(result: ComparisonResult, folder: Path, prefix: str, plt) ->
             acc = row["accuracy_by_position"]
             ax.plot(range(1, len(acc) + 1), acc, label=row["arch"], color=COLORS[row["arch"]])
         ax.set_title(f"{task}, {_layers(layers)}", fontsize=9)
-        ax.set_xlabel("position t (symbols tracked so far)")
+        tracked = task != "repeat"  # state tracking: position t asks for the state after t symbols
+        ax.set_xlabel("position t (symbols tracked so far)" if tracked else "position t")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylim(0, 1.02)
         ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
         if j == 0:
@@ -146,8 +155,7 @@ def _plot_depth(result: ComparisonResult, folder: Path, prefix: str, plt) -> lis
         for i, d in enumerate(rows):
             xs = [p["layers"] for p in d["points"]]
             nudge = 2 ** (0.05 * (i - (len(rows) - 1) / 2))  # side by side, so the intervals do not hide each other
-            ys = [p["accuracy"]["mean"] for p in d["points"]]
-            errs = [0 if math.isnan(p["accuracy"]["ci95"]) else p["accuracy"]["ci95"] for p in d["points"]]
+            ys, errs = _bars([p["accuracy"] for p in d["points"]])
             ax.errorbar(
                 [x * nudge for x in xs], ys, yerr=errs, marker="o", capsize=3, label=d["arch"], color=COLORS[d["arch"]]
             )
@@ -157,7 +165,7 @@ def _plot_depth(result: ComparisonResult, folder: Path, prefix: str, plt) -> lis
         ax.set_ylim(0, 1.05)
         ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
         ax.set_xlabel("number of layers")
-        ax.set_ylabel(f"held-out accuracy at length {length}")
+        ax.set_ylabel(f"held-out accuracy at the training length {length}")
         ax.set_title(f"{task}: accuracy vs depth (mean ± 95% CI, {result.seeds} seeds)", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -182,22 +190,23 @@ def _plot_lengths(result: ComparisonResult, folder: Path, prefix: str, plt) -> l
         if not any((s["task"], s["layers"]) == (task, layers) for s in result.length_sweep):
             ax.set_axis_off()
             continue
-        for s in (s for s in result.length_sweep if (s["task"], s["layers"]) == (task, layers)):
+        lines = [s for s in result.length_sweep if (s["task"], s["layers"]) == (task, layers)]
+        for i, s in enumerate(lines):
             xs = [p["length"] for p in s["points"]]
-            ys = [p["tail_accuracy"]["mean"] for p in s["points"]]
-            half = [0 if math.isnan(p["tail_accuracy"]["ci95"]) else p["tail_accuracy"]["ci95"] for p in s["points"]]
-            ax.plot(xs, ys, marker="o", label=s["arch"], color=COLORS[s["arch"]])
-            ax.fill_between(
-                xs,
-                [max(0.0, y - h) for y, h in zip(ys, half)],
-                [min(1.0, y + h) for y, h in zip(ys, half)],
+            nudge = 2 ** (0.04 * (i - (len(lines) - 1) / 2))  # side by side, so the intervals do not hide each other
+            ys, errs = _bars([p["tail_accuracy"] for p in s["points"]])
+            ax.errorbar(
+                [x * nudge for x in xs],
+                ys,
+                yerr=errs,
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=s["arch"],
                 color=COLORS[s["arch"]],
-                alpha=0.12,
-                lw=0,
             )
             trained = s["train_length"]
-        ax.axvline(trained, color="k", lw=0.8, ls="--")
-        ax.text(trained, 0.03, f" trained at {trained}", fontsize=7)
+        ax.axvline(trained, color="k", lw=0.8, ls="--", label="training length")
         ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
@@ -206,12 +215,13 @@ def _plot_lengths(result: ComparisonResult, folder: Path, prefix: str, plt) -> l
         ax.set_title(f"{task}, {_layers(layers)}", fontsize=9)
         if col == 0:
             ax.set_ylabel("accuracy on the last n/4 positions")
-    axes[0][-1].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(
         f"Length generalisation: trained at one length, evaluated at others (mean ± 95% CI, {result.seeds} seeds)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07 / len(tasks), 1, 1))
     path = folder / f"{prefix}length_generalisation.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
