@@ -31,7 +31,7 @@ class Job:
     task: str
     archs: str
     layers: tuple[int, ...]
-    seconds: float  # predicted CPU seconds: orders the queue (longest first) and feeds --estimate
+    seconds: float  # CPU seconds measured by --estimate, or a relative guess (_guess) that only orders the queue
 
     @property
     def name(self) -> str:
@@ -39,8 +39,8 @@ class Job:
 
 
 def _guess(plan: Plan, archs: str, layers: tuple[int, ...], seeds: int) -> float:
-    """A rough CPU-seconds guess without timing anything, good enough to order the queue: tokens x layers, with the
-    feedback model ~6x slower per token (sequential in time; measured on an idle machine, README)."""
+    """A relative cost without timing anything, good enough to order the queue: tokens x layers, with the feedback
+    model ~6x slower per token than each of the other three (sequential in time; `--estimate` measures it)."""
     per_token = 6.0 if archs == "feedback" else 3.0  # three architectures per job
     length = plan.length or 32
     return seeds * plan.steps * plan.batch_size * length * sum(layers) * per_token * 1e-6
