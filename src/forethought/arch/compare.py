@@ -32,8 +32,6 @@ from forethought.arch.sweeps import (
 from forethought.arch.tasks import Task, build_task
 from forethought.arch.train import STATE, TrainSettings, load_checkpoint, train
 
-__all__ = ["PRESETS", "ComparisonResult", "Plan", "Preset", "interval", "run_comparison", "run_config"]
-
 
 @dataclass(frozen=True)
 class Plan:
