@@ -3,6 +3,8 @@ aggregation over seeds on hand-made numbers, and the smoke preset through table,
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -98,3 +100,7 @@ def test_smoke_preset_sweeps_reach_the_table_markdown_and_pngs(tmp_path, monkeyp
     monkeypatch.setattr("forethought.arch.compare.evaluate_lengths", refuse)
     again = run_comparison(PRESETS["smoke"], tmp_path, train_missing=False)
     assert again.length_sweep == result.length_sweep
+    # A preset with another budget in the same folder is refused, not silently given these runs.
+    longer = replace(PRESETS["smoke"], plans=tuple(replace(p, steps=4) for p in PRESETS["smoke"].plans))
+    with pytest.raises(ForethoughtError, match="other training settings; choose a new --out"):
+        run_comparison(longer, tmp_path)

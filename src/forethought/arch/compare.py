@@ -30,7 +30,8 @@ from forethought.arch.sweeps import (
     sweep_lengths,
 )
 from forethought.arch.tasks import Task, build_task
-from forethought.arch.train import STATE, TrainSettings, load_checkpoint, train
+from forethought.arch.train import STATE, TrainSettings, check_resumable, load_checkpoint, train
+from forethought.errors import ForethoughtError
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,10 @@ def _one_run(
     )
     folder = _run_folder(out, plan, layers, arch, seed)
     state_path = folder / STATE
+    if state_path.is_file():  # a run of another preset in the same --out must not stand in for this one
+        check_resumable(folder, config, task)
+        if json.loads(state_path.read_text())["settings"] != asdict(settings):
+            raise ForethoughtError(f"{folder} holds a run with other training settings; choose a new --out")
     if state_path.is_file() and json.loads(state_path.read_text()).get("final"):
         model, state = load_checkpoint(folder)
         final = state["final"]

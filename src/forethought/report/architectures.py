@@ -7,6 +7,7 @@ preset is `forethought arch compare`'s own, <= 90 min).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from forethought.report.context import ReportContext
@@ -22,7 +23,9 @@ def architectures(ctx: ReportContext, folder: Path) -> Finding:
     from forethought.viz.arch import plot_all
 
     preset = ctx.settings.arch_preset
-    result = run_comparison(PRESETS[preset], ctx.work_dir / "arch" / preset)
+    # Runs of an edited preset must not be taken for this one's (the comparison refuses them): one folder per version.
+    version = hashlib.sha1(repr(PRESETS[preset]).encode()).hexdigest()[:8]
+    result = run_comparison(PRESETS[preset], ctx.work_dir / "arch" / f"{preset}-{version}")
     pngs = plot_all(result, folder)
     numbers: dict = {}
     intervals: dict = {}
