@@ -43,6 +43,10 @@ def test_train_writes_a_checkpoint_the_engine_loads(capsys, tmp_path):
         (["arch", "compare", "--preset", "huge"], "unknown preset"),
         (["arch", "compare", "--archs", "standard,lstm"], "unknown architecture"),
         (["arch", "compare", "--tasks", "chess"], "--tasks"),
+        (["arch", "compare", "--layers", "3"], "--layers"),
+        (["arch", "compare", "--layers", "one"], "--layers"),
+        (["arch", "train", "--eval-lengths", "8,300", "--out", "x"], "evaluation length 300 is outside 1..256"),
+        (["arch", "train", "--task", "recall", "--eval-lengths", "8", "--out", "x"], "one length"),
     ],
 )
 def test_bad_input_is_one_error_line(capsys, tmp_path, monkeypatch, args, message):

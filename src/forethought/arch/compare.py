@@ -19,12 +19,19 @@ import torch
 
 from forethought.arch.config import ARCHS, ArchConfig
 from forethought.arch.measure import Costs, costs
-from forethought.arch.models import build_model
+from forethought.arch.models import ArchModel, build_model
+from forethought.arch.stats import interval
+from forethought.arch.sweeps import (
+    cached_lengths,
+    depth_sweep,
+    evaluate_lengths,
+    length_record,
+    length_sweep,
+    sweep_lengths,
+)
 from forethought.arch.tasks import Task, build_task
-from forethought.arch.train import STATE, TrainSettings, evaluate, load_checkpoint, train
-
-# Student-t 97.5% quantiles for a 95% interval of a mean over n seeds (df = n - 1).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+from forethought.arch.train import STATE, TrainSettings, check_resumable, load_checkpoint, train
+from forethought.errors import ForethoughtError
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,12 @@ class Plan:
     length: int | None = None
     eval_every: int = 0
     options: dict = field(default_factory=dict)
+    # Length generalisation: every checkpoint is also evaluated at these multiples of its training length.
+    eval_lengths: tuple[float, ...] = ()
+
+    def context_length(self, task: Task) -> int:
+        """The models' context: room for the task and for the longest evaluation length."""
+        return max(256, task.length, *sweep_lengths(task.length, self.eval_lengths or (1,)))
 
 
 @dataclass(frozen=True)
@@ -51,24 +64,29 @@ class Preset:
     plans: tuple[Plan, ...]
 
 
-# "full" is sized for an idle 2-core CPU (<= 90 min, README: architectures lab); "reduced" is what a machine shared
-# with six other jobs finished in under an hour; "quick" is the few-minute smoke run. The sequential Feedback
-# Transformer dominates every budget.
+# "full" is sized for an idle 2-core CPU run by `python -m benchmarks.arch_compare` (<= 90 min; the estimate and how it
+# was made: README, architectures lab; `python -m benchmarks.arch_compare --estimate` times it again on the machine at
+# hand). "reduced" is what a machine shared with six other jobs finished in under an hour; "quick" is the few-minute
+# run; "smoke" the seconds-long plumbing for tests. The sequential Feedback Transformer dominates every budget.
+# State tracking (parity; S3 composition, the smallest non-abelian group) sweeps depth (1, 2, 4 layers at one length)
+# and evaluation length (L/2 .. 4L).
+SWEEP = (0.5, 1.0, 2.0, 4.0)
 PRESETS = {
     "full": Preset(
         "full",
-        3,
+        5,
         (
-            Plan("parity", (1, 2), 32, 4, 64, steps=300, batch_size=32, lr=3e-3, length=32),
-            Plan("repeat", (2,), 32, 4, 64, steps=600, batch_size=32, lr=3e-3, length=24),
-            Plan("text", (2,), 64, 4, 128, steps=400, batch_size=16, lr=3e-3, length=64, eval_every=100),
+            Plan("parity", (1, 2, 4), 32, 4, 64, steps=600, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
+            Plan("perm", (1, 2, 4), 32, 4, 64, steps=600, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
+            Plan("repeat", (2,), 32, 4, 64, steps=800, batch_size=32, lr=3e-3, length=24),
+            Plan("text", (2,), 64, 4, 128, steps=800, batch_size=16, lr=3e-3, length=64, eval_every=100),
         ),
     ),
     "reduced": Preset(
         "reduced",
         3,
         (
-            Plan("parity", (1, 2), 32, 4, 64, steps=200, batch_size=32, lr=3e-3, length=16),
+            Plan("parity", (1, 2), 32, 4, 64, steps=200, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
             Plan("repeat", (2,), 32, 4, 64, steps=400, batch_size=32, lr=3e-3, length=24),
             Plan("text", (2,), 64, 4, 128, steps=300, batch_size=16, lr=3e-3, length=32, eval_every=75),
         ),
@@ -78,7 +96,7 @@ PRESETS = {
         "smoke",
         2,
         (
-            Plan("parity", (1,), 16, 2, 32, steps=3, batch_size=8, lr=3e-3, length=8),
+            Plan("parity", (1, 2), 16, 2, 32, steps=3, batch_size=8, lr=3e-3, length=8, eval_lengths=SWEEP),
             Plan("repeat", (1,), 16, 2, 32, steps=3, batch_size=8, lr=3e-3, length=12),
         ),
     ),
@@ -86,20 +104,12 @@ PRESETS = {
         "quick",
         2,
         (
-            Plan("parity", (1,), 32, 4, 64, steps=120, batch_size=32, lr=3e-3, length=16),
+            Plan("parity", (1, 2), 32, 4, 64, steps=300, batch_size=32, lr=3e-3, length=16, eval_lengths=SWEEP),
             Plan("repeat", (2,), 32, 4, 64, steps=150, batch_size=32, lr=3e-3, length=24),
             Plan("text", (2,), 64, 4, 128, steps=40, batch_size=8, lr=3e-3, length=32, eval_every=20),
         ),
     ),
 }
-
-
-def interval(values: list[float]) -> dict:
-    """Mean and 95% t-interval half-width over seeds (NaN width for a single seed)."""
-    mean = statistics.fmean(values)
-    n = len(values)
-    half = _T975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": mean, "ci95": half, "n": n, "values": values}
 
 
 @dataclass
@@ -115,6 +125,7 @@ class RunSummary:
     train_tokens_per_second: float
     evals: list[dict]
     train_seconds: float
+    by_length: dict[int, dict] = field(default_factory=dict)  # eval length -> accuracy, tail_accuracy, loss
 
 
 @dataclass
@@ -128,6 +139,8 @@ class ComparisonResult:
     table: list[dict] = field(default_factory=list)  # per task, layers, arch: accuracy/loss intervals
     myopia_gaps: list[dict] = field(default_factory=list)  # per task: myopic - standard, paired by seed
     equal_flops: list[dict] = field(default_factory=list)  # text: held-out loss at the smallest shared FLOPs
+    depth_sweep: list[dict] = field(default_factory=list)  # per task, arch: accuracy vs layers at the training length
+    length_sweep: list[dict] = field(default_factory=list)  # per task, layers, arch: accuracy vs evaluation length
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,21 +150,30 @@ def _run_folder(out: Path, plan: Plan, layers: int, arch: str, seed: int) -> Pat
     return out / "runs" / f"{plan.task}-L{layers}-{arch}-s{seed}"
 
 
+def run_config(task: Task, plan: Plan, layers: int, arch: str) -> ArchConfig:
+    """The shape of one run of the comparison."""
+    return ArchConfig(
+        arch, task.vocab_size, plan.d_model, layers, plan.n_heads, plan.d_ff, context_length=plan.context_length(task)
+    )
+
+
 def _one_run(
     task: Task, plan: Plan, layers: int, arch: str, seed: int, out: Path, on_step, train_missing: bool = True
 ) -> RunSummary | None:
-    config = ArchConfig(
-        arch, task.vocab_size, plan.d_model, layers, plan.n_heads, plan.d_ff, context_length=max(256, task.length)
-    )
+    config = run_config(task, plan, layers, arch)
     settings = TrainSettings(
         steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, eval_every=plan.eval_every
     )
     folder = _run_folder(out, plan, layers, arch, seed)
     state_path = folder / STATE
+    if state_path.is_file():  # a run of another preset in the same --out must not stand in for this one
+        check_resumable(folder, config, task)
+        if json.loads(state_path.read_text())["settings"] != asdict(settings):
+            raise ForethoughtError(f"{folder} holds a run with other training settings; choose a new --out")
     if state_path.is_file() and json.loads(state_path.read_text()).get("final"):
         model, state = load_checkpoint(folder)
         final = state["final"]
-        return RunSummary(
+        summary = RunSummary(
             task.name,
             layers,
             arch,
@@ -164,10 +186,13 @@ def _one_run(
             state.get("evals", []),
             state["train_seconds"],
         )
+        return _with_lengths(summary, model, task, plan, folder)
     if not train_missing:
         return None
-    model, result = train(config, task, settings, folder, on_step=on_step)
-    return RunSummary(
+    # Seed 0's model folder is what `lens`, `probe`, the viewer and benchmarks.arch_probe open (a text model's
+    # folder holds the full 49k-token vocabulary, 25 MB: not worth writing for every seed).
+    model, result = train(config, task, settings, folder, on_step=on_step, export=seed == 0)
+    summary = RunSummary(
         task.name,
         layers,
         arch,
@@ -180,6 +205,16 @@ def _one_run(
         result.evals,
         result.train_seconds,
     )
+    return _with_lengths(summary, model, task, plan, folder)
+
+
+def _with_lengths(summary: RunSummary, model: ArchModel, task: Task, plan: Plan, folder: Path) -> RunSummary:
+    """Attach the run's length sweep (computed once, then read from its folder)."""
+    if plan.eval_lengths:
+        lengths = sweep_lengths(task.length, plan.eval_lengths)
+        measure = lambda: length_record(evaluate_lengths(model, task, lengths))  # noqa: E731 - run only on a miss
+        summary.by_length = cached_lengths(folder, lengths, measure)
+    return summary
 
 
 def _aggregate(result: ComparisonResult) -> None:
@@ -216,6 +251,9 @@ def _aggregate(result: ComparisonResult) -> None:
                 }
             )
     _equal_flops(result)
+    train_lengths = {name: t["length"] for name, t in result.tasks.items()}
+    result.depth_sweep = depth_sweep(result.table, train_lengths)
+    result.length_sweep = length_sweep(result.runs, train_lengths)
 
 
 def _loss_at(evals: list[dict], flops: float) -> float:
@@ -278,9 +316,3 @@ def run_comparison(
     _aggregate(result)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def evaluate_lengths(folder: Path, task: Task, lengths: list[int]) -> dict[int, float]:
-    """Accuracy of a trained state-tracking model at other sequence lengths (length generalisation)."""
-    model, _ = load_checkpoint(folder)
-    return {n: evaluate(model, task, 2, 64, n).accuracy for n in lengths}

@@ -54,6 +54,10 @@ def train_command(
     pairs: Annotated[int, typer.Option("--pairs", help="recall: key/value pairs per sequence.")] = 4,
     corpus: Annotated[str, typer.Option("--corpus", help="text: 'stdlib', a file, a folder or a .jsonl.")] = "stdlib",
     vocab: Annotated[int, typer.Option("--vocab", help="text: most frequent tokens kept (+1 <unk>).")] = 1024,
+    eval_lengths: Annotated[
+        str,
+        typer.Option("--eval-lengths", help="Also evaluate at these sequence lengths, e.g. 8,16,64 (generalisation)."),
+    ] = "",
     no_export: Annotated[bool, typer.Option("--no-export", help="Skip the engine folder (out/engine).")] = False,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
     as_json: JsonOpt = False,
@@ -62,6 +66,7 @@ def train_command(
     import torch
 
     from forethought.arch.config import ArchConfig
+    from forethought.arch.sweeps import check_lengths, evaluate_lengths, length_record
     from forethought.arch.tasks import build_task
     from forethought.arch.train import ENGINE, TrainSettings, check_resumable, train
 
@@ -75,7 +80,12 @@ def train_command(
         vocab=vocab,
         cache_dir=out / "data",
     )
-    config = ArchConfig(arch, task.vocab_size, d_model, layers, heads, d_ff, context_length=max(256, task.length))
+    lengths = sorted(_numbers("--eval-lengths", eval_lengths))
+    context = max(256, task.length)
+    if lengths and task.name == "recall":
+        raise ForethoughtError("--eval-lengths: recall sequences have one length (set by --pairs)")
+    check_lengths(lengths, context)
+    config = ArchConfig(arch, task.vocab_size, d_model, layers, heads, d_ff, context_length=context)
     if threads < 1:
         raise ForethoughtError(f"--threads must be >= 1, got {threads}")
     settings = TrainSettings(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=max(1, steps // 5))
@@ -90,6 +100,8 @@ def train_command(
         model, result = train(config, task, settings, out, on_step=on_step, export=not no_export)
     summary = result.to_dict()
     summary.pop("history")
+    if lengths:
+        summary["by_length"] = length_record(evaluate_lengths(model, task, lengths))
     if not no_export:
         summary["engine_folder"] = str(out / ENGINE)
     if as_json:
@@ -100,9 +112,20 @@ def train_command(
         f"{arch} on {task.name}: held-out accuracy {100 * f.accuracy:.1f}% · loss {f.loss:.4f} · "
         f"{result.steps_done} steps · {result.train_tokens_per_second:,.0f} train tok/s · {model.n_params():,} params"
     )
+    for n, at in summary.get("by_length", {}).items():
+        console.print(
+            f"  at length {n}: accuracy {100 * at['accuracy']:.1f}% · last quarter {100 * at['tail_accuracy']:.1f}%"
+        )
     console.print(f"checkpoint: {out}")
     if "engine_folder" in summary:
         console.print(f"engine folder (load_model / --model): {summary['engine_folder']}")
+
+
+def _numbers(flag: str, text: str) -> set[int]:
+    try:
+        return {int(n) for n in text.split(",") if n.strip()}
+    except ValueError:
+        raise ForethoughtError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 1,2") from None
 
 
 @arch_app.command("compare")
@@ -113,6 +136,9 @@ def compare_command(
     archs: Annotated[str, typer.Option("--archs", help="Comma-separated subset of the architectures.")] = "",
     tasks: Annotated[
         str, typer.Option("--tasks", help="Comma-separated subset of the preset's tasks (parallel runs share --out).")
+    ] = "",
+    layers: Annotated[
+        str, typer.Option("--layers", help="Comma-separated subset of the preset's depths (parallel runs share --out).")
     ] = "",
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="Where PNGs go (default: --out).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
@@ -145,6 +171,13 @@ def compare_command(
         raise ForethoughtError(f"--tasks {tasks!r}: preset {name!r} has {', '.join(known)}")
     if wanted:
         p = replace(p, plans=tuple(plan for plan in p.plans if plan.task in wanted))
+    depths = _numbers("--layers", layers)
+    if depths:
+        plans = tuple(replace(plan, layers=tuple(n for n in plan.layers if n in depths)) for plan in p.plans)
+        p = replace(p, plans=tuple(plan for plan in plans if plan.layers))
+        if not p.plans:
+            offered = sorted({n for plan in PRESETS[name].plans for n in plan.layers})
+            raise ForethoughtError(f"--layers {layers!r}: preset {name!r} trains {', '.join(map(str, offered))} layers")
     total = p.seeds * len(chosen) * sum(len(plan.layers) for plan in p.plans)
     with _progress(total, as_json) as progress:
         runs = progress.add_task("runs", total=total, loss=float("nan"), speed=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -47,6 +48,7 @@ def markdown(result: ComparisonResult) -> str:
             f"| {gap['task']} | {gap['layers']} | {_fmt(gap['loss_gap'], digits=4)} "
             f"| {_fmt(gap['accuracy_gap'], 100, 1)} |"
         )
+    lines += _sweep_markdown(result)
     if result.equal_flops:
         flops = result.equal_flops[0]["flops"]
         lines += ["", f"Text, held-out loss at equal training FLOPs ({flops:.3g}):", ""]
@@ -63,6 +65,169 @@ def markdown(result: ComparisonResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer{'s' if n > 1 else ''}"
+
+
+def _chance(result: ComparisonResult, task: str) -> float:
+    """Accuracy of guessing the state: the targets of the state-tracking tasks are uniform over the vocabulary."""
+    return 1.0 / result.tasks[task]["vocab_size"] if task in result.tasks else 0.5
+
+
+def _sweep_markdown(result: ComparisonResult) -> list[str]:
+    lines: list[str] = []
+    for task in dict.fromkeys(d["task"] for d in result.depth_sweep):
+        rows = [d for d in result.depth_sweep if d["task"] == task]
+        depths = sorted({p["layers"] for d in rows for p in d["points"]})
+        lines += ["", f"Accuracy vs number of layers: {task} at its training length {rows[0]['length']}:", ""]
+        lines += ["| arch | " + " | ".join(_layers(n) for n in depths) + " |", "|---" * (len(depths) + 1) + "|"]
+        for d in rows:
+            at = {p["layers"]: _fmt(p["accuracy"]) for p in d["points"]}
+            lines.append(f"| {d['arch']} | " + " | ".join(at.get(n, "") for n in depths) + " |")
+    for task in dict.fromkeys(s["task"] for s in result.length_sweep):
+        rows = [s for s in result.length_sweep if s["task"] == task]
+        lengths = sorted({p["length"] for s in rows for p in s["points"]})
+        lines += [
+            "",
+            f"Length generalisation: {task} trained at length {rows[0]['train_length']}, evaluated at n; accuracy on "
+            "the last quarter of each sequence (all positions in brackets):",
+            "",
+            "| layers | arch | " + " | ".join(f"n = {n}" for n in lengths) + " |",
+            "|---|---" + "|---" * len(lengths) + "|",
+        ]
+        for s in sorted(rows, key=lambda s: s["layers"]):
+            at = {p["length"]: f"{_fmt(p['tail_accuracy'])} ({p['accuracy']['mean']:.3f})" for p in s["points"]}
+            lines.append(f"| {s['layers']} | {s['arch']} | " + " | ".join(at.get(n, "") for n in lengths) + " |")
+    return lines
+
+
+def _bars(intervals: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """Means and asymmetric error bars of accuracy intervals, clipped to [0, 1] (no bar for a single seed)."""
+    means = [iv["mean"] for iv in intervals]
+    half = [0.0 if math.isnan(iv["ci95"]) else iv["ci95"] for iv in intervals]
+    return means, [[min(h, m) for m, h in zip(means, half)], [min(h, 1 - m) for m, h in zip(means, half)]]
+
+
+def _plot_positions(result: ComparisonResult, folder: Path, prefix: str, plt) -> list[Path]:
+    """Accuracy at each position of sequences of the training length; a row per task, a column per depth."""
+    rows = [r for r in result.table if r["task"] not in ("text", "recall")]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    depths = sorted({r["layers"] for r in rows})
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(
+        len(tasks), len(depths), figsize=(3.6 * len(depths), 0.4 + 3.0 * len(tasks)), squeeze=False
+    )
+    for (i, task), (j, layers) in itertools.product(enumerate(tasks), enumerate(depths)):
+        ax = axes[i][j]
+        panel = [r for r in rows if (r["task"], r["layers"]) == (task, layers)]
+        if not panel:
+            ax.set_axis_off()
+            continue
+        for row in panel:
+            acc = row["accuracy_by_position"]
+            ax.plot(range(1, len(acc) + 1), acc, label=row["arch"], color=COLORS[row["arch"]])
+        ax.set_title(f"{task}, {_layers(layers)}", fontsize=9)
+        tracked = task != "repeat"  # state tracking: position t asks for the state after t symbols
+        ax.set_xlabel("position t (symbols tracked so far)" if tracked else "position t")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(0, 1.02)
+        ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
+        if j == 0:
+            ax.set_ylabel(f"accuracy (mean of {result.seeds} seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Accuracy by position within one sequence of the training length", fontsize=10)
+    fig.tight_layout()
+    path = folder / f"{prefix}accuracy_by_position.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _plot_depth(result: ComparisonResult, folder: Path, prefix: str, plt) -> list[Path]:
+    """Held-out accuracy at the training length vs number of layers, one line per architecture, 95% intervals."""
+    tasks = list(dict.fromkeys(d["task"] for d in result.depth_sweep))
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [d for d in result.depth_sweep if d["task"] == task]
+        for i, d in enumerate(rows):
+            xs = [p["layers"] for p in d["points"]]
+            nudge = 2 ** (0.05 * (i - (len(rows) - 1) / 2))  # side by side, so the intervals do not hide each other
+            ys, errs = _bars([p["accuracy"] for p in d["points"]])
+            ax.errorbar(
+                [x * nudge for x in xs], ys, yerr=errs, marker="o", capsize=3, label=d["arch"], color=COLORS[d["arch"]]
+            )
+            length = d["length"]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(0, 1.05)
+        ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("number of layers")
+        ax.set_ylabel(f"held-out accuracy at the training length {length}")
+        ax.set_title(f"{task}: accuracy vs depth (mean ± 95% CI, {result.seeds} seeds)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / f"{prefix}accuracy_vs_depth.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _plot_lengths(result: ComparisonResult, folder: Path, prefix: str, plt) -> list[Path]:
+    """Length generalisation: accuracy on each sequence's last quarter vs evaluation length; a row per task, a
+    column per depth."""
+    tasks = list(dict.fromkeys(s["task"] for s in result.length_sweep))
+    depths = sorted({s["layers"] for s in result.length_sweep})
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(
+        len(tasks), len(depths), figsize=(3.6 * len(depths), 0.4 + 3.2 * len(tasks)), squeeze=False
+    )
+    for (row, task), (col, layers) in itertools.product(enumerate(tasks), enumerate(depths)):
+        ax = axes[row][col]
+        if not any((s["task"], s["layers"]) == (task, layers) for s in result.length_sweep):
+            ax.set_axis_off()
+            continue
+        lines = [s for s in result.length_sweep if (s["task"], s["layers"]) == (task, layers)]
+        for i, s in enumerate(lines):
+            xs = [p["length"] for p in s["points"]]
+            nudge = 2 ** (0.04 * (i - (len(lines) - 1) / 2))  # side by side, so the intervals do not hide each other
+            ys, errs = _bars([p["tail_accuracy"] for p in s["points"]])
+            ax.errorbar(
+                [x * nudge for x in xs],
+                ys,
+                yerr=errs,
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=s["arch"],
+                color=COLORS[s["arch"]],
+            )
+            trained = s["train_length"]
+        ax.axvline(trained, color="k", lw=0.8, ls="--", label="training length")
+        ax.axhline(_chance(result, task), color="grey", lw=0.5, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("evaluation length n (tokens)")
+        ax.set_title(f"{task}, {_layers(layers)}", fontsize=9)
+        if col == 0:
+            ax.set_ylabel("accuracy on the last n/4 positions")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(
+        f"Length generalisation: trained at one length, evaluated at others (mean ± 95% CI, {result.seeds} seeds)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.07 / len(tasks), 1, 1))
+    path = folder / f"{prefix}length_generalisation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def write_json(result: ComparisonResult, path: Path) -> Path:
     path.write_text(json.dumps(result.to_dict(), indent=1, default=float))
     return path
@@ -77,25 +242,10 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
     folder.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
 
-    # 1. Accuracy vs position (= length of the prefix whose state is asked for), per state-tracking panel.
-    panels = sorted({(r["task"], r["layers"]) for r in result.table if r["task"] not in ("text", "recall")})
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-        for ax, (task, layers) in zip(axes[0], panels):
-            for row in result.table:
-                if (row["task"], row["layers"]) == (task, layers):
-                    acc = row["accuracy_by_position"]
-                    ax.plot(range(1, len(acc) + 1), acc, label=row["arch"], color=COLORS[row["arch"]])
-            ax.set_title(f"{task}, {layers} layer{'s' if layers > 1 else ''}")
-            ax.set_xlabel("position (symbols so far)")
-            ax.set_ylim(0, 1.02)
-            ax.axhline(0.5, color="grey", lw=0.5, ls=":")
-        axes[0][0].set_ylabel(f"held-out accuracy (mean of {result.seeds} seeds)")
-        axes[0][-1].legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(folder / f"{prefix}accuracy_vs_length.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+    # 1. Accuracy vs position within one sequence of the training length (= symbols tracked so far).
+    paths += _plot_positions(result, folder, prefix, plt)
+    paths += _plot_depth(result, folder, prefix, plt)
+    paths += _plot_lengths(result, folder, prefix, plt)
 
     # 2. Myopia gaps with intervals.
     if result.myopia_gaps:
