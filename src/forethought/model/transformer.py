@@ -1,4 +1,6 @@
-"""The decoder-only transformer: Llama family and GPT-2 in one readable module.
+"""The decoder-only transformer: Llama family and GPT-2 in one readable module, Gemma 3 at its end, and the
+architectures lab's Feedback Transformer and GRU stack as families of the same `Transformer` (model/feedback.py,
+model/recurrent.py), so every one runs under the same trace API.
 
 Each block reads `h = x + attention(norm(x)); out = h + mlp(norm(h))`. Every intermediate that a
 user may want to see has a name (`blocks.{l}.resid_pre`, `...attn_out`, `...q`, ...); the forward
