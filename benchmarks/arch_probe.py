@@ -42,10 +42,20 @@ def probe_one(folder: Path, out: Path, tokens: int, offsets: list[int]) -> dict:
 
     lm = load_model(str(folder))
     store = out / "store"
-    run_extract(lm, "stdlib", store, list(range(lm.config.n_layers)), tokens, window=64, batch=16)  # resumes
+    # Documents cut to their first 128 tokens, so that the held-out tenth is many documents (the bootstrap
+    # resamples documents) rather than a few long files.
+    layers = list(range(lm.config.n_layers))
+    run_extract(lm, "stdlib", store, layers, tokens, window=64, batch=16, max_doc_tokens=128)  # resumes
     result = run_probes(ActivationStore(store), lm.model, offsets, eval_tokens=4096, save_dir=out / "probes")
     data = json.loads(json.dumps(result.to_dict(), default=float))  # offsets become string keys
-    return {"folder": str(folder), "n_eval_documents": data["n_eval_documents"], "headline": data["headline"]}
+    # At k = 1 the logit lens of the last layer is the model's own next-token prediction: the ceiling there.
+    own = next(c["lens"]["top1"] for c in data["cells"] if c["offset"] == 1 and c["layer"] == layers[-1])
+    return {
+        "folder": str(folder),
+        "n_eval_documents": data["n_eval_documents"],
+        "model_top1_k1": own if 1 in offsets else None,
+        "headline": data["headline"],
+    }
 
 
 def markdown(results: dict, offsets: list[int]) -> str:
@@ -70,6 +80,11 @@ def markdown(results: dict, offsets: list[int]) -> str:
                 f"[{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]"
             )
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if all(r.get("model_top1_k1") is not None for r in results.values()):
+        own = " | ".join(f"{100 * r['model_top1_k1']:.1f}" for r in results.values())
+        lines.append(f"| model's own next token (k = 1) | {own} |")
+    docs = ", ".join(f"{arch} {r['n_eval_documents']}" for arch, r in results.items())
+    lines += ["", f"Held-out documents: {docs}."]
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from forethought.arch.config import ARCHS, ArchConfig
-from forethought.arch.measure import Costs, costs
+from forethought.arch.measure import Costs, costs, decode_speeds
 from forethought.arch.models import ArchModel, build_model
 from forethought.arch.stats import interval
 from forethought.arch.sweeps import (
@@ -310,9 +310,13 @@ def run_comparison(
                         result.runs.append(run)
     task, plan = text_shape if text_shape else (task, plan)
     torch.manual_seed(0)
-    for arch in archs:
-        config = ArchConfig(arch, task.vocab_size, plan.d_model, plan.layers[-1], plan.n_heads, plan.d_ff)
-        result.costs[arch] = costs(build_model(config), task.length)
+    models = {
+        arch: build_model(ArchConfig(arch, task.vocab_size, plan.d_model, plan.layers[-1], plan.n_heads, plan.d_ff))
+        for arch in archs
+    }
+    speeds = decode_speeds(models)
+    for arch, model in models.items():
+        result.costs[arch] = costs(model, task.length, speeds[arch])
     _aggregate(result)
     result.seconds = time.perf_counter() - started
     return result

@@ -40,7 +40,17 @@ def decode_speed(model: ArchModel, tokens: int = 128, repeats: int = 5) -> float
     return tokens / statistics.median(seconds[1:])
 
 
-def costs(model: ArchModel, context: int, decode_tokens: int = 128) -> Costs:
+def decode_speeds(models: dict[str, ArchModel], tokens: int = 128, rounds: int = 3) -> dict[str, float]:
+    """Decode tokens/s of each model, measured in `rounds` interleaved rounds (median): a burst of load on a
+    shared machine then slows every model alike instead of whichever happened to run during it."""
+    speeds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            speeds[name].append(decode_speed(model, min(tokens, model.config.context_length), repeats=3))
+    return {name: statistics.median(values) for name, values in speeds.items()}
+
+
+def costs(model: ArchModel, context: int, decode_tokens_per_second: float) -> Costs:
     sizes = {n: model.state_bytes(n) for n in STATE_TOKENS}
     growth = (sizes[STATE_TOKENS[-1]] - sizes[STATE_TOKENS[-2]]) / (STATE_TOKENS[-1] - STATE_TOKENS[-2])
     return Costs(
@@ -48,6 +58,6 @@ def costs(model: ArchModel, context: int, decode_tokens: int = 128) -> Costs:
         n_params=model.n_params(),
         state_bytes_per_token=growth,
         state_bytes=sizes,
-        decode_tokens_per_second=decode_speed(model, min(decode_tokens, model.config.context_length)),
+        decode_tokens_per_second=decode_tokens_per_second,
         forward_flops_per_token=model.forward_flops_per_token(context),
     )

@@ -30,7 +30,7 @@ def markdown(result: ComparisonResult) -> str:
         f"### Architectures lab: preset `{result.preset}`, {result.seeds} seeds, {len(result.runs)} runs",
         "",
         f"Training time summed over runs: {sum(r.train_seconds for r in result.runs) / 60:.1f} min "
-        "(one thread each, on a shared, loaded 2-core CPU: compare speeds only within this table).",
+        "(one thread each, jobs sharing the CPU cores: compare speeds only within this table).",
         "Held-out accuracy (scored positions) and loss; mean ± 95% t-interval over seeds.",
         "",
         "| task | layers | arch | params | accuracy | loss | train tok/s |",
@@ -249,8 +249,8 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
 
     # 2. Myopia gaps with intervals.
     if result.myopia_gaps:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-        labels = [f"{g['task']} L{g['layers']}" for g in result.myopia_gaps]
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.5 * len(result.myopia_gaps)), 3.8))
+        labels = [f"{g['task']}\n{g['layers']} layer{'s' if g['layers'] > 1 else ''}" for g in result.myopia_gaps]
         for ax, key, scale, title in (
             (axes[0], "loss_gap", 1.0, "loss gap (nats)"),
             (axes[1], "accuracy_gap", 100.0, "accuracy gap (points)"),
@@ -261,6 +261,7 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
             for i, g in enumerate(result.myopia_gaps):
                 ax.scatter([i] * len(g[key]["values"]), [v * scale for v in g[key]["values"]], color="k", s=8, zorder=3)
             ax.axhline(0, color="k", lw=0.7)
+            ax.tick_params(axis="x", labelsize=8)
             ax.set_title(f"myopic − standard: {title}")
         fig.tight_layout()
         paths.append(folder / f"{prefix}myopia_gap.png")
@@ -286,7 +287,7 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
         speeds = [(result.costs[a] if isinstance(result.costs[a], dict) else result.costs[a].__dict__) for a in archs]
         axes[1].bar(archs, [s["decode_tokens_per_second"] for s in speeds], color=[COLORS[a] for a in archs])
         axes[1].set_ylabel("decode tokens/s (batch 1, own cache)")
-        axes[1].set_title("decode speed (shared, loaded CPU)")
+        axes[1].set_title("decode speed (batch 1, median of 3 interleaved rounds)")
         fig.tight_layout()
         paths.append(folder / f"{prefix}state_and_speed.png")
         fig.savefig(paths[-1], dpi=110)
@@ -301,6 +302,12 @@ def plot_all(result: ComparisonResult, folder: Path, prefix: str = "arch_") -> l
                 xs = [e["flops"] for e in r.evals]
                 ax.plot(xs, [e["loss"] for e in r.evals], color=COLORS[arch], alpha=0.8, label=arch if i == 0 else None)
         ax.set_xscale("log")
+        # Less than a decade of FLOPs: label only a few minor ticks, or their labels run into each other.
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        for axis_format in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis_format(FuncFormatter(lambda x, _: f"{x:.0e}".replace("e+", "e")))
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel("held-out loss (nats/token)")
         ax.set_title("natural text (stdlib), one line per seed")
