@@ -48,6 +48,8 @@ def reference_feedback(net, tokens: torch.Tensor) -> torch.Tensor:
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.norm_eps) * w
 
     def rope(x, pos):  # x [H, hd]
+        if not c.use_rope:
+            return x
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         ang = torch.cat((pos * inv, pos * inv))
         half = hd // 2
@@ -85,8 +87,9 @@ def reference_feedback(net, tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_feedback_engine_matches_the_equations():
-    model = lab_model("feedback", seed=1)
+@pytest.mark.parametrize("positions", ["rope", "none"])
+def test_feedback_engine_matches_the_equations(positions):
+    model = lab_model("feedback", seed=1, positions=positions)
     tokens = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(tokens).double()
@@ -264,3 +267,36 @@ def test_streamed_text_continues_the_prompt_with_its_separator(tmp_path):
     assert "".join(with_context.push(i) for i in new) == " 0 1 0"
     without = StreamDecoder(tokenizer)
     assert "".join(without.push(i) for i in new) == "0 1 0"  # no prompt: nothing to separate from
+
+
+def test_no_positional_encoding_is_rope_at_angle_zero():
+    """`positions="none"` (NoPE) is the same network with every rotation the identity; the control, the real
+    RoPE tables, changes the logits."""
+    nope = lab_model("standard", seed=7, positions="none").net
+    rope = lab_model("standard", seed=7).net
+    tokens = torch.randint(0, 16, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (rope(tokens) - nope(tokens)).abs().max() > 1e-3
+        rope.rope_cos.fill_(1.0)
+        rope.rope_sin.zero_()
+        torch.testing.assert_close(rope(tokens), nope(tokens))
+
+
+@pytest.mark.parametrize("arch", ["standard", "feedback"])
+def test_models_without_positions_round_trip_and_decode_like_recompute(arch, tmp_path):
+    """A Llama without RoPE is written as a `forethought_llama` folder (HF would load it with RoPE), and once
+    loaded it must not take the compiled decode step, which always rotates: cached decoding equals recompute."""
+    task = build_task("recall")
+    model = lab_model(arch, vocab=task.vocab_size, seed=8, positions="none")
+    export_engine_folder(model, task, tmp_path / arch)
+    config = json.loads((tmp_path / arch / "config.json").read_text())
+    assert config["model_type"] == f"forethought_{'llama' if arch == 'standard' else 'feedback'}"
+    lm = load_model(str(tmp_path / arch))
+    assert lm.config.use_rope is False
+    ids = lm.tokenizer.encode("k3 v1 k0 v7 k3 v2 k1")
+    with torch.no_grad():
+        full = lm.model(torch.tensor([ids]))
+        torch.testing.assert_close(full[..., : task.vocab_size], model(torch.tensor([ids])))
+        cache = lm.model.new_cache(16)
+        stepped = torch.cat([lm.model(torch.tensor([[i]]), cache=cache) for i in ids], dim=1)
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-5)

@@ -89,7 +89,9 @@ def synthetic_docs(n_docs: int = 80, seed: int = 1) -> list[tuple[int, list[int]
     ]
 
 
-def run_store(out: Path, after_shard=None, tokens: int = 1600, layers=(0, 1), dtype: str = "float32"):
+def run_store(
+    out: Path, after_shard=None, tokens: int = 1600, layers=(0, 1), dtype: str = "float32", source: str | None = None
+):
     model = random_model(tiny_config(), seed=0)
     docs = synthetic_docs()
     ids = [f"doc{i}" for i, _ in docs]
@@ -104,7 +106,7 @@ def run_store(out: Path, after_shard=None, tokens: int = 1600, layers=(0, 1), dt
         shard_windows=8,
         separator_id=2,
     )
-    info = {"name": "tiny", "config": model.config.to_dict()}
+    info = {"name": "tiny", "config": model.config.to_dict()} | ({"source": source} if source else {})
     return extract(
         model,
         iter(docs),
@@ -179,6 +181,16 @@ def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
         run_store(tmp_path / "s", tokens=800)
     with pytest.raises(ForethoughtError, match="other settings"):
         run_store(tmp_path / "s", dtype="float16")
+
+
+def test_store_without_a_model_source_still_resumes(tmp_path: Path) -> None:
+    """Stores written before the manifest recorded where the model was loaded from (`model.source`), or from
+    another path, must not be refused for it: it says nothing about what the store holds."""
+    run_store(tmp_path / "s")
+    again = run_store(tmp_path / "s", source="/somewhere/tiny")
+    assert again.shards_skipped == again.shards
+    moved = run_store(tmp_path / "s", source="/elsewhere/tiny")
+    assert moved.shards_skipped == moved.shards
 
 
 SUBPROCESS = """

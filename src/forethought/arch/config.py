@@ -27,6 +27,7 @@ class ArchConfig:
     d_ff: int = 128
     context_length: int = 256
     rope_theta: float = 10000.0
+    positions: str = "rope"  # or "none": no positional encoding (NoPE), the length-generalisation control
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -34,6 +35,8 @@ class ArchConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "context_length"):
             if getattr(self, name) <= 0:
                 raise ForethoughtError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.positions not in ("rope", "none"):
+            raise ForethoughtError(f"positions must be rope or none, got {self.positions!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ForethoughtError(f"d_model={self.d_model} must split into {self.n_heads} heads of even size")
 
@@ -60,6 +63,7 @@ class ArchConfig:
             context_length=self.context_length,
             norm_eps=1e-5,
             rope_theta=self.rope_theta,
+            use_rope=self.positions == "rope",
             tie_embeddings=False,
             name=name,
         )

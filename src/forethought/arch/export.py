@@ -1,8 +1,9 @@
 """Write a trained model as a model folder (config.json, model.safetensors, tokenizer.json), so
 `forethought.weights.load_model(folder)` -- and with it `lens`, `probe`, the trace API and the viewer -- runs it on
 the engine unchanged. Standard and myopic models are written as Hugging Face Llama folders (HF transformers loads
-them too); the Feedback Transformer and the GRU, which HF has no class for, as `forethought_feedback` /
-`forethought_recurrent` folders holding the engine's canonical tensor names (weights/tensors.py).
+them too); the Feedback Transformer, the GRU and models trained without positional encoding, which HF has no class
+for, as `forethought_feedback` / `forethought_recurrent` / `forethought_llama` folders holding the engine's
+canonical tensor names (weights/tensors.py).
 
 Synthetic tasks get a word-level tokenizer over their own symbols (space-separated). A text model was trained on
 the embedded tokenizer's most frequent tokens plus <unk>; the export restores the full vocabulary so the engine
@@ -75,9 +76,9 @@ def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
         unembed = torch.cat((unembed, unembed.new_zeros(1, c.d_model)))
         vocab_size += 1
         tokenizer_json = _word_level_tokenizer(names)
-    if c.family == "llama":
+    if c.family == "llama" and c.use_rope:
         tensors, model_type = _llama_tensors(net), "llama"
-    else:
+    else:  # HF has no class for these (a Llama without RoPE would load in HF as one with it)
         tensors, model_type = _canonical_tensors(net), f"forethought_{c.family}"
     tensors |= (
         {"embed": embed, "unembed": unembed}
@@ -106,6 +107,8 @@ def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
     }
     if model_type == "llama":
         config |= {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
+    else:
+        config["use_rope"] = c.use_rope
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     (folder / "tokenizer.json").write_text(tokenizer_json)
     return folder
@@ -135,7 +138,8 @@ def _llama_tensors(net: Transformer) -> dict[str, torch.Tensor]:
 
 
 def _canonical_tensors(net: Transformer) -> dict[str, torch.Tensor]:
-    """The blocks, final norm and (Feedback Transformer) memory under the engine's canonical names, [out, in]."""
+    """The blocks, final norm and (Feedback Transformer) memory under the engine's canonical names, [out, in]:
+    the format for the lab's models HF cannot load (feedback, GRU, a Llama without RoPE)."""
     c = net.config
     tensors = {"final_norm.weight": net.final_norm.weight.detach()}
     for i, block in enumerate(net.blocks):
@@ -145,10 +149,19 @@ def _canonical_tensors(net: Transformer) -> dict[str, torch.Tensor]:
                 tensors[f"{p}.gru.{leaf}"] = getattr(block.gru, f"{leaf}_l0").detach()
             continue
         gate, up = block.gate_up.weight_t.detach().t().chunk(2, dim=0)
+        if c.family == "llama":
+            q, k, v = (
+                block.qkv.weight_t.detach()
+                .t()
+                .split((c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim))
+            )
+            tensors |= {f"{p}.k.weight": k, f"{p}.v.weight": v}
+        else:  # the Feedback Transformer's keys and values come from the shared memory map
+            q = block.q.weight_t.detach().t()
         tensors |= {
             f"{p}.attn_norm.weight": block.attn_norm.weight.detach(),
             f"{p}.mlp_norm.weight": block.mlp_norm.weight.detach(),
-            f"{p}.q.weight": block.q.weight_t.detach().t(),
+            f"{p}.q.weight": q,
             f"{p}.o.weight": block.o.weight_t.detach().t(),
             f"{p}.gate.weight": gate,
             f"{p}.up.weight": up,

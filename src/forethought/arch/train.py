@@ -134,7 +134,12 @@ def check_resumable(out: Path, config: ArchConfig, task: Task) -> None:
     """Refuse to resume a run in `out` that was started with another config or task."""
     if (out / STATE).is_file():
         state = json.loads((out / STATE).read_text())
-        if state.get("config") != config.to_dict() or state.get("task") != task.describe():
+        # Through ArchConfig, so a field added since the run was saved compares as its default.
+        try:
+            saved = ArchConfig(**state["config"]).to_dict()
+        except (KeyError, TypeError, ForethoughtError):  # no config, or one this version cannot read
+            saved = None
+        if saved != config.to_dict() or state.get("task") != task.describe():
             raise ForethoughtError(f"{out} holds a run with another config or task; choose a new --out")
 
 

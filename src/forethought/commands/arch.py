@@ -49,6 +49,10 @@ def train_command(
     heads: Annotated[int, typer.Option("--heads", help="Attention heads.")] = 4,
     d_ff: Annotated[int, typer.Option("--d-ff", help="MLP hidden size (SwiGLU).")] = 64,
     length: Annotated[int, typer.Option("--length", help="Sequence length (0: the task's default).")] = 0,
+    positions: Annotated[
+        str,
+        typer.Option("--positions", help="rope, or none (no positional encoding: a length-generalisation control)."),
+    ] = "rope",
     modulus: Annotated[int, typer.Option("--modulus", help="sum-mod: the modulus.")] = 5,
     elements: Annotated[int, typer.Option("--elements", help="perm: permutations of this many items.")] = 3,
     pairs: Annotated[int, typer.Option("--pairs", help="recall: key/value pairs per sequence.")] = 4,
@@ -85,7 +89,9 @@ def train_command(
     if lengths and task.name == "recall":
         raise ForethoughtError("--eval-lengths: recall sequences have one length (set by --pairs)")
     check_lengths(lengths, context)
-    config = ArchConfig(arch, task.vocab_size, d_model, layers, heads, d_ff, context_length=context)
+    config = ArchConfig(
+        arch, task.vocab_size, d_model, layers, heads, d_ff, context_length=context, positions=positions
+    )
     if threads < 1:
         raise ForethoughtError(f"--threads must be >= 1, got {threads}")
     settings = TrainSettings(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=max(1, steps // 5))

@@ -247,7 +247,12 @@ def verify_shard(path: Path, entry: dict) -> None:
 def _fingerprint(manifest: dict) -> dict:
     # Through JSON, so a fresh manifest compares as its stored copy would (tuples such as Gemma's
     # sliding_layers come back as lists).
-    return json.loads(json.dumps({k: manifest[k] for k in ("format", "model", "tokenizer", "corpus", "settings")}))
+    fingerprint = json.loads(
+        json.dumps({k: manifest[k] for k in ("format", "model", "tokenizer", "corpus", "settings")})
+    )
+    # Where the model was loaded from (a path that may move, a field older stores lack) is not what they hold.
+    fingerprint["model"].pop("source", None)
+    return fingerprint
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -44,6 +44,9 @@ class ModelConfig:
     rope_local_theta: float = 10000.0
     query_scale: float = 0.0  # attention score scale; 0 means 1/sqrt(head_dim)
     final_logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) when > 0
+    # False: no positional encoding at all (NoPE), for the architectures lab's length-generalisation control;
+    # the causal mask, and a Feedback Transformer's memory, still order the tokens. Llama and feedback only.
+    use_rope: bool = True
 
     def __post_init__(self) -> None:
         # Configs come from users' files, so an impossible shape is a user error, not a crash.

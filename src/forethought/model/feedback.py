@@ -56,7 +56,9 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(B, T, n_heads, -1).transpose(1, 2)
 
 
-def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    if rope is None:  # no positional encoding (config.use_rope False)
+        return x
     cos, sin = rope
     return x * cos + rotate_half(x) * sin
 
@@ -123,10 +125,12 @@ def feedback_forward(
     tops = []
     for t in range(T):
         position = start + t
-        rope = (
-            model.rope_cos[position : position + 1].to(x.dtype),
-            model.rope_sin[position : position + 1].to(x.dtype),
-        )
+        rope = None
+        if c.use_rope:
+            rope = (
+                model.rope_cos[position : position + 1].to(x.dtype),
+                model.rope_sin[position : position + 1].to(x.dtype),
+            )
         token_hooks = per_token.at(t) if per_token is not None else None
         if cache is not None:
             past = _Past(cache.k[0, :, :, :position], cache.v[0, :, :, :position], memory.kv)

@@ -424,7 +424,7 @@ class Transformer(nn.Module):
         if "embed" in wanted:
             x = hooks("embed", x)
         rope = None
-        if c.family == "llama":
+        if c.family == "llama" and c.use_rope:
             rope = (self.rope_cos[start:end].to(x.dtype), self.rope_sin[start:end].to(x.dtype))
         mask = None
         if causal and T > 1:
@@ -504,6 +504,7 @@ class Transformer(nn.Module):
             return None
         if (
             c.family != "llama"
+            or not c.use_rope  # the compiled step always rotates
             or self.device.type != "cpu"
             or self.dtype != torch.float32
             or cache.k.dtype != torch.float32

@@ -17,7 +17,7 @@ from forethought.weights.tokenizer import Tokenizer
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
 # Folders written by `forethought arch train` for architectures HF has no class for; their tensors are stored
 # under the engine's canonical names (weights/tensors.py).
-LAB_TYPES = {"forethought_feedback": "feedback", "forethought_recurrent": "recurrent"}
+LAB_TYPES = {"forethought_feedback": "feedback", "forethought_recurrent": "recurrent", "forethought_llama": "llama"}
 
 
 def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
@@ -65,6 +65,9 @@ def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
         return config_from_hf_gemma3(raw, folder)
     if kind in LAB_TYPES:
         n_heads = raw["num_attention_heads"]
+        use_rope = raw.get("use_rope", True)
+        if not isinstance(use_rope, bool):
+            raise ForethoughtError(f"{folder}: use_rope must be true or false, got {use_rope!r}")
         return ModelConfig(
             family=LAB_TYPES[kind],
             n_layers=raw["num_hidden_layers"],
@@ -77,6 +80,7 @@ def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
             context_length=raw["max_position_embeddings"],
             norm_eps=raw.get("rms_norm_eps", 1e-5),
             rope_theta=raw.get("rope_theta", 10000.0),
+            use_rope=use_rope,
             tie_embeddings=False,
             name=folder.name,
         )
@@ -172,7 +176,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
         raise ForethoughtError(f"{config_path} has a value of the wrong type ({e})") from None
     if config.family == "gemma3":
         tensors = canonical_tensors_hf_gemma3(_read_safetensors(folder), config)
-    elif config.family in LAB_TYPES.values():
+    elif raw_config.get("model_type") in LAB_TYPES:  # already under the canonical names
         tensors = _read_safetensors(folder)
     else:
         tensors = canonical_tensors(_read_safetensors(folder), config)
