@@ -85,7 +85,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 4.4))
     for i, (name, row) in enumerate(result["rows"].items()):
         arch, positions = name.split()
         xs = [n * (1 + 0.03 * (i - 1.5)) for n in LENGTHS]
@@ -101,7 +101,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("evaluation length n (symbols)")
     ax.set_ylabel("accuracy on the last n/4 positions")
     ax.set_title("Parity, 1 layer: RoPE (solid) vs no positions (dashed)")
-    ax.legend(frameon=False, fontsize=8, loc="lower left")
+    ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

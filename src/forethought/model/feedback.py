@@ -63,6 +63,13 @@ def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> 
     return x * cos + rotate_half(x) * sin
 
 
+def key_value(x: torch.Tensor, kv: Linear, n_heads: int, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key (rotated) and value [batch, head, 1, head_dim] of a normed vector through the shared map: a layer's
+    own input, or a token's merged memory."""
+    k, v = kv(x).chunk(2, dim=-1)
+    return _rotate(_heads(k, n_heads), rope), _heads(v, n_heads)
+
+
 class FeedbackBlock(Block):
     """The Llama block with its own query projection only: keys and values come from the shared memory map.
     `forward` is Block's (same named points); it is called with a `_Past` where Block takes the cache."""
@@ -76,7 +83,7 @@ class FeedbackBlock(Block):
         H = self.config.n_heads
         B, T, _ = x.shape
         q = _rotate(_heads(self.q(x), H), rope)
-        k, v = self.kv_of(x, past.kv, rope)
+        k, v = key_value(x, past.kv, H, rope)
         if hooks is not None:
             q, k, v = (self._hook(hooks, point, t) for point, t in (("q", q), ("k", k), ("v", v)))
         keys, values = torch.cat((past.k, k), dim=2), torch.cat((past.v, v), dim=2)
@@ -86,12 +93,6 @@ class FeedbackBlock(Block):
         else:
             out = F.scaled_dot_product_attention(q, keys, values)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
-
-    def kv_of(self, x: torch.Tensor, kv: Linear, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key (rotated) and value [batch, head, 1, head_dim] of a normed vector through the shared map."""
-        k, v = kv(x).chunk(2, dim=-1)
-        H = self.config.n_heads
-        return _rotate(_heads(k, H), rope), _heads(v, H)
 
 
 def feedback_forward(
@@ -144,7 +145,7 @@ def feedback_forward(
         merged = torch.einsum("l,lbtd->btd", weights, torch.stack(states))
         if "memory" in wanted:
             merged = token_hooks("memory", merged)
-        k, v = model.blocks[0].kv_of(memory.norm(merged), memory.kv, rope)
+        k, v = key_value(memory.norm(merged), memory.kv, H, rope)
         if cache is not None:
             cache.write(0, position, k, v)
         else:
