@@ -18,12 +18,12 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from forethought.arch.compare import PRESETS
-from forethought.arch.config import ArchConfig
+from forethought.arch.compare import PRESETS, run_config
 from forethought.arch.stats import interval
 from forethought.arch.sweeps import evaluate_lengths, length_record
 from forethought.arch.tasks import build_task
@@ -43,10 +43,7 @@ def run(out: Path, seeds: int) -> dict:
         for positions in POSITIONS:
             tails = {n: [] for n in LENGTHS}
             for seed in range(seeds):
-                config = ArchConfig(
-                    arch, task.vocab_size, plan.d_model, 1, plan.n_heads, plan.d_ff, max(256, 4 * task.length),
-                    positions=positions,
-                )  # fmt: skip
+                config = replace(run_config(task, plan, 1, arch), positions=positions)
                 settings = TrainSettings(steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed)
                 folder = out / f"parity-L1-{arch}-{positions}-s{seed}"
                 started = time.perf_counter()
