@@ -18,3 +18,21 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ForethoughtError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def hf_shape(raw: dict, folder: Path, context_length: int, norm_eps: float) -> dict:
+    """The ModelConfig fields every Llama-like HF config.json spells alike (Llama, Qwen2, Gemma 3, the lab's
+    folders); `context_length` and `norm_eps` are the family's defaults for keys the file leaves out."""
+    n_heads = raw["num_attention_heads"]
+    return dict(
+        n_layers=raw["num_hidden_layers"],
+        d_model=raw["hidden_size"],
+        n_heads=n_heads,
+        n_kv_heads=raw.get("num_key_value_heads") or n_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
+        d_ff=raw["intermediate_size"],
+        vocab_size=raw["vocab_size"],
+        context_length=raw.get("max_position_embeddings", context_length),
+        norm_eps=raw.get("rms_norm_eps", norm_eps),
+        name=folder.name,
+    )

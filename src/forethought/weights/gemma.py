@@ -15,6 +15,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
+from forethought.weights.files import hf_shape
 from forethought.weights.gguf_file import GGUFFile
 
 SLIDING_PATTERN = 6  # every sixth layer is global
@@ -98,22 +99,12 @@ def config_from_hf_gemma3(raw: dict, folder: Path) -> ModelConfig:
         local_layers = sliding_layers(n_layers, raw.get("sliding_window_pattern", SLIDING_PATTERN))
     else:
         local_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    n_heads = raw["num_attention_heads"]
     return ModelConfig(
         family="gemma3",
-        n_layers=n_layers,
-        d_model=raw["hidden_size"],
-        n_heads=n_heads,
-        n_kv_heads=raw.get("num_key_value_heads") or n_heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
-        d_ff=raw["intermediate_size"],
-        vocab_size=raw["vocab_size"],
-        context_length=raw.get("max_position_embeddings", 32768),
-        norm_eps=raw.get("rms_norm_eps", 1e-6),
+        **hf_shape(raw, folder, context_length=32768, norm_eps=1e-6),
         rope_theta=full.get("rope_theta", raw.get("rope_theta", 1_000_000.0)),
         qkv_bias=bool(raw.get("attention_bias", False)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        name=folder.name,
         sliding_window=raw.get("sliding_window") or 4096,
         sliding_layers=local_layers,
         rope_local_theta=local.get("rope_theta", raw.get("rope_local_base_freq", LOCAL_ROPE_BASE)),

@@ -10,7 +10,7 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
 from forethought.weights import validate
-from forethought.weights.files import read_json
+from forethought.weights.files import hf_shape, read_json
 from forethought.weights.gemma import HF_MODEL_TYPES, canonical_tensors_hf_gemma3, config_from_hf_gemma3
 from forethought.weights.tokenizer import Tokenizer
 
@@ -44,45 +44,26 @@ def config_from_hf(raw: dict, folder: Path) -> ModelConfig:
             raise ForethoughtError(f"{folder}: RoPE scaling {rope_type!r} is not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise ForethoughtError(f"{folder}: activation {raw['hidden_act']!r} is not supported")
-        n_heads = raw["num_attention_heads"]
         return ModelConfig(
             family="llama",
-            n_layers=raw["num_hidden_layers"],
-            d_model=raw["hidden_size"],
-            n_heads=n_heads,
-            n_kv_heads=raw.get("num_key_value_heads") or n_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
-            d_ff=raw["intermediate_size"],
-            vocab_size=raw["vocab_size"],
-            context_length=raw.get("max_position_embeddings", 2048),
-            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            **hf_shape(raw, folder, context_length=2048, norm_eps=1e-6),
             rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
             qkv_bias=kind == "qwen2" or bool(raw.get("attention_bias", False)),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            name=folder.name,
         )
     if kind in HF_MODEL_TYPES:
         return config_from_hf_gemma3(raw, folder)
     if kind in LAB_TYPES:
-        n_heads = raw["num_attention_heads"]
         use_rope = raw.get("use_rope", True)
         if not isinstance(use_rope, bool):
             raise ForethoughtError(f"{folder}: use_rope must be true or false, got {use_rope!r}")
+        # The lab writes every key (multi-head attention, untied unembedding); these defaults are never read.
         return ModelConfig(
             family=LAB_TYPES[kind],
-            n_layers=raw["num_hidden_layers"],
-            d_model=raw["hidden_size"],
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // n_heads,
-            d_ff=raw["intermediate_size"],
-            vocab_size=raw["vocab_size"],
-            context_length=raw["max_position_embeddings"],
-            norm_eps=raw.get("rms_norm_eps", 1e-5),
+            **hf_shape(raw, folder, context_length=256, norm_eps=1e-5),
             rope_theta=raw.get("rope_theta", 10000.0),
             use_rope=use_rope,
             tie_embeddings=False,
-            name=folder.name,
         )
     raise ForethoughtError(
         f"{folder}: model_type {kind!r} is not supported "
