@@ -78,7 +78,7 @@ def main() -> None:
         return
     from forethought import load_model
     from forethought.model import kernels
-    from forethought.model.transformer import Linear
+    from forethought.model.layers import Linear
 
     torch.set_num_threads(2)
     loaded = load_model(dtype=args.dtype)

@@ -43,7 +43,7 @@ def forethought_engine(opts: dict, dtype: str, device: str = "cpu", fused: bool 
     """dtype: float32, bfloat16 or int8 (8-bit weights). fused=False forces the op-by-op decode step."""
     from forethought import generate, load_model
     from forethought.model import kernels
-    from forethought.model.transformer import Linear
+    from forethought.model.layers import Linear
 
     label = f"forethought {dtype}" + ("" if fused else " op-by-op")
     progress(f"{label}: loading")

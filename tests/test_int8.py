@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from forethought.model.transformer import Linear, pack_int8
+from forethought.model.layers import Linear, pack_int8
 from forethought.weights import load_model
 
 TEXT = (
@@ -73,7 +73,7 @@ def test_int8_batch1_equals_dequantized_matmul(threads, d_in, d_out, bias):
 
 def test_packing_round_trips():
     """pack_int8 / unpack_int8 are inverse, including outputs that do not fill a 16-wide strip."""
-    from forethought.model.transformer import pack_int8, unpack_int8
+    from forethought.model.layers import pack_int8, unpack_int8
 
     q = torch.randint(-127, 128, (64, 37), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     packed = pack_int8(q)

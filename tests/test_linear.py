@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from forethought.model.transformer import Linear
+from forethought.model.layers import Linear
 
 # (in, out): the real model's narrow and wide matrices, plus odd sizes that hit the kernel's tail loops.
 SHAPES = [(576, 1536), (1536, 576), (576, 4099), (101, 700)]

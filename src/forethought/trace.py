@@ -24,31 +24,20 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
 from forethought.model.kv_cache import KVCache
-from forethought.model.transformer import BLOCK_POINTS, Transformer
-
-
-def act_name(layer: int, point: str) -> str:
-    """(3, 'resid_post') -> 'blocks.3.resid_post': the one place a block activation's name is spelled."""
-    if point not in BLOCK_POINTS:
-        raise ValueError(f"unknown block point {point!r} (one of {', '.join(BLOCK_POINTS)})")
-    return f"blocks.{layer}.{point}"
+from forethought.model.layers import BLOCK_POINTS, act_name  # act_name: spelled beside the points, used from here
+from forethought.model.transformer import Transformer
 
 
 def block_points(config: ModelConfig) -> tuple[str, ...]:
     """The named points inside each block of this model (a GRU layer has no attention or residual parts)."""
-    if config.family == "recurrent":
-        from forethought.model.recurrent import POINTS
-
-        return POINTS
-    return BLOCK_POINTS
+    return config.family_spec.block_points
 
 
 def all_names(config: ModelConfig) -> list[str]:
     names = ["embed"]
     for layer in range(config.n_layers):
         names += [act_name(layer, point) for point in block_points(config)]
-    if config.family == "feedback":
-        names.append("memory")  # each token's merged memory vector, what later tokens' keys/values read
+    names += config.family_spec.model_points  # e.g. the Feedback Transformer's `memory`
     return names + ["final_norm", "logits"]
 
 

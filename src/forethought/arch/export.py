@@ -76,8 +76,8 @@ def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
         unembed = torch.cat((unembed, unembed.new_zeros(1, c.d_model)))
         vocab_size += 1
         tokenizer_json = _word_level_tokenizer(names)
-    if c.family == "llama" and c.use_rope:
-        tensors, model_type = _llama_tensors(net), "llama"
+    if c.family_spec.hf_model_type and c.use_rope:  # HF's own class loads it
+        tensors, model_type = _llama_tensors(net), c.family_spec.hf_model_type
     else:  # HF has no class for these (a Llama without RoPE would load in HF as one with it)
         tensors, model_type = _canonical_tensors(net), f"forethought_{c.family}"
     tensors |= (
@@ -144,12 +144,12 @@ def _canonical_tensors(net: Transformer) -> dict[str, torch.Tensor]:
     tensors = {"final_norm.weight": net.final_norm.weight.detach()}
     for i, block in enumerate(net.blocks):
         p = f"blocks.{i}"
-        if c.family == "recurrent":
+        if hasattr(block, "gru"):  # a GRU layer
             for leaf in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 tensors[f"{p}.gru.{leaf}"] = getattr(block.gru, f"{leaf}_l0").detach()
             continue
         gate, up = block.gate_up.weight_t.detach().t().chunk(2, dim=0)
-        if c.family == "llama":
+        if hasattr(block, "qkv"):
             q, k, v = (
                 block.qkv.weight_t.detach()
                 .t()
@@ -167,7 +167,7 @@ def _canonical_tensors(net: Transformer) -> dict[str, torch.Tensor]:
             f"{p}.up.weight": up,
             f"{p}.down.weight": block.down.weight_t.detach().t(),
         }
-    if c.family == "feedback":
+    if net.memory is not None:  # the Feedback Transformer's shared key/value map
         k, v = net.memory.kv.weight_t.detach().t().chunk(2, dim=0)
         tensors |= {
             "memory.norm.weight": net.memory.norm.weight.detach(),

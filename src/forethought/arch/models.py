@@ -22,11 +22,9 @@ from torch import nn
 
 from forethought.arch.config import ArchConfig
 from forethought.model.config import ModelConfig
-from forethought.model.transformer import Block, Transformer, rotate_half
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+from forethought.model.layers import apply_rope, split_qkv
+from forethought.model.llama import Block
+from forethought.model.transformer import Transformer
 
 
 class TrainableBlock(Block):
@@ -41,12 +39,9 @@ class TrainableBlock(Block):
         c = self.config
         B, T, _ = x.shape
         n_q, n_kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
-        q, k, v = self.qkv(x).split((n_q * hd, n_kv * hd, n_kv * hd), dim=-1)
-        q = q.view(B, T, n_q, hd).transpose(1, 2)
-        k = k.view(B, T, n_kv, hd).transpose(1, 2).repeat_interleave(n_q // n_kv, dim=1)
-        v = v.view(B, T, n_kv, hd).transpose(1, 2).repeat_interleave(n_q // n_kv, dim=1)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = split_qkv(self.qkv(x), n_q, n_kv, hd)
+        k, v = k.repeat_interleave(n_q // n_kv, dim=1), v.repeat_interleave(n_q // n_kv, dim=1)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         scale = 1 / math.sqrt(hd)
         own = torch.eye(T, dtype=torch.bool, device=x.device)
         # Off the diagonal a query sees only detached keys/values; on it, its own live ones.
@@ -96,16 +91,9 @@ class ArchModel(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward_flops_per_token(self, context: int) -> float:
+    def forward_flops_per_token(self, context: int) -> float:  # pragma: no cover - interface
         """2 x (weights a token multiplies) + attention over `context / 2` positions on average."""
-        return 2.0 * self._matmul_weights() + self._attention_flops(context / 2)
-
-    def _matmul_weights(self) -> int:
-        embed = self.config.vocab_size * self.config.d_model  # a lookup, not a product
-        return self.n_params() - embed
-
-    def _attention_flops(self, mean_context: float) -> float:
-        return 0.0
+        raise NotImplementedError
 
 
 class EngineLM(ArchModel):
@@ -142,6 +130,12 @@ class EngineLM(ArchModel):
     def state_bytes(self, n_tokens: int, batch_size: int = 1) -> int:
         return self.net.config.kv_bytes(n_tokens) * batch_size
 
+    def forward_flops_per_token(self, context: int) -> float:
+        """Counted by the engine family (the same count as `forethought equivalence`): every projection and the
+        unembedding, plus attention over `context / 2` positions on average."""
+        c = self.net.config
+        return float(c.family_spec.matmul_flops(c) + c.family_spec.attention_flops(c, context / 2))
+
 
 class StandardLM(EngineLM):
     """The engine's decoder (`forethought.model.transformer.Transformer`, Llama blocks) with trainable weights;
@@ -160,9 +154,6 @@ class StandardLM(EngineLM):
         for block in self.net.blocks:
             block.myopic = myopic
 
-    def _attention_flops(self, mean_context: float) -> float:
-        return 4.0 * self.config.n_layers * self.config.d_model * mean_context  # QK^T and PV
-
 
 class FeedbackLM(EngineLM):
     """Feedback Transformer (the engine's `feedback` family, forethought.model.feedback): memory_t = sum_l
@@ -170,15 +161,6 @@ class FeedbackLM(EngineLM):
     memories of tokens < t and to its own layer input, through one key/value projection shared by all layers.
     Training is sequential in time, because token t's memory needs its top layer. Its cache holds one K and one
     V per token."""
-
-    def _attention_flops(self, mean_context: float) -> float:
-        # Every layer attends over the memories; the memory K/V projection is counted with the weights.
-        return 4.0 * self.config.n_layers * self.config.d_model * mean_context
-
-    def _matmul_weights(self) -> int:
-        # The shared K/V map multiplies L + 1 vectors per token (each layer's own input, then the memory).
-        extra = self.config.n_layers * self.net.memory.kv.weight_t.numel()
-        return super()._matmul_weights() + extra
 
 
 class RecurrentLM(EngineLM):

@@ -18,23 +18,12 @@ from forethought.trace import run_with_trace
 
 def matmul_flops_per_token(config: ModelConfig, with_unembed: bool = True) -> int:
     """2 FLOPs per weight of every projection a token goes through (embedding lookup is free)."""
-    c = config
-    unembed = 2 * c.d_model * c.vocab_size if with_unembed else 0
-    if c.family == "recurrent":
-        return 2 * c.n_layers * 6 * c.d_model * c.d_model + unembed  # a GRU layer: 3 gates x (input + hidden)
-    attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    mlp = (2 if c.family == "gpt2" else 3) * c.d_model * c.d_ff  # GPT-2: up, down; gated: gate, up, down
-    flops = 2 * c.n_layers * (attn + mlp)
-    if c.family == "feedback":  # plus the memory's own key and value, once per token
-        flops += 2 * 2 * c.d_model * c.n_heads * c.head_dim
-    return flops + unembed
+    return config.family_spec.matmul_flops(config, with_unembed)
 
 
 def attention_flops(config: ModelConfig, n_keys: int) -> int:
-    """QK^T and AV of one query over `n_keys` keys at every layer: 4 * keys * (heads * head_dim)."""
-    if config.family == "recurrent":
-        return 0
-    return 4 * n_keys * config.n_heads * config.head_dim * config.n_layers
+    """QK^T and AV of one query over `n_keys` keys at every layer: 4 * keys * (heads * head_dim); none for a GRU."""
+    return config.family_spec.attention_flops(config, n_keys)
 
 
 def cached_step_flops(config: ModelConfig, position: int) -> int:

@@ -12,8 +12,6 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
-from forethought.model.kv_cache import KVCache, SlidingKVCache
-from forethought.model.recurrent import RecurrentCache
 from forethought.model.transformer import Transformer
 
 DEFAULT_TOKENS = (1, 10, 100, 1000, 8192)
@@ -200,14 +198,8 @@ def _describe(key: str, config: ModelConfig, tokens: list[int], element_bytes: i
 def measure_cache(model: Transformer, n_tokens: int, token_ids: list[int]) -> tuple[int | None, int]:
     """(nbytes of a cache after prefilling `n_tokens` real tokens, or None when not prefilled;
     bytes of the K/V tensors of a cache allocated for exactly `n_tokens`)."""
-    if model.config.sliding_layers:
-        # No spare ring slots: the measured bytes are exactly what a query can read.
-        cache = SlidingKVCache(model.config, 1, n_tokens, model.dtype, model.device, rewind=0)
-    elif model.config.family == "recurrent":
-        # No rewind history: only the state carried to the next token.
-        cache = RecurrentCache(model.config, 1, n_tokens, model.dtype, model.device, history=False)
-    else:
-        cache = KVCache(model.config, 1, n_tokens, model.dtype, model.device)
+    # No spare ring slots, no rewind history: the measured bytes are exactly what the next token reads.
+    cache = model.new_cache(capacity=n_tokens, minimal=True)
     allocated = cache.allocated_nbytes
     if n_tokens > min(PREFILL_LIMIT, len(token_ids)):
         return None, allocated

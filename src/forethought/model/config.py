@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from forethought.errors import ForethoughtError
+from forethought.model.families import Family, family_of
 
-Family = Literal["llama", "gpt2", "gemma3", "feedback", "recurrent"]
+FamilyName = Literal["llama", "gpt2", "gemma3", "feedback", "recurrent"]  # the keys of families.FAMILIES
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ModelConfig:
     and `recurrent` a stack of GRU layers (model/recurrent.py; the head fields are unused there).
     """
 
-    family: Family
+    family: FamilyName
     n_layers: int
     d_model: int
     n_heads: int
@@ -59,8 +60,9 @@ class ModelConfig:
             raise ForethoughtError(f"model config: norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not (isinstance(self.rope_theta, float | int) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ForethoughtError(f"model config: rope_theta must be positive and finite, got {self.rope_theta!r}")
-        if self.family in ("llama", "feedback") and self.head_dim % 2:
-            raise ForethoughtError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
+        problem = self.family_spec.check(self)
+        if problem:
+            raise ForethoughtError(f"model config: {problem}")
         if self.n_heads % self.n_kv_heads:
             raise ForethoughtError(
                 f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
@@ -75,21 +77,21 @@ class ModelConfig:
         return self.n_layers - len(self.sliding_layers)
 
     @property
+    def family_spec(self) -> Family:
+        """This config's family: its block, forward, cache and costs (model/families.py)."""
+        return family_of(self.family)
+
+    @property
     def kv_layers(self) -> int:
         """How many K/V pairs a token adds to the cache: one per layer, except the Feedback Transformer's
         single memory key/value per token, and none for a recurrent model (its state does not grow)."""
-        return {"feedback": 1, "recurrent": 0}.get(self.family, self.n_layers)
+        return self.family_spec.kv_layers(self)
 
     def kv_bytes(self, n_tokens: int, element_bytes: int = 4) -> int:
         """The state held after `n_tokens` tokens: K and V of global layers grow with every token,
         sliding-window layers stop growing at the window; a recurrent model's state is one vector per
         layer however many tokens it has read."""
-        if self.family == "recurrent":
-            return self.n_layers * self.d_model * element_bytes if n_tokens else 0
-        per_layer_token = 2 * self.n_kv_heads * self.head_dim * element_bytes
-        local = min(n_tokens, self.sliding_window) if self.sliding_layers else 0
-        global_layers = self.kv_layers - len(self.sliding_layers)
-        return per_layer_token * (global_layers * n_tokens + len(self.sliding_layers) * local)
+        return self.family_spec.state_bytes(self, n_tokens, element_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -97,17 +99,7 @@ class ModelConfig:
         return 2 * self.kv_layers * self.n_kv_heads * self.head_dim * 4
 
     def n_params(self) -> int:
-        d, f, L, hd = self.d_model, self.d_ff, self.n_layers, self.head_dim
-        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        if self.family == "recurrent":
-            return L * (2 * 3 * d * d + 2 * 3 * d) + emb  # a GRU layer: input and hidden maps, two biases
-        if self.family == "feedback":
-            memory = 2 * d * self.n_heads * hd + L + 1  # the shared key/value projection, the layer weights
-            return L * (2 * d * self.n_heads * hd + 3 * d * f) + memory + emb
-        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = (2 if self.family == "gpt2" else 3) * d * f
-        pos = self.context_length * d if self.family == "gpt2" else 0
-        return L * (attn + mlp) + emb + pos
+        return self.family_spec.n_params(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

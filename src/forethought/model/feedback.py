@@ -18,16 +18,21 @@ Named points are the Llama block's (`blocks.{l}.q/k/v` are token t's own query, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from forethought.errors import ForethoughtError
-from forethought.model.config import ModelConfig
+from forethought.model.family import Family
 from forethought.model.kv_cache import KVCache
+from forethought.model.layers import Hooks, Linear, Norm, apply_rope, attend
+from forethought.model.llama import Block
 from forethought.model.sequential import TokenByToken
-from forethought.model.transformer import Block, Hooks, Linear, Norm, rotate_half
+
+if TYPE_CHECKING:
+    from forethought.model.config import ModelConfig
 
 
 class FeedbackMemory(nn.Module):
@@ -56,18 +61,11 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(B, T, n_heads, -1).transpose(1, 2)
 
 
-def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    if rope is None:  # no positional encoding (config.use_rope False)
-        return x
-    cos, sin = rope
-    return x * cos + rotate_half(x) * sin
-
-
 def key_value(x: torch.Tensor, kv: Linear, n_heads: int, rope) -> tuple[torch.Tensor, torch.Tensor]:
     """Key (rotated) and value [batch, head, 1, head_dim] of a normed vector through the shared map: a layer's
     own input, or a token's merged memory."""
     k, v = kv(x).chunk(2, dim=-1)
-    return _rotate(_heads(k, n_heads), rope), _heads(v, n_heads)
+    return apply_rope(_heads(k, n_heads), rope), _heads(v, n_heads)
 
 
 class FeedbackBlock(Block):
@@ -81,18 +79,12 @@ class FeedbackBlock(Block):
 
     def attention(self, x, rope, mask, past: _Past, start, hooks):  # noqa: D102 - Block.attention's signature
         H = self.config.n_heads
-        B, T, _ = x.shape
-        q = _rotate(_heads(self.q(x), H), rope)
+        q = apply_rope(_heads(self.q(x), H), rope)
         k, v = key_value(x, past.kv, H, rope)
         if hooks is not None:
-            q, k, v = (self._hook(hooks, point, t) for point, t in (("q", q), ("k", k), ("v", v)))
+            q, k, v = self.hook_qkv(hooks, q, k, v)
         keys, values = torch.cat((past.k, k), dim=2), torch.cat((past.v, v), dim=2)
-        if hooks is not None and self.names["attn_pattern"] in hooks.points:
-            pattern = hooks(self.names["attn_pattern"], self.explicit_pattern(q, keys, None, 1))
-            out = torch.matmul(pattern, values)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values)
-        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o(attend(q, keys, values, None, hooks, self.names["attn_pattern"]))
 
 
 def feedback_forward(
@@ -126,12 +118,7 @@ def feedback_forward(
     tops = []
     for t in range(T):
         position = start + t
-        rope = None
-        if c.use_rope:
-            rope = (
-                model.rope_cos[position : position + 1].to(x.dtype),
-                model.rope_sin[position : position + 1].to(x.dtype),
-            )
+        rope = model.rope(position, position + 1, x.dtype)
         token_hooks = per_token.at(t) if per_token is not None else None
         if cache is not None:
             past = _Past(cache.k[0, :, :, :position], cache.v[0, :, :, :position], memory.kv)
@@ -154,3 +141,39 @@ def feedback_forward(
     if cache is not None:
         cache.length = start + T
     return model._head(torch.cat(tops, dim=1), hooks, last_only)
+
+
+class FeedbackFamily(Family):
+    name = "feedback"
+    block = FeedbackBlock
+    model_points = ("memory",)  # each token's merged memory vector, what later tokens' keys/values read
+    shared_rope = True
+    shared_memory = True
+
+    def check(self, config: ModelConfig) -> str | None:
+        if config.head_dim % 2:
+            return f"RoPE needs an even head_dim, got {config.head_dim}"
+        return None
+
+    def shared_module(self, config: ModelConfig) -> FeedbackMemory:
+        return FeedbackMemory(config)
+
+    def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
+        return feedback_forward(model, tokens, cache, hooks, last_only, causal, start)
+
+    def kv_layers(self, config: ModelConfig) -> int:
+        return 1  # one memory key and value per token, whatever the depth
+
+    def matmul_weights(self, config: ModelConfig) -> int:
+        # Per layer: its query and output, and the shared key/value map on its own input (counted as a layer's
+        # k and v); plus that map once more on the token's merged memory.
+        return super().matmul_weights(config) + 2 * config.d_model * config.n_heads * config.head_dim
+
+    def n_params(self, config: ModelConfig) -> int:
+        c = config
+        memory = 2 * c.d_model * c.n_heads * c.head_dim + c.n_layers + 1  # the shared key/value map, layer weights
+        embed = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+        return c.n_layers * (2 * c.d_model * c.n_heads * c.head_dim + 3 * c.d_model * c.d_ff) + memory + embed
+
+
+FEEDBACK = FeedbackFamily()

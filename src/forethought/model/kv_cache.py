@@ -7,12 +7,68 @@ is never stored, because causal attention only ever reads it through these two p
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
 import torch
 
-from forethought.model.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: the config asks the families, whose caches live here
+    from forethought.model.config import ModelConfig
 
 
-class KVCache:
+class Cache(ABC):
+    """What a model carries from one token to the next, as an object: every family's cache (`KVCache`,
+    `SlidingKVCache`, the GRU stack's `RecurrentCache`) holds `length` tokens, says what it costs (`nbytes`
+    carried, `allocated_nbytes` reserved, `bytes_per_token` added by one more token), grows on `reserve`,
+    rewinds on `truncate` and `copy`s itself. The model's forward writes into it and sets `length`."""
+
+    config: ModelConfig
+    length: int
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """Tokens it can hold before `reserve` must grow it."""
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def bytes_per_token(self) -> int:
+        """What one more token adds to the carried state."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of state carried for the tokens seen so far."""
+
+    @property
+    @abstractmethod
+    def allocated_nbytes(self) -> int:
+        """Bytes actually reserved, including room not yet filled."""
+
+    @abstractmethod
+    def reserve(self, n_tokens: int) -> None:
+        """Make room for `n_tokens` in total."""
+
+    @abstractmethod
+    def copy(self) -> Cache:
+        """An independent cache with the same contents."""
+
+    def check_fits(self, n_tokens: int) -> None:
+        if n_tokens > self.config.context_length:
+            raise ValueError(f"{n_tokens} tokens exceed the context length {self.config.context_length}")
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget every token from position `n_tokens` on (e.g. to rewind and branch a generation)."""
+        if not 0 <= n_tokens <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n_tokens}")
+        self.length = n_tokens
+
+
+class KVCache(Cache):
     """Preallocated keys and values, shape [layer, batch, kv_head, position, head_dim]: one layer slot per
     cached layer (`config.kv_layers`; a single one for the Feedback Transformer's per-token memory)."""
 
@@ -62,8 +118,7 @@ class KVCache:
 
     def reserve(self, n_tokens: int) -> None:
         """Make room for `n_tokens` in total, growing geometrically so appends stay amortised O(1)."""
-        if n_tokens > self.config.context_length:
-            raise ValueError(f"{n_tokens} tokens exceed the context length {self.config.context_length}")
+        self.check_fits(n_tokens)
         if n_tokens <= self.capacity:
             return
         new_capacity = min(max(n_tokens, 2 * self.capacity), self.config.context_length)
@@ -81,12 +136,6 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def truncate(self, n_tokens: int) -> None:
-        """Forget every token from position `n_tokens` on (e.g. to rewind and branch a generation)."""
-        if not 0 <= n_tokens <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n_tokens}")
-        self.length = n_tokens
 
     def copy(self) -> KVCache:
         """An independent cache with the same contents (only the filled part is copied)."""

@@ -7,6 +7,9 @@ import torch
 from forethought.model.config import ModelConfig
 from forethought.model.transformer import Transformer
 
+# Grouped-query attention in the tiny Llama; the other families' tiny models have one KV head per query head.
+TINY_KV_HEADS = {"llama": 2}
+
 
 def random_model(
     config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.05
@@ -34,7 +37,7 @@ def tiny_config(family: str = "llama", **overrides) -> ModelConfig:
         n_layers=2,
         d_model=64,
         n_heads=4,
-        n_kv_heads=2 if family == "llama" else 4,
+        n_kv_heads=TINY_KV_HEADS.get(family, 4),
         head_dim=16,
         d_ff=128,
         vocab_size=256,

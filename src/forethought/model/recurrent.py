@@ -12,19 +12,25 @@ rejected drafts). `nbytes` counts what is carried, `allocated_nbytes` what is ke
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from forethought.errors import ForethoughtError
-from forethought.model.config import ModelConfig
+from forethought.model.family import Family
+from forethought.model.kv_cache import Cache
+from forethought.model.layers import Hooks
 from forethought.model.sequential import TokenByToken
-from forethought.model.transformer import Hooks
+
+if TYPE_CHECKING:
+    from forethought.model.config import ModelConfig
 
 POINTS = ("resid_pre", "resid_post")
 
 
-class RecurrentCache:
+class RecurrentCache(Cache):
     """The GRU states of every layer after each position: [layer, batch, position, d_model]."""
 
     def __init__(
@@ -73,8 +79,7 @@ class RecurrentCache:
         return self.states[layer, :, slot][None].contiguous()
 
     def reserve(self, n_tokens: int) -> None:
-        if n_tokens > self.config.context_length:
-            raise ValueError(f"{n_tokens} tokens exceed the context length {self.config.context_length}")
+        self.check_fits(n_tokens)
         if n_tokens <= self.capacity or not self.history:
             return
         L, B, _, d = self.states.shape
@@ -91,11 +96,9 @@ class RecurrentCache:
 
     def truncate(self, n_tokens: int) -> None:
         """Rewind to the state after `n_tokens` tokens."""
-        if not 0 <= n_tokens <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n_tokens}")
-        if n_tokens < self.length and not self.history:
+        if 0 <= n_tokens < self.length and not self.history:
             raise ValueError("a recurrent cache without history cannot rewind")
-        self.length = n_tokens
+        super().truncate(n_tokens)
 
     def copy(self) -> RecurrentCache:
         new = RecurrentCache(
@@ -164,3 +167,38 @@ def recurrent_forward(
     if cache is not None:
         cache.length = start + tokens.shape[1]
     return model._head(x, hooks, last_only)
+
+
+class RecurrentFamily(Family):
+    name = "recurrent"
+    block = RecurrentBlock
+    block_points = POINTS
+    has_attention = False
+
+    def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
+        return recurrent_forward(model, tokens, cache, hooks, last_only, causal, start)
+
+    def new_cache(self, config, batch_size, capacity, dtype, device, minimal=False):  # noqa: D102 - Family's
+        # Minimal: no rewind history, only the state carried to the next token.
+        return RecurrentCache(config, batch_size, capacity, dtype, device, history=not minimal)
+
+    def kv_layers(self, config: ModelConfig) -> int:
+        return 0  # the state does not grow with the tokens
+
+    def state_bytes(self, config: ModelConfig, n_tokens: int, element_bytes: int = 4) -> int:
+        """One vector per layer however many tokens it has read."""
+        return config.n_layers * config.d_model * element_bytes if n_tokens else 0
+
+    def matmul_weights(self, config: ModelConfig) -> int:
+        return config.n_layers * 6 * config.d_model * config.d_model  # a GRU layer: 3 gates x (input + hidden)
+
+    def attention_flops(self, config: ModelConfig, n_keys: float) -> float:
+        return 0
+
+    def n_params(self, config: ModelConfig) -> int:
+        c = config
+        embed = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+        return c.n_layers * (2 * 3 * c.d_model * c.d_model + 2 * 3 * c.d_model) + embed  # two biases per layer
+
+
+RECURRENT = RecurrentFamily()

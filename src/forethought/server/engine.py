@@ -428,7 +428,7 @@ class ViewerEngine:
             }
             if self.probes is not None:
                 payload["probes"] = self.probes.predictions(row, state, k=min(k, 10), tokenizer=self.tokenizer)
-            if self.config.family == "recurrent":
+            if not self.config.family_spec.has_attention:
                 payload["attention_note"] = (
                     "A recurrent (GRU) model has no attention: each layer reads only the state it carried "
                     "from the previous token."

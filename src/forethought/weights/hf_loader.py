@@ -109,11 +109,13 @@ _LLAMA_BLOCK = {
     "mlp.up_proj": "up",
     "mlp.down_proj": "down",
 }
+_BLOCK_NAMES = {"gpt2": _GPT2_BLOCK}  # HF's block tensor names by family; Llama's otherwise
 
 
 def canonical_tensors(raw: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    gpt2 = config.family == "gpt2"
+    table = _BLOCK_NAMES.get(config.family, _LLAMA_BLOCK)
+    gpt2 = table is _GPT2_BLOCK  # GPT-2's checkpoint layout: Conv1D weights, one fused c_attn
     block_re = re.compile(r"(?:transformer\.|model\.)?(?:h|layers)\.(\d+)\.(.+)\.(weight|bias)$")
     for name, w in raw.items():
         m = block_re.match(name)
@@ -127,7 +129,6 @@ def canonical_tensors(raw: dict[str, torch.Tensor], config: ModelConfig) -> dict
                 for part, chunk in zip("qkv", w.chunk(3, dim=0)):
                     out[f"blocks.{layer}.{part}.{leaf}"] = chunk
                 continue
-            table = _GPT2_BLOCK if gpt2 else _LLAMA_BLOCK
             if module in table:
                 out[f"blocks.{layer}.{table[module]}.{leaf}"] = w
             continue
@@ -155,7 +156,7 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
         raise ForethoughtError(f"{config_path} lacks the key {e.args[0]!r}") from None
     except TypeError as e:
         raise ForethoughtError(f"{config_path} has a value of the wrong type ({e})") from None
-    if config.family == "gemma3":
+    if raw_config.get("model_type") in HF_MODEL_TYPES:  # Gemma 3
         tensors = canonical_tensors_hf_gemma3(_read_safetensors(folder), config)
     elif raw_config.get("model_type") in LAB_TYPES:  # already under the canonical names
         tensors = _read_safetensors(folder)

@@ -17,7 +17,8 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
-from forethought.model.transformer import Linear, Transformer
+from forethought.model.layers import Linear
+from forethought.model.transformer import Transformer
 
 
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> Transformer:
@@ -65,24 +66,25 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
     unembed = embed if config.tie_embeddings else take("unembed")
     set_linear(model.unembed, [unembed], [None])
 
-    if config.family == "recurrent":
-        for i, block in enumerate(model.blocks):
-            for leaf in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                # Shapes were checked against the config (validate.expected_shapes) before the model was built.
-                param = getattr(block.gru, f"{leaf}_l0")
-                param.data = take(f"blocks.{i}.gru.{leaf}").to(dtype=dtype, device=device)
-            block.gru.flatten_parameters()
-        return model.eval()
-    if config.family == "feedback":
+    # Each block is filled with what its family built (model/families.py): the loader asks the modules, not the
+    # family's name.
+    if model.memory is not None:  # the Feedback Transformer's shared memory
         set_norm(model.memory.norm, "memory.norm")
         set_linear(model.memory.kv, [take("memory.k.weight"), take("memory.v.weight")], [None, None])
         model.memory.layer_logits.data = take("memory.layer_logits").to(dtype=dtype, device=device)
 
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}"
+        if hasattr(block, "gru"):  # a GRU layer
+            for leaf in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                # Shapes were checked against the config (validate.expected_shapes) before the model was built.
+                param = getattr(block.gru, f"{leaf}_l0")
+                param.data = take(f"{p}.gru.{leaf}").to(dtype=dtype, device=device)
+            block.gru.flatten_parameters()
+            continue
         set_norm(block.attn_norm, f"{p}.attn_norm")
         set_norm(block.mlp_norm, f"{p}.mlp_norm")
-        if config.family == "feedback":  # keys and values come from the shared memory map
+        if not hasattr(block, "qkv"):  # Feedback: keys and values come from the shared memory map
             set_linear(block.q, [take(f"{p}.q.weight")], [None])
         else:
             set_linear(
@@ -91,12 +93,12 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
                 [maybe(f"{p}.{n}.bias") for n in "qkv"],
             )
         set_linear(block.o, [take(f"{p}.o.weight")], [maybe(f"{p}.o.bias")])
-        if config.family == "gpt2":
+        if hasattr(block, "up"):  # GPT-2's ungated MLP
             set_linear(block.up, [take(f"{p}.up.weight")], [maybe(f"{p}.up.bias")])
         else:
             set_linear(block.gate_up, [take(f"{p}.gate.weight"), take(f"{p}.up.weight")], [None, None])
         set_linear(block.down, [take(f"{p}.down.weight")], [maybe(f"{p}.down.bias")])
-        if config.family == "gemma3":
+        if block.post_attn_norm is not None:  # Gemma 3's extra norms
             for norm in ("post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"):
                 set_norm(getattr(block, norm), f"{p}.{norm}")
     return model.eval()

@@ -234,16 +234,17 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
         "final_norm.weight": (d,),
         "final_norm.bias": (d,),
     }
-    if c.family == "gpt2":
+    family = c.family_spec
+    if family.learned_positions:
         shapes["pos_embed"] = (c.context_length, d)
-    if c.family == "feedback":
+    if family.shared_memory:
         shapes |= {
             "memory.norm.weight": (d,),
             "memory.k.weight": (c.n_heads * hd, d),
             "memory.v.weight": (c.n_heads * hd, d),
             "memory.layer_logits": (c.n_layers + 1,),
         }
-    if c.family == "recurrent":
+    if not family.has_attention:  # GRU layers
         for i in range(c.n_layers):
             p = f"blocks.{i}.gru"
             shapes |= {f"{p}.weight_ih": (3 * d, d), f"{p}.weight_hh": (3 * d, d)}

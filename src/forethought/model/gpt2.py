@@ -1,0 +1,44 @@
+"""GPT-2: the Llama block with LayerNorm, a bias on every projection, a GELU MLP and learned positions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from forethought.model.family import Family
+from forethought.model.layers import Linear
+from forethought.model.llama import Block, decoder_forward
+
+if TYPE_CHECKING:
+    from forethought.model.config import ModelConfig
+
+
+class GPT2Block(Block):
+    layer_norm = True
+    bias = True
+
+    def make_mlp(self, c: ModelConfig) -> None:
+        self.up = Linear(c.d_model, c.d_ff, bias=True)
+        self.down = Linear(c.d_ff, c.d_model, bias=True)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class GPT2Family(Family):
+    name = "gpt2"
+    block = GPT2Block
+    learned_positions = True
+    layer_norm = True
+    mlp_matrices = 2  # up, down
+
+    def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
+        return decoder_forward(model, tokens, cache, hooks, last_only, causal, start)
+
+    def n_params(self, config: ModelConfig) -> int:
+        return super().n_params(config) + config.context_length * config.d_model  # the position table
+
+
+GPT2 = GPT2Family()
