@@ -65,14 +65,14 @@ def train(
 ) -> None:
     """Generate the model's own greedy continuations, train heads on its last block's output to forecast them,
     report held-out accuracy per head (and per layer with --layers), and save the heads."""
-    from forethought.model.heads import (
+    from forethought.draft_heads.training import (
         HeadsData,
         choose_vocab,
         make_training_data,
         seed_prompts,
-        shipped_path,
         train_heads,
     )
+    from forethought.model.heads import shipped_path
     from forethought.model.kernels import cache_dir
 
     if not 1 <= n_heads <= 15:

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from forethought.errors import ForethoughtError
-from forethought.model.generate import check_prompt
-from forethought.model.kv_cache import KVCache
-from forethought.model.sampling import SamplingParams, sample, sampling_distribution
+from forethought.model.decode import check_prompt, generate_steps, sampler
+from forethought.model.kv_cache import Cache
+from forethought.model.sampling import SamplingParams, sampling_distribution
 from forethought.model.transformer import Transformer
 from forethought.trace import act_name, run_with_trace
 
@@ -67,7 +67,7 @@ class LensResult:
 
 @torch.inference_mode()
 def logit_lens(
-    model: Transformer, prompt_ids: list[int], top_k: int, token_str=str, cache: KVCache | None = None
+    model: Transformer, prompt_ids: list[int], top_k: int, token_str=str, cache: Cache | None = None
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """(lens fields of a LensResult, the prompt's last-position logits, resid_post [layer, position, d]).
 
@@ -125,18 +125,17 @@ def lens(
         seed=params.seed,
         **fields,
     )
-    generator = params.generator()
     k = min(top_k, model.config.vocab_size)
-    for step in range(n_steps):
+    for step in generate_steps(model, prompt_ids, logits, n_steps, sampler(params, params.generator()), cache):
+        token, logits = step.token, step.logits
         probs = torch.softmax(logits.double(), dim=-1)
         drawn = sampling_distribution(logits, params)
-        token = sample(logits, params, generator)
         top = torch.topk(probs, k)
         h = entropy_nats(probs)
         result.steps.append(
             LensStep(
-                step=step,
-                position=len(prompt_ids) + step,
+                step=step.index,
+                position=len(prompt_ids) + step.index,
                 chosen_id=token,
                 chosen_token=token_str(token),
                 top_ids=top.indices.tolist(),
@@ -151,6 +150,4 @@ def lens(
                 sampling_support=int((drawn > 0).sum()),
             )
         )
-        if step + 1 < n_steps:
-            logits = model(torch.tensor([[token]], device=model.device), cache=cache)[0, -1]
     return result

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from forethought.errors import ForethoughtError
-from forethought.model.families import Family, family_of
+
+
+class FamilyRules(Protocol):
+    """What a config asks its family (model/family.py's `Family` has these and more)."""
+
+    def check(self, config: ModelConfig) -> str | None: ...
+
+    def kv_layers(self, config: ModelConfig) -> int: ...
+
+    def state_bytes(self, config: ModelConfig, n_tokens: int, element_bytes: int = 4) -> int: ...
+
+    def n_params(self, config: ModelConfig) -> int: ...
+
+
+# Every family by name, filled by the registry (model/families.py) when the model package loads. The table lives
+# here so that the config can ask its family without importing the family modules, which import the config.
+FAMILY_TABLE: dict[str, FamilyRules] = {}
 
 FamilyName = Literal["llama", "gpt2", "gemma3", "feedback", "recurrent"]  # the keys of families.FAMILIES
 
@@ -77,9 +93,12 @@ class ModelConfig:
         return self.n_layers - len(self.sliding_layers)
 
     @property
-    def family_spec(self) -> Family:
+    def family_spec(self):  # -> model.family.Family (not imported here: the family modules import this one)
         """This config's family: its block, forward, cache and costs (model/families.py)."""
-        return family_of(self.family)
+        family = FAMILY_TABLE.get(self.family)
+        if family is None:
+            raise ForethoughtError(f"unknown model family {self.family!r} (one of {', '.join(FAMILY_TABLE)})")
+        return family
 
     @property
     def kv_layers(self) -> int:

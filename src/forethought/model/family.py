@@ -8,16 +8,12 @@ what differs, so adding a family is adding a module, not a branch in every calle
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from forethought.model.config import ModelConfig
 from forethought.model.kv_cache import Cache, KVCache
 from forethought.model.layers import BLOCK_POINTS, Hooks
-
-if TYPE_CHECKING:  # annotations only: the config asks the families, so they must not import it
-    from forethought.model.config import ModelConfig
 
 
 class Family:

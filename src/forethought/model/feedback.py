@@ -18,21 +18,18 @@ Named points are the Llama block's (`blocks.{l}.q/k/v` are token t's own query, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from forethought.errors import ForethoughtError
+from forethought.model.config import ModelConfig
 from forethought.model.family import Family
 from forethought.model.kv_cache import KVCache
 from forethought.model.layers import Hooks, Linear, Norm, apply_rope, attend
 from forethought.model.llama import Block
 from forethought.model.sequential import TokenByToken
-
-if TYPE_CHECKING:
-    from forethought.model.config import ModelConfig
 
 
 class FeedbackMemory(nn.Module):

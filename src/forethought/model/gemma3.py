@@ -6,18 +6,15 @@ the local layers (`SlidingKVCache`)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from forethought.model.config import ModelConfig
 from forethought.model.family import Family
 from forethought.model.kv_cache import KVCache, SlidingKVCache
 from forethought.model.layers import Hooks, Norm, apply_rope, attend, rope_tables, split_qkv
 from forethought.model.llama import Block
-
-if TYPE_CHECKING:
-    from forethought.model.config import ModelConfig
 
 # Tokens a Gemma cache can rewind (SlidingKVCache.truncate): spare ring slots beyond the window.
 GEMMA_REWIND = 16

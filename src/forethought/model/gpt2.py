@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
+from forethought.model.config import ModelConfig
 from forethought.model.family import Family
 from forethought.model.layers import Linear
 from forethought.model.llama import Block, decoder_forward
-
-if TYPE_CHECKING:
-    from forethought.model.config import ModelConfig
 
 
 class GPT2Block(Block):

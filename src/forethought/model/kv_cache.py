@@ -8,12 +8,10 @@ is never stored, because causal attention only ever reads it through these two p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: the config asks the families, whose caches live here
-    from forethought.model.config import ModelConfig
+from forethought.model.config import ModelConfig
 
 
 class Cache(ABC):

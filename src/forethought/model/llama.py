@@ -7,18 +7,14 @@ Each block reads `h = x + attention(norm(x)); out = h + mlp(norm(h))`, handing i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forethought.model.config import ModelConfig
 from forethought.model.family import Family
 from forethought.model.kv_cache import KVCache
 from forethought.model.layers import BLOCK_POINTS, Hooks, Linear, Norm, apply_rope, attend, hook_heads, split_qkv
-
-if TYPE_CHECKING:
-    from forethought.model.config import ModelConfig
 
 
 class Block(nn.Module):

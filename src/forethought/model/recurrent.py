@@ -12,20 +12,16 @@ rejected drafts). `nbytes` counts what is carried, `allocated_nbytes` what is ke
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from forethought.errors import ForethoughtError
+from forethought.model.config import ModelConfig
 from forethought.model.family import Family
 from forethought.model.kv_cache import Cache
 from forethought.model.layers import Hooks
 from forethought.model.sequential import TokenByToken
-
-if TYPE_CHECKING:
-    from forethought.model.config import ModelConfig
 
 POINTS = ("resid_pre", "resid_post")
 

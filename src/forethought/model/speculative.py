@@ -19,13 +19,16 @@ always equals a fresh prefill of the text so far.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
 
 from forethought.errors import ForethoughtError
+from forethought.model import kernels
+from forethought.model.decode import Generation, SpeculativeStats, Step, check_prompt
+from forethought.model.heads import load_heads
+from forethought.model.kv_cache import Cache
 from forethought.model.sampling import SamplingParams, sample, sampling_distribution
 from forethought.model.transformer import Transformer
 
@@ -120,50 +123,8 @@ def make_drafter(model: Transformer, kind: str, heads_path: str | None = None) -
         return PromptLookup()
     if kind not in DRAFTERS:
         raise ForethoughtError(f"--speculative must be one of {', '.join(DRAFTERS)}, got {kind!r}")
-    from forethought.model.heads import load_heads
-
     heads = HeadsDrafter(load_heads(model, heads_path), model)
     return heads if kind == "heads" else AutoDrafter(heads)
-
-
-@dataclass
-class SpeculativeStats:
-    """What the drafter proposed and the model kept, one entry per verifying forward."""
-
-    drafter: str
-    draft_len: int
-    drafted: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-
-    @property
-    def forwards(self) -> int:
-        return len(self.drafted)
-
-    @property
-    def mean_accepted(self) -> float:
-        """Drafted tokens kept per forward (0 = no gain; plain decoding makes 1 token per forward)."""
-        return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Acceptance length: tokens each verifying forward yields (accepted drafts + the model's own)."""
-        return 1.0 + self.mean_accepted
-
-    @property
-    def acceptance_rate(self) -> float:
-        total = sum(self.drafted)
-        return sum(self.accepted) / total if total else 0.0
-
-    def as_dict(self) -> dict:
-        return {
-            "drafter": self.drafter,
-            "draft_len": self.draft_len,
-            "forwards": self.forwards,
-            "tokens_per_forward": self.tokens_per_forward,
-            "acceptance_rate": self.acceptance_rate,
-            "accepted_histogram": [self.accepted.count(i) for i in range(self.draft_len + 1)],
-            "forwards_without_draft": self.drafted.count(0),
-        }
 
 
 def accept(
@@ -186,6 +147,62 @@ def accept(
     return len(drafts), sample(logits[len(drafts)], params, generator)
 
 
+def speculative_steps(
+    model: Transformer,
+    prompt_ids: list[int],
+    logits: torch.Tensor,
+    states: torch.Tensor,
+    cache: Cache,
+    max_new_tokens: int,
+    params: SamplingParams,
+    generator: torch.Generator,
+    drafter: Drafter,
+    draft_len: int,
+    stats: SpeculativeStats,
+    stop_ids: tuple[int, ...] = (),
+) -> Iterator[Step]:
+    """The decode loop of speculative decoding, as `generate_steps`' records: each verifying forward yields the
+    drafts it kept ("draft") and the model's own token after them ("model"), the forward's time shared among
+    them. `logits`/`states` are the prefill's last position; see the module doc for the rule."""
+    ids = list(prompt_ids)
+    made = 0
+    if max_new_tokens == 0:
+        return
+
+    def batch(tokens: list[tuple[int, str, torch.Tensor]], seconds: float) -> Iterator[Step]:
+        """The tokens of one forward (with the logits each was chosen from) up to the first stop token or the
+        budget, as Steps."""
+        nonlocal made
+        kept = []
+        for token, origin, row in tokens:
+            kept.append((token, origin, row))
+            if token in stop_ids or made + len(kept) >= max_new_tokens:
+                break
+        for token, origin, row in kept:
+            ids.append(token)
+            made += 1
+            yield Step(made - 1, token, row, seconds / len(kept), token in stop_ids, origin=origin)
+
+    started = time.perf_counter()
+    pending = sample(logits[-1], params, generator)
+    state = states[-1]
+    yield from batch([(pending, "model", logits[-1])], time.perf_counter() - started)
+    while made < max_new_tokens and ids[-1] not in stop_ids:
+        started = time.perf_counter()
+        k = min(draft_len, max_new_tokens - made - 1)
+        drafts = drafter.draft(ids, state if drafter.needs_state else None, k)[:k] if k > 0 else []
+        start = cache.length
+        logits, states = model.forward_with_state([pending, *drafts], cache, with_state=drafter.needs_state)
+        n_ok, following = accept(logits, drafts, params, generator)
+        cache.truncate(start + 1 + n_ok)  # pending + the kept drafts; the rest is forgotten
+        stats.drafted.append(len(drafts))
+        stats.accepted.append(n_ok)
+        state = states[n_ok] if states is not None else None
+        pending = following
+        tokens = [(d, "draft", logits[i]) for i, d in enumerate(drafts[:n_ok])] + [(pending, "model", logits[n_ok])]
+        yield from batch(tokens, time.perf_counter() - started)
+
+
 @torch.inference_mode()
 def generate_speculative(
     model: Transformer,
@@ -196,11 +213,8 @@ def generate_speculative(
     draft_len: int = 4,
     stop_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
-):
+) -> Generation:
     """Like `generate`, with each forward verifying up to `draft_len` drafted tokens; see the module doc."""
-    from forethought.model import kernels
-    from forethought.model.generate import Generation, check_prompt
-
     check_prompt(model, prompt_ids, max_new_tokens)
     if not 1 <= draft_len < kernels.MAX_TOKENS:
         raise ForethoughtError(f"--draft-len must be in 1..{kernels.MAX_TOKENS - 1}, got {draft_len}")
@@ -216,49 +230,10 @@ def generate_speculative(
     started = time.perf_counter()
     logits, states = model.forward_with_state(prompt_ids, cache, last_only=True)
     result.prefill_seconds = time.perf_counter() - started
-    if max_new_tokens == 0:
-        return result
-
-    def emit(token: int, origin: str) -> bool:
-        """Record a token; True when generation must stop after it."""
-        result.new_ids.append(token)
-        result.origins.append(origin)
-        if on_token is not None:
-            on_token(token)
-        if token in stop_ids:
-            result.stop_reason = "eos"
-            return True
-        return len(result.new_ids) >= max_new_tokens
-
-    step_started = time.perf_counter()
-    pending = sample(logits[-1], params, generator)
-    state = states[-1]
-    done = emit(pending, "model")
-    result.step_seconds.append(time.perf_counter() - step_started)
-    while not done:
-        step_started = time.perf_counter()
-        k = min(draft_len, max_new_tokens - len(result.new_ids) - 1)
-        context = result.ids
-        drafts = drafter.draft(context, state if drafter.needs_state else None, k)[:k] if k > 0 else []
-        start = cache.length
-        logits, states = model.forward_with_state([pending, *drafts], cache, with_state=drafter.needs_state)
-        n_ok, following = accept(logits, drafts, params, generator)
-        cache.truncate(start + 1 + n_ok)  # pending + the kept drafts; the rest is forgotten
-        stats.drafted.append(len(drafts))
-        stats.accepted.append(n_ok)
-        state = states[n_ok] if states is not None else None
-        made = 0
-        for token in drafts[:n_ok]:
-            made += 1
-            if done := emit(token, "draft"):
-                break
-        if not done:
-            pending = following
-            made += 1
-            done = emit(pending, "model")
-        elapsed = time.perf_counter() - step_started
-        result.step_seconds.extend([elapsed / made] * made)
-    return result
+    steps = speculative_steps(
+        model, prompt_ids, logits, states, cache, max_new_tokens, params, generator, drafter, draft_len, stats, stop_ids
+    )
+    return result.collect(steps, on_token)
 
 
 @torch.inference_mode()

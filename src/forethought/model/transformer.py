@@ -15,6 +15,7 @@ from torch import nn
 
 from forethought.model import kernels
 from forethought.model.config import ModelConfig
+from forethought.model.families import family_of
 from forethought.model.family import Family
 from forethought.model.kv_cache import Cache, KVCache
 from forethought.model.layers import (
@@ -48,7 +49,7 @@ class Transformer(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        family = c.family_spec
+        family = family_of(c.family)
         self.embed = nn.Parameter(torch.empty(c.vocab_size, c.d_model), requires_grad=False)
         self.pos_embed = (
             nn.Parameter(torch.empty(c.context_length, c.d_model), requires_grad=False)
@@ -87,7 +88,7 @@ class Transformer(nn.Module):
 
     @property
     def family(self) -> Family:
-        return self.config.family_spec
+        return family_of(self.config.family)
 
     @property
     def device(self) -> torch.device:

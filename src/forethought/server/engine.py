@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from forethought.errors import ForethoughtError
-from forethought.model.kv_cache import KVCache
+from forethought.model.decode import generate_steps, sampler
+from forethought.model.kv_cache import Cache
 from forethought.model.sampling import SamplingParams, sample, sampling_distribution
 from forethought.model.speculative import DRAFTERS, generate_speculative, make_drafter
 from forethought.trace import act_name, run_with_trace
@@ -87,7 +88,7 @@ class Session:
     id: str
     token_ids: list[int]
     n_prompt: int
-    cache: KVCache
+    cache: Cache
     next_logits: torch.Tensor  # [vocab], after the last token: what an append samples from
     states: torch.Tensor  # [row, position, d]: the states the last response was computed from
     metrics: dict[str, torch.Tensor]  # name -> [row, position]
@@ -253,14 +254,13 @@ class ViewerEngine:
                 next_logits = logits[0, -1]
                 drafted = {"origins": g.origins, **g.speculative.as_dict()}
                 new_tokens = 0
-            for _ in range(new_tokens):
-                token = sample(next_logits, params, generator)
-                ids.append(token)
-                logits, _ = run_with_trace(self.model, [token], (), cache=cache)
-                next_logits = logits[0, -1]
-                if token in self.stop_ids:
+            # Every generated token goes into the cache, the last one too: an append continues from it.
+            choose, stops = sampler(params, generator), self.stop_ids
+            for step in generate_steps(self.model, ids, next_logits, new_tokens, choose, cache, stops, feed_last=True):
+                ids.append(step.token)
+                next_logits = step.next_logits
+                if step.stop:
                     stop_reason = "eos"
-                    break
             generated_at = time.perf_counter()
             # A prefill through an empty cache is the plain forward; only generated tokens need one more pass.
             states = self._stack(prefill) if len(ids) == n_prompt else self._states(ids)
@@ -502,7 +502,7 @@ class ViewerEngine:
         return [{"id": int(i), "text": self.tokenizer.token_str(int(i))} for i in ids]
 
     @staticmethod
-    def _cache_info(cache: KVCache) -> dict:
+    def _cache_info(cache: Cache) -> dict:
         return {
             "tokens": cache.length,
             "bytes": cache.nbytes,

@@ -1,0 +1,1 @@
+"""Draft heads' training (the heads themselves, their file and drafting: forethought.model.heads)."""
