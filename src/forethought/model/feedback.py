@@ -135,9 +135,7 @@ def feedback_forward(
         else:
             keys, values = [past.k, k], [past.v, v]
         tops.append(h)
-    if cache is not None:
-        cache.length = start + T
-    return model._head(torch.cat(tops, dim=1), hooks, last_only)
+    return model.finish(torch.cat(tops, dim=1), cache, start + T, hooks, last_only)
 
 
 class FeedbackFamily(Family):

@@ -98,9 +98,7 @@ def gemma_forward(
     ropes = {theta: rope_tables(theta, c.head_dim, start, end, x.device) for theta in {b.theta for b in model.blocks}}
     for block in model.blocks:
         x = block(x, ropes, causal, cache, start, hooks)
-    if cache is not None:
-        cache.length = end
-    return model._head(x, hooks, last_only)
+    return model.finish(x, cache, end, hooks, last_only)
 
 
 class Gemma3Family(Family):

@@ -120,9 +120,7 @@ def decoder_forward(
 
     for block in model.blocks:
         x = block(x, rope, mask, cache, start, hooks)
-    if cache is not None:
-        cache.length = end
-    return model._head(x, hooks, last_only)
+    return model.finish(x, cache, end, hooks, last_only)
 
 
 class LlamaFamily(Family):

@@ -160,9 +160,7 @@ def recurrent_forward(
         x = hooks("embed", x)
     for block in model.blocks:
         x = block(x, cache, start, hooks)
-    if cache is not None:
-        cache.length = start + tokens.shape[1]
-    return model._head(x, hooks, last_only)
+    return model.finish(x, cache, start + tokens.shape[1], hooks, last_only)
 
 
 class RecurrentFamily(Family):

@@ -139,6 +139,15 @@ class Transformer(nn.Module):
                 return (logits[-1:] if last_only else logits).unsqueeze(0)
         return self.family.forward(self, tokens, cache, hooks, last_only, causal, start)
 
+    def finish(
+        self, x: torch.Tensor, cache: Cache | None, end: int, hooks: Hooks | None, last_only: bool
+    ) -> torch.Tensor:
+        """The end of every family's forward: the cache now holds `end` tokens; the last block's output `x`
+        goes through the final norm and unembedding."""
+        if cache is not None:
+            cache.length = end
+        return self._head(x, hooks, last_only)
+
     def _head(self, x: torch.Tensor, hooks: Hooks | None, last_only: bool) -> torch.Tensor:
         """Final norm + unembedding (+ Gemma's soft-cap) of the last block's output, with their hook points."""
         wanted = hooks.points if hooks is not None else ()
