@@ -11,19 +11,20 @@ import typer
 from rich import box
 from rich.table import Table
 
-from forethought.cli import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, console, err_console, load
+from forethought.commands.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PlotOpt,
+    app,
+    console,
+    err_console,
+    load,
+    parse_int_list,
+)
 from forethought.errors import ForethoughtError
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ForethoughtError(
-            f"--layers takes block indices separated by commas (e.g. 0,5,10), got {text!r}"
-        ) from None
 
 
 def _pct(v: float | None) -> str:
@@ -47,7 +48,7 @@ def anatomy(
         ),
     ] = True,
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="Write PNG plots into this folder.")] = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -58,7 +59,7 @@ def anatomy(
 
     if docs < 4:
         raise ForethoughtError(f"--docs must be >= 4 (two per half), got {docs}")
-    chosen = _parse_layers(layers)
+    chosen = parse_int_list(layers, "layers") if layers else None
     lm = load(model, device, dtype, quiet=as_json)
     token_docs, described = corpus_documents(lm.tokenizer, corpus, docs, length)
     # the control keeps the real weights' scales (a fresh random init's states are far smaller)
@@ -137,8 +138,8 @@ def revise(
     n: Annotated[int, typer.Option("-n", help="Steps to compare after the off-plan token.")] = 16,
     probes: Annotated[Path | None, typer.Option("--probes", help="Folder of future-token probes (from probe).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
-    model: ModelOpt = "smollm2-135m",
+    plot: PlotOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -304,8 +305,8 @@ def revise_scale(
         float, typer.Option("--temperature", "-t", help="Temperature of the sampled bucket (greedy excluded).")
     ] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for prompt offsets, p<1e-6 picks and samples.")] = 0,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
-    model: ModelOpt = "smollm2-135m",
+    plot: PlotOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,

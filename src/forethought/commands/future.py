@@ -8,37 +8,24 @@ from typing import Annotated
 
 import typer
 
-from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console, load
+from forethought.commands.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    PlotOpt,
+    app,
+    console,
+    err_console,
+    load,
+    parse_int_list,
+)
 from forethought.errors import ForethoughtError
 
 RayOpt = Annotated[
     str | None,
     typer.Option("--ray", help="Run on Ray: a cluster ADDRESS, auto (the cluster this node joined), or local:N."),
 ]
-
-
-def parse_int_list(text: str, what: str, upper: int | None = None) -> list[int]:
-    """'all', '0,5,10', '1-4' or a mix ('0-3,8') -> sorted unique ints."""
-    text = text.strip()
-    if text == "all":
-        if upper is None:
-            raise ForethoughtError(f"--{what} all needs a known range")
-        return list(range(upper))
-    values: set[int] = set()
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                values.update(range(int(lo), int(hi) + 1))
-            else:
-                values.add(int(part))
-    except ValueError:
-        raise ForethoughtError(f"--{what} {text!r}: use 'all', a list like 0,5,10 or a range like 1-4") from None
-    if not values:
-        raise ForethoughtError(f"--{what} is empty")
-    if upper is not None and (min(values) < 0 or max(values) >= upper):
-        raise ForethoughtError(f"--{what} {text!r}: values must lie in 0..{upper - 1}")
-    return sorted(values)
 
 
 @app.command()
@@ -60,7 +47,7 @@ def extract(
     ] = 2048,
     float16: Annotated[bool, typer.Option("--float16", help="Store activations as float16.")] = False,
     ray: RayOpt = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
@@ -129,7 +116,7 @@ def probe(
     layers: Annotated[str, typer.Option("--layers", help="all (stored), or a list like 0,5,10.")] = "all",
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored per cell.")] = 4096,
     out: Annotated[Path | None, typer.Option("--out", help="Results and fitted probes (default STORE/probes).")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the top-1 heatmap PNG here.")] = None,
+    plot: PlotOpt = None,
     ray: RayOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Override the store's model.")] = None,
     device: DeviceOpt = "cpu",
