@@ -25,10 +25,7 @@ from forethought.commands.common import (
     parse_int_list,
 )
 from forethought.errors import ForethoughtError
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+from forethought.format import percent
 
 
 @app.command()
@@ -97,18 +94,18 @@ def anatomy(
     for l in result.layers:
         row = [
             "emb" if l.layer == "embed" else str(_split_name(l.layer)[0]),
-            _pct(l.position_share),
-            _pct(l.position_shuffled),
-            _pct(l.position_profile[0] if l.position_profile else None),
-            _pct(l.token_share),
-            _pct(l.slow_share),
-            _pct(l.document_share),
+            percent(l.position_share, unit=""),
+            percent(l.position_shuffled, unit=""),
+            percent(l.position_profile[0] if l.position_profile else None, unit=""),
+            percent(l.token_share, unit=""),
+            percent(l.slow_share, unit=""),
+            percent(l.document_share, unit=""),
             f"{l.cosine[0]:.2f}",
             f"{l.tau:.0f}",
         ]
         if result.random:
             r = random_by_name[l.layer]
-            row += [_pct(r.position_share), _pct(r.slow_share)]
+            row += [percent(r.position_share, unit=""), percent(r.slow_share, unit="")]
         table.add_row(*row)
     console.print(table)
     console.print(

@@ -29,16 +29,8 @@ from forethought.commands.common import (
     prompt_ids,
 )
 from forethought.errors import ForethoughtError
+from forethought.format import size
 from forethought.trace import layer_label as _layer_label
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
 
 
 @app.command()
@@ -205,7 +197,7 @@ def state_size(
     for i, t in enumerate(counts):
         measured = loaded.measured_nbytes[i] if loaded.prefilled[i] else loaded.measured_allocated[i]
         note = "" if loaded.prefilled[i] else " (alloc)" if measured is not None else ""
-        table.add_row(str(t), _bytes(measured) + note, *[_bytes(c.kv_bytes[i]) for c in result.configs])
+        table.add_row(str(t), size(measured) + note, *[size(c.kv_bytes[i]) for c in result.configs])
     console.print(table)
     states = Table(
         title=f"Per token vs fixed recurrent states of the same width ({unit})", box=box.SIMPLE_HEAD, pad_edge=False
@@ -219,8 +211,8 @@ def state_size(
         states.add_row(
             escape(c.key),
             f"{c.n_layers}×{c.n_kv_heads}×{c.head_dim}",
-            _bytes(c.bytes_per_token),
-            *map(_bytes, c.recurrent_bytes.values()),
+            size(c.bytes_per_token),
+            *map(size, c.recurrent_bytes.values()),
         )
     console.print(states)
     console.print(
@@ -334,7 +326,7 @@ def trace(
     for col in ("name", "shape", "dtype", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for r in rows:
-        table.add_row(escape(r["name"]), "×".join(map(str, r["shape"])), r["dtype"], _bytes(r["bytes"]))
-    table.add_row("[bold]total[/bold]", f"{len(rows)} tensors", "", f"[bold]{_bytes(total)}[/bold]")
+        table.add_row(escape(r["name"]), "×".join(map(str, r["shape"])), r["dtype"], size(r["bytes"]))
+    table.add_row("[bold]total[/bold]", f"{len(rows)} tensors", "", f"[bold]{size(total)}[/bold]")
     console.print(table)
-    console.print(f"saved to {path} ({_bytes(path.stat().st_size)} on disk)")
+    console.print(f"saved to {path} ({size(path.stat().st_size)} on disk)")
