@@ -37,7 +37,8 @@ def engine_folder(results: Path, arch: str, seed: int) -> Path | None:
 
 def probe_one(folder: Path, out: Path, tokens: int, offsets: list[int]) -> dict:
     from forethought.data.store import ActivationStore
-    from forethought.experiments.future import run_extract, run_probes
+    from forethought.experiments.future import run_extract
+    from forethought.experiments.probes import run_probes
     from forethought.weights import load_model
 
     lm = load_model(str(folder))

@@ -230,7 +230,7 @@ def state_size(
 
 
 @app.command()
-def lens(
+def run_logit_lens(
     prompt: Annotated[str, typer.Argument(help="Text to read through the logit lens, then continue.")],
     n: Annotated[int, typer.Option("-n", "--max-new-tokens", help="Tokens to generate after the prompt.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", help="Alternatives to show per cell and per step.")] = 5,
@@ -245,7 +245,7 @@ def lens(
     plot: PlotOpt = None,
 ) -> None:
     """The logit lens at every layer x position, and the alternatives the sampler did not show."""
-    from forethought.experiments.lens import lens as run
+    from forethought.experiments.lens import run_logit_lens as run
     from forethought.model.sampling import SamplingParams
 
     check_plot(plot)
@@ -255,9 +255,9 @@ def lens(
     lm = load(model, device, dtype, quiet=as_json)
     result = run(lm.model, prompt_ids(lm, prompt), n, top_k, params, lm.tokenizer.token_str, lm.name)
     if plot is not None:
-        from forethought.viz.claims import plot_lens
+        from forethought.viz.claims import plot_logit_lens
 
-        plot_lens(result, plot)
+        plot_logit_lens(result, plot)
     if as_json:
         emit_json(result.to_dict() | {"prompt": prompt})
         return

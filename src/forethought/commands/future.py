@@ -124,7 +124,7 @@ def probe(
 ) -> None:
     """Linear probes and the Future Lens map from each layer's state to tokens 1..K ahead, on held-out documents."""
     from forethought.data.store import ActivationStore
-    from forethought.experiments.future import run_probes
+    from forethought.experiments.probes import run_probes
     from forethought.viz.future import write_report
 
     activation_store = ActivationStore(store)

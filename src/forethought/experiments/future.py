@@ -8,13 +8,6 @@ from forethought.data.corpus import Corpus, balanced_order, load_corpus, split_o
 from forethought.data.store import ExtractResult, ExtractSettings, extract, shard_windows_for
 
 
-def run_probes(*args, **kwargs):
-    """See `forethought.experiments.probes.run_probes` (imported on use: extraction does not need it)."""
-    from forethought.experiments.probes import run_probes as run
-
-    return run(*args, **kwargs)
-
-
 def reading_order(lm, docs: Corpus, test_fraction: float, max_doc_tokens: int | None):
     """The tokenized documents in the order extraction reads them. The one definition: the Ray shard planner
     (`forethought.distributed.extract`) must cut the corpus exactly as `run_extract` does."""

@@ -144,15 +144,15 @@ def state_size(ctx: ReportContext, folder: Path) -> Finding:
 # ------------------------------------------------------------------------------------------------------- lens
 
 
-def lens(ctx: ReportContext, folder: Path) -> Finding:
-    from forethought.experiments.lens import lens as run
+def run_logit_lens(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.lens import run_logit_lens as run
     from forethought.model.sampling import SamplingParams
-    from forethought.viz.claims import plot_lens
+    from forethought.viz.claims import plot_logit_lens
 
     s, lm = ctx.settings, ctx.lm()
     params = SamplingParams(temperature=0.0)
     result = run(lm.model, lm.tokenizer.encode(s.prompt), s.lens_steps, 5, params, lm.tokenizer.token_str, lm.name)
-    plot_lens(result, folder / "lens.png")
+    plot_logit_lens(result, folder / "lens.png")
     # The first layer from which the lens's top-1 is the final layer's top-1 for good, per prompt position.
     n_layers, settle = len(result.layers), []
     for p in range(len(result.prompt_ids)):
@@ -256,7 +256,7 @@ def sign_words(iv) -> str:
 
 
 def future_lens(ctx: ReportContext, folder: Path) -> Finding:
-    from forethought.experiments.future import run_probes
+    from forethought.experiments.probes import run_probes
     from forethought.viz.future import plot_heatmap
 
     s, lm = ctx.settings, ctx.lm()

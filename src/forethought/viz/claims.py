@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 from forethought.experiments.equivalence import EquivalenceResult  # noqa: E402
 from forethought.experiments.invariance import InvarianceResult  # noqa: E402
-from forethought.experiments.lens import LensResult  # noqa: E402
+from forethought.experiments.lens import LogitLensResult  # noqa: E402
 from forethought.experiments.state_size import StateSizeResult  # noqa: E402
 from forethought.format import short_token
 from forethought.trace import layer_label  # noqa: E402
@@ -143,7 +143,7 @@ def plot_state_size(result: StateSizeResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_lens(result: LensResult, path: str | Path) -> Path:
+def plot_logit_lens(result: LogitLensResult, path: str | Path) -> Path:
     import numpy as np
 
     n_layers, n_pos = len(result.layers), len(result.prompt_ids)
