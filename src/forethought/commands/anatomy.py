@@ -312,7 +312,7 @@ def revise_scale(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from forethought.data.corpus import DEFAULT_CORPUS, PROSE_CORPUS, load_corpus, pydocs_root
-    from forethought.experiments.revise import RANK_BUCKETS, draw_prompts, revise_at_scale
+    from forethought.experiments.revise_scale import RANK_BUCKETS, draw_prompts, revise_at_scale
 
     specs = corpus or ([DEFAULT_CORPUS] + ([PROSE_CORPUS] if pydocs_root() is not None else []))
     lm = load(model, device, dtype, quiet=as_json)

@@ -51,9 +51,8 @@ from forethought.data.corpus import is_validation, near_duplicates
 from forethought.data.store import ActivationStore
 from forethought.errors import ForethoughtError
 from forethought.experiments.baselines import Interval, bootstrap_by_document, context_baselines
-from forethought.experiments.probe_file import save_probe_layer as _write_probe_file
+from forethought.experiments.probe_file import probe_metadata, save_probe_layer
 from forethought.model.transformer import Transformer
-from forethought.trace import act_name
 
 LAMBDA_GRID = tuple(10.0**e for e in range(-6, 1))  # times the number of training tokens (diag of G)
 TEMPERATURE_TOKENS = 512  # validation tokens used to fit a readout's temperature (the lens, a quarter of them)
@@ -619,7 +618,8 @@ def fit_probe_layer(fitter: LayerFitter, store: ActivationStore, layer: int, sav
     layer_cells, saved, layer_correct = fitter.fit(layer, h)
     if save_path is not None:
         with timings.timed("save"):
-            save_probe_layer(save_path, layer, saved, layer_cells, store)
+            meta = probe_metadata(layer, layer_cells, store.manifest["model"]["name"], str(store.path))
+            save_probe_layer(save_path, layer, saved, meta)
     return layer_cells, layer_correct
 
 
@@ -856,25 +856,3 @@ def _bar(enabled: bool, total: int):
     return Progress(
         TextColumn("probe layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
     )
-
-
-def save_probe_layer(path: Path, layer: int, tensors: dict[str, torch.Tensor], cells: list[Cell], store) -> None:
-    """One layer's fitted maps in the format `forethought.experiments.probe_file` owns."""
-    meta = {
-        "store": str(store.path),
-        "model": store.manifest["model"]["name"],
-        "point": act_name(layer, "resid_post"),
-        "lens_target": "final-layer resid_post at t+k-1, decode with model.lens_logits",
-        "cells": [
-            {
-                "offset": c.offset,
-                "probe_lambda_per_token": c.probe_lambda,
-                "lens_lambda_per_token": c.lens_lambda,
-                "probe_temperature": c.probe_temperature,
-                "lens_temperature": c.lens_temperature,
-                "probe_val_top1": c.probe_val_top1,
-            }
-            for c in cells
-        ],
-    }
-    _write_probe_file(path, layer, tensors, meta)
