@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from forethought.commands.future import parse_int_list
+    from forethought.commands.common import parse_int_list
 
     offsets = parse_int_list(args.offsets, "offsets")
     torch.set_num_threads(args.threads)

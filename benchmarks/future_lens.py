@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from forethought.commands.future import parse_int_list
+    from forethought.commands.common import parse_int_list, progress_bar
     from forethought.weights import load_model
 
     phases: dict[str, dict[str, float]] = {}
@@ -54,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from forethought.experiments.future import run_extract
 
-    extracted = timed(
-        "extract",
-        lambda: run_extract(
-            lm, args.corpus, args.out / "store", layers, tokens=args.tokens, float16=True, progress=not args.no_progress
-        ),
-    )
+    with progress_bar("extract", unit="tok", quiet=args.no_progress) as progress:
+        extracted = timed(
+            "extract",
+            lambda: run_extract(
+                lm, args.corpus, args.out / "store", layers, tokens=args.tokens, float16=True, progress=progress
+            ),
+        )
     print(
         f"         {extracted.tokens:,} tokens ({extracted.tokens_by_split['train']:,} train), "
         f"{extracted.shards_skipped} shards resumed, {extracted.tokens_per_second:,.0f} tok/s"
@@ -71,12 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     store = ActivationStore(args.out / "store")
     offsets = parse_int_list(args.offsets, "offsets")
-    result = timed(
-        "probe",
-        lambda: run_probes(
-            store, lm.model, offsets, layers, eval_tokens=args.eval_tokens, progress=not args.no_progress
-        ),
-    )
+    with progress_bar("probe layers", quiet=args.no_progress) as progress:
+        result = timed(
+            "probe",
+            lambda: run_probes(store, lm.model, offsets, layers, eval_tokens=args.eval_tokens, progress=progress),
+        )
     paths = timed("report", lambda: write_report(result, args.out / "probes", tokenizer=lm.tokenizer))
 
     total = sum(p["wall_s"] for p in phases.values())

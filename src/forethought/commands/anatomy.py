@@ -3,6 +3,7 @@ after an off-plan token)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,7 @@ from forethought.commands.common import (
     err_console,
     load,
     parse_int_list,
+    progress_bar,
 )
 from forethought.errors import ForethoughtError
 from forethought.format import percent
@@ -309,7 +311,6 @@ def revise_scale(
     as_json: JsonOpt = False,
 ) -> None:
     """`revise` over many corpus prompts, off-plan tokens in rank buckets: rejoin rate, KL, state change, 95% CIs."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from forethought.data.corpus import DEFAULT_CORPUS, PROSE_CORPUS, load_corpus, pydocs_root
     from forethought.experiments.revise_scale import RANK_BUCKETS, draw_prompts, revise_at_scale
@@ -327,22 +328,13 @@ def revise_scale(
         for p in drawn:
             p.ids = [tok.bos_id] + p.ids
     stops = (tok.eos_id,) if tok.eos_id is not None else ()
-    bar = Progress(
-        TextColumn("revise"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]:.2f} runs/s"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=as_json,
-    )
-    with bar:
-        task = bar.add_task("revise", total=len(drawn) * (len(RANK_BUCKETS) + 2), speed=0.0)
+    total = len(drawn) * (len(RANK_BUCKETS) + 2)
+    with progress_bar("revise", unit="run", quiet=as_json) as progress:
+        runs = itertools.count(1)
 
         def tick() -> None:
-            bar.advance(task)
-            elapsed = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, speed=bar.tasks[0].completed / elapsed)
+            if progress is not None:
+                progress(next(runs), total)
 
         result = revise_at_scale(
             lm.model, drawn, at, n, temperature, seed, stop_ids=stops, model_name=lm.name, on_trial=tick

@@ -5,6 +5,8 @@ assembles these commands and turns user errors into one line."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,7 @@ import typer
 from rich.console import Console
 
 from forethought.errors import ForethoughtError
+from forethought.progress import Progress
 from forethought.weights.registry import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_MODEL"]  # re-exported: commands write `model: ModelOpt = DEFAULT_MODEL`
@@ -92,3 +95,27 @@ def parse_int_list(text: str, what: str, upper: int | None = None, empty_ok: boo
     if upper is not None and (min(values) < 0 or max(values) >= upper):
         raise ForethoughtError(f"--{what} {text!r}: values must lie in 0..{upper - 1}")
     return sorted(values)
+
+
+@contextmanager
+def progress_bar(label: str, unit: str | None = None, quiet: bool = False) -> Iterator[Progress | None]:
+    """A bar on stderr for compute code that reports (done, total) (`forethought.progress`); None when quiet
+    (--json), so nothing but the JSON reaches the terminal. `unit` adds a rate, e.g. "tok" -> "1,234 tok/s"."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:  # over the whole run so far: steadier than rich's windowed speed
+            return Text(f"{task.completed / task.elapsed if task.elapsed else 0.0:,.0f} {unit}/s")
+
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), *([Rate()] if unit else []), TimeElapsedColumn()]
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

@@ -19,6 +19,7 @@ from forethought.commands.common import (
     err_console,
     load,
     parse_int_list,
+    progress_bar,
 )
 from forethought.errors import ForethoughtError
 
@@ -62,20 +63,21 @@ def extract(
         from forethought.distributed.dispatch import extract_run
 
         run_extract = extract_run(ray, model, device)
-    result = run_extract(
-        lm,
-        documents,
-        out,
-        layer_list,
-        tokens=tokens,
-        window=window,
-        batch=batch,
-        float16=float16,
-        test_fraction=test_fraction,
-        shard_mb=shard_mb,
-        max_doc_tokens=max_doc_tokens,
-        progress=not as_json,
-    )
+    with progress_bar("extract", unit="tok", quiet=as_json) as progress:
+        result = run_extract(
+            lm,
+            documents,
+            out,
+            layer_list,
+            tokens=tokens,
+            window=window,
+            batch=batch,
+            float16=float16,
+            test_fraction=test_fraction,
+            shard_mb=shard_mb,
+            max_doc_tokens=max_doc_tokens,
+            progress=progress,
+        )
     summary = {
         "out": str(result.out),
         "shards": result.shards,
@@ -144,15 +146,16 @@ def probe(
         from forethought.distributed.dispatch import probe_run
 
         run_probes = probe_run(ray, model, device)
-    result = run_probes(
-        activation_store,
-        lm.model,
-        offset_list,
-        layer_list,
-        eval_tokens=eval_tokens,
-        save_dir=out_dir,
-        progress=not as_json,
-    )
+    with progress_bar("probe layers", quiet=as_json) as progress:
+        result = run_probes(
+            activation_store,
+            lm.model,
+            offset_list,
+            layer_list,
+            eval_tokens=eval_tokens,
+            save_dir=out_dir,
+            progress=progress,
+        )
     paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
     if as_json:
         print(json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in paths.items()}}))

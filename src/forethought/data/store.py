@@ -30,6 +30,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.transformer import Transformer
+from forethought.progress import Progress, tell
 from forethought.trace import act_name, run_with_trace
 
 MANIFEST = "manifest.json"
@@ -280,7 +281,7 @@ def extract(
     model_info: dict,
     tokenizer_info: dict,
     corpus_info: dict,
-    progress: bool = True,
+    progress: Progress | None = None,
     after_shard: Callable[[int, Path], None] | None = None,
     shard_runner: ShardRunner | None = None,
 ) -> ExtractResult:
@@ -341,51 +342,50 @@ def extract(
     shard_index, window_index = 0, 0
     computed_tokens, compute_seconds, skipped = 0, 0.0, 0
     max_doc = -1
-    with _progress(progress) as bar:
-        task = bar.add_task("extract", total=n_windows_wanted * settings.window) if bar else None
-        while window_index < n_windows_wanted:
-            take = min(settings.shard_windows, n_windows_wanted - window_index)
-            group = []
-            for w in windows:
-                group.append(w)
-                if len(group) == take:
-                    break
-            if not group:
+    total = n_windows_wanted * settings.window
+    tell(progress, 0, total)
+    while window_index < n_windows_wanted:
+        take = min(settings.shard_windows, n_windows_wanted - window_index)
+        group = []
+        for w in windows:
+            group.append(w)
+            if len(group) == take:
                 break
-            max_doc = max(max_doc, max(max(w.doc_ids) for w in group))
-            name = _shard_name(shard_index)
-            if name in done:
-                skipped += 1
+        if not group:
+            break
+        max_doc = max(max_doc, max(max(w.doc_ids) for w in group))
+        name = _shard_name(shard_index)
+        if name in done:
+            skipped += 1
+        else:
+            t0 = time.perf_counter()
+            if shard_runner is None:
+                data = shard_bytes(model, group, settings, window_index)
             else:
-                t0 = time.perf_counter()
-                if shard_runner is None:
-                    data = shard_bytes(model, group, settings, window_index)
-                else:
-                    data = shard_runner(shard_index, window_index, group, settings)
-                _atomic_write(out / name, data)
-                if after_shard is not None:
-                    after_shard(shard_index, out / name)
-                manifest["shards"].append(
-                    {
-                        "name": name,
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                        "bytes": len(data),
-                        "windows": len(group),
-                        "first_window": window_index,
-                        "tokens": len(group) * settings.window,
-                        "tokens_by_split": {
-                            s: sum(settings.window for w in group if w.split == i) for i, s in enumerate(SPLITS)
-                        },
-                    }
-                )
-                manifest["documents"] = [[doc_ids[i], SPLITS[doc_splits[i]]] for i in range(max_doc + 1)]
-                _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-                compute_seconds += time.perf_counter() - t0
-                computed_tokens += len(group) * settings.window
-            window_index += len(group)
-            shard_index += 1
-            if bar:
-                bar.update(task, completed=window_index * settings.window)
+                data = shard_runner(shard_index, window_index, group, settings)
+            _atomic_write(out / name, data)
+            if after_shard is not None:
+                after_shard(shard_index, out / name)
+            manifest["shards"].append(
+                {
+                    "name": name,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "bytes": len(data),
+                    "windows": len(group),
+                    "first_window": window_index,
+                    "tokens": len(group) * settings.window,
+                    "tokens_by_split": {
+                        s: sum(settings.window for w in group if w.split == i) for i, s in enumerate(SPLITS)
+                    },
+                }
+            )
+            manifest["documents"] = [[doc_ids[i], SPLITS[doc_splits[i]]] for i in range(max_doc + 1)]
+            _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+            compute_seconds += time.perf_counter() - t0
+            computed_tokens += len(group) * settings.window
+        window_index += len(group)
+        shard_index += 1
+        tell(progress, window_index * settings.window, total)
     if window_index == 0:
         raise ForethoughtError(
             f"the corpus is shorter than one window of {settings.window} tokens; use a smaller --window"
@@ -405,32 +405,6 @@ def extract(
         seconds=time.perf_counter() - started,
         tokens_per_second=computed_tokens / compute_seconds if compute_seconds else 0.0,
         manifest=manifest,
-    )
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        from contextlib import nullcontext
-
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    class Rate(TextColumn):
-        def render(self, task):  # tokens/s over the whole run so far
-            rate = task.completed / task.elapsed if task.elapsed else 0.0
-            from rich.text import Text
-
-            return Text(f"{rate:,.0f} tok/s")
-
-    return Progress(
-        TextColumn("extract"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(""),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
     )
 
 
