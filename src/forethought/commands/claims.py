@@ -230,7 +230,7 @@ def state_size(
 
 
 @app.command()
-def run_logit_lens(
+def lens(
     prompt: Annotated[str, typer.Argument(help="Text to read through the logit lens, then continue.")],
     n: Annotated[int, typer.Option("-n", "--max-new-tokens", help="Tokens to generate after the prompt.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", help="Alternatives to show per cell and per step.")] = 5,

@@ -120,11 +120,11 @@ def plot_state_size(result: StateSizeResult, path: str | Path) -> Path:
             ax.loglog(tokens, c.kv_bytes_local, ":", color=color, lw=1.5, label=local_label)
     loaded = result.loaded
     styles = ["-.", ":", "--", (0, (1, 4))]
-    for (name, size), style in zip(loaded.recurrent_bytes.items(), styles):
-        ax.axhline(size, color="dimgray", ls=style, lw=1.2)
+    for (name, n_bytes), style in zip(loaded.recurrent_bytes.items(), styles):
+        ax.axhline(n_bytes, color="dimgray", ls=style, lw=1.2)
         ax.annotate(
-            f"fixed recurrent state, {name}: {size(size)}",
-            (1, size),
+            f"fixed recurrent state, {name}: {size(n_bytes)}",
+            (1, n_bytes),
             xycoords=("axes fraction", "data"),
             xytext=(-4, 3),
             textcoords="offset points",
