@@ -25,6 +25,7 @@ def _register_commands() -> None:
 
     import forethought.commands as package
 
+    importlib.import_module("forethought.commands.generate")  # first in --help: the model itself
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"forethought.commands.{module.name}")
 
