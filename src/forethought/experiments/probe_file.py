@@ -156,7 +156,7 @@ class ProbeLayer:
         """Token-probe probabilities [n, n_columns] over `columns`, at the fitted temperature."""
         return torch.softmax(self.temperature(k) * self.token_scores(states, k), dim=-1)
 
-    def lens_states(self, states: torch.Tensor, k: int) -> torch.Tensor:
+    def future_lens_states(self, states: torch.Tensor, k: int) -> torch.Tensor:
         """The Future Lens's predicted final-layer state [n, d]; decode with model.lens_logits."""
         return self.features(states) @ self.tensors[f"lens.{k}"]
 

@@ -144,7 +144,7 @@ def state_size(ctx: ReportContext, folder: Path) -> Finding:
 # ------------------------------------------------------------------------------------------------------- lens
 
 
-def lens(ctx: ReportContext, folder: Path) -> Finding:
+def logit_lens(ctx: ReportContext, folder: Path) -> Finding:
     from forethought.experiments.lens import run_logit_lens as run
     from forethought.model.sampling import SamplingParams
     from forethought.viz.claims import plot_logit_lens

@@ -90,7 +90,7 @@ SECTIONS: list[Section] = [
         "lens",
         "What the logits hide",
         "When does the next token appear across layers, and which alternatives does the sampled text hide?",
-        builtin.lens,
+        builtin.logit_lens,
         _settings("prompt", "lens_steps"),
     ),
     Section(

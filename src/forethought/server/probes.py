@@ -66,10 +66,10 @@ class ViewerProbes:
         return torch.stack([probe.token_probs(states, k) for k in self.offsets])
 
     @torch.inference_mode()
-    def lens_probs(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+    def future_lens_probs(self, layer: int, state: torch.Tensor) -> torch.Tensor:
         """Future Lens probabilities [K, vocab] for one state [d]: the predicted final state, decoded by the model."""
         probe = self._probe(layer)
-        predicted = torch.cat([probe.lens_states(state[None], k) for k in self.offsets])
+        predicted = torch.cat([probe.future_lens_states(state[None], k) for k in self.offsets])
         logits = self.model.lens_logits(predicted.to(self.model.device)).cpu()
         temps = torch.tensor([probe.temperature(k, "lens") for k in self.offsets])
         return torch.softmax(temps[:, None] * logits, dim=-1)
@@ -88,7 +88,7 @@ class ViewerProbes:
             return None
         columns = self._probe(layer).columns
         probe = self.token_probs(layer, state[None])[:, 0]
-        lens = self.lens_probs(layer, state)
+        lens = self.future_lens_probs(layer, state)
 
         def top(p: torch.Tensor, ids: torch.Tensor | None) -> list[dict]:
             best = torch.topk(p, min(k, p.numel()))

@@ -13,7 +13,7 @@ from forethought.experiments.equivalence import EquivalenceResult  # noqa: E402
 from forethought.experiments.invariance import InvarianceResult  # noqa: E402
 from forethought.experiments.lens import LogitLensResult  # noqa: E402
 from forethought.experiments.state_size import StateSizeResult  # noqa: E402
-from forethought.format import short_token
+from forethought.format import short_token, size
 from forethought.trace import layer_label  # noqa: E402
 
 CACHED, RECOMPUTE = "tab:blue", "tab:orange"
