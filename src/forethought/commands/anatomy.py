@@ -189,7 +189,15 @@ def revise(
             )
         )
         return
+    _print_revise(result, tok, text)
+    if result.probes is not None:
+        _print_probes(result.probes)
+    if plot is not None:
+        console.print(f"[dim]plot: {plot}[/dim]")
 
+
+def _print_revise(result, tok, text: str) -> None:
+    """The two runs side by side, the per-step table and the summary lines of `forethought revise`."""
     shared = tok.decode(result.original_ids[: result.at])
     console.print(f"[bold]prompt[/bold]   {text!r}")
     console.print(
@@ -244,10 +252,6 @@ def revise(
             f"{r.shift:+d}); {r.matched_after} tokens match from there"
         )
     console.print("[dim]KL swap / top-1 swap: the original's tokens with only the off-plan one swapped in[/dim]")
-    if result.probes is not None:
-        _print_probes(result.probes)
-    if plot is not None:
-        console.print(f"[dim]plot: {plot}[/dim]")
 
 
 def _print_probes(probes: dict) -> None:

@@ -313,28 +313,8 @@ def extract(
         "shards": [],
         "complete": False,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    old = read_manifest(out)
-    if old is not None:
-        diffs = _differences(_fingerprint(old), _fingerprint(manifest))
-        if diffs:
-            raise ForethoughtError(
-                f"{out} already holds a store made with other settings ({'; '.join(diffs[:3])}); "
-                "use another --out or delete it"
-            )
-        manifest = old
-    else:
-        nonempty = [p for p in out.iterdir() if not p.name.endswith(".tmp")]
-        if any(p.name.startswith("shard-") for p in nonempty):
-            raise ForethoughtError(f"{out} holds shards but no manifest; use an empty folder")
-        # Recorded before the first shard exists: a kill right after that shard's rename must leave a store that
-        # resumes (found by killing extract at 20 random points), not a folder with a shard and no manifest.
-        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    for stray in out.glob("*.tmp"):
-        stray.unlink()
+    manifest = _open_store(out, manifest)
     done = {s["name"]: s for s in manifest["shards"]}
-    for name, entry in done.items():  # a resume builds on these shards: each must be the one recorded
-        verify_shard(out / name, entry)
 
     windows = pack_windows(
         token_docs, doc_splits.__getitem__, settings.window, settings.separator_id, settings.max_doc_tokens
@@ -366,19 +346,7 @@ def extract(
             _atomic_write(out / name, data)
             if after_shard is not None:
                 after_shard(shard_index, out / name)
-            manifest["shards"].append(
-                {
-                    "name": name,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "bytes": len(data),
-                    "windows": len(group),
-                    "first_window": window_index,
-                    "tokens": len(group) * settings.window,
-                    "tokens_by_split": {
-                        s: sum(settings.window for w in group if w.split == i) for i, s in enumerate(SPLITS)
-                    },
-                }
-            )
+            manifest["shards"].append(_shard_entry(name, data, group, settings, window_index))
             manifest["documents"] = [[doc_ids[i], SPLITS[doc_splits[i]]] for i in range(max_doc + 1)]
             _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
             compute_seconds += time.perf_counter() - t0
@@ -439,6 +407,46 @@ def _run_shard(
     tensors["window_ids"] = torch.arange(first_window, first_window + n, dtype=torch.int32)
     tensors["split"] = torch.tensor([w.split for w in group], dtype=torch.uint8)
     return tensors
+
+
+def _open_store(out: Path, manifest: dict) -> dict:
+    """The manifest to extend: the one already at `out` when its settings match (a resume; every recorded shard
+    verified), else `manifest`, written at once into an empty folder. A mismatch is the user's error."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(out)
+    if old is not None:
+        diffs = _differences(_fingerprint(old), _fingerprint(manifest))
+        if diffs:
+            raise ForethoughtError(
+                f"{out} already holds a store made with other settings ({'; '.join(diffs[:3])}); "
+                "use another --out or delete it"
+            )
+        manifest = old
+    else:
+        nonempty = [p for p in out.iterdir() if not p.name.endswith(".tmp")]
+        if any(p.name.startswith("shard-") for p in nonempty):
+            raise ForethoughtError(f"{out} holds shards but no manifest; use an empty folder")
+        # Recorded before the first shard exists: a kill right after that shard's rename must leave a store that
+        # resumes (found by killing extract at 20 random points), not a folder with a shard and no manifest.
+        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    for stray in out.glob("*.tmp"):
+        stray.unlink()
+    for shard in manifest["shards"]:  # a resume builds on these shards: each must be the one recorded
+        verify_shard(out / shard["name"], shard)
+    return manifest
+
+
+def _shard_entry(name: str, data: bytes, group: list, settings: ExtractSettings, first_window: int) -> dict:
+    """A shard's manifest record: its hash and size, and which windows and tokens (per split) it holds."""
+    return {
+        "name": name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "windows": len(group),
+        "first_window": first_window,
+        "tokens": len(group) * settings.window,
+        "tokens_by_split": {s: sum(settings.window for w in group if w.split == i) for i, s in enumerate(SPLITS)},
+    }
 
 
 def shard_bytes(model: Transformer, group: list[Window], settings: ExtractSettings, first_window: int) -> bytes:
