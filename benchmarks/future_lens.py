@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from forethought.weights.registry import DEFAULT_MODEL
+
 BUDGET_SECONDS = 30 * 60
 
 
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offsets", default="1-4")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored per cell")
     parser.add_argument("--corpus", default="stdlib")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
