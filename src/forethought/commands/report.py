@@ -25,7 +25,7 @@ def report(
         str | None, typer.Option("--sections", help="Comma-separated section keys (default: all).")
     ] = None,
     results: Annotated[
-        Path | None, typer.Option("--results", help="Folder of other commands' results, <section>.json.")
+        Path | None, typer.Option("--results", help="Folder with another run's second_model.json (a Finding).")
     ] = None,
     compare: Annotated[
         Path | None, typer.Option("--compare", help="Another model's report (folder or report.json), side by side.")
