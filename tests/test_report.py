@@ -25,7 +25,7 @@ from forethought.report import (
 )
 
 UNAVAILABLE = {"second_model"}  # answered only with --compare or --results
-BUILTIN = [s.key for s in SECTIONS if s.key not in PENDING]
+BUILTIN = [s.key for s in SECTIONS if s.key not in UNAVAILABLE]
 TINY = ReportSettings(
     equivalence_steps=4,
     lens_steps=3,
