@@ -37,7 +37,8 @@ def engine_folder(results: Path, arch: str, seed: int) -> Path | None:
 
 def probe_one(folder: Path, out: Path, tokens: int, offsets: list[int]) -> dict:
     from forethought.data.store import ActivationStore
-    from forethought.experiments.future import run_extract, run_probes
+    from forethought.experiments.future import run_extract
+    from forethought.experiments.probes import run_probes
     from forethought.weights import load_model
 
     lm = load_model(str(folder))
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from forethought.commands.future import parse_int_list
+    from forethought.commands.common import parse_int_list
 
     offsets = parse_int_list(args.offsets, "offsets")
     torch.set_num_threads(args.threads)

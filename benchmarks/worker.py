@@ -14,10 +14,19 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import ENGINES as COMMON_ENGINES
-from benchmarks.common import GGUF_NAME, PROMPT, cache_dir, gguf_dir, long_text, median, median_time
-
-THREADS = 2
+from benchmarks.common import (
+    GGUF_NAME,
+    PROMPT,
+    THREADS,
+    check_workers,
+    gguf_dir,
+    gguf_tokenizer,
+    llama,
+    llama_file,
+    long_text,
+    median,
+    median_time,
+)
 
 
 def progress(text: str) -> None:
@@ -160,7 +169,7 @@ def hf_engine(opts: dict, dtype: str = "float32", device: str = "cpu") -> dict:
     transformers.logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, torch_dtype=torch.float32)
     model = model.to(device=device, dtype=torch_dtype).eval()
-    tok = load_model_tokenizer()
+    tok = gguf_tokenizer()
     prompt = torch.tensor([tok.encode(PROMPT)], device=device)
     text_ids = tok.encode(long_text())
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -208,52 +217,16 @@ def hf_engine(opts: dict, dtype: str = "float32", device: str = "cpu") -> dict:
     return out
 
 
-def load_model_tokenizer():
-    """forethought's tokenizer for the GGUF (the same ids go to every engine), without the weights."""
-    from forethought.weights.gguf_loader import load_gguf
-
-    return load_gguf(gguf_dir() / GGUF_NAME)[2]
-
-
 # ----------------------------------------------------------------------------------- llama.cpp
-
-LLAMA_FTYPES = {"F32": 0, "Q8_0": 7}
-
-
-def llama_file(kind: str):
-    """The shipped Q4_1 file, or an F32 / Q8_0 conversion of it cached under ~/.cache/forethought/gguf."""
-    src = gguf_dir() / GGUF_NAME
-    if kind == "Q4_1":
-        return src
-    import ctypes
-
-    import llama_cpp
-
-    dst = cache_dir() / "gguf" / GGUF_NAME.replace("Q4_1", kind)
-    if not dst.exists():
-        progress(f"llama.cpp: converting Q4_1 -> {kind} (once)")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = LLAMA_FTYPES[kind]
-        params.allow_requantize = True
-        params.nthread = THREADS
-        tmp = dst.with_suffix(".part")
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize to {kind} failed ({rc})")
-        tmp.rename(dst)
-    return dst
 
 
 def llamacpp_engine(opts: dict, kind: str) -> dict:
     import llama_cpp
 
-    path = llama_file(kind)
+    path = llama_file(kind, progress)
     progress(f"llama.cpp {kind}: loading")
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=2048, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False
-    )
-    tok = load_model_tokenizer()
+    llm = llama(path, n_batch=512)
+    tok = gguf_tokenizer()
     prompt = tok.encode(PROMPT)
     text_ids = tok.encode(long_text())
     out: dict = {"engine": f"llama.cpp {kind}", "llama_cpp_python": llama_cpp.__version__, "file": str(path)}
@@ -336,7 +309,7 @@ ENGINES: dict[str, Callable[[dict], dict]] = {
     "cuda": cuda_engine,
     "speculative": lambda o: speculative_engine(o),
 }
-assert set(ENGINES) == set(COMMON_ENGINES), "benchmarks/common.py ENGINES and this table disagree"
+check_workers("main", ENGINES)
 
 
 def speculative_engine(opts: dict) -> dict:

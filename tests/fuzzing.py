@@ -53,6 +53,7 @@ def _child(argv: list[str], prompt: str) -> dict:
     import torch
 
     import forethought.cli as cli
+    import forethought.weights as weights
 
     torch.set_num_threads(1)
     # Warnings print to stderr as they would for a user (pytest records them instead): a stray numpy warning
@@ -61,13 +62,13 @@ def _child(argv: list[str], prompt: str) -> dict:
     warnings.simplefilter("default")
     warnings.showwarning = warnings._showwarning_orig
     kept = {}
-    original_load = cli.load
+    original_load = weights.load_model
 
     def keep(*args, **kwargs):
         kept["lm"] = original_load(*args, **kwargs)
         return kept["lm"]
 
-    cli.load = keep
+    weights.load_model = keep  # every command loads through commands.common.load, which looks this up per call
     out, err = io.StringIO(), io.StringIO()
     sys.stdout, sys.stderr = out, err
     try:

@@ -14,8 +14,8 @@ from forethought.cli import main
 from forethought.errors import ForethoughtError
 from forethought.experiments.equivalence import cached_step_flops, equivalence, recompute_step_flops
 from forethought.experiments.invariance import extending_ids, invariance
-from forethought.experiments.lens import lens
-from forethought.experiments.state_size import NAMED_CONFIGS, kv_bytes, named_configs, parse_tokens, state_size
+from forethought.experiments.lens import run_logit_lens
+from forethought.experiments.state_size import NAMED_CONFIGS, named_configs, parse_tokens, state_size
 from forethought.model.random_init import random_model, tiny_config
 from forethought.model.sampling import SamplingParams
 from forethought.trace import trace
@@ -139,7 +139,7 @@ def test_state_size_real_cache_nbytes(real):
     ids = real.tokenizer.encode("Once upon a time, there was a little girl named Emma.")
     cache = real.model.new_cache()
     real.model(torch.tensor([ids]), cache=cache)
-    assert cache.nbytes == kv_bytes(real.config, len(ids), 4) == len(ids) * 2 * 30 * 3 * 64 * 4
+    assert cache.nbytes == real.config.kv_bytes(len(ids), 4) == len(ids) * 2 * 30 * 3 * 64 * 4
 
 
 def test_named_configs_and_token_parsing():
@@ -157,7 +157,7 @@ def test_named_configs_and_token_parsing():
 
 def test_lens_tiny(tiny):
     vocab = tiny.config.vocab_size
-    result = lens(tiny, PROMPT, 4, vocab, SamplingParams(temperature=0.7, seed=0))
+    result = run_logit_lens(tiny, PROMPT, 4, vocab, SamplingParams(temperature=0.7, seed=0))
     # With k = vocab the top-k is the whole distribution.
     for layer in result.top_probs:
         for position in layer:
@@ -168,13 +168,13 @@ def test_lens_tiny(tiny):
         assert step.top_probs[step.chosen_rank - 1] == pytest.approx(step.chosen_prob)
         assert 0 < step.sampling_prob <= 1 and 0 <= step.entropy_bits <= torch.log2(torch.tensor(vocab))
     assert len(result.next_token_probs[0]) == len(PROMPT) - 1
-    again = lens(tiny, PROMPT, 4, 3, SamplingParams(temperature=0.7, seed=0))
+    again = run_logit_lens(tiny, PROMPT, 4, 3, SamplingParams(temperature=0.7, seed=0))
     assert [s.chosen_id for s in again.steps] == [s.chosen_id for s in result.steps]
     json.dumps(again.to_dict())
 
 
 def test_lens_greedy_follows_argmax(tiny):
-    result = lens(tiny, PROMPT, 3, 2, SamplingParams(temperature=0))
+    result = run_logit_lens(tiny, PROMPT, 3, 2, SamplingParams(temperature=0))
     for step in result.steps:
         assert step.chosen_rank == 1 and step.sampling_prob == 1.0 and step.sampling_entropy_bits == 0
 
@@ -182,7 +182,7 @@ def test_lens_greedy_follows_argmax(tiny):
 def test_last_layer_lens_is_the_model(tiny):
     tr = trace(tiny, PROMPT, "resid_post,logits")
     assert torch.allclose(tiny.lens_logits(tr["resid_post"][-1]), tr["logits"], atol=1e-5)
-    result = lens(tiny, PROMPT, 0, 1)
+    result = run_logit_lens(tiny, PROMPT, 0, 1)
     assert [pos[0] for pos in result.top_ids[-1]] == tr["logits"].argmax(-1).tolist()
 
 
@@ -191,7 +191,7 @@ def test_last_layer_lens_is_the_model_real(real):
     ids = real.tokenizer.encode("The capital of France is")
     tr = trace(real.model, ids, "resid_post,logits")
     assert torch.equal(real.model.lens_logits(tr["resid_post"][-1]), tr["logits"])
-    result = lens(real.model, ids, 1, 3, SamplingParams(temperature=0), real.tokenizer.token_str)
+    result = run_logit_lens(real.model, ids, 1, 3, SamplingParams(temperature=0), real.tokenizer.token_str)
     assert result.top_tokens[-1][-1][0] == " Paris" == result.steps[0].chosen_token
 
 

@@ -90,7 +90,13 @@ def synthetic_docs(n_docs: int = 80, seed: int = 1) -> list[tuple[int, list[int]
 
 
 def run_store(
-    out: Path, after_shard=None, tokens: int = 1600, layers=(0, 1), dtype: str = "float32", source: str | None = None
+    out: Path,
+    after_shard=None,
+    tokens: int = 1600,
+    layers=(0, 1),
+    dtype: str = "float32",
+    source: str | None = None,
+    progress=None,
 ):
     model = random_model(tiny_config(), seed=0)
     docs = synthetic_docs()
@@ -117,7 +123,7 @@ def run_store(
         info,
         {"vocab_size": 256},
         {"spec": "synthetic"},
-        progress=False,
+        progress=progress,
         after_shard=after_shard,
     )
 
@@ -148,6 +154,14 @@ def test_store_contents(tmp_path: Path) -> None:
     torch.testing.assert_close(store.array("next_logprob")[16:31], lp)
     assert torch.isnan(store.array("next_logprob")[31])
     assert store.array("split").shape == (100,)
+
+
+def test_extraction_reports_progress_in_tokens(tmp_path: Path) -> None:
+    """Compute code reports (done, total) through the callback it is given, from 0 to the whole budget."""
+    calls: list[tuple[int, int]] = []
+    run_store(tmp_path / "s", progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 1600) and calls[-1] == (1600, 1600)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) == 1 + 13  # one call per shard
 
 
 def test_crash_after_rename_then_resume_matches_clean_run(tmp_path: Path) -> None:

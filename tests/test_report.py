@@ -24,8 +24,8 @@ from forethought.report import (
     write_report,
 )
 
-PENDING = {"second_model"}
-BUILTIN = [s.key for s in SECTIONS if s.key not in PENDING]
+UNAVAILABLE = {"second_model"}  # answered only with --compare or --results
+BUILTIN = [s.key for s in SECTIONS if s.key not in UNAVAILABLE]
 TINY = ReportSettings(
     equivalence_steps=4,
     lens_steps=3,
@@ -88,9 +88,9 @@ def test_every_section_is_answered_or_says_why(built):
     for key in BUILTIN:
         assert by_key[key].status == "ok", (key, by_key[key].reason)
         assert by_key[key].finding.verdict and by_key[key].finding.figures
-    for key in PENDING:
+    for key in UNAVAILABLE:
         assert by_key[key].status == "unavailable"
-        assert "no provider registered" in by_key[key].reason
+        assert "no second model's report to compare with" in by_key[key].reason
     assert by_key["boom"].status == "failed"
     assert "RuntimeError: this section always fails" in by_key["boom"].reason
     assert by_key["invariance"].finding.numbers["causal_unchanged"] is True
@@ -148,7 +148,7 @@ def test_second_run_reuses_the_cache(built):
     assert [o.cached for o in changed.outcomes] == [True, True, True, False]
 
 
-def test_a_pending_section_reads_another_commands_json(built, tmp_path):
+def test_the_second_model_section_reads_another_runs_json(built, tmp_path):
     ctx, cache, _, report, _ = built
     png = next(o for o in report.outcomes if o.key == "lens").folder / "lens.png"
     (tmp_path / "plot.png").write_bytes(png.read_bytes())
@@ -160,8 +160,8 @@ def test_a_pending_section_reads_another_commands_json(built, tmp_path):
         commands=["forethought plan --json"],
     )
     (tmp_path / "second_model.json").write_text(json.dumps(finding.to_dict()))
-    pending = [s for s in SECTIONS if s.key == "second_model"]
-    result = run_report(replace(ctx, results_dir=tmp_path, _loaded={}), pending, cache).outcomes[0]
+    second = [s for s in SECTIONS if s.key == "second_model"]
+    result = run_report(replace(ctx, results_dir=tmp_path, _loaded={}), second, cache).outcomes[0]
     assert result.status == "ok", result.reason
     assert result.finding.numbers == {"horizon": 3, "knockout_drop": 0.12}
     assert (result.folder / "plot.png").is_file()

@@ -187,7 +187,7 @@ def test_real_model_off_plan_token(real_lm) -> None:
 
 
 def test_bucket_tokens_pick_the_named_ranks_and_a_tiny_probability() -> None:
-    from forethought.experiments.revise import TINY_BUCKET, _bucket_tokens
+    from forethought.experiments.revise_scale import TINY_BUCKET, _bucket_tokens
 
     probs = torch.full((2000,), 1e-7, dtype=torch.float64)
     probs[:1100] = torch.linspace(0.5, 1e-5, 1100, dtype=torch.float64)
@@ -206,7 +206,7 @@ def test_bucket_tokens_pick_the_named_ranks_and_a_tiny_probability() -> None:
 
 def test_draw_prompts_is_deterministic_round_robin_and_refuses_too_few() -> None:
     from forethought.data.corpus import Corpus, Document
-    from forethought.experiments.revise import draw_prompts
+    from forethought.experiments.revise_scale import draw_prompts
 
     def corpus(name: str, n: int) -> Corpus:
         docs = [Document(f"{name}{i}", " ".join(f"w{i}_{j}" for j in range(30))) for i in range(n)]
@@ -224,7 +224,7 @@ def test_draw_prompts_is_deterministic_round_robin_and_refuses_too_few() -> None
 
 
 def test_revise_at_scale_buckets_ranks_and_intervals(tiny) -> None:
-    from forethought.experiments.revise import ScalePrompt, revise_at_scale
+    from forethought.experiments.revise_scale import ScalePrompt, revise_at_scale
 
     prompts = [ScalePrompt("t", str(i), [(11 * i + 7 * j) % 256 for j in range(6)]) for i in range(3)]
     at = 1

@@ -76,6 +76,12 @@ def layer_label(name: str) -> str:
     return point if layer is None else str(layer)
 
 
+def layer_words(name: str) -> str:
+    """The same in a sentence: 'blocks.3.resid_post' -> 'after block 3', 'embed' -> 'embedding'."""
+    layer, point = split_name(name)
+    return "embedding" if point == "embed" else f"after block {layer}" if layer is not None else point
+
+
 @dataclass(frozen=True)
 class Patch:
     """Replace or add to one activation at some positions while the model runs.

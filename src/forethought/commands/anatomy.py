@@ -3,6 +3,7 @@ after an off-plan token)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -11,23 +12,22 @@ import typer
 from rich import box
 from rich.table import Table
 
-from forethought.cli import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, console, err_console, load
+from forethought.commands.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PlotOpt,
+    app,
+    console,
+    err_console,
+    load,
+    parse_int_list,
+    progress_bar,
+)
 from forethought.errors import ForethoughtError
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ForethoughtError(
-            f"--layers takes block indices separated by commas (e.g. 0,5,10), got {text!r}"
-        ) from None
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+from forethought.format import percent
 
 
 @app.command()
@@ -47,7 +47,7 @@ def anatomy(
         ),
     ] = True,
     plot_dir: Annotated[Path | None, typer.Option("--plot-dir", help="Write PNG plots into this folder.")] = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -58,7 +58,7 @@ def anatomy(
 
     if docs < 4:
         raise ForethoughtError(f"--docs must be >= 4 (two per half), got {docs}")
-    chosen = _parse_layers(layers)
+    chosen = parse_int_list(layers, "layers") if layers else None
     lm = load(model, device, dtype, quiet=as_json)
     token_docs, described = corpus_documents(lm.tokenizer, corpus, docs, length)
     # the control keeps the real weights' scales (a fresh random init's states are far smaller)
@@ -96,18 +96,18 @@ def anatomy(
     for l in result.layers:
         row = [
             "emb" if l.layer == "embed" else str(_split_name(l.layer)[0]),
-            _pct(l.position_share),
-            _pct(l.position_shuffled),
-            _pct(l.position_profile[0] if l.position_profile else None),
-            _pct(l.token_share),
-            _pct(l.slow_share),
-            _pct(l.document_share),
+            percent(l.position_share, unit=""),
+            percent(l.position_shuffled, unit=""),
+            percent(l.position_profile[0] if l.position_profile else None, unit=""),
+            percent(l.token_share, unit=""),
+            percent(l.slow_share, unit=""),
+            percent(l.document_share, unit=""),
             f"{l.cosine[0]:.2f}",
             f"{l.tau:.0f}",
         ]
         if result.random:
             r = random_by_name[l.layer]
-            row += [_pct(r.position_share), _pct(r.slow_share)]
+            row += [percent(r.position_share, unit=""), percent(r.slow_share, unit="")]
         table.add_row(*row)
     console.print(table)
     console.print(
@@ -137,8 +137,8 @@ def revise(
     n: Annotated[int, typer.Option("-n", help="Steps to compare after the off-plan token.")] = 16,
     probes: Annotated[Path | None, typer.Option("--probes", help="Folder of future-token probes (from probe).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
-    model: ModelOpt = "smollm2-135m",
+    plot: PlotOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -189,7 +189,15 @@ def revise(
             )
         )
         return
+    _print_revise(result, tok, text)
+    if result.probes is not None:
+        _print_probes(result.probes)
+    if plot is not None:
+        console.print(f"[dim]plot: {plot}[/dim]")
 
+
+def _print_revise(result, tok, text: str) -> None:
+    """The two runs side by side, the per-step table and the summary lines of `forethought revise`."""
     shared = tok.decode(result.original_ids[: result.at])
     console.print(f"[bold]prompt[/bold]   {text!r}")
     console.print(
@@ -244,10 +252,6 @@ def revise(
             f"{r.shift:+d}); {r.matched_after} tokens match from there"
         )
     console.print("[dim]KL swap / top-1 swap: the original's tokens with only the off-plan one swapped in[/dim]")
-    if result.probes is not None:
-        _print_probes(result.probes)
-    if plot is not None:
-        console.print(f"[dim]plot: {plot}[/dim]")
 
 
 def _print_probes(probes: dict) -> None:
@@ -304,17 +308,16 @@ def revise_scale(
         float, typer.Option("--temperature", "-t", help="Temperature of the sampled bucket (greedy excluded).")
     ] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for prompt offsets, p<1e-6 picks and samples.")] = 0,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")] = None,
-    model: ModelOpt = "smollm2-135m",
+    plot: PlotOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
 ) -> None:
     """`revise` over many corpus prompts, off-plan tokens in rank buckets: rejoin rate, KL, state change, 95% CIs."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from forethought.data.corpus import DEFAULT_CORPUS, PROSE_CORPUS, load_corpus, pydocs_root
-    from forethought.experiments.revise import RANK_BUCKETS, draw_prompts, revise_at_scale
+    from forethought.experiments.revise_scale import RANK_BUCKETS, draw_prompts, revise_at_scale
 
     specs = corpus or ([DEFAULT_CORPUS] + ([PROSE_CORPUS] if pydocs_root() is not None else []))
     lm = load(model, device, dtype, quiet=as_json)
@@ -329,22 +332,13 @@ def revise_scale(
         for p in drawn:
             p.ids = [tok.bos_id] + p.ids
     stops = (tok.eos_id,) if tok.eos_id is not None else ()
-    bar = Progress(
-        TextColumn("revise"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]:.2f} runs/s"),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=as_json,
-    )
-    with bar:
-        task = bar.add_task("revise", total=len(drawn) * (len(RANK_BUCKETS) + 2), speed=0.0)
+    total = len(drawn) * (len(RANK_BUCKETS) + 2)
+    with progress_bar("revise", unit="run", quiet=as_json) as progress:
+        runs = itertools.count(1)
 
         def tick() -> None:
-            bar.advance(task)
-            elapsed = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, speed=bar.tasks[0].completed / elapsed)
+            if progress is not None:
+                progress(next(runs), total)
 
         result = revise_at_scale(
             lm.model, drawn, at, n, temperature, seed, stop_ids=stops, model_name=lm.name, on_trial=tick

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from forethought.cli import JsonOpt, app, console, err_console
+from forethought.commands.common import JsonOpt, app, console, err_console, parse_int_list
 from forethought.errors import ForethoughtError
 
 arch_app = typer.Typer(
@@ -84,7 +84,7 @@ def train_command(
         vocab=vocab,
         cache_dir=out / "data",
     )
-    lengths = sorted(_numbers("--eval-lengths", eval_lengths))
+    lengths = parse_int_list(eval_lengths, "eval-lengths", empty_ok=True)
     context = max(256, task.length)
     if lengths and task.name == "recall":
         raise ForethoughtError("--eval-lengths: recall sequences have one length (set by --pairs)")
@@ -125,13 +125,6 @@ def train_command(
     console.print(f"checkpoint: {out}")
     if "engine_folder" in summary:
         console.print(f"engine folder (load_model / --model): {summary['engine_folder']}")
-
-
-def _numbers(flag: str, text: str) -> set[int]:
-    try:
-        return {int(n) for n in text.split(",") if n.strip()}
-    except ValueError:
-        raise ForethoughtError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 1,2") from None
 
 
 @arch_app.command("compare")
@@ -177,7 +170,7 @@ def compare_command(
         raise ForethoughtError(f"--tasks {tasks!r}: preset {name!r} has {', '.join(known)}")
     if wanted:
         p = replace(p, plans=tuple(plan for plan in p.plans if plan.task in wanted))
-    depths = _numbers("--layers", layers)
+    depths = set(parse_int_list(layers, "layers", empty_ok=True))
     if depths:
         plans = tuple(replace(plan, layers=tuple(n for n in plan.layers if n in depths)) for plan in p.plans)
         p = replace(p, plans=tuple(plan for plan in plans if plan.layers))

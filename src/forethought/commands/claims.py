@@ -5,7 +5,6 @@ one JSON object with --json, a PNG with --plot."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -14,47 +13,31 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from forethought.cli import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, console, load
+from forethought.commands.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    PlotOpt,
+    app,
+    check_plot,
+    console,
+    emit_json,
+    load,
+    plotted,
+    prompt_ids,
+)
 from forethought.errors import ForethoughtError
+from forethought.format import size
 from forethought.trace import layer_label as _layer_label
-
-PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the result to this file.")]
-
-
-def _prompt_ids(lm, prompt: str) -> list[int]:
-    ids = lm.tokenizer.encode(prompt)
-    if not ids:
-        raise ForethoughtError("the prompt is empty: give at least one token of text")
-    return ids
-
-
-def _check_plot(plot: Path | None) -> None:
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise ForethoughtError(f"--plot writes a PNG: give a file name ending in .png, not {str(plot)!r}")
-
-
-def _emit_json(obj: dict) -> None:
-    print(json.dumps(obj, default=str))
-
-
-def _plotted(path: Path) -> None:
-    console.print(f"[dim]plot written to {path}[/dim]")
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
 
 
 @app.command()
 def equivalence(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     n: Annotated[int, typer.Option("-n", "--max-new-tokens", help="Greedy tokens to generate both ways.")] = 32,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -63,15 +46,15 @@ def equivalence(
     """Generate with the KV cache and by full recompute: same tokens, same activations, different cost."""
     from forethought.experiments.equivalence import equivalence as run
 
-    _check_plot(plot)
+    check_plot(plot)
     lm = load(model, device, dtype, quiet=as_json)
-    result = run(lm.model, _prompt_ids(lm, prompt), n, lm.name)
+    result = run(lm.model, prompt_ids(lm, prompt), n, lm.name)
     if plot is not None:
         from forethought.viz.claims import plot_equivalence
 
         plot_equivalence(result, plot)
     if as_json:
-        _emit_json(result.to_dict() | {"prompt": prompt, "text": lm.tokenizer.decode(result.cached_ids)})
+        emit_json(result.to_dict() | {"prompt": prompt, "text": lm.tokenizer.decode(result.cached_ids)})
         return
     table = Table(
         title=f"KV cache (c) vs full recompute (f), {lm.name} ({result.dtype}); Δ = max |c - f|",
@@ -107,7 +90,7 @@ def equivalence(
     )
     console.print(f"text: {lm.tokenizer.decode(result.cached_ids)!r}", markup=False)
     if plot is not None:
-        _plotted(plot)
+        plotted(plot)
 
 
 @app.command()
@@ -117,7 +100,7 @@ def invariance(
     bidirectional: Annotated[
         bool, typer.Option("--bidirectional", help="Control: remove the causal mask, so earlier columns must change.")
     ] = False,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: Annotated[
         str, typer.Option("--dtype", help="float64 by default: float32 rounding differs with sequence length.")
@@ -129,7 +112,7 @@ def invariance(
     from forethought.experiments.invariance import extending_ids
     from forethought.experiments.invariance import invariance as run
 
-    _check_plot(plot)
+    check_plot(plot)
     lm = load(model, device, dtype, quiet=as_json)
     short_ids, longer_ids = extending_ids(lm.tokenizer, short, longer)
     result = run(lm.model, short_ids, longer_ids, causal=not bidirectional, model_name=lm.name)
@@ -139,7 +122,7 @@ def invariance(
         other = run(lm.model, short_ids, longer_ids, causal=bidirectional, model_name=lm.name)
         plot_invariance(sorted([result, other], key=lambda r: not r.causal), plot)
     if as_json:
-        _emit_json(result.to_dict() | {"short": short, "longer": longer})
+        emit_json(result.to_dict() | {"short": short, "longer": longer})
         return
     mode = "causal" if result.causal else "bidirectional (control)"
     table = Table(title=escape(f"{short!r} inside {longer!r}, {lm.name}, {mode}, {result.dtype}"))
@@ -163,7 +146,7 @@ def invariance(
         f"are new columns (distance to the nearest earlier column at the last layer: {result.appended_nearest[-1]:.3g})"
     )
     if plot is not None:
-        _plotted(plot)
+        plotted(plot)
 
 
 @app.command("state-size")
@@ -175,7 +158,7 @@ def state_size(
             "--config", help="Named configs to compare, comma-separated (gpt2-small, llama-3-8b, llama-3-70b)."
         ),
     ] = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -188,7 +171,7 @@ def state_size(
     from forethought.experiments.state_size import named_configs, parse_tokens
     from forethought.experiments.state_size import state_size as run
 
-    _check_plot(plot)
+    check_plot(plot)
     counts = parse_tokens(tokens)
     configs = named_configs(config)
     lm = load(model, device, dtype, quiet=as_json)
@@ -202,7 +185,7 @@ def state_size(
 
         plot_state_size(result, plot)
     if as_json:
-        _emit_json(result.to_dict())
+        emit_json(result.to_dict())
         return
     loaded = result.loaded
     unit = f"{result.dtype}, {result.element_bytes} B per number"
@@ -214,7 +197,7 @@ def state_size(
     for i, t in enumerate(counts):
         measured = loaded.measured_nbytes[i] if loaded.prefilled[i] else loaded.measured_allocated[i]
         note = "" if loaded.prefilled[i] else " (alloc)" if measured is not None else ""
-        table.add_row(str(t), _bytes(measured) + note, *[_bytes(c.kv_bytes[i]) for c in result.configs])
+        table.add_row(str(t), size(measured) + note, *[size(c.kv_bytes[i]) for c in result.configs])
     console.print(table)
     states = Table(
         title=f"Per token vs fixed recurrent states of the same width ({unit})", box=box.SIMPLE_HEAD, pad_edge=False
@@ -228,8 +211,8 @@ def state_size(
         states.add_row(
             escape(c.key),
             f"{c.n_layers}×{c.n_kv_heads}×{c.head_dim}",
-            _bytes(c.bytes_per_token),
-            *map(_bytes, c.recurrent_bytes.values()),
+            size(c.bytes_per_token),
+            *map(size, c.recurrent_bytes.values()),
         )
     console.print(states)
     console.print(
@@ -243,7 +226,7 @@ def state_size(
     }.get(lm.config.family, "2·layers·kv_heads·head_dim·bytes·tokens")
     console.print(f"measured state of {loaded.key} {match} the formula {formula}")
     if plot is not None:
-        _plotted(plot)
+        plotted(plot)
 
 
 @app.command()
@@ -255,28 +238,28 @@ def lens(
     sampler_top_k: Annotated[int, typer.Option("--sampler-top-k", help="The sampler's own top-k (0 = off).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="The sampler's top-p (1 = off).")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same tokens.")] = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
 ) -> None:
     """The logit lens at every layer x position, and the alternatives the sampler did not show."""
-    from forethought.experiments.lens import lens as run
+    from forethought.experiments.lens import run_logit_lens as run
     from forethought.model.sampling import SamplingParams
 
-    _check_plot(plot)
+    check_plot(plot)
     if top_k < 1:
         raise ForethoughtError(f"--top-k must be >= 1, got {top_k}")
     params = SamplingParams(temperature=temperature, top_k=sampler_top_k, top_p=top_p, seed=seed)
     lm = load(model, device, dtype, quiet=as_json)
-    result = run(lm.model, _prompt_ids(lm, prompt), n, top_k, params, lm.tokenizer.token_str, lm.name)
+    result = run(lm.model, prompt_ids(lm, prompt), n, top_k, params, lm.tokenizer.token_str, lm.name)
     if plot is not None:
-        from forethought.viz.claims import plot_lens
+        from forethought.viz.claims import plot_logit_lens
 
-        plot_lens(result, plot)
+        plot_logit_lens(result, plot)
     if as_json:
-        _emit_json(result.to_dict() | {"prompt": prompt})
+        emit_json(result.to_dict() | {"prompt": prompt})
         return
     table = Table(title=f"Logit lens, {lm.name}: top-1 token (probability) per layer, at each prompt position")
     table.add_column("layer", justify="right")
@@ -303,7 +286,7 @@ def lens(
             )
         console.print(steps)
     if plot is not None:
-        _plotted(plot)
+        plotted(plot)
 
 
 @app.command()
@@ -313,7 +296,7 @@ def trace(
     names: Annotated[
         str, typer.Option("--names", help="Activations to capture: names, globs or bare points, comma-separated.")
     ] = "resid_post",
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -326,7 +309,7 @@ def trace(
     output_file(save, "--save")  # before the model loads: a bad path fails in milliseconds
     lm = load(model, device, dtype, quiet=as_json)
     chosen = resolve_names(lm.config, names)
-    ids = _prompt_ids(lm, prompt)
+    ids = prompt_ids(lm, prompt)
     captured = run_trace(lm.model, ids, chosen)
     path = captured.save(save, model=lm.name, text=prompt, dtype=dtype, names=names)
     rows = [
@@ -335,7 +318,7 @@ def trace(
     ]
     total = sum(r["bytes"] for r in rows)
     if as_json:
-        _emit_json(
+        emit_json(
             {"path": str(path), "model": lm.name, "token_ids": ids, "text": prompt, "tensors": rows, "bytes": total}
         )
         return
@@ -343,7 +326,7 @@ def trace(
     for col in ("name", "shape", "dtype", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for r in rows:
-        table.add_row(escape(r["name"]), "×".join(map(str, r["shape"])), r["dtype"], _bytes(r["bytes"]))
-    table.add_row("[bold]total[/bold]", f"{len(rows)} tensors", "", f"[bold]{_bytes(total)}[/bold]")
+        table.add_row(escape(r["name"]), "×".join(map(str, r["shape"])), r["dtype"], size(r["bytes"]))
+    table.add_row("[bold]total[/bold]", f"{len(rows)} tensors", "", f"[bold]{size(total)}[/bold]")
     console.print(table)
-    console.print(f"saved to {path} ({_bytes(path.stat().st_size)} on disk)")
+    console.print(f"saved to {path} ({size(path.stat().st_size)} on disk)")

@@ -8,37 +8,25 @@ from typing import Annotated
 
 import typer
 
-from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console, load
+from forethought.commands.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    PlotOpt,
+    app,
+    console,
+    err_console,
+    load,
+    parse_int_list,
+    progress_bar,
+)
 from forethought.errors import ForethoughtError
 
 RayOpt = Annotated[
     str | None,
     typer.Option("--ray", help="Run on Ray: a cluster ADDRESS, auto (the cluster this node joined), or local:N."),
 ]
-
-
-def parse_int_list(text: str, what: str, upper: int | None = None) -> list[int]:
-    """'all', '0,5,10', '1-4' or a mix ('0-3,8') -> sorted unique ints."""
-    text = text.strip()
-    if text == "all":
-        if upper is None:
-            raise ForethoughtError(f"--{what} all needs a known range")
-        return list(range(upper))
-    values: set[int] = set()
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                values.update(range(int(lo), int(hi) + 1))
-            else:
-                values.add(int(part))
-    except ValueError:
-        raise ForethoughtError(f"--{what} {text!r}: use 'all', a list like 0,5,10 or a range like 1-4") from None
-    if not values:
-        raise ForethoughtError(f"--{what} is empty")
-    if upper is not None and (min(values) < 0 or max(values) >= upper):
-        raise ForethoughtError(f"--{what} {text!r}: values must lie in 0..{upper - 1}")
-    return sorted(values)
 
 
 @app.command()
@@ -60,7 +48,7 @@ def extract(
     ] = 2048,
     float16: Annotated[bool, typer.Option("--float16", help="Store activations as float16.")] = False,
     ray: RayOpt = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
@@ -75,20 +63,21 @@ def extract(
         from forethought.distributed.dispatch import extract_run
 
         run_extract = extract_run(ray, model, device)
-    result = run_extract(
-        lm,
-        documents,
-        out,
-        layer_list,
-        tokens=tokens,
-        window=window,
-        batch=batch,
-        float16=float16,
-        test_fraction=test_fraction,
-        shard_mb=shard_mb,
-        max_doc_tokens=max_doc_tokens,
-        progress=not as_json,
-    )
+    with progress_bar("extract", unit="tok", quiet=as_json) as progress:
+        result = run_extract(
+            lm,
+            documents,
+            out,
+            layer_list,
+            tokens=tokens,
+            window=window,
+            batch=batch,
+            float16=float16,
+            test_fraction=test_fraction,
+            shard_mb=shard_mb,
+            max_doc_tokens=max_doc_tokens,
+            progress=progress,
+        )
     summary = {
         "out": str(result.out),
         "shards": result.shards,
@@ -129,7 +118,7 @@ def probe(
     layers: Annotated[str, typer.Option("--layers", help="all (stored), or a list like 0,5,10.")] = "all",
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens scored per cell.")] = 4096,
     out: Annotated[Path | None, typer.Option("--out", help="Results and fitted probes (default STORE/probes).")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the top-1 heatmap PNG here.")] = None,
+    plot: PlotOpt = None,
     ray: RayOpt = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Override the store's model.")] = None,
     device: DeviceOpt = "cpu",
@@ -137,7 +126,7 @@ def probe(
 ) -> None:
     """Linear probes and the Future Lens map from each layer's state to tokens 1..K ahead, on held-out documents."""
     from forethought.data.store import ActivationStore
-    from forethought.experiments.future import run_probes
+    from forethought.experiments.probes import run_probes
     from forethought.viz.future import write_report
 
     activation_store = ActivationStore(store)
@@ -157,15 +146,16 @@ def probe(
         from forethought.distributed.dispatch import probe_run
 
         run_probes = probe_run(ray, model, device)
-    result = run_probes(
-        activation_store,
-        lm.model,
-        offset_list,
-        layer_list,
-        eval_tokens=eval_tokens,
-        save_dir=out_dir,
-        progress=not as_json,
-    )
+    with progress_bar("probe layers", quiet=as_json) as progress:
+        result = run_probes(
+            activation_store,
+            lm.model,
+            offset_list,
+            layer_list,
+            eval_tokens=eval_tokens,
+            save_dir=out_dir,
+            progress=progress,
+        )
     paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
     if as_json:
         print(json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in paths.items()}}))

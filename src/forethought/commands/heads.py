@@ -12,8 +12,17 @@ from typing import Annotated
 import torch
 import typer
 
-from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console, load
-from forethought.commands.future import parse_int_list
+from forethought.commands.common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    console,
+    err_console,
+    load,
+    parse_int_list,
+)
 from forethought.errors import ForethoughtError
 
 heads_app = typer.Typer(no_args_is_help=True, help="Draft heads for `generate --speculative heads`.")
@@ -59,7 +68,7 @@ def train(
     ] = "",
     analysis_epochs: Annotated[int, typer.Option("--analysis-epochs", help="Epochs for the --layers heads.")] = 2,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:

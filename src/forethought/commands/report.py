@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console
+from forethought.commands.common import DEFAULT_MODEL, DeviceOpt, JsonOpt, ModelOpt, app, console, err_console
 
 DEFAULT_CACHE = Path.home() / ".cache" / "forethought" / "report"
 
@@ -25,7 +25,7 @@ def report(
         str | None, typer.Option("--sections", help="Comma-separated section keys (default: all).")
     ] = None,
     results: Annotated[
-        Path | None, typer.Option("--results", help="Folder of other commands' results, <section>.json.")
+        Path | None, typer.Option("--results", help="Folder with another run's second_model.json (a Finding).")
     ] = None,
     compare: Annotated[
         Path | None, typer.Option("--compare", help="Another model's report (folder or report.json), side by side.")
@@ -34,7 +34,7 @@ def report(
         Path, typer.Option("--cache", help="Cached section results and activation stores.")
     ] = DEFAULT_CACHE,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute every section.")] = False,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:

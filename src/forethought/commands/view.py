@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from forethought.cli import DeviceOpt, DtypeOpt, ModelOpt, app, err_console, load
+from forethought.commands.common import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, app, err_console, load
 from forethought.errors import ForethoughtError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -28,7 +28,7 @@ def _check_port(host: str, port: int) -> None:
 
 @app.command()
 def view(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = DEFAULT_MODEL,
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default: local use only).")] = (
         "127.0.0.1"
     ),

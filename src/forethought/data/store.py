@@ -30,6 +30,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.transformer import Transformer
+from forethought.progress import Progress, tell
 from forethought.trace import act_name, run_with_trace
 
 MANIFEST = "manifest.json"
@@ -280,7 +281,7 @@ def extract(
     model_info: dict,
     tokenizer_info: dict,
     corpus_info: dict,
-    progress: bool = True,
+    progress: Progress | None = None,
     after_shard: Callable[[int, Path], None] | None = None,
     shard_runner: ShardRunner | None = None,
 ) -> ExtractResult:
@@ -312,28 +313,8 @@ def extract(
         "shards": [],
         "complete": False,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    old = read_manifest(out)
-    if old is not None:
-        diffs = _differences(_fingerprint(old), _fingerprint(manifest))
-        if diffs:
-            raise ForethoughtError(
-                f"{out} already holds a store made with other settings ({'; '.join(diffs[:3])}); "
-                "use another --out or delete it"
-            )
-        manifest = old
-    else:
-        nonempty = [p for p in out.iterdir() if not p.name.endswith(".tmp")]
-        if any(p.name.startswith("shard-") for p in nonempty):
-            raise ForethoughtError(f"{out} holds shards but no manifest; use an empty folder")
-        # Recorded before the first shard exists: a kill right after that shard's rename must leave a store that
-        # resumes (found by killing extract at 20 random points), not a folder with a shard and no manifest.
-        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    for stray in out.glob("*.tmp"):
-        stray.unlink()
+    manifest = _open_store(out, manifest)
     done = {s["name"]: s for s in manifest["shards"]}
-    for name, entry in done.items():  # a resume builds on these shards: each must be the one recorded
-        verify_shard(out / name, entry)
 
     windows = pack_windows(
         token_docs, doc_splits.__getitem__, settings.window, settings.separator_id, settings.max_doc_tokens
@@ -341,51 +322,38 @@ def extract(
     shard_index, window_index = 0, 0
     computed_tokens, compute_seconds, skipped = 0, 0.0, 0
     max_doc = -1
-    with _progress(progress) as bar:
-        task = bar.add_task("extract", total=n_windows_wanted * settings.window) if bar else None
-        while window_index < n_windows_wanted:
-            take = min(settings.shard_windows, n_windows_wanted - window_index)
-            group = []
-            for w in windows:
-                group.append(w)
-                if len(group) == take:
-                    break
-            if not group:
+    total = n_windows_wanted * settings.window
+    tell(progress, 0, total)
+    while window_index < n_windows_wanted:
+        take = min(settings.shard_windows, n_windows_wanted - window_index)
+        group = []
+        for w in windows:
+            group.append(w)
+            if len(group) == take:
                 break
-            max_doc = max(max_doc, max(max(w.doc_ids) for w in group))
-            name = _shard_name(shard_index)
-            if name in done:
-                skipped += 1
+        if not group:
+            break
+        max_doc = max(max_doc, max(max(w.doc_ids) for w in group))
+        name = _shard_name(shard_index)
+        if name in done:
+            skipped += 1
+        else:
+            t0 = time.perf_counter()
+            if shard_runner is None:
+                data = shard_bytes(model, group, settings, window_index)
             else:
-                t0 = time.perf_counter()
-                if shard_runner is None:
-                    data = shard_bytes(model, group, settings, window_index)
-                else:
-                    data = shard_runner(shard_index, window_index, group, settings)
-                _atomic_write(out / name, data)
-                if after_shard is not None:
-                    after_shard(shard_index, out / name)
-                manifest["shards"].append(
-                    {
-                        "name": name,
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                        "bytes": len(data),
-                        "windows": len(group),
-                        "first_window": window_index,
-                        "tokens": len(group) * settings.window,
-                        "tokens_by_split": {
-                            s: sum(settings.window for w in group if w.split == i) for i, s in enumerate(SPLITS)
-                        },
-                    }
-                )
-                manifest["documents"] = [[doc_ids[i], SPLITS[doc_splits[i]]] for i in range(max_doc + 1)]
-                _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-                compute_seconds += time.perf_counter() - t0
-                computed_tokens += len(group) * settings.window
-            window_index += len(group)
-            shard_index += 1
-            if bar:
-                bar.update(task, completed=window_index * settings.window)
+                data = shard_runner(shard_index, window_index, group, settings)
+            _atomic_write(out / name, data)
+            if after_shard is not None:
+                after_shard(shard_index, out / name)
+            manifest["shards"].append(_shard_entry(name, data, group, settings, window_index))
+            manifest["documents"] = [[doc_ids[i], SPLITS[doc_splits[i]]] for i in range(max_doc + 1)]
+            _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+            compute_seconds += time.perf_counter() - t0
+            computed_tokens += len(group) * settings.window
+        window_index += len(group)
+        shard_index += 1
+        tell(progress, window_index * settings.window, total)
     if window_index == 0:
         raise ForethoughtError(
             f"the corpus is shorter than one window of {settings.window} tokens; use a smaller --window"
@@ -405,32 +373,6 @@ def extract(
         seconds=time.perf_counter() - started,
         tokens_per_second=computed_tokens / compute_seconds if compute_seconds else 0.0,
         manifest=manifest,
-    )
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        from contextlib import nullcontext
-
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    class Rate(TextColumn):
-        def render(self, task):  # tokens/s over the whole run so far
-            rate = task.completed / task.elapsed if task.elapsed else 0.0
-            from rich.text import Text
-
-            return Text(f"{rate:,.0f} tok/s")
-
-    return Progress(
-        TextColumn("extract"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(""),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
     )
 
 
@@ -465,6 +407,46 @@ def _run_shard(
     tensors["window_ids"] = torch.arange(first_window, first_window + n, dtype=torch.int32)
     tensors["split"] = torch.tensor([w.split for w in group], dtype=torch.uint8)
     return tensors
+
+
+def _open_store(out: Path, manifest: dict) -> dict:
+    """The manifest to extend: the one already at `out` when its settings match (a resume; every recorded shard
+    verified), else `manifest`, written at once into an empty folder. A mismatch is the user's error."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(out)
+    if old is not None:
+        diffs = _differences(_fingerprint(old), _fingerprint(manifest))
+        if diffs:
+            raise ForethoughtError(
+                f"{out} already holds a store made with other settings ({'; '.join(diffs[:3])}); "
+                "use another --out or delete it"
+            )
+        manifest = old
+    else:
+        nonempty = [p for p in out.iterdir() if not p.name.endswith(".tmp")]
+        if any(p.name.startswith("shard-") for p in nonempty):
+            raise ForethoughtError(f"{out} holds shards but no manifest; use an empty folder")
+        # Recorded before the first shard exists: a kill right after that shard's rename must leave a store that
+        # resumes (found by killing extract at 20 random points), not a folder with a shard and no manifest.
+        _atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    for stray in out.glob("*.tmp"):
+        stray.unlink()
+    for shard in manifest["shards"]:  # a resume builds on these shards: each must be the one recorded
+        verify_shard(out / shard["name"], shard)
+    return manifest
+
+
+def _shard_entry(name: str, data: bytes, group: list, settings: ExtractSettings, first_window: int) -> dict:
+    """A shard's manifest record: its hash and size, and which windows and tokens (per split) it holds."""
+    return {
+        "name": name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "windows": len(group),
+        "first_window": first_window,
+        "tokens": len(group) * settings.window,
+        "tokens_by_split": {s: sum(settings.window for w in group if w.split == i) for i, s in enumerate(SPLITS)},
+    }
 
 
 def shard_bytes(model: Transformer, group: list[Window], settings: ExtractSettings, first_window: int) -> bytes:

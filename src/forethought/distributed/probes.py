@@ -27,6 +27,7 @@ from forethought.distributed.cluster import RaySpec, ray_session, worker_name
 from forethought.distributed.extract import ModelSource, WorkerStats, worker_model
 from forethought.distributed.fanout import MAX_RETRIES, unwrap
 from forethought.experiments.probes import Cell, ProbeResult
+from forethought.progress import Progress, tell
 
 # the options of `run_probes` that the shared phase depends on (the rest: save_dir, n_boot, progress)
 PREPARE_OPTIONS = ("eval_tokens", "lens_eval_tokens", "control_eval_tokens", "val_fraction", "seed", "dedup_threshold")
@@ -153,7 +154,7 @@ def map_cells(
     cells: list[tuple[int, int]],
     options: dict,
     threads: int = 1,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> RayProbeResult:
     """`run_probes` over the (layer, offset) `cells` (every layer with the same offsets) on the Ray workers of
     `ray` (connected); `store` is opened by the driver at a path every node sees, `model` the driver's copy."""
@@ -179,23 +180,21 @@ def map_cells(
         for ref in refs:
             ray.cancel(ref, force=True)
         raise
-    with _bar(progress) as bar:
-        task = bar.add_task("probe layers", total=len(refs)) if bar else None
-        waiting = list(refs)
-        try:
-            while waiting:
-                ready, waiting = ray.wait(waiting, num_returns=1)
-                out: LayerOutput = unwrap(ray, ready[0])
-                outputs[refs[ready[0]]] = out
-                stats = workers.setdefault(out.worker, WorkerStats())
-                stats.shards += 1  # here: layers
-                stats.seconds += out.seconds
-                stats.load_seconds += out.load_seconds
-                if bar:
-                    bar.update(task, advance=1)
-        finally:
-            for ref in waiting:
-                ray.cancel(ref, force=True)
+    waiting = list(refs)
+    tell(progress, 0, len(refs))
+    try:
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            out: LayerOutput = unwrap(ray, ready[0])
+            outputs[refs[ready[0]]] = out
+            stats = workers.setdefault(out.worker, WorkerStats())
+            stats.shards += 1  # here: layers
+            stats.seconds += out.seconds
+            stats.load_seconds += out.load_seconds
+            tell(progress, len(outputs), len(refs))
+    finally:
+        for ref in waiting:
+            ray.cancel(ref, force=True)
     merged = merge(store, setup, [outputs[layer] for layer in by_layer], options, started)
     summary = {
         name: {"layers": s.shards, "seconds": round(s.seconds, 3), "load_seconds": round(s.load_seconds, 3)}
@@ -203,23 +202,6 @@ def map_cells(
     }
     values = {f.name: getattr(merged, f.name) for f in fields(ProbeResult)}
     return RayProbeResult(**values, ray={"workers": summary})
-
-
-def _bar(enabled: bool):
-    from contextlib import nullcontext
-
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("probe layers (ray)"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
 
 
 def run_probes_on_ray(
@@ -230,7 +212,7 @@ def run_probes_on_ray(
     offsets: list[int],
     layers: list[int] | None = None,
     save_dir: str | Path | None = "default",
-    progress: bool = True,
+    progress: Progress | None = None,
     **options,
 ) -> RayProbeResult:
     """`experiments.probes.run_probes` with its layers fitted on Ray workers (the store on shared storage).

@@ -48,7 +48,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.transformer import Transformer
-from forethought.trace import act_name, run_with_trace, split_name
+from forethought.trace import act_name, layer_words, run_with_trace
 
 DEFAULT_WINDOW = 16
 WINDOWS = (2, 4, 8, 16, 32, 64)
@@ -142,7 +142,7 @@ class AnatomyResult:
     def verdict(self) -> str:
         """A plain-language answer to "a position part that changes a lot plus a memory part that changes slowly?"."""
         s = self.summary()
-        where = _short(s["position_share_max_layer"])
+        where = layer_words(s["position_share_max_layer"])
         pos = (
             f"Position part: at most {s['position_share_max']:.1%} of the variance ({where}; "
             f"{s['position_shuffled_at_that_layer']:.1%} with positions shuffled); per position it is up to "
@@ -151,8 +151,8 @@ class AnatomyResult:
         )
         slow = (
             f"Slow part: neighbours within ±{self.window // 2} positions explain up to {s['slow_share_max']:.1%} "
-            f"({_short(s['slow_share_max_layer'])}; shuffled {s['slow_shuffled_at_that_layer']:.1%}, whole-document "
-            f"mean {s['document_share_at_that_layer']:.1%}"
+            f"({layer_words(s['slow_share_max_layer'])}; shuffled {s['slow_shuffled_at_that_layer']:.1%}, "
+            f"whole-document mean {s['document_share_at_that_layer']:.1%}"
             + (
                 f", permuted-weight model {s['random_slow_share_at_that_layer']:.1%}"
                 if s.get("random_slow_share_at_that_layer") is not None
@@ -169,10 +169,6 @@ class AnatomyResult:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"summary": self.summary(), "verdict": self.verdict()}
-
-
-def _short(name: str) -> str:
-    return "embedding" if name == "embed" else f"after block {split_name(name)[0]}"
 
 
 def permuted_weights(model: Transformer, seed: int = 0) -> Transformer:

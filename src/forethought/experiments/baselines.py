@@ -198,9 +198,6 @@ class Interval:
     low: float
     high: float
 
-    def contains_zero(self) -> bool:
-        return self.low <= 0.0 <= self.high
-
 
 def bootstrap_by_document(
     values: torch.Tensor | np.ndarray,

@@ -36,6 +36,7 @@ from forethought.data.store import ActivationStore
 from forethought.experiments.baselines import Interval, bootstrap_by_document
 from forethought.experiments.probe_file import ProbeLayer
 from forethought.model.transformer import Transformer
+from forethought.progress import Progress, tell
 from forethought.trace import act_name, split_name
 
 
@@ -229,7 +230,7 @@ def run_causal(
     probes: dict[int, ProbeLayer],
     settings: CausalSettings | None = None,
     checkpoint: str | Path | None = None,
-    progress: bool = True,
+    progress: Progress | None = None,
     n_boot: int = 1000,
 ) -> CausalResult:
     """Measure every condition at each store position (flat index t); resumable through `checkpoint`."""
@@ -255,34 +256,18 @@ def run_causal(
         ):
             done = saved["rows"]
             gen.set_state(saved["rng"])
-    bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(
-            TextColumn("causal"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
-        )
-        task = bar.add_task("causal", total=len(usable), completed=len(done))
-        bar.start()
-    try:
-        for i in range(len(done), len(usable)):
-            t = usable[i]
-            w, p = divmod(t, W)
-            with_ceiling = settings.ceiling_positions is None or i < settings.ceiling_positions
-            window_tokens = tokens[w * W : (w + 1) * W]
-            done.append(measure_position(model, window_tokens, p, settings, probes, gen, vocab_pool, with_ceiling))
-            if ckpt is not None and (len(done) % 25 == 0 or len(done) == len(usable)):
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save(
-                    {"settings": asdict(settings), "positions": usable, "rows": done, "rng": gen.get_state()}, tmp
-                )
-                tmp.replace(ckpt)
-            if bar:
-                bar.update(task, completed=len(done))
-    finally:
-        if bar:
-            bar.stop()
+    tell(progress, len(done), len(usable))
+    for i in range(len(done), len(usable)):
+        t = usable[i]
+        w, p = divmod(t, W)
+        with_ceiling = settings.ceiling_positions is None or i < settings.ceiling_positions
+        window_tokens = tokens[w * W : (w + 1) * W]
+        done.append(measure_position(model, window_tokens, p, settings, probes, gen, vocab_pool, with_ceiling))
+        if ckpt is not None and (len(done) % 25 == 0 or len(done) == len(usable)):
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"settings": asdict(settings), "positions": usable, "rows": done, "rng": gen.get_state()}, tmp)
+            tmp.replace(ckpt)
+        tell(progress, len(done), len(usable))
     return summarize_causal(model, store, usable, done, doc_of, settings, n_boot, time.perf_counter() - started)
 
 

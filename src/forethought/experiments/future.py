@@ -6,13 +6,7 @@ from pathlib import Path
 
 from forethought.data.corpus import Corpus, balanced_order, load_corpus, split_of
 from forethought.data.store import ExtractResult, ExtractSettings, extract, shard_windows_for
-
-
-def run_probes(*args, **kwargs):
-    """See `forethought.experiments.probes.run_probes` (imported on use: extraction does not need it)."""
-    from forethought.experiments.probes import run_probes as run
-
-    return run(*args, **kwargs)
+from forethought.progress import Progress
 
 
 def reading_order(lm, docs: Corpus, test_fraction: float, max_doc_tokens: int | None):
@@ -38,7 +32,7 @@ def run_extract(
     test_fraction: float = 0.1,
     shard_mb: float = 256.0,
     max_doc_tokens: int | None = 2048,
-    progress: bool = True,
+    progress: Progress | None = None,
     after_shard=None,
     shard_runner=None,
 ) -> ExtractResult:

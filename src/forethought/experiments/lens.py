@@ -23,7 +23,7 @@ def entropy_nats(probs: torch.Tensor) -> float:
 
 
 @dataclass
-class LensStep:
+class LogitLensStep:
     """One generated token and the distribution it was drawn from."""
 
     step: int
@@ -43,7 +43,7 @@ class LensStep:
 
 
 @dataclass
-class LensResult:
+class LogitLensResult:
     model: str
     prompt_ids: list[int]
     prompt_tokens: list[str]
@@ -59,7 +59,7 @@ class LensResult:
     top_p: float
     sampler_top_k: int
     seed: int | None
-    steps: list[LensStep] = field(default_factory=list)
+    steps: list[LogitLensStep] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +69,7 @@ class LensResult:
 def logit_lens(
     model: Transformer, prompt_ids: list[int], top_k: int, token_str=str, cache: Cache | None = None
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(lens fields of a LensResult, the prompt's last-position logits, resid_post [layer, position, d]).
+    """(lens fields of a LogitLensResult, the prompt's last-position logits, resid_post [layer, position, d]).
 
     With an empty `cache`, the prompt's K/V are left in it, ready for generation to continue.
     """
@@ -96,7 +96,7 @@ def logit_lens(
 
 
 @torch.inference_mode()
-def lens(
+def run_logit_lens(
     model: Transformer,
     prompt_ids: list[int],
     n_steps: int = 8,
@@ -104,7 +104,7 @@ def lens(
     params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen, so sharing the default is safe
     token_str=str,
     model_name: str = "",
-) -> LensResult:
+) -> LogitLensResult:
     """The logit lens over the prompt, then `n_steps` sampled tokens with what each draw left unseen.
 
     `token_str` turns an id into text for the tables (the tokenizer's `token_str`; ids by default).
@@ -114,7 +114,7 @@ def lens(
         raise ForethoughtError(f"--top-k must be >= 1, got {top_k}")
     cache = model.new_cache(capacity=len(prompt_ids) + n_steps)
     fields, logits, _ = logit_lens(model, prompt_ids, top_k, token_str, cache)
-    result = LensResult(
+    result = LogitLensResult(
         model=model_name or model.config.name,
         prompt_ids=list(prompt_ids),
         prompt_tokens=[token_str(i) for i in prompt_ids],
@@ -133,7 +133,7 @@ def lens(
         top = torch.topk(probs, k)
         h = entropy_nats(probs)
         result.steps.append(
-            LensStep(
+            LogitLensStep(
                 step=step.index,
                 position=len(prompt_ids) + step.index,
                 chosen_id=token,

@@ -1,4 +1,6 @@
 """The one owner of the saved-probe file format: written by `forethought probe`, read by `revise` and the viewer.
+Saving, loading, the metadata layout, its "cells" and standardise-and-apply live here and nowhere else; every
+problem with a file is a ForethoughtError that names it.
 
 One `probe-layer{l:02d}.safetensors` per layer (plus a `.json` copy of its metadata for people):
   mean, std [d]                 standardisation of the layer's resid_post
@@ -13,13 +15,15 @@ scores = z @ probe.k over `columns`; Future Lens logits = model.lens_logits(z @ 
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from forethought.errors import ForethoughtError
+from forethought.trace import act_name
 
 FILE = re.compile(r"^probe-layer(\d+)\.safetensors$")
 REQUIRED = ("mean", "std", "columns")
@@ -27,6 +31,61 @@ REQUIRED = ("mean", "std", "columns")
 
 def file_name(layer: int) -> str:
     return f"probe-layer{layer:02d}.safetensors"
+
+
+@dataclass(frozen=True)
+class CellMeta:
+    """What the file says about one offset's readouts: the fitted temperatures (and, for people, the ridge
+    lambdas per training token and the probe's validation top-1)."""
+
+    offset: int
+    probe_lambda_per_token: float | None = None
+    lens_lambda_per_token: float | None = None
+    probe_temperature: float = 1.0
+    lens_temperature: float = 1.0
+    probe_val_top1: float | None = None
+
+
+def probe_metadata(layer: int, cells, model: str, store: str) -> dict:
+    """The metadata layout of one layer's file; `cells` are the layer's fitted cells (anything with offset,
+    probe_lambda, lens_lambda, probe_temperature, lens_temperature, probe_val_top1: `experiments.probes.Cell`)."""
+    described = [
+        CellMeta(
+            offset=c.offset,
+            probe_lambda_per_token=c.probe_lambda,
+            lens_lambda_per_token=c.lens_lambda,
+            probe_temperature=c.probe_temperature,
+            lens_temperature=c.lens_temperature,
+            probe_val_top1=c.probe_val_top1,
+        )
+        for c in cells
+    ]
+    return {
+        "store": store,
+        "model": model,
+        "point": act_name(layer, "resid_post"),
+        "lens_target": "final-layer resid_post at t+k-1, decode with model.lens_logits",
+        "cells": [asdict(c) for c in described],
+    }
+
+
+def cells_of(meta: dict) -> dict[int, CellMeta]:
+    """Offset -> its CellMeta, from a file's metadata (the one parser of "cells"; malformed entries are skipped,
+    a missing or non-positive temperature reads as 1)."""
+    cells = meta.get("cells")
+    if not isinstance(cells, list):
+        return {}
+    found = {}
+    for c in cells:
+        if not isinstance(c, dict) or not isinstance(c.get("offset"), int):
+            continue
+        temps = {}
+        for name in ("probe_temperature", "lens_temperature"):
+            t = c.get(name)
+            temps[name] = float(t) if isinstance(t, int | float) and math.isfinite(t) and t > 0 else 1.0
+        known = {k: c.get(k) for k in ("probe_lambda_per_token", "lens_lambda_per_token", "probe_val_top1")}
+        found[c["offset"]] = CellMeta(offset=c["offset"], **known, **temps)
+    return dict(sorted(found.items()))
 
 
 def save_probe_layer(folder: Path, layer: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -40,8 +99,9 @@ def save_probe_layer(folder: Path, layer: int, tensors: dict[str, torch.Tensor],
     return path
 
 
-def read_header(path: Path) -> tuple[dict, set[str], int]:
-    """(metadata, tensor names, width d) without loading the tensors; ForethoughtError naming the file."""
+def read_header(path: Path, readouts: tuple[str, ...] = ("probe",)) -> tuple[dict, set[str], int]:
+    """(metadata, tensor names, width d) without loading the tensors; ForethoughtError naming the file. Every
+    offset must have a tensor for each of `readouts` ("probe", "lens")."""
     from safetensors import safe_open
 
     try:
@@ -54,16 +114,14 @@ def read_header(path: Path) -> tuple[dict, set[str], int]:
     if not isinstance(meta, dict) or not isinstance(meta.get("layer"), int) or not set(REQUIRED) <= keys:
         raise ForethoughtError(f"probe file {path.name} lacks the layer, mean, std or columns of a probe file")
     offsets = offsets_of(meta)
-    if not offsets or any(f"probe.{k}" not in keys for k in offsets):
-        raise ForethoughtError(f"probe file {path.name} lacks a probe.k tensor for its offsets")
+    wanted = " / ".join(f"{r}.k" for r in readouts)
+    if not offsets or any(f"{r}.{k}" not in keys for k in offsets for r in readouts):
+        raise ForethoughtError(f"probe file {path.name} lacks a {wanted} tensor for its offsets")
     return meta, keys, d
 
 
 def offsets_of(meta: dict) -> list[int]:
-    cells = meta.get("cells")
-    if not isinstance(cells, list):
-        return []
-    return sorted({int(c["offset"]) for c in cells if isinstance(c, dict) and isinstance(c.get("offset"), int)})
+    return list(cells_of(meta))
 
 
 @dataclass
@@ -81,10 +139,9 @@ class ProbeLayer:
         return self.tensors["columns"].long()
 
     def temperature(self, k: int, readout: str = "probe") -> float:
-        for c in self.meta.get("cells", []):
-            if c.get("offset") == k:
-                return float(c.get(f"{readout}_temperature") or 1.0)
-        return 1.0
+        """The fitted inverse temperature of a readout ("probe" or "lens") at offset k (1 when not recorded)."""
+        cell = cells_of(self.meta).get(k)
+        return 1.0 if cell is None else getattr(cell, f"{readout}_temperature")
 
     def features(self, states: torch.Tensor) -> torch.Tensor:
         """z = [(h - mean) / std, 1] for states [n, d]."""
@@ -95,7 +152,11 @@ class ProbeLayer:
         """Token-probe scores [n, n_columns] (softmax(temperature * scores) are its probabilities)."""
         return self.features(states) @ self.tensors[f"probe.{k}"]
 
-    def lens_states(self, states: torch.Tensor, k: int) -> torch.Tensor:
+    def token_probs(self, states: torch.Tensor, k: int) -> torch.Tensor:
+        """Token-probe probabilities [n, n_columns] over `columns`, at the fitted temperature."""
+        return torch.softmax(self.temperature(k) * self.token_scores(states, k), dim=-1)
+
+    def future_lens_states(self, states: torch.Tensor, k: int) -> torch.Tensor:
         """The Future Lens's predicted final-layer state [n, d]; decode with model.lens_logits."""
         return self.features(states) @ self.tensors[f"lens.{k}"]
 
@@ -107,9 +168,11 @@ class ProbeLayer:
         return self.tensors[f"probe.{k}"][:-1, int(where[0, 0])] / self.tensors["std"]
 
 
-def load_probe_layer(path: str | Path, d_model: int | None = None) -> ProbeLayer:
+def load_probe_layer(
+    path: str | Path, d_model: int | None = None, readouts: tuple[str, ...] = ("probe",)
+) -> ProbeLayer:
     path = Path(path)
-    meta, _, d = read_header(path)
+    meta, _, d = read_header(path, readouts)
     if d_model is not None and d != d_model:
         raise ForethoughtError(f"probe file {path.name} was fitted on states of width {d}, this model's is {d_model}")
     from safetensors.torch import load_file
@@ -132,5 +195,7 @@ def probe_files(folder: str | Path) -> dict[int, Path]:
     return found
 
 
-def load_probe_folder(folder: str | Path, d_model: int | None = None) -> dict[int, ProbeLayer]:
-    return {layer: load_probe_layer(p, d_model) for layer, p in probe_files(folder).items()}
+def load_probe_folder(
+    folder: str | Path, d_model: int | None = None, readouts: tuple[str, ...] = ("probe",)
+) -> dict[int, ProbeLayer]:
+    return {layer: load_probe_layer(p, d_model, readouts) for layer, p in probe_files(folder).items()}

@@ -51,9 +51,9 @@ from forethought.data.corpus import is_validation, near_duplicates
 from forethought.data.store import ActivationStore
 from forethought.errors import ForethoughtError
 from forethought.experiments.baselines import Interval, bootstrap_by_document, context_baselines
-from forethought.experiments.probe_file import save_probe_layer as _write_probe_file
+from forethought.experiments.probe_file import probe_metadata, save_probe_layer
 from forethought.model.transformer import Transformer
-from forethought.trace import act_name
+from forethought.progress import Progress, tell
 
 LAMBDA_GRID = tuple(10.0**e for e in range(-6, 1))  # times the number of training tokens (diag of G)
 TEMPERATURE_TOKENS = 512  # validation tokens used to fit a readout's temperature (the lens, a quarter of them)
@@ -499,7 +499,7 @@ def run_probes(
     val_fraction: float = 0.1,
     seed: int = 0,
     save_dir: str | Path | None = "default",
-    progress: bool = True,
+    progress: Progress | None = None,
     n_boot: int = 1000,
     dedup_threshold: float | None = 0.5,
 ) -> ProbeResult:
@@ -523,20 +523,12 @@ def run_probes(
     fitter = layer_fitter(setup, model, s_final, seed)
     cells: list[Cell] = []
     correct: dict[tuple[int, int], torch.Tensor] = {}
-    bar = _bar(progress, len(layers))
-    task = bar.add_task("probe", total=len(layers)) if bar else None
-    if bar:
-        bar.start()
-    try:
-        for layer in layers:
-            layer_cells, layer_correct = fit_probe_layer(fitter, store, layer, save_path)
-            cells += layer_cells
-            correct.update(layer_correct)
-            if bar:
-                bar.update(task, advance=1)
-    finally:
-        if bar:
-            bar.stop()
+    tell(progress, 0, len(layers))
+    for done, layer in enumerate(layers, start=1):
+        layer_cells, layer_correct = fit_probe_layer(fitter, store, layer, save_path)
+        cells += layer_cells
+        correct.update(layer_correct)
+        tell(progress, done, len(layers))
     return summarize_probes(setup, store, layers, cells, correct, n_boot, save_path, started)
 
 
@@ -619,7 +611,8 @@ def fit_probe_layer(fitter: LayerFitter, store: ActivationStore, layer: int, sav
     layer_cells, saved, layer_correct = fitter.fit(layer, h)
     if save_path is not None:
         with timings.timed("save"):
-            save_probe_layer(save_path, layer, saved, layer_cells, store)
+            meta = probe_metadata(layer, layer_cells, store.manifest["model"]["name"], str(store.path))
+            save_probe_layer(save_path, layer, saved, meta)
     return layer_cells, layer_correct
 
 
@@ -845,36 +838,3 @@ def _summarize(tokens, doc_of, evaluation, offsets, layers, cells, correct, cont
         per_position[f"{strongest}@{k}"] = base
         per_position[f"strongest@{k}"] = strongest
     return {"context": out_context, "headline": headline, "per_position": per_position}
-
-
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("probe layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
-    )
-
-
-def save_probe_layer(path: Path, layer: int, tensors: dict[str, torch.Tensor], cells: list[Cell], store) -> None:
-    """One layer's fitted maps in the format `forethought.experiments.probe_file` owns."""
-    meta = {
-        "store": str(store.path),
-        "model": store.manifest["model"]["name"],
-        "point": act_name(layer, "resid_post"),
-        "lens_target": "final-layer resid_post at t+k-1, decode with model.lens_logits",
-        "cells": [
-            {
-                "offset": c.offset,
-                "probe_lambda_per_token": c.probe_lambda,
-                "lens_lambda_per_token": c.lens_lambda,
-                "probe_temperature": c.probe_temperature,
-                "lens_temperature": c.lens_temperature,
-                "probe_val_top1": c.probe_val_top1,
-            }
-            for c in cells
-        ],
-    }
-    _write_probe_file(path, layer, tensors, meta)

@@ -83,12 +83,6 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
 MAMBA_EXPAND, MAMBA_STATE, MAMBA_CONV = 2, 16, 4
 
 
-def kv_bytes(config: ModelConfig, n_tokens: int, element_bytes: int) -> int:
-    """2 (K and V) * cached layers * kv_heads * head_dim * bytes per element, per token; sliding-window
-    layers (Gemma 3) count at most their window of tokens; a recurrent model's state is fixed."""
-    return config.kv_bytes(n_tokens, element_bytes)
-
-
 def kv_bytes_by_kind(config: ModelConfig, n_tokens: int, element_bytes: int) -> tuple[int, int]:
     """(bytes held by global layers, bytes held by sliding-window layers) after `n_tokens` tokens."""
     per_layer_token = 2 * config.n_kv_heads * config.head_dim * element_bytes
@@ -182,8 +176,8 @@ def _describe(key: str, config: ModelConfig, tokens: list[int], element_bytes: i
         head_dim=config.head_dim,
         d_model=config.d_model,
         context_length=config.context_length,
-        bytes_per_token=kv_bytes(config, 1, element_bytes),
-        kv_bytes=[kv_bytes(config, t, element_bytes) for t in tokens],
+        bytes_per_token=config.kv_bytes(1, element_bytes),
+        kv_bytes=[config.kv_bytes(t, element_bytes) for t in tokens],
         recurrent_bytes=recurrent_states(config, element_bytes),
         n_local_layers=len(config.sliding_layers),
         sliding_window=config.sliding_window if config.sliding_layers else 0,

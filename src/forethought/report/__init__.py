@@ -4,10 +4,8 @@ Sections (`sections.py`) each answer one question with a `Finding`; `runner.py` 
 cache keyed by model, corpus and settings; `writers.py` renders index.html, report.md and report.json.
 """
 
-from forethought.report import providers  # noqa: F401  (registers the wired sections)
 from forethought.report.context import ReportContext, ReportSettings
 from forethought.report.finding import Figure, Finding, Unavailable
-from forethought.report.pending import register_provider
 from forethought.report.runner import Report, run_report
 from forethought.report.sections import SECTIONS, Section, select
 from forethought.report.writers import write_report
@@ -21,7 +19,6 @@ __all__ = [
     "ReportSettings",
     "Section",
     "Unavailable",
-    "register_provider",
     "run_report",
     "select",
     "write_report",

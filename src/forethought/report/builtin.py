@@ -10,27 +10,15 @@ import math
 from pathlib import Path
 
 from forethought.errors import ForethoughtError
+from forethought.format import interval, number, percent, size
 from forethought.report.context import ReportContext, q
 from forethought.report.finding import Figure, Finding, Unavailable
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def no_nan(numbers: dict) -> dict:
     """NaN (a quantity that is undefined here, e.g. a decay length where no exponential fits) as None: JSON null,
     and equal to itself when a cached report is compared with a fresh one."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in numbers.items()}
-
-
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
 # ------------------------------------------------------------------------------------------------ equivalence
@@ -130,11 +118,11 @@ def state_size(ctx: ReportContext, folder: Path) -> Finding:
     recurrent = max(c.recurrent_bytes.items(), key=lambda kv: kv[1])
     crossover = -(-recurrent[1] // c.bytes_per_token)
     verdict = (
-        f"It grows linearly: {_bytes(c.bytes_per_token)} of K and V per token ({c.n_layers} layers x "
-        f"{c.n_kv_heads} KV heads x {c.head_dim} x 2, {result.dtype}), {_bytes(c.kv_bytes[-1])} at {longest:,} "
+        f"It grows linearly: {size(c.bytes_per_token)} of K and V per token ({c.n_layers} layers x "
+        f"{c.n_kv_heads} KV heads x {c.head_dim} x 2, {result.dtype}), {size(c.kv_bytes[-1])} at {longest:,} "
         f"tokens; the measured cache {'matches' if result.measured_matches_formula else 'DIFFERS FROM'} that "
         f"formula. A recurrent state of the same width is fixed: the largest here, {recurrent[0]}, is "
-        f"{_bytes(recurrent[1])}, which the KV cache passes after {crossover:,} tokens."
+        f"{size(recurrent[1])}, which the KV cache passes after {crossover:,} tokens."
     )
     tokens = ",".join(map(str, s.state_tokens))
     cmd = f"forethought state-size --tokens {tokens}{ctx.model_flag()} --plot state_size.png"
@@ -156,15 +144,15 @@ def state_size(ctx: ReportContext, folder: Path) -> Finding:
 # ------------------------------------------------------------------------------------------------------- lens
 
 
-def lens(ctx: ReportContext, folder: Path) -> Finding:
-    from forethought.experiments.lens import lens as run
+def logit_lens(ctx: ReportContext, folder: Path) -> Finding:
+    from forethought.experiments.lens import run_logit_lens as run
     from forethought.model.sampling import SamplingParams
-    from forethought.viz.claims import plot_lens
+    from forethought.viz.claims import plot_logit_lens
 
     s, lm = ctx.settings, ctx.lm()
     params = SamplingParams(temperature=0.0)
     result = run(lm.model, lm.tokenizer.encode(s.prompt), s.lens_steps, 5, params, lm.tokenizer.token_str, lm.name)
-    plot_lens(result, folder / "lens.png")
+    plot_logit_lens(result, folder / "lens.png")
     # The first layer from which the lens's top-1 is the final layer's top-1 for good, per prompt position.
     n_layers, settle = len(result.layers), []
     for p in range(len(result.prompt_ids)):
@@ -251,11 +239,11 @@ def future_store(ctx: ReportContext):
 
 def points(iv, digits: int = 1) -> str:
     """An excess (a difference of top-1 rates) in percentage points with its interval: +1.2 [-0.3, +2.6]."""
-    return f"{100 * iv.estimate:+.{digits}f} [{100 * iv.low:+.{digits}f}, {100 * iv.high:+.{digits}f}]"
+    return interval(iv, digits, sign=True)
 
 
 def pct_interval(iv) -> str:
-    return f"{_pct(iv.estimate)} [{_pct(iv.low)}, {_pct(iv.high)}]"
+    return interval(iv, unit="%")
 
 
 def sign_words(iv) -> str:
@@ -268,7 +256,7 @@ def sign_words(iv) -> str:
 
 
 def future_lens(ctx: ReportContext, folder: Path) -> Finding:
-    from forethought.experiments.future import run_probes
+    from forethought.experiments.probes import run_probes
     from forethought.viz.future import plot_heatmap
 
     s, lm = ctx.settings, ctx.lm()
@@ -289,9 +277,9 @@ def future_lens(ctx: ReportContext, folder: Path) -> Finding:
         f"strongest baseline that sees the same context ({head['strongest']}) {pct_interval(base)}: an excess of "
         f"{points(excess)} points, {sign_words(excess)} (95% intervals from a bootstrap over "
         f"{result.n_eval_documents} held-out documents; {len(result.near_duplicates_removed)} near-copies of "
-        f"training documents removed). The Future Lens map to the final state reaches {_pct(best_lens.lens.top1)} "
+        f"training documents removed). The Future Lens map to the final state reaches {percent(best_lens.lens.top1)} "
         f"at its best layer ({best_lens.layer}, picked on the held-out tokens, so optimistic); the probe fitted on "
-        f"shuffled targets (the control) {_pct(control)}. Trained on {result.n_train:,} positions of {ctx.corpus}, "
+        f"shuffled targets (the control) {percent(control)}. Trained on {result.n_train:,} positions of {ctx.corpus}, "
         f"scored on {result.n_eval:,} held-out positions, layers {layers}, offsets {offsets}."
     )
     cmd = (
@@ -503,7 +491,7 @@ def second_model(ctx: ReportContext, folder: Path) -> Finding:
         if shared:
             both.append(section["key"])
         for k in shared:
-            numbers[f"{section['key']}.{k}"] = f"{_short(here[k])} vs {_short(theirs[k])}"
+            numbers[f"{section['key']}.{k}"] = f"{number(here[k])} vs {number(theirs[k])}"
     if not both:
         raise Unavailable(f"{other_name}'s report shares no answered section with this one")
     verdict = (
@@ -512,9 +500,3 @@ def second_model(ctx: ReportContext, folder: Path) -> Finding:
         f"{other_name}'s; its own report has the verdicts and figures."
     )
     return Finding(verdict, numbers=numbers, commands=[f"forethought report --model {q(other_name)} --out OTHER/"])
-
-
-def _short(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)

@@ -84,7 +84,7 @@ class ReportContext:
     settings: ReportSettings = field(default_factory=ReportSettings.quick)
     device: str = "cpu"
     work_dir: Path = Path(".")  # long-lived inputs (activation stores), next to the result cache
-    results_dir: Path | None = None  # JSON results of other commands (`<results>/<section>.json`)
+    results_dir: Path | None = None  # another run's `second_model.json` (a Finding as JSON)
     compare: Path | None = None  # another model's report.json, shown side by side
     findings: dict = field(default_factory=dict, repr=False)  # key -> Finding of the sections run so far
     _loaded: dict = field(default_factory=dict, repr=False)

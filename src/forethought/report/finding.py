@@ -7,7 +7,10 @@ them. A Finding is plain JSON both ways, so `<results>/<section>.json` written b
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -48,12 +51,14 @@ class Finding:
         )
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a proportion (successes may be a count or n * rate)."""
-    if n <= 0:
-        return [0.0, 1.0]
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+def read_finding(path: Path, folder: Path) -> Finding:
+    """A Finding another run saved as JSON (`forethought report --results DIR`), its figures copied into
+    `folder` from beside the JSON."""
+    finding = Finding.from_dict(json.loads(path.read_text()))
+    for figure in finding.figures:
+        source = path.parent / figure.file
+        if not source.is_file():
+            raise FileNotFoundError(f"{path} names the figure {figure.file}, which is not beside it")
+        shutil.copy2(source, folder / Path(figure.file).name)
+        figure.file = Path(figure.file).name
+    return finding

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from forethought.errors import ForethoughtError
 from forethought.report import builtin
+from forethought.report.architectures import architectures
 from forethought.report.context import ReportContext
-from forethought.report.finding import Finding
-from forethought.report.pending import Pending
+from forethought.report.finding import Finding, Unavailable, read_finding
+from forethought.report.plan import plan_answer
+from forethought.report.speculative import speculative
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,33 @@ def _settings(*names: str, corpus: bool = False) -> Callable[[ReportContext], di
     return inputs
 
 
-def _pending(key: str, title: str, question: str, needs: str) -> Section:
-    p = Pending(key, needs)
-    return Section(key, title, question, p.run, p.inputs)
+def _elsewhere(key: str, title: str, question: str, fn: Callable[[ReportContext, Path], Finding]) -> Section:
+    """A section whose experiment lives in another part of the project (plan.py, architectures.py,
+    speculative.py): keyed by the function, its `report_version` (bumped when its output changes) and every
+    setting, since it sizes itself from `ctx.settings`."""
+
+    def inputs(ctx: ReportContext) -> dict:
+        provider = f"{fn.__module__}.{fn.__qualname__}"
+        version = getattr(fn, "report_version", 1)
+        return {"provider": provider, "version": version, "settings": ctx.settings.to_dict(), "corpus": ctx.corpus}
+
+    return Section(key, title, question, fn, inputs)
 
 
-_SECOND = Pending("second_model", "no second model's report to compare with (--compare OTHER/report.json)")
+def _second_model(ctx: ReportContext, folder: Path) -> Finding:
+    """Side by side with another model's report (--compare), else another run's `<results>/second_model.json`."""
+    if ctx.compare:
+        return builtin.second_model(ctx, folder)
+    path = Path(ctx.results_dir) / "second_model.json" if ctx.results_dir else None
+    if path is None or not path.is_file():
+        where = f"no {path}" if path else "no --results DIR"
+        raise Unavailable(f"no second model's report to compare with (--compare OTHER/report.json; {where})")
+    return read_finding(path, folder)
+
+
+def _second_model_inputs(ctx: ReportContext) -> dict:
+    path = Path(ctx.results_dir) / "second_model.json" if ctx.results_dir else None
+    return {"results_sha256": hashlib.sha256(path.read_bytes()).hexdigest()} if path and path.is_file() else {}
 
 
 SECTIONS: list[Section] = [
@@ -66,7 +90,7 @@ SECTIONS: list[Section] = [
         "lens",
         "What the logits hide",
         "When does the next token appear across layers, and which alternatives does the sampled text hide?",
-        builtin.lens,
+        builtin.logit_lens,
         _settings("prompt", "lens_steps"),
     ),
     Section(
@@ -86,11 +110,11 @@ SECTIONS: list[Section] = [
         ),
         version=4,
     ),
-    _pending(
+    _elsewhere(
         "plan",
         "Is there a plan? (baselines, horizon, knockout, steering)",
         "Does the state carry a plan for later tokens that causally shapes them, beyond what baselines explain?",
-        "the plan-answer experiments (baselines, horizon, knockout, steering) are not in this install",
+        plan_answer,
     ),
     Section(
         "anatomy",
@@ -108,24 +132,24 @@ SECTIONS: list[Section] = [
         _settings("prompt", "revise_steps"),
         version=3,
     ),
-    _pending(
+    _elsewhere(
         "architectures",
         "Architectures compared",
         "Do recurrent or state-space models, trained alike, carry more or less ahead than a transformer?",
-        "the architectures lab (`forethought arch`) is not in this install",
+        architectures,
     ),
-    _pending(
+    _elsewhere(
         "speculative",
         "Speculative decoding",
         "How many tokens ahead can a draft guess that the model accepts, and what does it save?",
-        "speculative decoding is not in this install",
+        speculative,
     ),
     Section(
         "second_model",
         "A second model family",
         "Do the answers hold for another model family?",
-        lambda ctx, folder: (builtin.second_model if ctx.compare else _SECOND.run)(ctx, folder),
-        _SECOND.inputs,
+        _second_model,
+        _second_model_inputs,
         cache=False,
     ),
 ]

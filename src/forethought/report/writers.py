@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import shutil
 from pathlib import Path
 
 from jinja2 import Environment
 
+from forethought.format import bounds, number
 from forethought.report.runner import Outcome, Report
 from forethought.report.template import PAGE
 
 STATUS_WORDS = {"ok": "answered", "failed": "failed", "unavailable": "not available in this install"}
-
-
-def number(value) -> str:
-    """A number as a person reads it: 3 significant digits, percentages left to the verdict."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-            return f"{value:.3g}"
-        return f"{value:.4g}"
-    return json.dumps(value, default=str)
-
-
-def interval(pair: list[float] | None) -> str:
-    return "" if not pair else f"[{pair[0]:.3g}, {pair[1]:.3g}]"
 
 
 def figure_path(outcome: Outcome, file: str) -> str:
@@ -94,7 +75,7 @@ def write_markdown(report: Report, path: Path) -> None:
             continue
         f = o.finding
         lines += [f.verdict, "", "| number | value | 95% interval |", "|---|---|---|"]
-        lines += [f"| {k} | {number(v)} | {interval(f.intervals.get(k))} |" for k, v in f.numbers.items()]
+        lines += [f"| {k} | {number(v)} | {bounds(f.intervals.get(k))} |" for k, v in f.numbers.items()]
         for fig in f.figures:
             lines += ["", f"![{fig.caption}]({figure_path(o, fig.file)})", "", f"{fig.caption}", "", "```bash"]
             lines += [fig.command, "```"]
@@ -121,7 +102,7 @@ def _data_uri(path: Path) -> str:
 def write_html(report: Report, path: Path) -> None:
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["number"] = number
-    env.filters["interval"] = interval
+    env.filters["interval"] = bounds
     sections = []
     for o in report.outcomes:
         figures = []

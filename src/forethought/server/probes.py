@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from forethought.experiments.probe_file import FILE, load_probe_layer, read_header
+from forethought.errors import ForethoughtError
+from forethought.experiments.probe_file import ProbeLayer, load_probe_layer, offsets_of, probe_files, read_header
 
 GRID_BUDGET_BYTES = 2 << 30  # probes held in memory to colour the whole grid; above it, cells only
+READOUTS = ("probe", "lens")  # the viewer shows both: every offset needs its token probe and its Future Lens map
 
 
 class ViewerProbes:
@@ -25,30 +27,18 @@ class ViewerProbes:
     def __init__(self, folder: str | Path, model) -> None:
         self.folder = Path(folder)
         self.model = model
-        self.files: dict[int, Path] = {}
+        self.files = probe_files(self.folder)
         self.meta: dict[int, dict] = {}
-        self._loaded: dict[int, dict[str, torch.Tensor]] = {}
-        for path in sorted(self.folder.iterdir()):
-            match = FILE.match(path.name)
-            if not match:
-                continue
-            meta, keys, d = read_header(path)
+        self._loaded: dict[int, ProbeLayer] = {}
+        for layer, path in self.files.items():
+            meta, _, d = read_header(path, READOUTS)
             if d != model.config.d_model:
-                raise ValueError(f"{path.name} is for d_model {d}, this model has {model.config.d_model}")
-            layer = int(meta.get("layer", match.group(1)))
-            offsets = {int(c["offset"]) for c in meta.get("cells", [])}
-            if not offsets or any(f"probe.{k}" not in keys or f"lens.{k}" not in keys for k in offsets):
-                raise ValueError(f"{path.name} lacks probe.k / lens.k tensors for its offsets")
-            self.files[layer] = path
+                raise ForethoughtError(f"{path.name} is for d_model {d}, this model has {model.config.d_model}")
             self.meta[layer] = meta
-        if not self.files:
-            raise ValueError("no probe-layer*.safetensors files")
-        offset_sets = [{int(c["offset"]) for c in m["cells"]} for m in self.meta.values()]
-        self.offsets = sorted(set.intersection(*offset_sets))
+        self.offsets = sorted(set.intersection(*(set(offsets_of(m)) for m in self.meta.values())))
         if not self.offsets:
-            raise ValueError("the layers' files share no offset")
+            raise ForethoughtError("the layers' files share no offset")
         self.layers = sorted(self.files)
-        self.temperatures = {layer: {int(c["offset"]): c for c in meta["cells"]} for layer, meta in self.meta.items()}
         self.grid_ok = sum(p.stat().st_size for p in self.files.values()) <= GRID_BUDGET_BYTES
         self.source_model = next(iter(self.meta.values())).get("model")
 
@@ -61,35 +51,27 @@ class ViewerProbes:
             "grid": self.grid_ok,
         }
 
-    def _tensors(self, layer: int) -> dict[str, torch.Tensor]:
+    def _probe(self, layer: int) -> ProbeLayer:
         if layer not in self._loaded:
-            tensors = load_probe_layer(self.files[layer]).tensors
+            probe = load_probe_layer(self.files[layer], readouts=READOUTS)
             if not self.grid_ok:  # too large to keep every layer: keep the last one asked for
                 self._loaded.clear()
-            self._loaded[layer] = tensors
+            self._loaded[layer] = probe
         return self._loaded[layer]
-
-    def _z(self, layer: int, states: torch.Tensor) -> torch.Tensor:
-        t = self._tensors(layer)
-        z = (states.float() - t["mean"]) / t["std"]
-        return torch.cat([z, torch.ones(z.shape[0], 1)], dim=1)
 
     @torch.inference_mode()
     def token_probs(self, layer: int, states: torch.Tensor) -> torch.Tensor:
         """Token-probe probabilities [K, n, n_columns] for states [n, d]."""
-        t, z = self._tensors(layer), self._z(layer, states)
-        temps = self.temperatures[layer]
-        return torch.stack(
-            [torch.softmax(temps[k]["probe_temperature"] * (z @ t[f"probe.{k}"]), dim=-1) for k in self.offsets]
-        )
+        probe = self._probe(layer)
+        return torch.stack([probe.token_probs(states, k) for k in self.offsets])
 
     @torch.inference_mode()
-    def lens_probs(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+    def future_lens_probs(self, layer: int, state: torch.Tensor) -> torch.Tensor:
         """Future Lens probabilities [K, vocab] for one state [d]: the predicted final state, decoded by the model."""
-        t, z = self._tensors(layer), self._z(layer, state[None])
-        m = self.model
-        logits = m.lens_logits(torch.cat([z @ t[f"lens.{k}"] for k in self.offsets])).cpu()
-        temps = torch.tensor([self.temperatures[layer][k]["lens_temperature"] for k in self.offsets])
+        probe = self._probe(layer)
+        predicted = torch.cat([probe.future_lens_states(state[None], k) for k in self.offsets])
+        logits = self.model.lens_logits(predicted.to(self.model.device)).cpu()
+        temps = torch.tensor([probe.temperature(k, "lens") for k in self.offsets])
         return torch.softmax(temps[:, None] * logits, dim=-1)
 
     def confidence(self, states: torch.Tensor) -> torch.Tensor:
@@ -104,9 +86,9 @@ class ViewerProbes:
         layer = row - 1
         if layer not in self.files:
             return None
-        columns = self._tensors(layer)["columns"].long()
+        columns = self._probe(layer).columns
         probe = self.token_probs(layer, state[None])[:, 0]
-        lens = self.lens_probs(layer, state)
+        lens = self.future_lens_probs(layer, state)
 
         def top(p: torch.Tensor, ids: torch.Tensor | None) -> list[dict]:
             best = torch.topk(p, min(k, p.numel()))
@@ -129,5 +111,5 @@ def load_probes(folder: str | Path, model) -> tuple[ViewerProbes | None, str]:
         return None, f"{folder} is not a folder"
     try:
         return ViewerProbes(folder, model), ""
-    except Exception as e:  # an unreadable folder must not stop the viewer, only its probe metric
-        return None, f"{folder}: probes not readable ({type(e).__name__}: {e})"
+    except ForethoughtError as e:  # an unreadable folder must not stop the viewer, only its probe metric
+        return None, f"{folder}: probes not readable ({e})"

@@ -14,15 +14,11 @@ import numpy as np  # noqa: E402
 
 from forethought.experiments.anatomy import AnatomyResult, LayerAnatomy  # noqa: E402
 from forethought.experiments.revise import ReviseResult  # noqa: E402
-from forethought.trace import split_name  # noqa: E402
-
-
-def _short(name: str) -> str:
-    return "emb" if name == "embed" else str(split_name(name)[0])
+from forethought.trace import layer_label  # noqa: E402
 
 
 def _x(layers: list[LayerAnatomy]) -> tuple[np.ndarray, list[str]]:
-    names = [_short(l.layer) for l in layers]
+    names = [layer_label(l.layer) for l in layers]
     return np.arange(len(layers)), names
 
 
@@ -126,7 +122,7 @@ def _plot_cosine(result: AnatomyResult, path: Path) -> Path:
         l = layers[i]
         d = np.arange(1, len(l.cosine) + 1)
         colour = cmap(j / max(1, len(picks) - 1))
-        label = f"layer {_short(l.layer)}: tau {l.tau:.1f}, A {l.amplitude:.2f}, B {l.plateau:.2f}"
+        label = f"layer {layer_label(l.layer)}: tau {l.tau:.1f}, A {l.amplitude:.2f}, B {l.plateau:.2f}"
         ax.plot(d, l.cosine, color=colour, lw=2, label=label)
         if np.isfinite(l.tau):  # the fit only where one exponential describes the measured curve
             ax.plot(d, l.amplitude * np.exp(-d / l.tau) + l.plateau, ":", color=colour, lw=1.5)
@@ -198,7 +194,7 @@ def _plot_cosine(result: AnatomyResult, path: Path) -> Path:
             "-o",
             ms=4,
             color=cmap(j / max(1, len(picks) - 1)),
-            label=f"layer {_short(l.layer)}",
+            label=f"layer {layer_label(l.layer)}",
         )
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(result.window, color="tab:red", ls=":", lw=1)
@@ -223,7 +219,7 @@ def _plot_pca(result: AnatomyResult, path: Path) -> Path:
         ax.plot(xy[:, 0], xy[:, 1], color="lightgrey", lw=0.6, zorder=1)
         scatter = ax.scatter(xy[:, 0], xy[:, 1], c=view.positions, cmap="viridis", s=12, zorder=2)
         ax.set_title(
-            f"layer {_short(view.layer)}\nPC1 {view.explained[0]:.0%}, PC2 {view.explained[1]:.0%}", fontsize=9
+            f"layer {layer_label(view.layer)}\nPC1 {view.explained[0]:.0%}, PC2 {view.explained[1]:.0%}", fontsize=9
         )
         ax.set_xticks([])
         ax.set_yticks([])

@@ -8,21 +8,9 @@ import math
 from pathlib import Path
 
 from forethought.arch.compare import ComparisonResult
+from forethought.format import plus_minus, size
 
 COLORS = {"standard": "tab:blue", "feedback": "tab:red", "myopic": "tab:green", "recurrent": "tab:purple"}
-
-
-def _fmt(iv: dict, scale: float = 1.0, digits: int = 3) -> str:
-    mean, half = iv["mean"] * scale, iv["ci95"] * scale
-    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def markdown(result: ComparisonResult) -> str:
@@ -38,29 +26,30 @@ def markdown(result: ComparisonResult) -> str:
     ]
     for row in result.table:
         lines.append(
-            f"| {row['task']} | {row['layers']} | {row['arch']} | {row['n_params']:,} | {_fmt(row['accuracy'])} "
-            f"| {_fmt(row['loss'])} | {row['train_tokens_per_second']:,.0f} |"
+            f"| {row['task']} | {row['layers']} | {row['arch']} | {row['n_params']:,} | {plus_minus(row['accuracy'])} "
+            f"| {plus_minus(row['loss'])} | {row['train_tokens_per_second']:,.0f} |"
         )
     lines += ["", "Myopia gap (myopic − standard, paired by seed; loss in nats, accuracy in points):", ""]
     lines += ["| task | layers | loss gap | accuracy gap |", "|---|---|---|---|"]
     for gap in result.myopia_gaps:
         lines.append(
-            f"| {gap['task']} | {gap['layers']} | {_fmt(gap['loss_gap'], digits=4)} "
-            f"| {_fmt(gap['accuracy_gap'], 100, 1)} |"
+            f"| {gap['task']} | {gap['layers']} | {plus_minus(gap['loss_gap'], digits=4)} "
+            f"| {plus_minus(gap['accuracy_gap'], 100, 1)} |"
         )
     lines += _sweep_markdown(result)
     if result.equal_flops:
         flops = result.equal_flops[0]["flops"]
         lines += ["", f"Text, held-out loss at equal training FLOPs ({flops:.3g}):", ""]
-        lines += ["| arch | loss |", "|---|---|"] + [f"| {e['arch']} | {_fmt(e['loss'])} |" for e in result.equal_flops]
+        lines += ["| arch | loss |", "|---|---|"]
+        lines += [f"| {e['arch']} | {plus_minus(e['loss'])} |" for e in result.equal_flops]
     lines += ["", "State carried between tokens and decode speed (batch 1, own cache, text shape):", ""]
     lines += ["| arch | params | state bytes/token | after 1,024 tokens | decode tok/s |", "|---|---|---|---|---|"]
     for arch, c in result.costs.items():
         c = c if isinstance(c, dict) else c.__dict__
-        per_token = "0 (fixed)" if c["state_bytes_per_token"] == 0 else _bytes(c["state_bytes_per_token"])
+        per_token = "0 (fixed)" if c["state_bytes_per_token"] == 0 else size(c["state_bytes_per_token"])
         total = c["state_bytes"].get(1024, c["state_bytes"].get("1024"))
         lines.append(
-            f"| {arch} | {c['n_params']:,} | {per_token} | {_bytes(total)} | {c['decode_tokens_per_second']:,.0f} |"
+            f"| {arch} | {c['n_params']:,} | {per_token} | {size(total)} | {c['decode_tokens_per_second']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -82,7 +71,7 @@ def _sweep_markdown(result: ComparisonResult) -> list[str]:
         lines += ["", f"Accuracy vs number of layers: {task} at its training length {rows[0]['length']}:", ""]
         lines += ["| arch | " + " | ".join(_layers(n) for n in depths) + " |", "|---" * (len(depths) + 1) + "|"]
         for d in rows:
-            at = {p["layers"]: _fmt(p["accuracy"]) for p in d["points"]}
+            at = {p["layers"]: plus_minus(p["accuracy"]) for p in d["points"]}
             lines.append(f"| {d['arch']} | " + " | ".join(at.get(n, "") for n in depths) + " |")
     for task in dict.fromkeys(s["task"] for s in result.length_sweep):
         rows = [s for s in result.length_sweep if s["task"] == task]
@@ -96,7 +85,7 @@ def _sweep_markdown(result: ComparisonResult) -> list[str]:
             "|---|---" + "|---" * len(lengths) + "|",
         ]
         for s in sorted(rows, key=lambda s: s["layers"]):
-            at = {p["length"]: f"{_fmt(p['tail_accuracy'])} ({p['accuracy']['mean']:.3f})" for p in s["points"]}
+            at = {p["length"]: f"{plus_minus(p['tail_accuracy'])} ({p['accuracy']['mean']:.3f})" for p in s["points"]}
             lines.append(f"| {s['layers']} | {s['arch']} | " + " | ".join(at.get(n, "") for n in lengths) + " |")
     return lines
 

@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 from forethought.experiments.equivalence import EquivalenceResult  # noqa: E402
 from forethought.experiments.invariance import InvarianceResult  # noqa: E402
-from forethought.experiments.lens import LensResult  # noqa: E402
+from forethought.experiments.lens import LogitLensResult  # noqa: E402
 from forethought.experiments.state_size import StateSizeResult  # noqa: E402
+from forethought.format import short_token, size
 from forethought.trace import layer_label  # noqa: E402
 
 CACHED, RECOMPUTE = "tab:blue", "tab:orange"
@@ -26,20 +27,6 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def _human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
-
-
-def _short(token: str, width: int = 7) -> str:
-    token = token.replace("\n", "\\n").replace("\t", "\\t")
-    if token.strip() == "":
-        token = "␣" * len(token) if token else "∅"
-    return token if len(token) <= width else token[: width - 1] + "…"
 
 
 def plot_equivalence(result: EquivalenceResult, path: str | Path) -> Path:
@@ -133,11 +120,11 @@ def plot_state_size(result: StateSizeResult, path: str | Path) -> Path:
             ax.loglog(tokens, c.kv_bytes_local, ":", color=color, lw=1.5, label=local_label)
     loaded = result.loaded
     styles = ["-.", ":", "--", (0, (1, 4))]
-    for (name, size), style in zip(loaded.recurrent_bytes.items(), styles):
-        ax.axhline(size, color="dimgray", ls=style, lw=1.2)
+    for (name, n_bytes), style in zip(loaded.recurrent_bytes.items(), styles):
+        ax.axhline(n_bytes, color="dimgray", ls=style, lw=1.2)
         ax.annotate(
-            f"fixed recurrent state, {name}: {_human_bytes(size)}",
-            (1, size),
+            f"fixed recurrent state, {name}: {size(n_bytes)}",
+            (1, n_bytes),
             xycoords=("axes fraction", "data"),
             xytext=(-4, 3),
             textcoords="offset points",
@@ -156,7 +143,7 @@ def plot_state_size(result: StateSizeResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_lens(result: LensResult, path: str | Path) -> Path:
+def plot_logit_lens(result: LogitLensResult, path: str | Path) -> Path:
     import numpy as np
 
     n_layers, n_pos = len(result.layers), len(result.prompt_ids)
@@ -171,8 +158,9 @@ def plot_lens(result: LensResult, path: str | Path) -> Path:
     for layer in range(n_layers):
         for p in range(n_pos):
             color = "black" if top1[layer, p] > 0.6 else "white"
-            ax.text(p, layer, _short(result.top_tokens[layer][p][0]), ha="center", va="center", fontsize=6, color=color)
-    ax.set_xticks(range(n_pos), [_short(t, 10) for t in result.prompt_tokens], rotation=45, ha="right", fontsize=8)
+            token = short_token(result.top_tokens[layer][p][0])
+            ax.text(p, layer, token, ha="center", va="center", fontsize=6, color=color)
+    ax.set_xticks(range(n_pos), [short_token(t, 10) for t in result.prompt_tokens], rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n_layers), [layer_label(n) for n in result.layers], fontsize=6)
     ax.set(xlabel="prompt position (input token)", ylabel="layer (resid_post)")
     ax.set_title(f"Logit lens, {result.model}: top-1 token and its probability at every layer x position")
@@ -185,7 +173,7 @@ def plot_lens(result: LensResult, path: str | Path) -> Path:
         for i, s in enumerate(steps):
             ax2.text(i, s.entropy_bits, f"rank {s.chosen_rank}\np={s.chosen_prob:.2f}", ha="center", va="bottom",
                      fontsize=7)  # fmt: skip
-        ax2.set_xticks(list(x), [_short(s.chosen_token, 10) for s in steps], rotation=45, ha="right", fontsize=8)
+        ax2.set_xticks(list(x), [short_token(s.chosen_token, 10) for s in steps], rotation=45, ha="right", fontsize=8)
         ax2.set_ylim(0, max(s.entropy_bits for s in steps) * 1.45 + 0.1)
         ax2.set(xlabel="generated token", ylabel="bits")
         ax2.set_title(

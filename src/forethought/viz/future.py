@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from forethought.experiments.probes import ProbeResult
+from forethought.format import interval, percent
 
 READOUTS = {"probe": "token probe (linear, ridge)", "lens": "Future Lens (linear map to final state)"}
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def _interval(iv) -> str:
-    if iv is None:
-        return "–"
-    return f"{100 * iv.estimate:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
 
 
 def _baseline_rows(result: ProbeResult, metric: str) -> tuple[list[str], list[list[float]]]:
@@ -126,8 +116,8 @@ def markdown(result: ProbeResult) -> str:
         lines.append(
             f"| {layer} | "
             + " | ".join(
-                f"{_pct(c.probe.top1)} / {_pct(c.lens.top1)} "
-                f"[{_pct(c.probe_control.top1)} / {_pct(c.lens_control.top1)}]"
+                f"{percent(c.probe.top1, unit='')} / {percent(c.lens.top1, unit='')} "
+                f"[{percent(c.probe_control.top1, unit='')} / {percent(c.lens_control.top1, unit='')}]"
                 for c in cells
             )
             + " |"
@@ -146,8 +136,8 @@ def markdown(result: ProbeResult) -> str:
             h = result.headline[k]
             lines.append(
                 f"| {k} | "
-                + " | ".join(_interval(iv) for iv in result.context[k].values())
-                + f" | {_interval(h['probe'])} (L{h['layer']}) | **{_interval(h['excess'])}** vs {h['strongest']} |"
+                + " | ".join(interval(iv) for iv in result.context[k].values())
+                + f" | {interval(h['probe'])} (L{h['layer']}) | **{interval(h['excess'])}** vs {h['strongest']} |"
             )
     lines += ["", "## Best layer per offset (held out)", ""]
     lines += ["| k | readout | layer | top-1 | top-5 | CE (nats) | agreement |", "|---|---|---|---|---|---|---|"]
@@ -156,15 +146,17 @@ def markdown(result: ProbeResult) -> str:
             best = max((result.cell(layer, k) for layer in result.layers), key=lambda c: getattr(c, readout).top1)
             m = getattr(best, readout)
             lines.append(
-                f"| {k} | {readout} | {best.layer} | {_pct(m.top1)} | {_pct(m.top5)} | {m.ce:.2f} "
-                f"| {_pct(m.agreement)} |"
+                f"| {k} | {readout} | {best.layer} | {percent(m.top1, unit='')} | {percent(m.top5, unit='')} "
+                f"| {m.ce:.2f} "
+                f"| {percent(m.agreement, unit='')} |"
             )
     lines += ["", "## Baselines (same held-out tokens)", ""]
     lines += ["| k | baseline | top-1 | top-5 | CE (nats) | agreement |", "|---|---|---|---|---|---|"]
     for k in ks:
         for name, m in result.baselines[k].items():
             ce = "–" if m.ce is None else f"{m.ce:.2f}"
-            lines.append(f"| {k} | {name} | {_pct(m.top1)} | {_pct(m.top5)} | {ce} | {_pct(m.agreement)} |")
+            cells = [percent(m.top1, unit=""), percent(m.top5, unit=""), ce, percent(m.agreement, unit="")]
+            lines.append(f"| {k} | {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Agreement = top-1 equals the model's own greedy prediction of token t+k (made at position t+k-1). "

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from forethought.experiments.baselines import Interval  # noqa: E402
-from forethought.experiments.revise import ReviseScaleResult  # noqa: E402
+from forethought.experiments.revise_scale import ReviseScaleResult  # noqa: E402
 
 
 def _bars(ax, x: np.ndarray, intervals: list[Interval], width: float, **style) -> None:
