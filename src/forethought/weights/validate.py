@@ -362,3 +362,51 @@ def gguf_tensor_index(config, infos, source: object) -> None:
             want = (t.shape[0], want[1])
         if want is not None and t.shape != want:
             raise ForethoughtError(f"{source}: tensor {t.name} has shape {t.shape}, the config implies {want}")
+
+
+# --- folders written whole by the architectures lab (arch/checkpoint.py) ---------------------------------------
+
+MANIFEST = "manifest.json"  # the sha256 of every other file in the folder, written last
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(folder, files: Mapping[str, str], what: str) -> None:
+    """Every file listed is in `folder` with its sha256, and no other file is (besides the manifest)."""
+    if not folder.is_dir():
+        raise ForethoughtError(f"{folder}: the {what} folder is missing")
+    extra = sorted({p.name for p in folder.iterdir()} - set(files) - {MANIFEST})
+    if extra:
+        raise ForethoughtError(f"{folder}: {_show(extra[0])} is not part of the {what}")
+    for name, digest in files.items():
+        path = folder / name
+        if "/" in name or name in (".", "..") or not path.is_file():
+            raise ForethoughtError(f"{folder}: {_show(name)} of the {what} is missing")
+        if sha256(path) != digest:
+            raise ForethoughtError(f"{path} does not match its sha256 in the {what}'s manifest (damaged)")
+
+
+def folder_manifest(folder) -> None:
+    """A folder with a manifest.json (the lab's exported models): every file matches it. Without one, nothing
+    to check here (folders from elsewhere have none)."""
+    import json
+
+    path = folder / MANIFEST
+    if not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ForethoughtError(f"{path}: unreadable manifest ({e.__class__.__name__})") from None
+    files = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ForethoughtError(f"{path}: not a manifest this version writes")
+    verify_files(folder, files, "model folder")
