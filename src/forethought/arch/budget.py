@@ -50,9 +50,13 @@ def check_fits(c: ArchConfig, batch: int, length: int) -> None:
     need, room = training_bytes(c, batch, length), available_bytes()
     if need > room:
         raise ForethoughtError(
-            f"this run needs about {_gib(need)} of memory ({parameter_count(c):,} parameters, batch {batch} x "
+            f"this run needs about {_gib(need)} of memory ({_count(parameter_count(c))} parameters, batch {batch} x "
             f"length {length}); {_gib(room)} is available: lower --d-model, --layers, --batch or --length"
         )
+
+
+def _count(n: int) -> str:
+    return f"{n:,}" if n < 10**15 else f"~10^{len(str(n)) - 1}"
 
 
 def _gib(n: int) -> str:

@@ -54,8 +54,9 @@ class TrainSettings:
             raise ForethoughtError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed}")
         for name in ("warmup", "checkpoint_every", "eval_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value < (1 if name == "checkpoint_every" else 0):
-                raise ForethoughtError(f"{name} must be a whole number >= 0, got {value!r}")
+            least = 1 if name == "checkpoint_every" else 0
+            if not _is_int(value) or value < least:
+                raise ForethoughtError(f"--{name.replace('_', '-')} must be a whole number >= {least}, got {value!r}")
 
 
 @dataclass

@@ -180,7 +180,7 @@ def compare_command(
     from forethought.arch.checkpoint import write_atomic_text, writing
     from forethought.arch.compare import PRESETS, run_comparison
     from forethought.arch.config import ARCHS
-    from forethought.viz.arch import markdown, plot_all, write_json
+    from forethought.viz.arch import markdown, plot_all
 
     name = "quick" if quick else preset
     if name not in PRESETS:
@@ -221,11 +221,12 @@ def compare_command(
 
         result = run_comparison(p, out, chosen, on_run=on_run, on_step=on_step, train_missing=not only_finished)
         progress.update(runs, completed=total)
+    if not result.runs:
+        raise ForethoughtError(f"{out}: no finished runs of preset {name!r} to aggregate (drop --only-finished)")
     text = markdown(result)
-    with writing(out, "the comparison"):
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(result, out / "compare.json")
-        write_atomic_text(out / "compare.md", text, "the comparison")
+    # Each file whole or not at all: a rerun must never read half a compare.json as a result.
+    write_atomic_text(out / "compare.json", json.dumps(result.to_dict(), indent=1, default=float), "the comparison")
+    write_atomic_text(out / "compare.md", text, "the comparison")
     with writing(plot_dir or out, "the plots"):
         pngs = plot_all(result, plot_dir or out)
     if as_json:
