@@ -293,6 +293,8 @@ def train(
             group["lr"] = lr_at(step, settings)
         started = time.perf_counter()
         loss = masked_loss(model(b.inputs), b.targets, b.mask)
+        if not torch.isfinite(loss):  # diverged (e.g. a huge --lr): stop before the weights are saved
+            raise ForethoughtError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -317,6 +319,8 @@ def train(
         if on_step is not None:
             on_step(step + 1, loss.item(), tokens / seconds)
     result.final = evaluate(model, task, settings.eval_batches)
+    if not math.isfinite(result.final.loss):  # the last step's update can still make the weights non-finite
+        raise ForethoughtError(f"training diverged (held-out loss {result.final.loss}); lower --lr")
     if not result.evals or result.evals[-1]["step"] != result.steps_done:
         flops = result.history[-1]["flops"] if result.history else 0.0
         result.evals.append(
