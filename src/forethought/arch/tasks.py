@@ -213,8 +213,10 @@ class RepeatedBlock(SyntheticTask):
 
     def __post_init__(self) -> None:
         lo, hi = self.periods
-        if not 2 <= lo <= hi <= self.symbols or hi >= self.length:
-            raise ForethoughtError(f"periods {self.periods} must lie in 2..{min(self.symbols, self.length - 1)}")
+        if self.length <= hi:
+            raise ForethoughtError(f"repeat needs --length > {hi} (its longest period), got {self.length}")
+        if not 2 <= lo <= hi <= self.symbols:
+            raise ForethoughtError(f"periods {self.periods} must lie in 2..{self.symbols}")
         self.name = "repeat"
         self.vocab_size = self.symbols
 
