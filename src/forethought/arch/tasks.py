@@ -227,6 +227,12 @@ class RepeatedBlock(SyntheticTask):
         positions = torch.arange(length + 1).expand(n, -1) % period
         return torch.cat((block.gather(1, positions), period), dim=1)  # the period rides along as a last column
 
+    def check_buildable(self, lengths: list[int]) -> None:
+        for n in lengths:
+            if n <= self.periods[0]:  # no block repeats within the sequence: nothing to score
+                raise ForethoughtError(f"repeat at length {n} repeats nothing (periods start at {self.periods[0]})")
+        super().check_buildable(lengths)
+
     def label(self, sequences):
         period, seq = sequences[:, -1:], sequences[:, :-1]
         inputs, targets = seq[:, :-1], seq[:, 1:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,18 @@ OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 ENGINE = "engine"  # the trained model as a model folder (arch/export.py)
 MAX_STEPS = 1_000_000
+MAX_LR = 10.0
+# What torch.load(weights_only=True) and load_state_dict raise on a file that is not a saved optimizer state
+UNREADABLE_PICKLE = (
+    pickle.UnpicklingError,
+    struct.error,
+    RuntimeError,
+    ValueError,
+    LookupError,
+    TypeError,
+    OSError,
+    EOFError,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,8 @@ class TrainSettings:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise ForethoughtError(f"--{name.replace('_', '-')} must be finite and > 0, got {value}")
+        if self.lr > MAX_LR:  # AdamW moves every weight by about lr per step: past this it only diverges
+            raise ForethoughtError(f"--lr must be at most {MAX_LR:g} (AdamW), got {self.lr}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ForethoughtError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed}")
         for name in ("warmup", "checkpoint_every", "eval_every"):
@@ -117,6 +133,8 @@ def evaluate(
         count = b.mask.sum(0) if count is None else count + b.mask.sum(0)
         n += int(b.mask.sum())
     model.train()
+    if n == 0:  # e.g. repeat at a length no period fits in: nothing to score
+        raise ForethoughtError(f"{task.name} at length {length or task.length} has no scored positions")
     by_position = torch.where(count > 0, hits / count.clamp(min=1), torch.nan).tolist()
     return Evaluation(total_loss / n, float(hits.sum() / count.sum()), by_position, n)
 
@@ -246,17 +264,19 @@ def check_resumable(out: Path, config: ArchConfig, task: Task) -> None:
 
 def _resume(out: Path, settings: TrainSettings) -> tuple[ArchModel, torch.optim.Optimizer, dict]:
     """Model, optimizer and RNG exactly as they were after the checkpoint's last step."""
-    import pickle
+    import warnings
 
     model, state, folder = _load(out)
     if state["settings"] != asdict(settings):
         raise ForethoughtError(f"{out} holds a run with other training settings; choose a new --out")
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     try:
-        saved = torch.load(folder / OPTIMIZER, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            saved = torch.load(folder / OPTIMIZER, weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["torch_rng"])
-    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, OSError, EOFError) as e:
+    except UNREADABLE_PICKLE as e:
         raise ForethoughtError(f"{folder / OPTIMIZER}: not this run's optimizer state ({_first_line(e)})") from None
     return model, optimizer, state
 
