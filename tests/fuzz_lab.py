@@ -765,7 +765,7 @@ FOLDER_CASES: list[tuple[str, tuple[str, ...], Callable[[Path, random.Random], N
     ("int8 embedding", ("standard",), _tensor_edit(_as("int8", "model.embed_tokens")), False, "error"),
     ("float16 weights (a real float type)", ("feedback",), _tensor_edit(_as("float16", "blocks.0.q")), False, "ok"),
     ("a tensor missing", ("feedback",), _tensor_edit(lambda t: t.pop("memory.k.weight")), False, "error"),
-    ("an extra tensor", ("recurrent",), _tensor_edit(lambda t: t.update(extra=t["embed"])), False, "error"),
+    ("an extra tensor", ("recurrent",), _tensor_edit(lambda t: t.update(extra=t["embed"].clone())), False, "error"),
     ("NaN in a weight", ("standard",),
      _tensor_edit(lambda t: t[_first(t, "model.norm")].fill_(float("nan"))), False, "error"),
     ("tokenizer id out of the vocab", ("standard", "recurrent"), _tokenizer_id, False, "error"),
