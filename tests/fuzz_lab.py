@@ -166,8 +166,8 @@ def _install_kill_points(kill_at: int | None, note: Path | None = None) -> list[
     """Count the file-system events of a checkpoint or folder write, and SIGKILL this process at event `kill_at`.
 
     The events are the calls the writers make: mkdir, each file written (safetensors, torch.save, write_text,
-    open-for-writing), fsync, rename/replace, unlink and rmtree. A kill at a write_text event writes half of the text
-    first: a file cut mid-write, as a kill or a power cut leaves it."""
+    open-for-writing), fsync, rename/replace, unlink and rmtree. A kill at a write_text or write_bytes event writes
+    half of the data first: a file cut mid-write, as a kill or a power cut leaves it."""
     import builtins
     import pathlib
 
@@ -208,6 +208,14 @@ def _install_kill_points(kill_at: int | None, note: Path | None = None) -> list[
         return original_write_text(self, data, *args, **kwargs)
 
     pathlib.Path.write_text = write_text
+    original_write_bytes = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        half = lambda: original_write_bytes(self, data[: len(data) // 2])  # noqa: E731
+        event(f"half of write_bytes {self.parent.name}/{self.name}", half)
+        return original_write_bytes(self, data)
+
+    pathlib.Path.write_bytes = write_bytes
     original_open = builtins.open
 
     def open_(file, mode="r", *args, **kwargs):

@@ -3,6 +3,7 @@ that a rerun resumes from, and a held-out evaluation."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
@@ -142,12 +143,16 @@ def evaluate(
 def _save(out: Path, model: ArchModel, optimizer: torch.optim.Optimizer, result: TrainResult) -> None:
     """A new checkpoint folder made current in one step (arch/checkpoint.py): weights, optimizer with the RNG
     state, and the run's state are either all the new ones or all the previous ones."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     def fill(folder: Path) -> None:
+        # Serialized in memory, then written as plain bytes: a full disk is then an OSError like any other
+        # (torch.save straight to a file reports it as a RuntimeError from its zip writer).
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(folder / CHECKPOINT), metadata={"arch": model.config.arch})
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, folder / OPTIMIZER)
+        (folder / CHECKPOINT).write_bytes(save(tensors, metadata={"arch": model.config.arch}))
+        buffer = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, buffer)
+        (folder / OPTIMIZER).write_bytes(buffer.getvalue())
         (folder / STATE).write_text(json.dumps(result.to_dict(), indent=1, default=float))
 
     checkpoint.save(out, fill, result.steps_done)
