@@ -7,7 +7,6 @@ the initial weights and the batches, and differ only in where the gradient flows
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -30,7 +29,7 @@ from forethought.arch.sweeps import (
     sweep_lengths,
 )
 from forethought.arch.tasks import Task, build_task
-from forethought.arch.train import STATE, TrainSettings, check_resumable, load_checkpoint, train
+from forethought.arch.train import TrainSettings, check_resumable, load_checkpoint, read_state, train
 from forethought.errors import ForethoughtError
 
 
@@ -165,12 +164,12 @@ def _one_run(
         steps=plan.steps, batch_size=plan.batch_size, lr=plan.lr, seed=seed, eval_every=plan.eval_every
     )
     folder = _run_folder(out, plan, layers, arch, seed)
-    state_path = folder / STATE
-    if state_path.is_file():  # a run of another preset in the same --out must not stand in for this one
+    state = read_state(folder)  # verified against its hashes, its scores in range
+    if state is not None:  # a run of another preset in the same --out must not stand in for this one
         check_resumable(folder, config, task)
-        if json.loads(state_path.read_text())["settings"] != asdict(settings):
+        if state["settings"] != asdict(settings):
             raise ForethoughtError(f"{folder} holds a run with other training settings; choose a new --out")
-    if state_path.is_file() and json.loads(state_path.read_text()).get("final"):
+    if state is not None and state.get("final"):
         model, state = load_checkpoint(folder)
         final = state["final"]
         summary = RunSummary(

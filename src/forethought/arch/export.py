@@ -51,7 +51,7 @@ def _word_level_tokenizer(names: list[str]) -> str:
 
 def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
     """Write `model` where `load_model(folder)` reads it; returns the folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if not isinstance(model, EngineLM):
         raise ForethoughtError(f"{type(model).__name__} does not run on the engine")
@@ -89,7 +89,8 @@ def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
         }
     )
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    weights = save({k: v.contiguous().float() for k, v in tensors.items()})  # bytes: a full disk is an OSError
+    (folder / "model.safetensors").write_bytes(weights)
     config = {
         "model_type": model_type,
         "hidden_size": c.d_model,
@@ -107,7 +108,7 @@ def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
     }
     if model_type == "llama":
         config |= {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
-    else:
+    elif c.family != "recurrent":  # a GRU has no positions to encode
         config["use_rope"] = c.use_rope
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     (folder / "tokenizer.json").write_text(tokenizer_json)

@@ -19,6 +19,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from forethought.arch.checkpoint import write_atomic_text
 from forethought.arch.models import ArchModel
 from forethought.arch.stats import interval
 from forethought.arch.tasks import Task
@@ -70,14 +71,32 @@ def length_record(evaluations: dict[int, Evaluation]) -> dict[int, dict]:
 def cached_lengths(folder: Path, lengths: list[int], compute: Callable[[], dict[int, dict]]) -> dict[int, dict]:
     """The length sweep saved in a run folder, or `compute()` written there when it is missing or other lengths."""
     path = folder / LENGTHS
-    if path.is_file():
-        saved = {int(n): v for n, v in json.loads(path.read_text()).items()}
-        if sorted(saved) == lengths:
-            return saved
+    saved = _read_lengths(path) if path.is_file() else None
+    if saved is not None and sorted(saved) == lengths:
+        return saved
+    # Missing, for other lengths, or damaged (a cut file, an accuracy of 7.5): measured again, never shown.
     record = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({str(n): v for n, v in record.items()}, indent=1))
+    write_atomic_text(path, json.dumps({str(n): v for n, v in record.items()}, indent=1), "the length sweep")
     return record
+
+
+def _read_lengths(path: Path) -> dict[int, dict] | None:
+    """The cached sweep if every value is one evaluate_lengths could have produced, else None."""
+    try:
+        raw = json.loads(path.read_text())
+        saved = {int(n): v for n, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    for v in saved.values():
+        if not isinstance(v, dict):
+            return None
+        for key in ("accuracy", "tail_accuracy", "loss"):
+            x = v.get(key)
+            if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
+                return None
+            if key != "loss" and x > 1:
+                return None
+    return saved
 
 
 def length_sweep(runs: Sequence, train_lengths: dict[str, int]) -> list[dict]:

@@ -20,6 +20,8 @@ from forethought.errors import ForethoughtError
 
 SPLITS = ("train", "test")
 TEST_SHARE = 10  # one sequence in 10 is held out
+MAX_LENGTH = 1 << 20  # far past what attention at these sizes fits in memory (arch/budget.py says so first)
+MAX_DRAWS = 64  # rounds of sampling per batch before a split is declared impossible at this length
 
 
 def _generator(name: str, split: str, index: int) -> torch.Generator:
@@ -52,6 +54,9 @@ class Task:
     def batch(self, split: str, index: int, batch_size: int, length: int | None = None) -> Batch:
         raise NotImplementedError
 
+    def check_buildable(self, lengths: list[int]) -> None:
+        """Raise one line if the task cannot hand out both splits at one of `lengths`."""
+
     def describe(self) -> dict:
         return {"task": self.name, "vocab_size": self.vocab_size, "length": self.length}
 
@@ -72,13 +77,25 @@ class SyntheticTask(Task):
         generator = _generator(f"{self.name}:{length}", split, index)
         kept: list[torch.Tensor] = []
         count = 0
-        while count < batch_size:
+        for _ in range(MAX_DRAWS):
+            if count >= batch_size:
+                break
             draw = self.sample(generator, 4 * batch_size, length)
             is_test = _content_split(draw)
             draw = draw[is_test if split == "test" else ~is_test]
             kept.append(draw)
             count += draw.shape[0]
+        if count < batch_size:  # e.g. parity at length 1: two sequences, neither of them held out
+            raise ForethoughtError(
+                f"{self.name} at length {length} has too few distinct sequences for a {split} split; use a longer one"
+            )
         return self.label(torch.cat(kept)[:batch_size])
+
+    def check_buildable(self, lengths: list[int]) -> None:
+        """Both splits can be drawn at every length (raises in one line otherwise); milliseconds."""
+        for n in lengths:
+            for split in SPLITS:
+                self.batch(split, 0, 1, n)
 
 
 @dataclass
@@ -196,8 +213,10 @@ class RepeatedBlock(SyntheticTask):
 
     def __post_init__(self) -> None:
         lo, hi = self.periods
-        if not 2 <= lo <= hi <= self.symbols or hi >= self.length:
-            raise ForethoughtError(f"periods {self.periods} must lie in 2..{min(self.symbols, self.length - 1)}")
+        if self.length <= hi:
+            raise ForethoughtError(f"repeat needs --length > {hi} (its longest period), got {self.length}")
+        if not 2 <= lo <= hi <= self.symbols:
+            raise ForethoughtError(f"periods {self.periods} must lie in 2..{self.symbols}")
         self.name = "repeat"
         self.vocab_size = self.symbols
 
@@ -207,6 +226,12 @@ class RepeatedBlock(SyntheticTask):
         block = torch.argsort(torch.rand(n, self.symbols, generator=generator), dim=1)
         positions = torch.arange(length + 1).expand(n, -1) % period
         return torch.cat((block.gather(1, positions), period), dim=1)  # the period rides along as a last column
+
+    def check_buildable(self, lengths: list[int]) -> None:
+        for n in lengths:
+            if n <= self.periods[0]:  # no block repeats within the sequence: nothing to score
+                raise ForethoughtError(f"repeat at length {n} repeats nothing (periods start at {self.periods[0]})")
+        super().check_buildable(lengths)
 
     def label(self, sequences):
         period, seq = sequences[:, -1:], sequences[:, :-1]
@@ -238,6 +263,11 @@ class TextTask(Task):
             starts = rng.integers(0, len(stream) - length - 1, batch_size)
         windows = torch.from_numpy(np.stack([stream[s : s + length + 1] for s in starts]).astype(np.int64))
         return Batch(windows[:, :-1], windows[:, 1:], torch.ones(batch_size, length, dtype=torch.bool))
+
+    def check_buildable(self, lengths: list[int]) -> None:
+        for n in lengths:
+            if min(len(self.train), len(self.test)) <= n + 1:
+                raise ForethoughtError(f"text: the corpus's splits are shorter than a window of {n} tokens")
 
     def describe(self) -> dict:
         return super().describe() | {
@@ -286,8 +316,11 @@ def build_text_task(
     key = hashlib.sha1(f"{corpus}:{vocab_size}:{train_tokens}:{test_tokens}".encode()).hexdigest()[:12]
     cached = cache_dir / f"text-{key}.npz" if cache_dir else None
     if cached and cached.is_file():
-        data = np.load(cached)
-        return TextTask(data["train"], data["test"], data["kept"], length, corpus)
+        try:
+            with np.load(cached) as data:
+                return TextTask(data["train"], data["test"], data["kept"], length, corpus)
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a damaged cache is rebuilt below, never trained on
     tokenizer = embedded_tokenizer()
     streams: dict[str, list[int]] = {"train": [], "test": []}
     for document in load_corpus(corpus).documents:
@@ -308,8 +341,16 @@ def build_text_task(
     mapping[kept] = np.arange(len(kept))
     train_ids, test_ids = mapping[train], mapping[np.minimum(test, mapping.size - 1)]
     if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cached, train=train_ids, test=test_ids, kept=kept)
+        from forethought.arch.checkpoint import writing
+
+        tmp = cached.with_name(cached.name + ".tmp.npz")  # complete before it takes the cache's name
+        with writing(cached, "the tokenized corpus"):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                np.savez(tmp, train=train_ids, test=test_ids, kept=kept)
+                tmp.replace(cached)
+            finally:
+                tmp.unlink(missing_ok=True)
     return TextTask(train_ids, test_ids, kept, length, corpus)
 
 
@@ -318,6 +359,8 @@ TASKS = ("parity", "sum-mod", "perm", "repeat", "recall", "text")
 
 def build_task(name: str, length: int | None = None, **options) -> Task:
     """A task by name; options: modulus (sum-mod), elements (perm), pairs (recall), corpus/vocab (text)."""
+    if length is not None and not 1 <= length <= MAX_LENGTH:
+        raise ForethoughtError(f"--length must lie in 1..{MAX_LENGTH:,}, got {length}")
     if name == "parity":
         return RunningSum(2, length or 32)
     if name == "sum-mod":

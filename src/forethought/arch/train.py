@@ -3,8 +3,11 @@ that a rerun resumes from, and a held-out evaluation."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from forethought.arch import checkpoint
 from forethought.arch.config import ArchConfig
 from forethought.arch.models import ArchModel, build_model
 from forethought.arch.tasks import Task
@@ -22,6 +26,19 @@ CHECKPOINT = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 ENGINE = "engine"  # the trained model as a model folder (arch/export.py)
+MAX_STEPS = 1_000_000
+MAX_LR = 10.0
+# What torch.load(weights_only=True) and load_state_dict raise on a file that is not a saved optimizer state
+UNREADABLE_PICKLE = (
+    pickle.UnpicklingError,
+    struct.error,
+    RuntimeError,
+    ValueError,
+    LookupError,
+    TypeError,
+    OSError,
+    EOFError,
+)
 
 
 @dataclass(frozen=True)
@@ -37,10 +54,26 @@ class TrainSettings:
     eval_every: int = 0  # also evaluate every this many steps (0: only at the end), for loss-vs-FLOPs curves
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.eval_batches < 1:
-            raise ForethoughtError("--steps, --batch and --eval-batches must be >= 1")
-        if not self.lr > 0:
-            raise ForethoughtError(f"--lr must be > 0, got {self.lr}")
+        for name, flag in (("steps", "--steps"), ("batch_size", "--batch"), ("eval_batches", "--eval-batches")):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ForethoughtError(f"--steps, --batch and --eval-batches must be >= 1, got {flag} {value!r}")
+        if self.steps > MAX_STEPS:
+            # state.json keeps one history entry per step and is rewritten at every checkpoint
+            raise ForethoughtError(f"--steps {self.steps} is more than the lab's {MAX_STEPS:,} steps")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ForethoughtError(f"--{name.replace('_', '-')} must be finite and > 0, got {value}")
+        if self.lr > MAX_LR:  # AdamW moves every weight by about lr per step: past this it only diverges
+            raise ForethoughtError(f"--lr must be at most {MAX_LR:g} (AdamW), got {self.lr}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ForethoughtError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed}")
+        for name in ("warmup", "checkpoint_every", "eval_every"):
+            value = getattr(self, name)
+            least = 1 if name == "checkpoint_every" else 0
+            if not _is_int(value) or value < least:
+                raise ForethoughtError(f"--{name.replace('_', '-')} must be a whole number >= {least}, got {value!r}")
 
 
 @dataclass
@@ -101,46 +134,156 @@ def evaluate(
         count = b.mask.sum(0) if count is None else count + b.mask.sum(0)
         n += int(b.mask.sum())
     model.train()
+    if n == 0:  # e.g. repeat at a length no period fits in: nothing to score
+        raise ForethoughtError(f"{task.name} at length {length or task.length} has no scored positions")
     by_position = torch.where(count > 0, hits / count.clamp(min=1), torch.nan).tolist()
     return Evaluation(total_loss / n, float(hits.sum() / count.sum()), by_position, n)
 
 
 def _save(out: Path, model: ArchModel, optimizer: torch.optim.Optimizer, result: TrainResult) -> None:
-    from safetensors.torch import save_file
+    """A new checkpoint folder made current in one step (arch/checkpoint.py): weights, optimizer with the RNG
+    state, and the run's state are either all the new ones or all the previous ones."""
+    from safetensors.torch import save
 
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / (CHECKPOINT + ".tmp")), metadata={"arch": model.config.arch})
-    (out / (CHECKPOINT + ".tmp")).replace(out / CHECKPOINT)
-    torch.save(optimizer.state_dict(), out / OPTIMIZER)
-    (out / STATE).write_text(json.dumps(result.to_dict(), indent=1, default=float))
+    def fill(folder: Path) -> None:
+        # Serialized in memory, then written as plain bytes: a full disk is then an OSError like any other
+        # (torch.save straight to a file reports it as a RuntimeError from its zip writer).
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        (folder / CHECKPOINT).write_bytes(save(tensors, metadata={"arch": model.config.arch}))
+        buffer = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, buffer)
+        (folder / OPTIMIZER).write_bytes(buffer.getvalue())
+        (folder / STATE).write_text(json.dumps(result.to_dict(), indent=1, default=float))
+
+    checkpoint.save(out, fill, result.steps_done)
+
+
+def read_state(out: Path) -> dict | None:
+    """The verified state.json of the current checkpoint in `out` (None: no checkpoint), its values checked."""
+    folder = checkpoint.current(out)
+    if folder is None:
+        return None
+    state = checkpoint.read_json(folder / STATE, "training state")
+    check_state(state, folder / STATE)
+    return state
 
 
 def load_checkpoint(folder: Path) -> tuple[ArchModel, dict]:
-    """The model saved in `folder` by `train`, and its state.json."""
-    from safetensors.torch import load_file
-
-    state_path = folder / STATE
-    if not state_path.is_file() or not (folder / CHECKPOINT).is_file():
-        raise ForethoughtError(f"{folder}: not an arch checkpoint (needs {STATE} and {CHECKPOINT})")
-    state = json.loads(state_path.read_text())
-    config = ArchConfig(**state["config"])
-    model = build_model(config, state["settings"]["seed"])
-    model.load_state_dict(load_file(str(folder / CHECKPOINT)))
+    """The model of the current checkpoint in `folder` (written by `train`), and its state.json."""
+    model, state, _ = _load(folder)
     return model, state
 
 
+def _load(out: Path) -> tuple[ArchModel, dict, Path]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = read_state(out)
+    if state is None:
+        raise ForethoughtError(f"{out}: not an arch checkpoint (no {checkpoint.POINTER})")
+    folder = checkpoint.current(out)
+    config = ArchConfig(**state["config"])
+    model = build_model(config, state["settings"]["seed"])
+    try:
+        model.load_state_dict(load_file(str(folder / CHECKPOINT)))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ForethoughtError(f"{folder / CHECKPOINT}: does not hold this run's weights ({_first_line(e)})") from None
+    return model, state, folder
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+
+
+def check_state(state: dict, source: Path) -> None:
+    """The values a resumed run or a comparison reads from state.json, checked before any of them is used: an
+    impossible accuracy or loss must never reach a table."""
+
+    def bad(what: str) -> ForethoughtError:
+        return ForethoughtError(f"{source}: {what}")
+
+    try:
+        config = ArchConfig(**state["config"])
+        settings = TrainSettings(**state["settings"])
+    except (KeyError, TypeError, ForethoughtError) as e:
+        raise bad(f"no valid config or settings ({_first_line(e)})") from None
+    del config
+    steps = state.get("steps_done")
+    if not _is_int(steps) or not 0 <= steps <= settings.steps:
+        raise bad(f"steps_done must be a whole number in 0..{settings.steps}")
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != steps:
+        raise bad("history must list one entry per step done")
+    for name in ("train_seconds", "train_tokens"):
+        if not _is_number(state.get(name)) or not 0 <= state[name] < math.inf:
+            raise bad(f"{name} must be a finite number >= 0")
+    for entry in history:
+        if not isinstance(entry, dict) or not _is_number(entry.get("train_loss")) or not _is_number(entry.get("flops")):
+            raise bad("a history entry lacks a numeric train_loss or flops")
+    evals = state.get("evals", [])
+    if not isinstance(evals, list):
+        raise bad("evals must be a list")
+    for e in evals:
+        if not isinstance(e, dict):
+            raise bad("an evaluation is not an object")
+        _check_scores(e, bad)
+        if not _is_number(e.get("flops")) or not 0 <= e["flops"] < math.inf:
+            raise bad("an evaluation has no finite flops")
+    final = state.get("final")
+    if final is not None:
+        if not isinstance(final, dict) or steps != settings.steps:
+            raise bad("final must be an evaluation, and only of a finished run")
+        _check_scores(final, bad)
+        by_position = final.get("by_position")
+        if not isinstance(by_position, list) or not all(
+            _is_number(a) and (math.isnan(a) or 0 <= a <= 1) for a in by_position
+        ):
+            raise bad("final.by_position must list accuracies in 0..1 (NaN where nothing was scored)")
+
+
+def _check_scores(e: dict, bad: Callable[[str], ForethoughtError]) -> None:
+    accuracy, loss = e.get("accuracy"), e.get("loss")
+    if not _is_number(accuracy) or not 0 <= accuracy <= 1:
+        raise bad(f"accuracy {accuracy!r} is not in 0..1")
+    if not _is_number(loss) or not 0 <= loss < math.inf:
+        raise bad(f"loss {loss!r} is not a finite number >= 0")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_resumable(out: Path, config: ArchConfig, task: Task) -> None:
-    """Refuse to resume a run in `out` that was started with another config or task."""
-    if (out / STATE).is_file():
-        state = json.loads((out / STATE).read_text())
+    """Refuse to resume a run in `out` that was started with another config or task (or whose checkpoint fails
+    its hashes)."""
+    state = read_state(out)
+    if state is not None:
         # Through ArchConfig, so a field added since the run was saved compares as its default.
-        try:
-            saved = ArchConfig(**state["config"]).to_dict()
-        except (KeyError, TypeError, ForethoughtError):  # no config, or one this version cannot read
-            saved = None
-        if saved != config.to_dict() or state.get("task") != task.describe():
+        if ArchConfig(**state["config"]).to_dict() != config.to_dict() or state.get("task") != task.describe():
             raise ForethoughtError(f"{out} holds a run with another config or task; choose a new --out")
+
+
+def _resume(out: Path, settings: TrainSettings) -> tuple[ArchModel, torch.optim.Optimizer, dict]:
+    """Model, optimizer and RNG exactly as they were after the checkpoint's last step."""
+    import warnings
+
+    model, state, folder = _load(out)
+    if state["settings"] != asdict(settings):
+        raise ForethoughtError(f"{out} holds a run with other training settings; choose a new --out")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            saved = torch.load(folder / OPTIMIZER, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+    except UNREADABLE_PICKLE as e:
+        raise ForethoughtError(f"{folder / OPTIMIZER}: not this run's optimizer state ({_first_line(e)})") from None
+    return model, optimizer, state
 
 
 def train(
@@ -160,14 +303,13 @@ def train(
     model = build_model(config, settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     result = TrainResult(config, task.describe(), settings, 0, 0.0, 0)
-    if out is not None and (out / STATE).is_file():
+    if out is not None:
         check_resumable(out, config, task)
-        model, state = load_checkpoint(out)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        optimizer.load_state_dict(torch.load(out / OPTIMIZER, weights_only=True))
-        result.steps_done, result.train_seconds = state["steps_done"], state["train_seconds"]
-        result.train_tokens, result.history = state["train_tokens"], state["history"]
-        result.evals = state.get("evals", [])
+        if checkpoint.current(out) is not None:
+            model, optimizer, state = _resume(out, settings)
+            result.steps_done, result.train_seconds = state["steps_done"], state["train_seconds"]
+            result.train_tokens, result.history = state["train_tokens"], state["history"]
+            result.evals = state.get("evals", [])
     flops_per_token = 3 * model.forward_flops_per_token(task.length)  # forward + backward
     model.train()
     for step in range(result.steps_done, settings.steps):
@@ -176,6 +318,8 @@ def train(
             group["lr"] = lr_at(step, settings)
         started = time.perf_counter()
         loss = masked_loss(model(b.inputs), b.targets, b.mask)
+        if not torch.isfinite(loss):  # diverged (e.g. a huge --lr): stop before the weights are saved
+            raise ForethoughtError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -200,6 +344,8 @@ def train(
         if on_step is not None:
             on_step(step + 1, loss.item(), tokens / seconds)
     result.final = evaluate(model, task, settings.eval_batches)
+    if not math.isfinite(result.final.loss):  # the last step's update can still make the weights non-finite
+        raise ForethoughtError(f"training diverged (held-out loss {result.final.loss}); lower --lr")
     if not result.evals or result.evals[-1]["step"] != result.steps_done:
         flops = result.history[-1]["flops"] if result.history else 0.0
         result.evals.append(
@@ -210,5 +356,6 @@ def train(
         if export:
             from forethought.arch.export import export_engine_folder
 
-            export_engine_folder(model, task, out / ENGINE)
+            write = lambda tmp: export_engine_folder(model, task, tmp)  # noqa: E731
+            checkpoint.replace_folder(out / ENGINE, write, "the model folder")
     return model, result

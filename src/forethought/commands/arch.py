@@ -64,11 +64,15 @@ def train_command(
     ] = "",
     no_export: Annotated[bool, typer.Option("--no-export", help="Skip the engine folder (out/engine).")] = False,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (1 is kind to a shared machine).")] = 1,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", help="Write a checkpoint every this many steps (and at the end).")
+    ] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """Train one architecture on one task; the trained model is also written as a model folder (--model)."""
     import torch
 
+    from forethought.arch.budget import check_fits
     from forethought.arch.config import ArchConfig
     from forethought.arch.sweeps import check_lengths, evaluate_lengths, length_record
     from forethought.arch.tasks import build_task
@@ -92,9 +96,18 @@ def train_command(
     config = ArchConfig(
         arch, task.vocab_size, d_model, layers, heads, d_ff, context_length=context, positions=positions
     )
-    if threads < 1:
-        raise ForethoughtError(f"--threads must be >= 1, got {threads}")
-    settings = TrainSettings(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=max(1, steps // 5))
+    _check_threads(threads)
+    settings = TrainSettings(
+        steps=steps,
+        batch_size=batch,
+        lr=lr,
+        seed=seed,
+        eval_every=max(1, steps // 5),
+        checkpoint_every=checkpoint_every,
+    )
+    # Before any allocation: the memory a step needs, and that the task can hand out both splits at every length.
+    check_fits(config, batch, max([task.length, *lengths]))
+    task.check_buildable([task.length, *lengths])
     check_resumable(out, config, task)  # before the progress bar starts drawing
     torch.set_num_threads(threads)
     with _progress(steps, as_json) as progress:
@@ -127,6 +140,14 @@ def train_command(
         console.print(f"engine folder (load_model / --model): {summary['engine_folder']}")
 
 
+def _check_threads(threads: int) -> None:
+    import os
+
+    most = 4 * (os.cpu_count() or 1)
+    if not 1 <= threads <= most:
+        raise ForethoughtError(f"--threads must lie in 1..{most} (four per core here), got {threads}")
+
+
 @arch_app.command("compare")
 def compare_command(
     out: Annotated[Path, typer.Option("--out", help="Results folder (runs resume from here).")] = Path("arch_results"),
@@ -149,9 +170,10 @@ def compare_command(
     """Every architecture x task x seed of a preset -> compare.md, compare.json and arch_*.png."""
     import torch
 
+    from forethought.arch.checkpoint import write_atomic_text, writing
     from forethought.arch.compare import PRESETS, run_comparison
     from forethought.arch.config import ARCHS
-    from forethought.viz.arch import markdown, plot_all, write_json
+    from forethought.viz.arch import markdown, plot_all
 
     name = "quick" if quick else preset
     if name not in PRESETS:
@@ -160,8 +182,7 @@ def compare_command(
     unknown = [a for a in chosen if a not in ARCHS]
     if unknown:
         raise ForethoughtError(f"unknown architecture(s) {', '.join(unknown)} (one of {', '.join(ARCHS)})")
-    if threads < 1:
-        raise ForethoughtError(f"--threads must be >= 1, got {threads}")
+    _check_threads(threads)
     torch.set_num_threads(threads)
     p = PRESETS[name]
     wanted = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -193,11 +214,14 @@ def compare_command(
 
         result = run_comparison(p, out, chosen, on_run=on_run, on_step=on_step, train_missing=not only_finished)
         progress.update(runs, completed=total)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "compare.json")
+    if not result.runs:
+        raise ForethoughtError(f"{out}: no finished runs of preset {name!r} to aggregate (drop --only-finished)")
     text = markdown(result)
-    (out / "compare.md").write_text(text)
-    pngs = plot_all(result, plot_dir or out)
+    # Each file whole or not at all: a rerun must never read half a compare.json as a result.
+    write_atomic_text(out / "compare.json", json.dumps(result.to_dict(), indent=1, default=float), "the comparison")
+    write_atomic_text(out / "compare.md", text, "the comparison")
+    with writing(plot_dir or out, "the plots"):
+        pngs = plot_all(result, plot_dir or out)
     if as_json:
         print(json.dumps(result.to_dict() | {"pngs": [str(p) for p in pngs]}, default=float))
         return

@@ -150,6 +150,10 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
         raise ForethoughtError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     raw_config = read_json(config_path)
     validate.hf_config(raw_config, config_path)
+    lab = raw_config.get("model_type") in LAB_TYPES or "forethought_arch" in raw_config
+    if lab:  # written by `arch train`: whole (its manifest), and labelled as what its tensors are
+        validate.folder_manifest(folder)
+        validate.lab_config(raw_config, config_path)
     try:
         config = config_from_hf(raw_config, folder)
     except KeyError as e:
@@ -162,6 +166,8 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
         tensors = _read_safetensors(folder)
     else:
         tensors = canonical_tensors(_read_safetensors(folder), config)
+    if lab:
+        validate.lab_tensors(config, tensors, folder)
     eos = raw_config.get("eos_token_id")
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():

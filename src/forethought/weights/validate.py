@@ -302,6 +302,8 @@ def tensors(config, weights: Mapping[str, torch.Tensor], source: object = "the m
             want = (w.shape[0], want[1])  # GPT-2 files may hold more positions than the config uses
         if want is not None and tuple(w.shape) != want:
             raise ForethoughtError(f"{source}: tensor {name} has shape {tuple(w.shape)}, the config implies {want}")
+        if want is not None and not w.is_floating_point():  # an integer or bool tensor is no trained weight
+            raise ForethoughtError(f"{source}: tensor {name} must hold floating-point values, got {w.dtype}")
         # A finite sum proves every value finite (NaN and inf propagate) at a fraction of isfinite's cost.
         if w.is_floating_point() and not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
             raise ForethoughtError(f"{source}: tensor {name} holds NaN or infinite values")
@@ -312,6 +314,12 @@ def tokenizer(tok, config, source: object) -> None:
     if tok.vocab_size > config.vocab_size:
         raise ForethoughtError(
             f"{source}: the tokenizer has {tok.vocab_size} tokens but the embedding only {config.vocab_size} rows"
+        )
+    # A vocabulary's ids need not be 0..n-1: a word-level tokenizer of 3 words may map one of them to 99.
+    largest = max(tok.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= config.vocab_size:
+        raise ForethoughtError(
+            f"{source}: the tokenizer has a token id {largest}, outside the embedding's {config.vocab_size} rows"
         )
     for label, value in (("bos", tok.bos_id), ("eos", tok.eos_id)):
         if value is not None and not 0 <= value < config.vocab_size:
@@ -363,3 +371,113 @@ def gguf_tensor_index(config, infos, source: object) -> None:
             want = (t.shape[0], want[1])
         if want is not None and t.shape != want:
             raise ForethoughtError(f"{source}: tensor {t.name} has shape {t.shape}, the config implies {want}")
+
+
+# --- the architectures lab's model folders (arch/export.py) -----------------------------------------------------
+
+# model_type -> the engine family its tensors are for; `forethought_arch.arch` -> the family it must run as
+LAB_MODEL_TYPES = {
+    "llama": "llama",
+    "forethought_llama": "llama",
+    "forethought_feedback": "feedback",
+    "forethought_recurrent": "recurrent",
+}
+LAB_ARCH_FAMILIES = {"standard": "llama", "myopic": "llama", "feedback": "feedback", "recurrent": "recurrent"}
+
+
+def lab_config(raw: Mapping[str, object], source: object) -> None:
+    """The lab's own keys in config.json: what it was trained as agrees with the family it is labelled."""
+    kind = raw.get("model_type")
+    lab = raw.get("forethought_arch")
+    if lab is None:
+        if isinstance(kind, str) and kind.startswith("forethought_"):
+            raise ForethoughtError(f"{source}: a {kind} folder must say what it was trained as (forethought_arch)")
+        return
+    if not isinstance(lab, dict) or not isinstance(lab.get("arch"), str) or not isinstance(lab.get("task"), dict):
+        raise ForethoughtError(f"{source}: forethought_arch must be an object with an arch name and a task object")
+    family = LAB_ARCH_FAMILIES.get(lab["arch"])
+    if family is None:
+        raise ForethoughtError(f"{source}: forethought_arch.arch {_show(lab['arch'])} is not a lab architecture")
+    if LAB_MODEL_TYPES.get(kind) != family:
+        raise ForethoughtError(f"{source}: a {lab['arch']} model cannot be a {_show(kind)} folder")
+    if "use_rope" in raw:
+        if not isinstance(raw["use_rope"], bool):
+            raise ForethoughtError(f"{source}: use_rope must be true or false, got {_show(raw['use_rope'])}")
+        if family == "recurrent":
+            raise ForethoughtError(f"{source}: use_rope does not apply to a GRU (it has no positions to encode)")
+
+
+def lab_tensor_names(config) -> set[str]:
+    """The canonical tensors a lab model of this family is made of, all of them and nothing else."""
+    names = {"embed", "unembed", "final_norm.weight"}
+    per_layer = {
+        "llama": ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down"),
+        "feedback": ("attn_norm", "mlp_norm", "q", "o", "gate", "up", "down"),
+    }
+    for i in range(config.n_layers):
+        if config.family == "recurrent":
+            names |= {f"blocks.{i}.gru.{leaf}" for leaf in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        else:
+            names |= {f"blocks.{i}.{part}.weight" for part in per_layer[config.family]}
+    if config.family == "feedback":
+        names |= {"memory.norm.weight", "memory.k.weight", "memory.v.weight", "memory.layer_logits"}
+    return names
+
+
+def lab_tensors(config, names: Iterable[str], source: object) -> None:
+    """A lab folder holds exactly its family's tensors: a feedback model labelled recurrent is refused here."""
+    have, want = set(names), lab_tensor_names(config)
+    if have != want:
+        odd, missing = sorted(have - want), sorted(want - have)
+        family = config.family
+        if odd:
+            raise ForethoughtError(f"{source}: tensor {_show(odd[0])} is not part of a {family} model (mislabelled?)")
+        raise ForethoughtError(f"{source}: lacks the tensor {_show(missing[0])} of a {family} model")
+
+
+# --- folders written whole by the architectures lab (arch/checkpoint.py) ---------------------------------------
+
+MANIFEST = "manifest.json"  # the sha256 of every other file in the folder, written last
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(folder, files: Mapping[str, str], what: str) -> None:
+    """Every file listed is in `folder` with its sha256, and no other file is (besides the manifest)."""
+    if not folder.is_dir():
+        raise ForethoughtError(f"{folder}: the {what} folder is missing")
+    extra = sorted({p.name for p in folder.iterdir()} - set(files) - {MANIFEST})
+    if extra:
+        raise ForethoughtError(f"{folder}: {_show(extra[0])} is not part of the {what}")
+    for name, digest in files.items():
+        path = folder / name
+        if "/" in name or name in (".", "..") or not path.is_file():
+            raise ForethoughtError(f"{folder}: {_show(name)} of the {what} is missing")
+        if sha256(path) != digest:
+            raise ForethoughtError(f"{path} does not match its sha256 in the {what}'s manifest (damaged)")
+
+
+def folder_manifest(folder) -> None:
+    """A folder with a manifest.json (the lab's exported models): every file matches it. Without one, nothing
+    to check here (folders from elsewhere have none)."""
+    import json
+
+    path = folder / MANIFEST
+    if not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ForethoughtError(f"{path}: unreadable manifest ({e.__class__.__name__})") from None
+    files = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ForethoughtError(f"{path}: not a manifest this version writes")
+    verify_files(folder, files, "model folder")
