@@ -1,12 +1,13 @@
-"""Every finding on two models: run the same forethought commands on SmolLM2-135M and Gemma 3 270M and
-write one table of which findings hold on both.
+"""Every finding on every model of the ladder: run the same forethought commands on SmolLM2-135M, Gemma 3
+270M, Qwen2.5-Coder-0.5B and -1.5B and write one table of which findings hold on which.
 
-    python scripts/two_models.py [--tokens 20000] [--models smollm2-135m,gemma3-270m] [--summary-only]
+    python scripts/two_models.py [--models smollm2-135m,gemma3-270m,...] [--only NAMES] [--summary-only]
 
-Each command's JSON goes to docs/results/gemma/runs/<model>/<command>.json and its plot beside it; a
+Each command's JSON goes to docs/results/models/runs/<model>/<command>.json and its plot beside it; a
 finished command is not rerun (delete its JSON to redo it), so an interrupted run resumes. The table
-is docs/results/gemma/two_models.md. Budgets are small on purpose (a shared 2-core machine): the
-Future Lens here uses --tokens per model at four layers of equal relative depth, not the full run.
+is docs/results/models.md. Budgets are small on purpose (a shared 2-core machine) and the same on every
+model except where a larger model makes them unaffordable (BUDGETS says where; the table says so too):
+the Future Lens uses --tokens per model at four layers of equal relative depth, not the full run.
 """
 
 from __future__ import annotations
@@ -19,24 +20,47 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "docs" / "results" / "gemma"
+OUT = ROOT / "docs" / "results" / "models"
+TABLE = ROOT / "docs" / "results" / "models.md"
+AGREEMENT = ROOT / "docs" / "results" / "ladder" / "agreement.json"
 PROMPT = "Once upon a time, there was a little"
+MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 # Four layers at depth 0, 1/3, 2/3 and the last, per model. Stored as float32: Gemma's residual stream
 # reaches ~1e5, beyond float16's range (extract refuses --float16 for it).
-LAYERS = {"smollm2-135m": "0,10,20,29", "gemma3-270m": "0,6,12,17"}
+LAYERS = {
+    "smollm2-135m": "0,10,20,29",
+    "gemma3-270m": "0,6,12,17",
+    "qwen2.5-coder-0.5b": "0,8,16,23",
+    "qwen2.5-coder-1.5b": "0,9,18,27",
+}
+# Where a model cannot afford the common budget here: invariance in float64 would hold the 1.5B model's
+# weights in 12 GB, so the Qwen models run it in float32 (the cell names the dtype); their Future Lens and
+# anatomy see fewer tokens (a 1.5B forward costs ~11x SmolLM2's).
+DEFAULT_BUDGET = {"tokens": 20000, "docs": 32, "invariance_dtype": "float64"}
+BUDGETS = {
+    "qwen2.5-coder-0.5b": {"tokens": 6000, "docs": 16, "invariance_dtype": "float32"},
+    "qwen2.5-coder-1.5b": {"tokens": 3000, "docs": 8, "invariance_dtype": "float32"},
+}
 
 
-def commands(model: str, folder: Path, tokens: int) -> dict[str, list[str]]:
+def budget(model: str, tokens: int | None) -> dict:
+    b = DEFAULT_BUDGET | BUDGETS.get(model, {})
+    return b | ({"tokens": tokens} if tokens else {})
+
+
+def commands(model: str, folder: Path, tokens: int | None) -> dict[str, list[str]]:
     store = folder / "store"
+    b = budget(model, tokens)
+    dtype = b["invariance_dtype"]
     return {
         "equivalence": ["equivalence", PROMPT, "-n", "16", "--plot", str(folder / "equivalence.png")],
-        "invariance": ["invariance", "Once upon a", "Once upon a time", "--dtype", "float64"],
+        "invariance": ["invariance", "Once upon a", "Once upon a time", "--dtype", dtype],
         "invariance_control": [
             "invariance",
             "Once upon a",
             "Once upon a time",
             "--dtype",
-            "float64",
+            dtype,
             "--bidirectional",
         ],
         "state_size": [
@@ -49,13 +73,13 @@ def commands(model: str, folder: Path, tokens: int) -> dict[str, list[str]]:
             str(folder / "state.png"),
         ],  # fmt: skip
         "revise_force": ["revise", PROMPT, "--at", "3", "--force", " dragon", "--plot", str(folder / "revise.png")],
-        "anatomy": ["anatomy", "--docs", "32", "--length", "128", "--plot-dir", str(folder / "anatomy")],
+        "anatomy": ["anatomy", "--docs", str(b["docs"]), "--length", "128", "--plot-dir", str(folder / "anatomy")],
         "extract": [
             "extract",
             "--corpus",
             "stdlib",
             "--tokens",
-            str(tokens),
+            str(b["tokens"]),
             "--layers",
             LAYERS[model],
             "--out",
@@ -65,7 +89,7 @@ def commands(model: str, folder: Path, tokens: int) -> dict[str, list[str]]:
     }
 
 
-def run(model: str, tokens: int, only: list[str]) -> None:
+def run(model: str, tokens: int | None, only: list[str]) -> None:
     folder = OUT / "runs" / model
     folder.mkdir(parents=True, exist_ok=True)
     for name, args in commands(model, folder, tokens).items():
@@ -100,6 +124,18 @@ def fmt(x, spec: str = ".3g") -> str:
 def findings(model: str) -> dict[str, str]:
     """One short cell per finding, from the command's own JSON."""
     out: dict[str, str] = {}
+    agreement = json.loads(AGREEMENT.read_text())["models"].get(model, {}) if AGREEMENT.is_file() else {}
+    if "token_ids_equal" in agreement:
+        logits = agreement["logits_vs_llama_cpp_f32"]
+        top1 = [r["top1_equal"].split("/") for r in logits if "top1_equal" in r]
+        worst = max((r["max_abs_diff_over_std"] for r in logits if "top1_equal" in r), default=None)
+        greedy = ", ".join(f"{name} {g['equal']}" for name, g in agreement["greedy_64_vs_llama_cpp_f32"].items())
+        out["same model as llama.cpp (same file)"] = (
+            f"token ids {agreement['token_ids_equal']}; top-1 {sum(int(a) for a, _ in top1)}/"
+            f"{sum(int(b) for _, b in top1)} positions, max |logit diff| {fmt(worst)} x the logits' std; greedy 64 "
+            f"tokens equal: {greedy}; chat template equal: "
+            f"{agreement['chat_template_equal']}"
+        )
     eq = load(model, "equivalence")
     if eq:
         s = eq.get("summary", eq)
@@ -109,7 +145,8 @@ def findings(model: str) -> dict[str, str]:
     inv, ctrl = load(model, "invariance"), load(model, "invariance_control")
     if inv:
         control = f"; control (no mask) {fmt(max(ctrl['max_abs']))}" if ctrl.get("max_abs") else ""
-        out["earlier columns unchanged"] = f"max diff {fmt(max(inv['max_abs']))} (float64){control}"
+        dtype = budget(model, None)["invariance_dtype"]
+        out["earlier columns unchanged"] = f"max diff {fmt(max(inv['max_abs']))} ({dtype}){control}"
     st = load(model, "state_size")
     if st:
         c = st["configs"][0]
@@ -190,11 +227,18 @@ def import_plan(model: str, results: Path, corpus: str, command: str) -> None:
 def summarize(models: list[str]) -> str:
     rows = {m: findings(m) for m in models}
     names = list(dict.fromkeys(k for m in models for k in rows[m]))
+    budgets = "; ".join(
+        f"{m}: Future Lens {b['tokens']:,} tokens, anatomy {b['docs']} documents, invariance {b['invariance_dtype']}"
+        for m in models
+        for b in [budget(m, None)]
+    )
     lines = [
-        "# Two models: which findings hold on both",
+        "# The model ladder: which findings hold on which model",
         "",
-        "`python scripts/two_models.py` (same commands, small budgets; per-command JSON and plots in `runs/`). "
-        "Taken on a shared, loaded 2-core machine.",
+        "`python scripts/two_models.py` (same commands, small budgets; per-command JSON and plots in "
+        "`docs/results/models/runs/`; the llama.cpp row from `python -m benchmarks.ladder agree`). "
+        "Taken on a shared, loaded 2-core machine. Budgets: " + budgets + ". A cell reads `not run` where the "
+        "command has not finished for that model.",
         "",
         "| finding | " + " | ".join(models) + " |",
         "|---|" + "---|" * len(models),
@@ -202,14 +246,14 @@ def summarize(models: list[str]) -> str:
     for name in names:
         lines.append(f"| {name} | " + " | ".join(rows[m].get(name, "not run") for m in models) + " |")
     text = "\n".join(lines) + "\n"
-    (OUT / "two_models.md").write_text(text)
+    TABLE.write_text(text)
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/two_models.py")
-    p.add_argument("--tokens", type=int, default=20000, help="Future Lens tokens per model (train + test)")
-    p.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    p.add_argument("--tokens", type=int, default=None, help="Future Lens tokens, every model (default: BUDGETS)")
+    p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--only", default="", help="comma-separated command names to run (default: all)")
     p.add_argument("--summary-only", action="store_true")
     p.add_argument(

@@ -202,17 +202,17 @@ def test_plain_cache_also_works():
 
 @pytest.mark.parametrize("kind", kquants.SUPPORTED)
 def test_kquants_match_gguf_dequantizer(kind):
-    """Random bytes are valid K-quant blocks once the float16 scales are made finite."""
+    """Random bytes are valid K-quant (and Q4_0 ... Q8_0) blocks once the float16 scales are made finite."""
     rng = np.random.default_rng(0)
     size = kquants.BLOCK_BYTES[kind]
     raw = rng.integers(0, 256, size=(6, 3 * size), dtype=np.uint8)
     blocks = raw.reshape(-1, size)
-    scale_at = {"Q6_K": [208], "Q4_K": [0, 2], "Q5_K": [0, 2]}[kind]
+    scale_at = {"Q6_K": [208], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q4_1": [0, 2], "Q5_1": [0, 2]}.get(kind, [0])
     for at in scale_at:
         blocks[:, at : at + 2] = rng.normal(0, 0.01, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
     ref = quants.dequantize(raw, GGMLQuantizationType[kind])
     got = kquants.dequantize(raw, kind)
-    assert got.shape == ref.shape == (6, 3 * 256)
+    assert got.shape == ref.shape == (6, 3 * kquants.WEIGHTS_PER_BLOCK[kind])
     np.testing.assert_array_equal(got, ref)
 
 

