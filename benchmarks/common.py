@@ -16,7 +16,7 @@ from pathlib import Path
 PROMPT = "Once upon a time, there was a little"  # 9 tokens with SmolLM2's tokenizer
 
 # The speculative benchmark's texts: (name, prompt, wrap in the chat template). None of them is among
-# the prompts the draft heads were trained on (forethought.draft_heads.training.seed_prompts).
+# the prompts the draft heads were trained on (forethought.heads.training.seed_prompts).
 SPECULATIVE_TEXTS = [
     ("story", PROMPT, False),
     ("chat", "Explain how a bicycle works, step by step.", True),

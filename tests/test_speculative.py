@@ -317,7 +317,7 @@ def test_cli_speculative_prints_the_same_tokens_and_its_acceptance(capsys, tiny_
 def test_heads_learn_the_models_continuations(tmp_path):
     """Each prompt twice, so held-out continuations have twins in training: trained heads must forecast
     t+2, t+3 far better than the untrained lens (which predicts t+1), and the saved file drafts the same."""
-    from forethought.draft_heads.training import choose_vocab, make_training_data, train_heads
+    from forethought.heads.training import choose_vocab, make_training_data, train_heads
 
     model = tiny("llama", seed=4)
     rng = random.Random(0)

@@ -74,7 +74,7 @@ def train(
 ) -> None:
     """Generate the model's own greedy continuations, train heads on its last block's output to forecast them,
     report held-out accuracy per head (and per layer with --layers), and save the heads."""
-    from forethought.draft_heads.training import (
+    from forethought.heads.training import (
         HeadsData,
         choose_vocab,
         make_training_data,

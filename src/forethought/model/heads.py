@@ -10,7 +10,7 @@ huge dimensions, which a small residual update could not move.)
 W_k starts at zero, so an untrained head is the lens itself (it predicts token t+1); training moves it to
 the token k places further on. This is Medusa's recipe (Cai et al. 2024) on a 135M model.
 
-Training lives above the model (forethought.draft_heads.training): it needs the corpus and the trace API.
+Training lives above the model (forethought.heads.training): it needs the corpus and the trace API.
 
 A heads file is safetensors: `w` [K, d, d] float16, `vocab` int32 [V'], metadata naming the model, the
 layer read and the training run. Any problem reading one is a one-line `ForethoughtError`.
