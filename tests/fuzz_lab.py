@@ -77,6 +77,7 @@ def run_cli(
     file_size_limit: int | None = None,
     kill_at: int | None = None,
     count_to: Path | None = None,
+    kill_after: float | None = None,
 ) -> Run:
     """`forethought argv` in a forked child. `kill_at=k`: the child SIGKILLs itself at its k-th file-system event
     (see `_install_kill_points`); `count_to`: it writes how many events it saw there."""
@@ -121,6 +122,10 @@ def run_cli(
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
+                break
+            if kill_after is not None and time.perf_counter() > started + kill_after:
+                os.kill(pid, signal.SIGKILL)  # a kill from outside, at whatever the run was doing
+                _, status = os.waitpid(pid, 0)
                 break
             if time.perf_counter() > deadline:
                 os.kill(pid, signal.SIGKILL)
@@ -600,6 +605,22 @@ def kill_test(table: Table, work: Path, kills: int, rng: random.Random, arch: st
     return rows
 
 
+def timed_kills(table: Table, work: Path, kills: int, rng: random.Random, arch: str = "standard") -> None:
+    """SIGKILL from outside after a random delay (inside a step, an evaluation, a write: wherever it lands)."""
+    _, ref = reference(work, arch)
+    for i in range(kills):
+        out = work / f"timed-{arch}-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        delay = rng.uniform(0.05, 1.5)
+        first = run_cli(train_argv(out, "--arch", arch), kill_after=delay)
+        label = f"{arch}: SIGKILL after {delay:.2f} s" + ("" if first.signal else " (finished first)")
+        resumed = run_cli(train_argv(out, "--arch", arch))
+        outcome, detail = judge(resumed, "ok")
+        if outcome == "ok" and final_hashes(out) != ref:
+            outcome, detail = "data loss", "resumed to other weights"
+        table.add("SIGKILL during arch train, resume", label, outcome, detail, first.seconds + resumed.seconds)
+
+
 # --- group 4: arch compare --------------------------------------------------------------------------------------
 
 # Two 3-step runs (seeds 0 and 1) of parity, with their length sweeps: seconds.
@@ -871,9 +892,12 @@ def group_disk(table: Table, work: Path, n: int, rng: random.Random, ref: tuple[
     ):
         mount = work / f"disk-other-{i}"
         with small_disk(mount, 64, read_only=read_only) as mounted:
+            if not mounted and read_only and os.geteuid() == 0:
+                continue  # root writes through chmod 0555: no read-only folder to be had without a mount
             if not mounted and read_only:
                 mount.chmod(0o555)
-            run = run_cli(argv_of(mount), file_size_limit=None if mounted else 64 * 1024, time_limit=120)
+            # injected: a per-file limit below the smallest run's optimizer state (~20 KB)
+            run = run_cli(argv_of(mount), file_size_limit=None if mounted else 4096, time_limit=120)
             outcome, detail = judge(run, "error")
             if not mounted and read_only:
                 mount.chmod(0o755)
@@ -892,9 +916,15 @@ def run_all(work: Path, n: int, kills: int, seed: int = 25) -> Table:
     group_flags(table, work, n, rng)
     group_checkpoints(table, work, n, rng, ref)
     kill_test(table, work, kills, rng)
+    kill_test(table, work, max(2, kills // 4), rng, arch="feedback")
+    kill_test(table, work, max(2, kills // 4), rng, arch="recurrent")
+    timed_kills(table, work, max(2, kills // 2), rng)
     group_compare(table, work, n, rng)
     group_folders(table, work, n, rng)
     group_disk(table, work, max(2, n // 3), rng, ref)
+    os.environ["FORETHOUGHT_FUZZ_NO_MOUNT"] = "1"  # the same through an injected per-file limit (no root)
+    group_disk(table, work / "injected", max(2, n // 6), rng, ref)
+    del os.environ["FORETHOUGHT_FUZZ_NO_MOUNT"]
     return table
 
 
