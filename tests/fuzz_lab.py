@@ -3,11 +3,12 @@ anywhere (inside the checkpoint write included), `arch compare` over hostile res
 a full or read-only disk.
 
 Every case runs the real CLI in a forked child (torch is imported once, in the parent) under an address-space limit
-and a wall-clock limit, and is judged against what it should do:
+and a time limit (60 CPU seconds, and five times that in wall time, for a machine shared by many jobs), and is judged
+against what it should do:
   error    exit 2 and exactly one stderr line starting with `error:`
   ok       exit 0 (and, for kills and full disks, the run then resumes to the weights of an uninterrupted run)
-Defects: traceback (any other ending), hang (past the limit), crash (a signal nobody sent), silent (exit 0 where the
-input had to be refused), refused (a clean input turned away), data loss (a resumed run ends with other weights).
+Defects: traceback (any other ending), hang (past the time limit), crash (a signal nobody sent), silent (exit 0 where
+the input had to be refused), refused (a clean input turned away), data loss (a resumed run ends with other weights).
 
 Run a table (the lead's re-run of the hardening table):  python tests/fuzz_lab.py --cases 40
 The 20-kill test alone:                                  python tests/fuzz_lab.py --kill-test 20
@@ -38,7 +39,8 @@ from pathlib import Path
 DEFECTS = ("traceback", "hang", "crash", "silent", "refused", "data loss")
 GIB = 2**30
 ADDRESS_LIMIT = 12 * GIB  # the cap, on top of what the parent already maps
-TIME_LIMIT = 60.0
+TIME_LIMIT = 60.0  # CPU seconds per case
+WALL_FACTOR = 5  # wall-clock seconds allowed per CPU second of the limit
 
 # The tiny run every case starts from: trains in about a second on one thread.
 SHAPE = ["--d-model", "16", "--heads", "2", "--d-ff", "32", "--batch", "4"]
@@ -99,6 +101,11 @@ def run_cli(
                 sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
                 vm = _status_kb("VmSize") * 1024
                 resource.setrlimit(resource.RLIMIT_AS, (vm + address_limit, vm + address_limit))
+                # The limit is on CPU seconds (a busy loop ends in SIGXCPU); the wall-clock limit, five times
+                # longer, catches a process that sleeps forever. On a shared machine (load 20-30 on 2 cores here) a
+                # 2-second case can take a minute of wall time without being stuck.
+                cpu = int(time_limit)
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
                 if file_size_limit is not None:  # an injected full disk: writes past this size fail (EFBIG)
                     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                     resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
@@ -118,7 +125,7 @@ def run_cli(
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-        deadline, timed_out = started + time_limit, False
+        deadline, timed_out = started + WALL_FACTOR * time_limit, False
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -137,6 +144,7 @@ def run_cli(
         stdout = out_path.read_text(errors="replace") if out_path.exists() else ""
         stderr = err_path.read_text(errors="replace") if err_path.exists() else ""
     if os.WIFSIGNALED(status):
+        timed_out = timed_out or os.WTERMSIG(status) == signal.SIGXCPU
         return Run(None, os.WTERMSIG(status), stdout, stderr, seconds, timed_out)
     return Run(os.WEXITSTATUS(status), None, stdout, stderr, seconds, timed_out)
 
