@@ -3,11 +3,12 @@ anywhere (inside the checkpoint write included), `arch compare` over hostile res
 a full or read-only disk.
 
 Every case runs the real CLI in a forked child (torch is imported once, in the parent) under an address-space limit
-and a wall-clock limit, and is judged against what it should do:
+and a time limit (60 CPU seconds, and five times that in wall time, for a machine shared by many jobs), and is judged
+against what it should do:
   error    exit 2 and exactly one stderr line starting with `error:`
   ok       exit 0 (and, for kills and full disks, the run then resumes to the weights of an uninterrupted run)
-Defects: traceback (any other ending), hang (past the limit), crash (a signal nobody sent), silent (exit 0 where the
-input had to be refused), refused (a clean input turned away), data loss (a resumed run ends with other weights).
+Defects: traceback (any other ending), hang (past the time limit), crash (a signal nobody sent), silent (exit 0 where
+the input had to be refused), refused (a clean input turned away), data loss (a resumed run ends with other weights).
 
 Run a table (the lead's re-run of the hardening table):  python tests/fuzz_lab.py --cases 40
 The 20-kill test alone:                                  python tests/fuzz_lab.py --kill-test 20
@@ -38,7 +39,8 @@ from pathlib import Path
 DEFECTS = ("traceback", "hang", "crash", "silent", "refused", "data loss")
 GIB = 2**30
 ADDRESS_LIMIT = 12 * GIB  # the issue's cap, on top of what the parent already maps
-TIME_LIMIT = 60.0
+TIME_LIMIT = 60.0  # CPU seconds per case
+WALL_FACTOR = 5  # wall-clock seconds allowed per CPU second of the limit
 
 # The tiny run every case starts from: trains in about a second on one thread.
 SHAPE = ["--d-model", "16", "--heads", "2", "--d-ff", "32", "--batch", "4"]
@@ -77,6 +79,7 @@ def run_cli(
     file_size_limit: int | None = None,
     kill_at: int | None = None,
     count_to: Path | None = None,
+    kill_after: float | None = None,
 ) -> Run:
     """`forethought argv` in a forked child. `kill_at=k`: the child SIGKILLs itself at its k-th file-system event
     (see `_install_kill_points`); `count_to`: it writes how many events it saw there."""
@@ -98,6 +101,11 @@ def run_cli(
                 sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
                 vm = _status_kb("VmSize") * 1024
                 resource.setrlimit(resource.RLIMIT_AS, (vm + address_limit, vm + address_limit))
+                # The limit is on CPU seconds (a busy loop ends in SIGXCPU); the wall-clock limit, five times
+                # longer, catches a process that sleeps forever. On a shared machine (load 20-30 on 2 cores here) a
+                # 2-second case can take a minute of wall time without being stuck.
+                cpu = int(time_limit)
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
                 if file_size_limit is not None:  # an injected full disk: writes past this size fail (EFBIG)
                     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                     resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
@@ -117,10 +125,14 @@ def run_cli(
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-        deadline, timed_out = started + time_limit, False
+        deadline, timed_out = started + WALL_FACTOR * time_limit, False
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
+                break
+            if kill_after is not None and time.perf_counter() > started + kill_after:
+                os.kill(pid, signal.SIGKILL)  # a kill from outside, at whatever the run was doing
+                _, status = os.waitpid(pid, 0)
                 break
             if time.perf_counter() > deadline:
                 os.kill(pid, signal.SIGKILL)
@@ -132,6 +144,7 @@ def run_cli(
         stdout = out_path.read_text(errors="replace") if out_path.exists() else ""
         stderr = err_path.read_text(errors="replace") if err_path.exists() else ""
     if os.WIFSIGNALED(status):
+        timed_out = timed_out or os.WTERMSIG(status) == signal.SIGXCPU
         return Run(None, os.WTERMSIG(status), stdout, stderr, seconds, timed_out)
     return Run(os.WEXITSTATUS(status), None, stdout, stderr, seconds, timed_out)
 
@@ -600,6 +613,22 @@ def kill_test(table: Table, work: Path, kills: int, rng: random.Random, arch: st
     return rows
 
 
+def timed_kills(table: Table, work: Path, kills: int, rng: random.Random, arch: str = "standard") -> None:
+    """SIGKILL from outside after a random delay (inside a step, an evaluation, a write: wherever it lands)."""
+    _, ref = reference(work, arch)
+    for i in range(kills):
+        out = work / f"timed-{arch}-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        delay = rng.uniform(0.05, 1.5)
+        first = run_cli(train_argv(out, "--arch", arch), kill_after=delay)
+        label = f"{arch}: SIGKILL after {delay:.2f} s" + ("" if first.signal else " (finished first)")
+        resumed = run_cli(train_argv(out, "--arch", arch))
+        outcome, detail = judge(resumed, "ok")
+        if outcome == "ok" and final_hashes(out) != ref:
+            outcome, detail = "data loss", "resumed to other weights"
+        table.add("SIGKILL during arch train, resume", label, outcome, detail, first.seconds + resumed.seconds)
+
+
 # --- group 4: arch compare --------------------------------------------------------------------------------------
 
 # Two 3-step runs (seeds 0 and 1) of parity, with their length sweeps: seconds.
@@ -871,9 +900,12 @@ def group_disk(table: Table, work: Path, n: int, rng: random.Random, ref: tuple[
     ):
         mount = work / f"disk-other-{i}"
         with small_disk(mount, 64, read_only=read_only) as mounted:
+            if not mounted and read_only and os.geteuid() == 0:
+                continue  # root writes through chmod 0555: no read-only folder to be had without a mount
             if not mounted and read_only:
                 mount.chmod(0o555)
-            run = run_cli(argv_of(mount), file_size_limit=None if mounted else 64 * 1024, time_limit=120)
+            # injected: a per-file limit below the smallest run's optimizer state (~20 KB)
+            run = run_cli(argv_of(mount), file_size_limit=None if mounted else 4096, time_limit=120)
             outcome, detail = judge(run, "error")
             if not mounted and read_only:
                 mount.chmod(0o755)
@@ -892,9 +924,15 @@ def run_all(work: Path, n: int, kills: int, seed: int = 25) -> Table:
     group_flags(table, work, n, rng)
     group_checkpoints(table, work, n, rng, ref)
     kill_test(table, work, kills, rng)
+    kill_test(table, work, max(2, kills // 4), rng, arch="feedback")
+    kill_test(table, work, max(2, kills // 4), rng, arch="recurrent")
+    timed_kills(table, work, max(2, kills // 2), rng)
     group_compare(table, work, n, rng)
     group_folders(table, work, n, rng)
     group_disk(table, work, max(2, n // 3), rng, ref)
+    os.environ["FORETHOUGHT_FUZZ_NO_MOUNT"] = "1"  # the same through an injected per-file limit (no root)
+    group_disk(table, work / "injected", max(2, n // 6), rng, ref)
+    del os.environ["FORETHOUGHT_FUZZ_NO_MOUNT"]
     return table
 
 

@@ -100,12 +100,21 @@ def save(out: Path, fill: Callable[[Path], None], step: int) -> Path:
         pointer = {"format": FORMAT, "folder": folder.name, "step": step, "files": files}
         write_atomic_text(out / POINTER, json.dumps(pointer, indent=1), "the checkpoint")
     except BaseException:
-        _remove_quietly(folder)  # never current: nothing points at it
+        if not _names(out / POINTER, folder.name):  # never current: nothing points at it
+            _remove_quietly(folder)
         raise
     for stale in out.glob(PREFIX + "*"):
         if stale.name != folder.name:
             _remove_quietly(stale)
     return folder
+
+
+def _names(pointer: Path, folder: str) -> bool:
+    """Whether the pointer file names `folder` (a failure after the pointer's rename must not delete it)."""
+    try:
+        return json.loads(pointer.read_text()).get("folder") == folder
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def current(out: Path) -> Path | None:
@@ -150,14 +159,6 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
 
 
-def clear(out: Path) -> None:
-    """Remove the pointer first (so a kill mid-way leaves no checkpoint, not half of one), then the folders."""
-    with writing(out, "the checkpoint"):
-        (out / POINTER).unlink(missing_ok=True)
-    for stale in out.glob(PREFIX + "*"):
-        _remove_quietly(stale)
-
-
 # --- whole folders (the exported model) --------------------------------------------------------------------------
 
 
@@ -187,6 +188,9 @@ def replace_folder(target: Path, fill: Callable[[Path], None], what: str) -> Pat
             _fsync_dir(target.parent)
     except BaseException:
         _remove_quietly(tmp)
+        if old.exists() and not target.exists():  # failed between the two renames: the old folder goes back
+            with contextlib.suppress(OSError):
+                os.replace(old, target)
         raise
     _remove_quietly(old)
     return target
