@@ -1,6 +1,6 @@
 """The Qwen2.5-Coder rungs of the model ladder against llama.cpp, on the same GGUF files:
 
-  python -m benchmarks.ladder agree [--models qwen2.5-coder-0.5b qwen2.5-coder-1.5b] [--record]
+  python -m benchmarks.ladder agree [--models qwen2.5-coder-0.5b qwen2.5-coder-1.5b] [--record] [--reuse]
 
 For each model: token ids of hard strings (llama.cpp reads the Q4_K_M file, vocabulary only); the logits at
 every position of four prompts against llama.cpp running its own F32 conversion of the file (so both engines
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 import subprocess
 import sys
 import time
@@ -248,10 +249,20 @@ def compare(model: str, ours: dict, ref: dict, mine: np.lib.npyio.NpzFile, their
 def agree(args) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     report: dict = {"llama_cpp_python": None, "models": {}}
+    if (OUT / "agreement.json").is_file():  # other models' earlier results stay
+        report = json.loads((OUT / "agreement.json").read_text())
     record = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
     for model in args.models:
         dumps = {n: str(cache_dir() / f"ladder-logits-{model}-{n}.npz") for n in ENGINES}
-        results = {n: run_engine(n, model, dumps[n]) for n in ENGINES}  # one after the other: RAM
+        results = {}
+        for n in ENGINES:  # one after the other: RAM
+            saved = Path(dumps[n]).with_suffix(".json")
+            if args.reuse and saved.is_file() and Path(dumps[n]).is_file():
+                results[n] = json.loads(saved.read_text())
+                continue
+            results[n] = run_engine(n, model, dumps[n])
+            if "error" not in results[n]:
+                saved.write_text(json.dumps(results[n], ensure_ascii=False))
         if any("error" in r for r in results.values()):
             report["models"][model] = {n: r["error"] for n, r in results.items() if "error" in r}
             print(f"{model}: {report['models'][model]}")
@@ -275,7 +286,10 @@ def agree(args) -> dict:
             "64 tokens) from its F32 conversion (llama_model_quantize ftype 0); chat from Jinja2ChatFormatter "
             "over the GGUF's tokenizer.chat_template. Written by `python -m benchmarks.ladder agree --record`."
         )
-        RECORD.write_text(json.dumps(dict(sorted(record.items())), indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps(dict(sorted(record.items())), indent=1, ensure_ascii=False)
+        # One line per list of ids: the file stays a few hundred lines long and diffs stay readable.
+        text = re.sub(r"\[\s+([-\d,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+        RECORD.write_text(text + "\n")
     return report
 
 
@@ -305,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("agree", help="token ids, logits, greedy text and chat template vs llama.cpp")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     p.add_argument("--record", action="store_true", help="write llama.cpp's reference ids for the tests")
+    p.add_argument("--reuse", action="store_true", help="reuse an engine's saved results from an earlier run")
     args = parser.parse_args(argv)
     agree(args)
 
