@@ -37,6 +37,30 @@ DtypeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 
+class _Stdout:
+    """Streamed text goes through here, so an error or interruption that stops it mid-line starts its own line
+    (the `error:` line must never be glued to the end of the prompt or the generated text)."""
+
+    mid_line = False
+
+    @classmethod
+    def write(cls, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            cls.mid_line = not text.endswith("\n")
+
+    @classmethod
+    def end_line(cls) -> None:
+        if cls.mid_line:
+            cls.mid_line = False
+            try:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to keep apart
+                pass
+
+
 def load(model: str, device: str, dtype: str, quiet: bool = False):
     from forethought.weights import load_model
 
@@ -66,7 +90,9 @@ def generate(
             help="Draft tokens and verify them in one forward (same output): heads, lookup or auto.",
         ),
     ] = None,
-    draft_len: Annotated[int, typer.Option("--draft-len", help="Tokens drafted per forward (--speculative).")] = 4,
+    draft_len: Annotated[
+        int | None, typer.Option("--draft-len", help="Tokens drafted per forward, 1..15 (--speculative; default 4).")
+    ] = None,
     heads: Annotated[
         str | None, typer.Option("--heads", help="Draft heads file (default: the ones shipped for the model).")
     ] = None,
@@ -88,6 +114,10 @@ def generate(
         raise ForethoughtError(f"-n must be >= 0, got {n}")
     if speculative is not None and no_cache:
         raise ForethoughtError("--speculative verifies drafts on the KV cache: drop --no-cache")
+    from forethought.model.speculative import check_speculative_flags
+
+    check_speculative_flags(speculative, draft_len, heads)
+    draft_len = 4 if draft_len is None else draft_len
     lm = load(model, device, dtype, quiet=as_json)
     text = lm.tokenizer.apply_chat_template(prompt) if chat else prompt
     prompt_ids = lm.tokenizer.encode(text)
@@ -103,8 +133,7 @@ def generate(
 
     def show(token: int) -> None:
         if not as_json:
-            sys.stdout.write(stream.push(token))
-            sys.stdout.flush()
+            _Stdout.write(stream.push(token))
 
     if lm.model.device.type == "cpu":
         from forethought.model import kernels
@@ -112,8 +141,7 @@ def generate(
         kernels.module()  # a first-run compile announces itself on stderr now, not inside the streamed text
     lm.model.announce_decode_path()  # likewise a decode path without the compiled step
     if not as_json and not plain_chat:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _Stdout.write(text)
     stops = (lm.tokenizer.eos_id,) if lm.tokenizer.eos_id is not None else ()
     result = run_generation(
         lm.model,
@@ -154,8 +182,7 @@ def generate(
     if as_json:
         print(json.dumps(summary))
         return
-    sys.stdout.write("\n")
-    sys.stdout.flush()  # the summary goes to stderr: keep it below the text, not inside it
+    _Stdout.write("\n")  # the summary goes to stderr: keep it below the text, not inside it
     cache_note = f"KV cache {summary['kv_cache_bytes'] / 1e6:.2f} MB" if not no_cache else "no cache (recompute)"
     speed = f"{rate:.1f} tok/s · " if summary["decode_tokens_per_second"] is not None else ""
     err_console.print(
@@ -205,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     _register_commands()
     command = typer.main.get_command(app)
+    _Stdout.mid_line = False
     try:
-        command.main(args=argv, prog_name="forethought", standalone_mode=False)
+        try:
+            command.main(args=argv, prog_name="forethought", standalone_mode=False)
+        finally:
+            _Stdout.end_line()
     except ForethoughtError as e:
         err_console.print(f"error: {e}", markup=False, soft_wrap=True)
         return 2
@@ -224,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except FileNotFoundError as e:
         err_console.print(f"error: {e.strerror}: {e.filename}", markup=False, soft_wrap=True)
+        return 2
+    except OSError as e:  # a write the machine refused (full disk, read-only, permissions) that no check caught
+        from forethought.paths import WRITE_ERRNOS, reason
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        err_console.print(f"error: {where}cannot write: {reason(e)}", markup=False, soft_wrap=True)
         return 2
     return 0
 
