@@ -36,16 +36,58 @@ class Finding:
 
     @classmethod
     def from_dict(cls, d: dict) -> Finding:
+        """A Finding from JSON, every field's type checked (ValueError saying which field is wrong): the page
+        shows these numbers, so nothing that merely looks like a finding is taken as one."""
         if not isinstance(d, dict) or not isinstance(d.get("verdict"), str):
             raise ValueError("a finding is a JSON object with at least a string 'verdict'")
+        numbers = d.get("numbers") or {}
+        if not isinstance(numbers, dict) or not all(is_value(v) for v in numbers.values()):
+            raise ValueError("'numbers' must map names to numbers, strings, booleans or lists of them")
+        intervals = d.get("intervals") or {}
+        if not isinstance(intervals, dict) or not all(_is_interval(v) for v in intervals.values()):
+            raise ValueError("'intervals' must map names to [low, high] pairs of numbers, low <= high")
+        figures = d.get("figures") or []
+        if not isinstance(figures, list) or not all(_is_figure(f) for f in figures):
+            raise ValueError("'figures' must be a list of {file, caption, command} strings, file a relative path")
+        commands = d.get("commands") or []
+        if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+            raise ValueError("'commands' must be a list of strings")
+        data = d.get("data") or {}
+        if not isinstance(data, dict):
+            raise ValueError("'data' must be an object")
         return cls(
             verdict=d["verdict"],
-            numbers=dict(d.get("numbers") or {}),
-            intervals={k: [float(v[0]), float(v[1])] for k, v in (d.get("intervals") or {}).items()},
-            figures=[Figure(**f) for f in d.get("figures") or []],
-            commands=list(d.get("commands") or []),
-            data=dict(d.get("data") or {}),
+            numbers=dict(numbers),
+            intervals={k: [float(v[0]), float(v[1])] for k, v in intervals.items()},
+            figures=[Figure(f["file"], f["caption"], f["command"]) for f in figures],
+            commands=list(commands),
+            data=dict(data),
         )
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def is_value(v: object) -> bool:
+    scalar = v is None or isinstance(v, bool | str) or _is_number(v)
+    return scalar or (isinstance(v, list) and all(is_value(x) and not isinstance(x, list) for x in v))
+
+
+def _is_interval(v: object) -> bool:
+    # NaN (no interval) passes; a reversed pair does not
+    return isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and not v[0] > v[1]
+
+
+def _is_figure(f: object) -> bool:
+    return (
+        isinstance(f, dict)
+        and set(f) == {"file", "caption", "command"}
+        and all(isinstance(f[k], str) for k in f)
+        and f["file"].strip() != ""
+        and not f["file"].startswith(("/", "\\"))
+        and ".." not in f["file"].replace("\\", "/").split("/")
+    )
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> list[float]:

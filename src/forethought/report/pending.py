@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from forethought.errors import ForethoughtError
 from forethought.report.context import ReportContext
 from forethought.report.finding import Finding, Unavailable
 
@@ -60,11 +61,33 @@ class Pending:
         if path is None:
             where = f"no {Path(ctx.results_dir) / (self.key + '.json')}" if ctx.results_dir else "no --results DIR"
             raise Unavailable(f"{self.needs} (no provider registered for {self.key!r}, {where})")
-        finding = Finding.from_dict(json.loads(path.read_text()))
+        finding = read_results_file(path)
         for figure in finding.figures:
-            source = path.parent / figure.file
-            if not source.is_file():
-                raise FileNotFoundError(f"{path} names the figure {figure.file}, which is not beside it")
-            shutil.copy2(source, folder / Path(figure.file).name)
+            shutil.copy2(path.parent / figure.file, folder / Path(figure.file).name)
             figure.file = Path(figure.file).name
         return finding
+
+
+def read_results_file(path: Path) -> Finding:
+    """A `--results` Finding, schema-checked, its figures beside it: one line naming the file when it is not."""
+    try:
+        finding = Finding.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ForethoughtError(f"--results {path}: unreadable ({type(e).__name__})") from None
+    except ValueError as e:  # JSON syntax, or a field of the wrong type
+        raise ForethoughtError(f"--results {path}: not a finding ({str(e).splitlines()[0]})") from None
+    for figure in finding.figures:
+        if not (path.parent / figure.file).is_file():
+            raise ForethoughtError(f"--results {path} names the figure {figure.file}, which is not beside it")
+    return finding
+
+
+def check_results_dir(results_dir: Path, keys: list[str]) -> None:
+    """Before any work: the folder exists, and each `<key>.json` there for a chosen section is a finding."""
+    if not results_dir.is_dir():
+        what = "is a file" if results_dir.exists() else "does not exist"
+        raise ForethoughtError(f"--results {results_dir} {what}: give the folder holding <section>.json files")
+    for key in keys:
+        path = results_dir / f"{key}.json"
+        if path.exists():
+            read_results_file(path)
