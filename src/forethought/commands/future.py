@@ -67,14 +67,16 @@ def extract(
     """Run the model over a corpus and store chosen layers' resid_post, token ids and its own greedy predictions."""
     from forethought.data.corpus import load_corpus
     from forethought.experiments.future import run_extract
+    from forethought.paths import output_dir
 
-    documents = load_corpus(corpus)  # a bad corpus fails before the model loads
-    lm = load(model, device, "float32", quiet=as_json)
-    layer_list = parse_int_list(layers, "layers", lm.config.n_layers)
+    documents = load_corpus(corpus)  # a bad corpus, path or cluster fails before the model loads
+    output_dir(out, "--out")
     if ray is not None:  # the same run with its shards computed on Ray workers (forethought.distributed)
         from forethought.distributed.dispatch import extract_run
 
         run_extract = extract_run(ray, model, device)
+    lm = load(model, device, "float32", quiet=as_json)
+    layer_list = parse_int_list(layers, "layers", lm.config.n_layers)
     result = run_extract(
         lm,
         documents,
