@@ -78,6 +78,16 @@ def output_dir(path: str | Path, flag: str = "the output folder") -> Path:
     return path
 
 
+@contextmanager
+def writing(path: str | Path, flag: str) -> Iterator[None]:
+    """For writers we do not own (matplotlib's savefig): an OSError inside is one line naming `path`. A cut PNG
+    is harmless (no rerun reads one back), so these are not made atomic."""
+    try:
+        yield
+    except OSError as e:
+        raise write_error(path, flag, e) from None
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

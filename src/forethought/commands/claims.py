@@ -16,6 +16,7 @@ from rich.table import Table
 
 from forethought.cli import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, console, load
 from forethought.errors import ForethoughtError
+from forethought.paths import output_file, writing
 from forethought.trace import layer_label as _layer_label
 
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the result to this file.")]
@@ -31,6 +32,8 @@ def _prompt_ids(lm, prompt: str) -> list[int]:
 def _check_plot(plot: Path | None) -> None:
     if plot is not None and plot.suffix.lower() != ".png":
         raise ForethoughtError(f"--plot writes a PNG: give a file name ending in .png, not {str(plot)!r}")
+    if plot is not None:
+        output_file(plot, "--plot")
 
 
 def _emit_json(obj: dict) -> None:
@@ -69,7 +72,8 @@ def equivalence(
     if plot is not None:
         from forethought.viz.claims import plot_equivalence
 
-        plot_equivalence(result, plot)
+        with writing(plot, "--plot"):
+            plot_equivalence(result, plot)
     if as_json:
         _emit_json(result.to_dict() | {"prompt": prompt, "text": lm.tokenizer.decode(result.cached_ids)})
         return
@@ -137,7 +141,8 @@ def invariance(
         from forethought.viz.claims import plot_invariance
 
         other = run(lm.model, short_ids, longer_ids, causal=bidirectional, model_name=lm.name)
-        plot_invariance(sorted([result, other], key=lambda r: not r.causal), plot)
+        with writing(plot, "--plot"):
+            plot_invariance(sorted([result, other], key=lambda r: not r.causal), plot)
     if as_json:
         _emit_json(result.to_dict() | {"short": short, "longer": longer})
         return
@@ -200,7 +205,8 @@ def state_size(
     if plot is not None:
         from forethought.viz.claims import plot_state_size
 
-        plot_state_size(result, plot)
+        with writing(plot, "--plot"):
+            plot_state_size(result, plot)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -274,7 +280,8 @@ def lens(
     if plot is not None:
         from forethought.viz.claims import plot_lens
 
-        plot_lens(result, plot)
+        with writing(plot, "--plot"):
+            plot_lens(result, plot)
     if as_json:
         _emit_json(result.to_dict() | {"prompt": prompt})
         return
@@ -319,7 +326,6 @@ def trace(
     as_json: JsonOpt = False,
 ) -> None:
     """Run PROMPT once, capturing the named activations, and save them (safetensors + JSON metadata)."""
-    from forethought.paths import output_file
     from forethought.trace import resolve_names
     from forethought.trace import trace as run_trace
 

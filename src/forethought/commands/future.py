@@ -10,6 +10,7 @@ import typer
 
 from forethought.cli import DeviceOpt, JsonOpt, ModelOpt, app, console, err_console, load
 from forethought.errors import ForethoughtError
+from forethought.paths import output_dir, output_file, writing
 
 RayOpt = Annotated[
     str | None,
@@ -67,8 +68,6 @@ def extract(
     """Run the model over a corpus and store chosen layers' resid_post, token ids and its own greedy predictions."""
     from forethought.data.corpus import load_corpus
     from forethought.experiments.future import run_extract
-    from forethought.paths import output_dir
-
     documents = load_corpus(corpus)  # a bad corpus, path or cluster fails before the model loads
     output_dir(out, "--out")
     if ray is not None:  # the same run with its shards computed on Ray workers (forethought.distributed)
@@ -153,8 +152,10 @@ def probe(
     # Stores written before the "source" field name their model only (right for registry models).
     stored = activation_store.manifest["model"]
     model = model or stored.get("source") or stored["name"]
+    out_dir = output_dir(out or (Path(store) / "probes"), "--out")  # paths checked before the model loads
+    if plot is not None:
+        output_file(plot, "--plot")
     lm = load(model, device, "float32", quiet=as_json)
-    out_dir = out or (Path(store) / "probes")
     if ray is not None:  # layers fitted on Ray workers, merged in (layer, offset) order (forethought.distributed)
         from forethought.distributed.dispatch import probe_run
 
@@ -168,7 +169,8 @@ def probe(
         save_dir=out_dir,
         progress=not as_json,
     )
-    paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
+    with writing(out_dir, "--out"):
+        paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
     if as_json:
         print(json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in paths.items()}}))
         return
