@@ -68,6 +68,7 @@ def extract(
     """Run the model over a corpus and store chosen layers' resid_post, token ids and its own greedy predictions."""
     from forethought.data.corpus import load_corpus
     from forethought.experiments.future import run_extract
+
     documents = load_corpus(corpus)  # a bad corpus, path or cluster fails before the model loads
     output_dir(out, "--out")
     if ray is not None:  # the same run with its shards computed on Ray workers (forethought.distributed)
