@@ -248,7 +248,9 @@ def verify_heads(
         )
     if payload_sha256(tensors, meta) != meta["sha256"]:
         raise bad("contents do not match the sha256 written with them (the file was changed or damaged)")
-    if saved_fingerprint is None or not fingerprints_match(saved_fingerprint, model_fingerprint(model)):
+    if saved_fingerprint is None:
+        raise bad("records no fingerprint of the model it was trained for: retrain with `forethought heads train`")
+    if not fingerprints_match(saved_fingerprint, model_fingerprint(model)):
         raise ForethoughtError(
             f"heads file {path} was trained for another model ({meta.get('model')!r}): its weights differ from "
             f"{c.name!r}'s; train heads for this model with `forethought heads train`"
