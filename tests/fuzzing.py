@@ -774,7 +774,7 @@ def recomputed_check(original: dict):
 
     def check(stdout: str) -> str:
         now = report_numbers(stdout)
-        for key, (status, _, numbers) in original.items():
+        for key, (status, _, numbers) in ((k, v) for k, v in original.items() if k != "_n_params"):
             got = now.get(key)
             if got is None or got[0] != status or got[2] != numbers:
                 return f"{key}: shown {got} instead of {numbers}"

@@ -516,7 +516,7 @@ def read_compare(path: Path) -> dict:
     for i, section in enumerate(sections):
         if not isinstance(section, dict) or not isinstance(section.get("key"), str):
             raise bad(f"sections[{i}] has no string 'key'")
-        numbers = section.get("numbers") or {}
+        numbers = {} if section.get("numbers") is None else section["numbers"]
         if not isinstance(numbers, dict) or not all(is_value(v) for v in numbers.values()):
             raise bad(f"sections[{i}] ({section['key']}): 'numbers' is not a map of numbers")
     return other

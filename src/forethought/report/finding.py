@@ -40,19 +40,19 @@ class Finding:
         shows these numbers, so nothing that merely looks like a finding is taken as one."""
         if not isinstance(d, dict) or not isinstance(d.get("verdict"), str):
             raise ValueError("a finding is a JSON object with at least a string 'verdict'")
-        numbers = d.get("numbers") or {}
+        numbers = _present(d, "numbers", {})
         if not isinstance(numbers, dict) or not all(is_value(v) for v in numbers.values()):
             raise ValueError("'numbers' must map names to numbers, strings, booleans or lists of them")
-        intervals = d.get("intervals") or {}
+        intervals = _present(d, "intervals", {})
         if not isinstance(intervals, dict) or not all(_is_interval(v) for v in intervals.values()):
             raise ValueError("'intervals' must map names to [low, high] pairs of numbers, low <= high")
-        figures = d.get("figures") or []
+        figures = _present(d, "figures", [])
         if not isinstance(figures, list) or not all(_is_figure(f) for f in figures):
             raise ValueError("'figures' must be a list of {file, caption, command} strings, file a relative path")
-        commands = d.get("commands") or []
+        commands = _present(d, "commands", [])
         if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
             raise ValueError("'commands' must be a list of strings")
-        data = d.get("data") or {}
+        data = _present(d, "data", {})
         if not isinstance(data, dict):
             raise ValueError("'data' must be an object")
         return cls(
@@ -63,6 +63,12 @@ class Finding:
             commands=list(commands),
             data=dict(data),
         )
+
+
+def _present(d: dict, key: str, empty):
+    """d[key], or `empty` when it is missing or null (an empty list where an object belongs is still wrong)."""
+    value = d.get(key)
+    return empty if value is None else value
 
 
 def _is_number(v: object) -> bool:
