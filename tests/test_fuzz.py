@@ -288,9 +288,10 @@ def test_output_paths_fail_in_one_line_and_leave_no_half_file(
         save, store = where / "t.safetensors", where / "store"
         return [
             ("trace --save", ["trace", "Once upon a time", "--save", str(save), *m], save, absent(save)),
-            ("extract --out", ["extract", "--out", str(store), *corpus, "--tokens", "600", "--window", "16", *m],
+            ("extract --out", ["extract", "--out", str(store), *corpus, "--tokens", "600", "--window", "16", *m,
+             "--json"],
              store, store_not_complete(store)),
-            ("report --out", [*report_argv(llama_dir, report_corpus, tmp_path / "cache", where / "r")][:-1],
+            ("report --out", report_argv(llama_dir, report_corpus, tmp_path / "cache", where / "r"),
              where / "r", absent(where / "r" / "report.json")),
             ("equivalence --plot", ["equivalence", "hi", "-n", "3", "--plot", str(where / "p.png"), *m],
              where / "p.png", None),
