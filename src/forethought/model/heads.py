@@ -16,7 +16,9 @@ states captured by `run_with_trace` as the tokens are made) instead of the activ
 corpus text rather than the model's continuations.
 
 A heads file is safetensors: `w` [K, d, d] float16, `vocab` int32 [V'], metadata naming the model, the
-layer read and the training run. Any problem reading one is a one-line `ForethoughtError`.
+layer read and the training run, a fingerprint of the model's weights it was trained for, and the sha256 of
+all of it. It is written whole or not at all, and read back only when every one of these checks out; any
+problem is a one-line `ForethoughtError` (`verify_heads`).
 """
 
 from __future__ import annotations
