@@ -131,3 +131,46 @@ def test_trace_save_never_creates_folders(capsys, llama_dir: Path, tmp_path: Pat
     assert_clean_error(code, err, "is a folder")
     code, _, err = run(capsys, "trace", "hi", "-m", str(llama_dir), "--save", str(tmp_path / "t.safetensors"))
     assert code == 0 and (tmp_path / "t.safetensors").is_file(), err
+
+
+@pytest.mark.parametrize("eos", ['"2"', '["2", "3"]', "[true]", "2.5", "[1.0, 2]", "-1", "[]", '{"id": 2}'])
+def test_generation_config_eos_of_the_wrong_type_is_one_line(capsys, llama_dir: Path, tmp_path: Path, eos: str):
+    """HF's generation_config.json names the stop token; a string (or bools, floats) there was a TypeError."""
+    folder = tmp_path / "model"
+    shutil.copytree(llama_dir, folder)
+    (folder / "generation_config.json").write_text(f'{{"eos_token_id": {eos}}}')
+    code, _, err = run(capsys, "generate", "-m", str(folder), "-n", "1", "hi")
+    assert_clean_error(code, err, "eos_token_id")
+
+
+def test_output_paths_name_the_path_and_the_reason(tmp_path: Path, monkeypatch):
+    """The shared checks: a file where a folder belongs (ENOTDIR), a folder where a file belongs, a read-only
+    place (EROFS, from statvfs), and a write the disk refuses (ENOSPC) with nothing left behind."""
+    import errno
+
+    import forethought.paths as paths
+    from forethought.errors import ForethoughtError
+
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(ForethoughtError, match=r"--save .*f/t\.safetensors: cannot write: .*\(ENOTDIR\)"):
+        paths.output_file(a_file / "t.safetensors", "--save")
+    with pytest.raises(ForethoughtError, match="is a folder"):
+        paths.output_file(tmp_path, "--save")
+    with pytest.raises(ForethoughtError, match=r"--out .*: cannot write: .*is a file \(ENOTDIR\)"):
+        paths.output_dir(a_file, "--out")
+    monkeypatch.setattr(paths.os, "access", lambda *a: False)
+    monkeypatch.setattr(paths, "_read_only", lambda folder: True)
+    with pytest.raises(ForethoughtError, match=r"Read-only file system \(EROFS\)"):
+        paths.output_file(tmp_path / "x.png", "--plot")
+    monkeypatch.undo()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    monkeypatch.setattr(paths.os, "fsync", disk_full)
+    with pytest.raises(ForethoughtError, match=r"out\.json: cannot write: No space left on device \(ENOSPC\)"):
+        paths.atomic_write_text(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f", "out.json"]

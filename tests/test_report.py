@@ -221,3 +221,99 @@ def test_page_renders_in_chromium(built, tmp_path):
         browser.close()
     assert not errors, errors
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []  # nothing fetched
+
+
+# ---------------------------------------------------------------------------------------------- cache integrity
+
+
+def _counting_section(calls: list) -> Section:
+    """A model-free section: one number, one figure; `calls` counts how often it really ran."""
+
+    def run(ctx, folder):
+        calls.append(1)
+        (folder / "fig.png").write_bytes(b"\x89PNG" + bytes(range(256)) * 4)
+        return Finding("64 bytes per token.", numbers={"bytes_per_token": 64}, figures=[Figure("fig.png", "c", "x")])
+
+    return Section("count", "Counting", "How often?", run, lambda ctx: {})
+
+
+@pytest.mark.parametrize(
+    "damage", ["digit", "truncate", "figure_cut", "figure_gone", "hashes_gone", "hashes_edited", "finding_gone"]
+)
+def test_a_damaged_cache_entry_is_recomputed_never_shown(tmp_path, damage):
+    from forethought.report.runner import run_section
+
+    calls: list = []
+    section, ctx, model = _counting_section(calls), ReportContext(model="m"), {"fingerprint": "f"}
+    first = run_section(section, ctx, model, tmp_path, use_cache=True)
+    again = run_section(section, ctx, model, tmp_path, use_cache=True)
+    assert first.status == again.status == "ok" and again.cached and len(calls) == 1  # the control: served
+    folder, finding = again.folder, again.folder / "finding.json"
+    if damage == "digit":  # the issue's case: 64 -> 94 must never reach the page
+        finding.write_text(finding.read_text().replace("64", "94"))
+    elif damage == "truncate":
+        finding.write_bytes(finding.read_bytes()[:20])
+    elif damage == "figure_cut":
+        (folder / "fig.png").write_bytes(b"\x89PNG")
+    elif damage == "figure_gone":
+        (folder / "fig.png").unlink()
+    elif damage == "hashes_gone":
+        (folder / "sha256.json").unlink()
+    elif damage == "hashes_edited":
+        (folder / "sha256.json").write_text(json.dumps({"finding.json": "0" * 64}))
+    else:
+        finding.unlink()
+    third = run_section(section, ctx, model, tmp_path, use_cache=True)
+    assert third.status == "ok" and not third.cached and len(calls) == 2, third.reason
+    assert third.finding.numbers == {"bytes_per_token": 64}
+    fourth = run_section(section, ctx, model, tmp_path, use_cache=True)  # repaired: served from the cache again
+    assert fourth.cached and fourth.finding.numbers == {"bytes_per_token": 64} and len(calls) == 2
+
+
+def test_cached_json_with_its_own_hash(tmp_path):
+    from forethought.report.cache import read_json, write_json
+
+    path = tmp_path / "model-x.json"
+    write_json(path, {"n_params": 134515008, "name": "m"})
+    assert read_json(path) == {"n_params": 134515008, "name": "m"}
+    path.write_text(path.read_text().replace("134515008", "134515009"))
+    assert read_json(path) is None  # rebuilt by the caller, not shown
+    path.write_text("{")
+    assert read_json(path) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"verdict": 5}',
+        '{"verdict": "v", "numbers": [1]}',
+        '{"verdict": "v", "numbers": {"a": {"b": 1}}}',
+        '{"verdict": "v", "intervals": {"a": [2, 1]}}',
+        '{"verdict": "v", "figures": [{"file": "/etc/passwd", "caption": "c", "command": "c"}]}',
+        '{"verdict": "v", "figures": [{"file": "a.png"}]}',
+        '{"verdict": "v", "commands": "c"}',
+    ],
+)
+def test_finding_fields_are_type_checked(text):
+    with pytest.raises(ValueError):
+        Finding.from_dict(json.loads(text))
+
+
+def test_report_inputs_are_one_line_before_work(tmp_path, capsys):
+    out_file = tmp_path / "f"
+    out_file.write_text("x")
+    bad_compare = tmp_path / "c.json"
+    bad_compare.write_text('{"meta": {"model": {"name": "x"}, "mode": "q", "started": "t"}, "sections": [1]}')
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "second_model.json").write_text('{"verdict": "v", "numbers": [1]}')
+    for extra, words in (
+        (["--out", str(out_file)], ("--out", "ENOTDIR")),
+        (["--out", str(tmp_path / "r"), "--compare", str(bad_compare)], ("--compare", "sections[0]")),
+        (["--out", str(tmp_path / "r"), "--results", str(results)], ("--results", "numbers")),
+        (["--out", str(tmp_path / "r"), "--results", str(out_file)], ("--results", "is a file")),
+    ):
+        code = main(["report", "--model", str(tmp_path / "never-loaded.gguf"), "--cache", str(tmp_path / "c"), *extra])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err

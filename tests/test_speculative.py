@@ -330,3 +330,68 @@ def test_heads_learn_the_models_continuations(tmp_path):
     loaded = load_heads(model, heads.save(tmp_path / "h.safetensors", model))
     state = torch.randn(model.config.d_model)
     assert loaded.draft(model, state, 2) == heads.draft(model, state, 2)
+
+
+def test_heads_files_are_verified_whole(tmp_path):
+    """A flipped byte, a resealed defect, another model's weights: each refused in one line; the file itself
+    loads in the other dtypes of the same model (its fingerprint tolerates bfloat16 rounding)."""
+    model = tiny("llama")
+    c = model.config
+    heads = DraftHeads(c.d_model, 2, torch.arange(0, 256, 4), layer=c.n_layers - 1)
+    with torch.no_grad():
+        heads.w.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    path = heads.save(tmp_path / "h.safetensors", model)
+    assert torch.equal(load_heads(model, path).w, heads.w.half().float())
+    assert load_heads(tiny("int8"), path).n_heads == 2  # the same weights stored as int8
+    assert load_heads(model.to(torch.bfloat16), path).n_heads == 2
+    model = model.float()
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the tensor bytes: parses fine, only the hash can tell
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ForethoughtError, match="do not match the sha256"):
+        load_heads(model, flipped)
+    with pytest.raises(ForethoughtError, match="trained for another model"):
+        load_heads(tiny("llama", seed=1), path)  # same shapes, other weights
+
+
+def test_heads_save_is_all_or_nothing(tmp_path, monkeypatch):
+    """A failed write (here: the disk fills at the rename) leaves the previous file intact and no temp file."""
+    import errno
+
+    import forethought.paths as paths
+
+    model = tiny("llama")
+    c = model.config
+    path = DraftHeads(c.d_model, 1, torch.arange(8), c.n_layers - 1).save(tmp_path / "h.safetensors", model)
+    before = path.read_bytes()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(paths.os, "replace", full)
+    with pytest.raises(ForethoughtError, match=r"cannot write: No space left on device \(ENOSPC\)") as err:
+        DraftHeads(c.d_model, 3, torch.arange(8), c.n_layers - 1).save(path, model)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["h.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "draft_len", "heads", "words"),
+    [
+        ("lookup", 0, None, "--draft-len must be in 1..15"),
+        ("lookup", 16, None, "--draft-len must be in 1..15"),
+        ("nope", None, None, "--speculative must be one of"),
+        (None, None, "h.safetensors", "--heads is read by --speculative"),
+        (None, 3, None, "--draft-len sets how many"),
+        ("lookup", None, "h.safetensors", "not read by --speculative lookup"),
+        ("heads", None, "missing.safetensors", "does not exist"),
+    ],
+)
+def test_speculative_flags_are_checked_without_a_model(kind, draft_len, heads, words, tmp_path):
+    from forethought.model.speculative import check_speculative_flags
+
+    (tmp_path / "h.safetensors").write_bytes(b"x")
+    with pytest.raises(ForethoughtError, match=words):
+        check_speculative_flags(kind, draft_len, str(tmp_path / heads) if heads else None)
+    check_speculative_flags("auto", 15, str(tmp_path / "h.safetensors"))  # the valid neighbour passes

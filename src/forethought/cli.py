@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from forethought.commands.common import app, err_console
+from forethought.commands.common import Stdout, app, err_console
 from forethought.errors import ForethoughtError
 
 try:  # recent typer vendors its own click
@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     _register_commands()
     command = typer.main.get_command(app)
+    Stdout.mid_line = False
     try:
-        command.main(args=argv, prog_name="forethought", standalone_mode=False)
+        try:
+            command.main(args=argv, prog_name="forethought", standalone_mode=False)
+        finally:
+            Stdout.end_line()
     except ForethoughtError as e:
         err_console.print(f"error: {e}", markup=False, soft_wrap=True)
         return 2
@@ -53,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except FileNotFoundError as e:
         err_console.print(f"error: {e.strerror}: {e.filename}", markup=False, soft_wrap=True)
+        return 2
+    except OSError as e:  # a write the machine refused (full disk, read-only, permissions) that no check caught
+        from forethought.paths import WRITE_ERRNOS, reason
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        err_console.print(f"error: {where}cannot write: {reason(e)}", markup=False, soft_wrap=True)
         return 2
     return 0
 

@@ -131,18 +131,17 @@ class Trace:
         return stacked[:, 0] if stacked.shape[1] == 1 else stacked
 
     def save(self, path: str | Path, **metadata) -> Path:
-        from safetensors.torch import save_file
+        """The trace as safetensors, whole or not at all: a full or read-only disk is one line naming the path,
+        and leaves no cut file that `Trace.load` would half read (forethought.paths)."""
+        from safetensors.torch import save
 
-        from forethought.paths import output_file
+        from forethought.paths import atomic_write_bytes, output_file
 
         path = output_file(path, "--save")
         header = {"token_ids": self.token_ids, "start": self.start, **self.metadata, **metadata}
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors.items()}
-        try:
-            save_file(tensors, str(path), metadata={"forethought": json.dumps(header, default=str)})
-        except OSError as e:
-            raise ForethoughtError(f"--save {path}: cannot write ({e.strerror})") from None
-        return path
+        data = save(tensors, metadata={"forethought": json.dumps(header, default=str)})
+        return atomic_write_bytes(path, data, "--save")
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:

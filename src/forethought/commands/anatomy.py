@@ -28,6 +28,7 @@ from forethought.commands.common import (
 )
 from forethought.errors import ForethoughtError
 from forethought.format import percent
+from forethought.paths import output_dir, output_file, writing
 
 
 @app.command()
@@ -59,6 +60,8 @@ def anatomy(
     if docs < 4:
         raise ForethoughtError(f"--docs must be >= 4 (two per half), got {docs}")
     chosen = parse_int_list(layers, "layers") if layers else None
+    if plot_dir is not None:
+        output_dir(plot_dir, "--plot-dir")  # before the model loads
     lm = load(model, device, dtype, quiet=as_json)
     token_docs, described = corpus_documents(lm.tokenizer, corpus, docs, length)
     # the control keeps the real weights' scales (a fresh random init's states are far smaller)
@@ -76,7 +79,8 @@ def anatomy(
     if plot_dir is not None:
         from forethought.viz.anatomy import plot_anatomy
 
-        plots = [str(p) for p in plot_anatomy(result, plot_dir)]
+        with writing(plot_dir, "--plot-dir"):
+            plots = [str(p) for p in plot_anatomy(result, plot_dir)]
     if as_json:
         print(json.dumps(result.to_dict() | {"plots": plots}))
         return
@@ -151,6 +155,8 @@ def revise(
         raise ForethoughtError("give exactly one of --force TOKEN or --temperature T (with --seed S)")
     if not prompt:
         raise ForethoughtError("the prompt is empty: give at least one token of text")
+    if plot is not None:
+        output_file(plot, "--plot")  # before the model loads
     lm = load(model, device, dtype, quiet=as_json)
     tok = lm.tokenizer
     text = tok.apply_chat_template(prompt) if chat else prompt
@@ -171,7 +177,8 @@ def revise(
     if plot is not None:
         from forethought.viz.anatomy import plot_revise
 
-        plot_revise(result, plot, tok.token_str)
+        with writing(plot, "--plot"):
+            plot_revise(result, plot, tok.token_str)
     original_text = tok.decode(result.original_ids[: result.at + 1 + result.n_after])
     revised_text = tok.decode(result.revised_ids)
     if as_json:
@@ -320,6 +327,8 @@ def revise_scale(
     from forethought.experiments.revise_scale import RANK_BUCKETS, draw_prompts, revise_at_scale
 
     specs = corpus or ([DEFAULT_CORPUS] + ([PROSE_CORPUS] if pydocs_root() is not None else []))
+    if plot is not None:
+        output_file(plot, "--plot")  # before the model loads
     lm = load(model, device, dtype, quiet=as_json)
     tok = lm.tokenizer
 
@@ -348,7 +357,8 @@ def revise_scale(
     if plot is not None:
         from forethought.viz.revise_scale import plot_revise_scale
 
-        plot_revise_scale(result, plot)
+        with writing(plot, "--plot"):
+            plot_revise_scale(result, plot)
     if as_json:
         print(json.dumps(result.to_dict()))
         return

@@ -30,6 +30,7 @@ from forethought.commands.common import (
 )
 from forethought.errors import ForethoughtError
 from forethought.format import size
+from forethought.paths import output_file, writing
 from forethought.trace import layer_label as _layer_label
 
 
@@ -52,7 +53,8 @@ def equivalence(
     if plot is not None:
         from forethought.viz.claims import plot_equivalence
 
-        plot_equivalence(result, plot)
+        with writing(plot, "--plot"):
+            plot_equivalence(result, plot)
     if as_json:
         emit_json(result.to_dict() | {"prompt": prompt, "text": lm.tokenizer.decode(result.cached_ids)})
         return
@@ -120,7 +122,8 @@ def invariance(
         from forethought.viz.claims import plot_invariance
 
         other = run(lm.model, short_ids, longer_ids, causal=bidirectional, model_name=lm.name)
-        plot_invariance(sorted([result, other], key=lambda r: not r.causal), plot)
+        with writing(plot, "--plot"):
+            plot_invariance(sorted([result, other], key=lambda r: not r.causal), plot)
     if as_json:
         emit_json(result.to_dict() | {"short": short, "longer": longer})
         return
@@ -183,7 +186,8 @@ def state_size(
     if plot is not None:
         from forethought.viz.claims import plot_state_size
 
-        plot_state_size(result, plot)
+        with writing(plot, "--plot"):
+            plot_state_size(result, plot)
     if as_json:
         emit_json(result.to_dict())
         return
@@ -257,7 +261,8 @@ def lens(
     if plot is not None:
         from forethought.viz.claims import plot_logit_lens
 
-        plot_logit_lens(result, plot)
+        with writing(plot, "--plot"):
+            plot_logit_lens(result, plot)
     if as_json:
         emit_json(result.to_dict() | {"prompt": prompt})
         return
@@ -302,7 +307,6 @@ def trace(
     as_json: JsonOpt = False,
 ) -> None:
     """Run PROMPT once, capturing the named activations, and save them (safetensors + JSON metadata)."""
-    from forethought.paths import output_file
     from forethought.trace import resolve_names
     from forethought.trace import trace as run_trace
 

@@ -5,6 +5,7 @@ assembles these commands and turns user errors into one line."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,30 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the result to this file.")]
 
 
+class Stdout:
+    """Streamed text goes through here, so an error or interruption that stops it mid-line starts its own line
+    (the `error:` line must never be glued to the end of the prompt or the generated text)."""
+
+    mid_line = False
+
+    @classmethod
+    def write(cls, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            cls.mid_line = not text.endswith("\n")
+
+    @classmethod
+    def end_line(cls) -> None:
+        if cls.mid_line:
+            cls.mid_line = False
+            try:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to keep apart
+                pass
+
+
 def load(model: str, device: str, dtype: str, quiet: bool = False):
     # looked up at call time, so a test (tests/fuzzing.py) can watch every command's load in one place
     import forethought.weights as weights
@@ -53,6 +78,10 @@ def check_plot(plot: Path | None) -> None:
     """Before any work: --plot writes a PNG, so its name must say so."""
     if plot is not None and plot.suffix.lower() != ".png":
         raise ForethoughtError(f"--plot writes a PNG: give a file name ending in .png, not {str(plot)!r}")
+    if plot is not None:
+        from forethought.paths import output_file
+
+        output_file(plot, "--plot")  # a folder, a read-only or missing parent: said now, not after the work
 
 
 def plotted(path: Path) -> None:

@@ -22,6 +22,7 @@ from forethought.commands.common import (
     progress_bar,
 )
 from forethought.errors import ForethoughtError
+from forethought.paths import output_dir, output_file, writing
 
 RayOpt = Annotated[
     str | None,
@@ -56,13 +57,14 @@ def extract(
     from forethought.data.corpus import load_corpus
     from forethought.experiments.future import run_extract
 
-    documents = load_corpus(corpus)  # a bad corpus fails before the model loads
-    lm = load(model, device, "float32", quiet=as_json)
-    layer_list = parse_int_list(layers, "layers", lm.config.n_layers)
+    documents = load_corpus(corpus)  # a bad corpus, path or cluster fails before the model loads
+    output_dir(out, "--out")
     if ray is not None:  # the same run with its shards computed on Ray workers (forethought.distributed)
         from forethought.distributed.dispatch import extract_run
 
         run_extract = extract_run(ray, model, device)
+    lm = load(model, device, "float32", quiet=as_json)
+    layer_list = parse_int_list(layers, "layers", lm.config.n_layers)
     with progress_bar("extract", unit="tok", quiet=as_json) as progress:
         result = run_extract(
             lm,
@@ -140,8 +142,10 @@ def probe(
     # Stores written before the "source" field name their model only (right for registry models).
     stored = activation_store.manifest["model"]
     model = model or stored.get("source") or stored["name"]
+    out_dir = output_dir(out or (Path(store) / "probes"), "--out")  # paths checked before the model loads
+    if plot is not None:
+        output_file(plot, "--plot")
     lm = load(model, device, "float32", quiet=as_json)
-    out_dir = out or (Path(store) / "probes")
     if ray is not None:  # layers fitted on Ray workers, merged in (layer, offset) order (forethought.distributed)
         from forethought.distributed.dispatch import probe_run
 
@@ -156,7 +160,8 @@ def probe(
             save_dir=out_dir,
             progress=progress,
         )
-    paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
+    with writing(out_dir, "--out"):
+        paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
     if as_json:
         print(json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in paths.items()}}))
         return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import Annotated
 
 import typer
@@ -15,6 +14,7 @@ from forethought.commands.common import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
+    Stdout,
     app,
     console,
     err_console,
@@ -43,7 +43,9 @@ def generate(
             help="Draft tokens and verify them in one forward (same output): heads, lookup or auto.",
         ),
     ] = None,
-    draft_len: Annotated[int, typer.Option("--draft-len", help="Tokens drafted per forward (--speculative).")] = 4,
+    draft_len: Annotated[
+        int | None, typer.Option("--draft-len", help="Tokens drafted per forward, 1..15 (--speculative; default 4).")
+    ] = None,
     heads: Annotated[
         str | None, typer.Option("--heads", help="Draft heads file (default: the ones shipped for the model).")
     ] = None,
@@ -65,6 +67,10 @@ def generate(
         raise ForethoughtError(f"-n must be >= 0, got {n}")
     if speculative is not None and no_cache:
         raise ForethoughtError("--speculative verifies drafts on the KV cache: drop --no-cache")
+    from forethought.model.speculative import check_speculative_flags
+
+    check_speculative_flags(speculative, draft_len, heads)
+    draft_len = 4 if draft_len is None else draft_len
     lm = load(model, device, dtype, quiet=as_json)
     text = lm.tokenizer.apply_chat_template(prompt) if chat else prompt
     prompt_ids = lm.tokenizer.encode(text)
@@ -80,8 +86,7 @@ def generate(
 
     def show(token: int) -> None:
         if not as_json:
-            sys.stdout.write(stream.push(token))
-            sys.stdout.flush()
+            Stdout.write(stream.push(token))
 
     if lm.model.device.type == "cpu":
         from forethought.model import kernels
@@ -89,8 +94,7 @@ def generate(
         kernels.module()  # a first-run compile announces itself on stderr now, not inside the streamed text
     lm.model.announce_decode_path()  # likewise a decode path without the compiled step
     if not as_json and not plain_chat:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        Stdout.write(text)
     stops = (lm.tokenizer.eos_id,) if lm.tokenizer.eos_id is not None else ()
     result = run_generation(
         lm.model,
@@ -131,8 +135,7 @@ def generate(
     if as_json:
         print(json.dumps(summary))
         return
-    sys.stdout.write("\n")
-    sys.stdout.flush()  # the summary goes to stderr: keep it below the text, not inside it
+    Stdout.write("\n")  # the summary goes to stderr: keep it below the text, not inside it
     cache_note = f"KV cache {summary['kv_cache_bytes'] / 1e6:.2f} MB" if not no_cache else "no cache (recompute)"
     speed = f"{rate:.1f} tok/s · " if summary["decode_tokens_per_second"] is not None else ""
     err_console.print(

@@ -24,6 +24,7 @@ from forethought.commands.common import (
     parse_int_list,
 )
 from forethought.errors import ForethoughtError
+from forethought.paths import output_file
 
 heads_app = typer.Typer(no_args_is_help=True, help="Draft heads for `generate --speculative heads`.")
 app.add_typer(heads_app, name="heads")
@@ -54,6 +55,36 @@ def _progress(total: int, what: str, quiet: bool):
     return (lambda n: bar.advance(task, n)), bar.stop
 
 
+def _cached_data(path: Path):
+    """The kept continuations, or None when there are none or they do not read back whole (a damaged cache is
+    recomputed, never trained on)."""
+    from forethought.heads.training import HeadsData
+
+    if not path.is_file():
+        return None
+    try:
+        data = HeadsData(**torch.load(path, weights_only=True))
+        ok = data.targets.dim() == 2 and data.rows.shape[0] == data.targets.shape[0]
+        return data if ok and all(s.shape[0] == data.rows.shape[0] for s in data.states.values()) else None
+    except Exception:  # noqa: BLE001 -- any unreadable cache entry is recomputed
+        return None
+
+
+def _save_data(data, path: Path) -> None:
+    """Whole or not at all: a run killed while saving leaves no file a rerun would read as the continuations."""
+    import io
+
+    from forethought.paths import atomic_write_bytes
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(dataclasses.asdict(data), buffer)
+        atomic_write_bytes(path, buffer.getvalue(), "the heads-data cache")
+    except (OSError, ForethoughtError) as e:  # only a cache: the run goes on without it
+        err_console.print(f"[dim]not kept: {e}[/dim]", soft_wrap=True)
+
+
 @heads_app.command("train")
 def train(
     out: Annotated[
@@ -75,7 +106,6 @@ def train(
     """Generate the model's own greedy continuations, train heads on its last block's output to forecast them,
     report held-out accuracy per head (and per layer with --layers), and save the heads."""
     from forethought.heads.training import (
-        HeadsData,
         choose_vocab,
         make_training_data,
         seed_prompts,
@@ -90,29 +120,27 @@ def train(
         raise ForethoughtError(f"--tokens must be at least --heads + 2, got {new_tokens}")
     if vocab < 16 or epochs < 1:
         raise ForethoughtError("--vocab must be >= 16 and --epochs >= 1")
+    if out is not None:
+        output_file(out, "--out")  # before the model loads: a bad path fails in milliseconds
     lm = load(model, device, "float32", quiet=as_json)
     last = lm.config.n_layers - 1
     extra = parse_int_list(layers, "layers", lm.config.n_layers) if layers else []
     used = sorted({*extra, last})
-    out = out or shipped_path(lm.model)
-    if out.parent and not out.parent.is_dir():
-        raise ForethoughtError(f"--out: folder {out.parent} does not exist")
+    out = output_file(out or shipped_path(lm.model), "--out")  # a bad path fails before minutes of work
 
     prompts = seed_prompts(lm.tokenizer, seed=seed)
     # The continuations are most of the cost (minutes): kept, keyed by everything they depend on, so a
     # rerun with other training settings starts at once.
     key = hashlib.sha256(json.dumps([lm.config.name, prompts, new_tokens, n_heads, used]).encode()).hexdigest()[:16]
     data_file = cache_dir().parent / "heads-data" / f"{key}.pt"
-    if data_file.exists():
-        data = HeadsData(**torch.load(data_file))
-    else:
+    data = _cached_data(data_file)
+    if data is None:
         advance, stop = _progress(len(prompts) * (new_tokens - 1), "generating", as_json)
         try:
             data = make_training_data(lm.model, prompts, new_tokens, n_heads, used, lm.tokenizer.eos_id, advance)
         finally:
             stop()
-        data_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dataclasses.asdict(data), data_file)
+        _save_data(data, data_file)
     always = [lm.tokenizer.eos_id] if lm.tokenizer.eos_id is not None else []
     chosen = choose_vocab(data.targets, vocab, always)
     valid = data.targets[data.targets >= 0]

@@ -39,9 +39,15 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Answer the thread's questions for MODEL: index.html (one file), report.md and report.json."""
+    from forethought.paths import output_dir
     from forethought.report import ReportContext, ReportSettings, run_report, select, write_report
+    from forethought.report.finding import check_results_dir
 
     chosen = select([s.strip() for s in sections.split(",") if s.strip()] if sections else None)
+    output_dir(out, "--out")  # a file there, a read-only or missing place: one line before minutes of work
+    output_dir(cache, "--cache")
+    if results is not None:
+        check_results_dir(results, [s.key for s in chosen])
     ctx = ReportContext(
         model=model,
         corpus=corpus,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +29,7 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.model.transformer import Transformer
+from forethought.paths import atomic_write_bytes, output_dir
 from forethought.progress import Progress, tell
 from forethought.trace import act_name, run_with_trace
 
@@ -112,25 +112,9 @@ class ExtractResult:
     manifest: dict = field(repr=False, default_factory=dict)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Whole or not at all; a full or read-only disk is one line naming the file (forethought.paths)."""
+    atomic_write_bytes(path, data, "--out")
 
 
 def _shard_name(index: int) -> str:
@@ -412,7 +396,7 @@ def _run_shard(
 def _open_store(out: Path, manifest: dict) -> dict:
     """The manifest to extend: the one already at `out` when its settings match (a resume; every recorded shard
     verified), else `manifest`, written at once into an empty folder. A mismatch is the user's error."""
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out, "--out")
     old = read_manifest(out)
     if old is not None:
         diffs = _differences(_fingerprint(old), _fingerprint(manifest))

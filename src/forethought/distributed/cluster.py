@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +22,9 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 # Ray binds a private cluster to the machine's reachable address unless told it is a single-node setup; with this
 # set to 0 every Ray process listens on 127.0.0.1 only (its switch for laptops, honoured on Linux too).
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# An unreachable cluster is refused within these (together under 30 s), not after Ray's minutes of retries.
+CONNECT_SECONDS = 5.0
+PROBE_SECONDS = 20.0
 INSTALL_HINT = 'Ray is not installed: pip install "forethought[ray]"'
 
 
@@ -40,10 +46,51 @@ def parse_ray_spec(text: str) -> RaySpec:
         m = re.fullmatch(r"local:(\d+)", text)
         if not m or int(m.group(1)) < 1:
             raise ForethoughtError(f"--ray {text!r}: use local:N with N >= 1 workers, auto, or a cluster address")
-        return RaySpec(local_workers=int(m.group(1)))
-    if text == "auto" or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", text):
+        workers, cpus = int(m.group(1)), os.cpu_count() or 1
+        if workers > cpus:  # one worker per CPU: more only queue (and each holds a model copy in memory)
+            raise ForethoughtError(f"--ray {text}: this machine has {cpus} CPUs; use local:N with N <= {cpus}")
+        return RaySpec(local_workers=workers)
+    m = re.fullmatch(r"(ray://)?([\w.\-\[\]:]+):(\d+)", text)
+    if m and not 1 <= int(m.group(3)) <= 65535:
+        raise ForethoughtError(f"--ray {text!r}: port {m.group(3)} is not in 1..65535")
+    if text == "auto" or m:
         return RaySpec(address=text)
     raise ForethoughtError(f"--ray {text!r}: use auto, local:N, or a cluster address like 10.0.0.5:6379")
+
+
+def check_reachable(address: str, timeout: float = CONNECT_SECONDS, probe: bool = True) -> None:
+    """A cluster address must answer a TCP connection within `timeout`: Ray's own connect retries for minutes
+    against a port nobody listens on, so an unreachable address is refused here, in seconds, with one line."""
+    m = re.fullmatch(r"(?:ray://)?\[?([\w.\-:]+?)\]?:(\d+)", address)
+    if address == "auto" or m is None:
+        return  # auto: Ray finds the cluster this node joined (and says quickly when there is none)
+    host, port = m.group(1), int(m.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise ForethoughtError(f"--ray {address}: cannot connect ({why}); is a Ray head running there?") from None
+    if probe:
+        _probe_in_child(address)
+
+
+def _probe_in_child(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """Connect once from a child process: something that accepts TCP but is not a Ray head makes Ray retry
+    for minutes and then end the whole process from C++, which no `except` here could turn into one line."""
+    code = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); ray.shutdown()"
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, address], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        raise ForethoughtError(
+            f"--ray {address}: no Ray cluster answered within {timeout:.0f} s (something listens there, not Ray?)"
+        ) from None
+    if done.returncode != 0:
+        lines = [x.strip() for x in done.stderr.splitlines() if x.strip()]
+        last = lines[-1][:200] if lines else f"exit code {done.returncode}"
+        raise ForethoughtError(f"--ray {address}: not a reachable Ray cluster ({last})")
 
 
 def import_ray():
@@ -79,6 +126,7 @@ def ray_session(spec: RaySpec | None) -> Iterator[object]:
         }
     else:
         options["address"] = spec.address
+        check_reachable(spec.address, probe=False)  # the CLI probed it fully before any work (dispatch)
     try:
         ray.init(**options)
     except (ConnectionError, ValueError, RuntimeError) as e:

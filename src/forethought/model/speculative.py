@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -117,12 +118,35 @@ class AutoDrafter:
         return self.heads.draft(ids, state, k)
 
 
-def make_drafter(model: Transformer, kind: str, heads_path: str | None = None) -> Drafter:
-    """`lookup`, `heads` or `auto` for this model; heads come from `heads_path` or the shipped file."""
-    if kind == "lookup":
-        return PromptLookup()
+# kernels.MAX_TOKENS - 1: one verifying forward takes the pending token and the drafts (checked there too).
+MAX_DRAFT_LEN = 15
+
+
+def check_speculative_flags(kind: str | None, draft_len: int | None, heads_path: str | None) -> None:
+    """The flags' own sense, before any model loads: a wrong one fails in milliseconds, not after the load."""
+    if kind is None:
+        if heads_path is not None:
+            raise ForethoughtError("--heads is read by --speculative heads or auto: add one, or drop --heads")
+        if draft_len is not None:
+            raise ForethoughtError("--draft-len sets how many tokens --speculative drafts: add --speculative")
+        return
     if kind not in DRAFTERS:
         raise ForethoughtError(f"--speculative must be one of {', '.join(DRAFTERS)}, got {kind!r}")
+    if draft_len is not None and not 1 <= draft_len <= MAX_DRAFT_LEN:
+        raise ForethoughtError(f"--draft-len must be in 1..{MAX_DRAFT_LEN}, got {draft_len}")
+    if heads_path is not None:
+        if kind == "lookup":
+            raise ForethoughtError("--heads is not read by --speculative lookup: use heads or auto, or drop --heads")
+        if not Path(heads_path).is_file():
+            what = "is a folder" if Path(heads_path).is_dir() else "does not exist"
+            raise ForethoughtError(f"--heads {heads_path} {what}: give a heads file from `forethought heads train`")
+
+
+def make_drafter(model: Transformer, kind: str, heads_path: str | None = None) -> Drafter:
+    """`lookup`, `heads` or `auto` for this model; heads come from `heads_path` or the shipped file."""
+    check_speculative_flags(kind, None, heads_path)
+    if kind == "lookup":
+        return PromptLookup()
     heads = HeadsDrafter(load_heads(model, heads_path), model)
     return heads if kind == "heads" else AutoDrafter(heads)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from forethought.errors import ForethoughtError
 from forethought.format import interval, number, percent, size
 from forethought.report.context import ReportContext, q
-from forethought.report.finding import Figure, Finding, Unavailable
+from forethought.report.finding import Figure, Finding, Unavailable, is_value
 
 
 def no_nan(numbers: dict) -> dict:
@@ -471,16 +471,48 @@ def revise(ctx: ReportContext, folder: Path) -> Finding:
 
 
 def compare_file(ctx: ReportContext) -> Path:
+    """The other report's report.json, checked to be one (`read_compare`)."""
     path = Path(ctx.compare)
     path = path / "report.json" if path.is_dir() else path
     if not path.is_file():
         raise ForethoughtError(f"--compare {ctx.compare}: no report.json there (run forethought report on it first)")
+    read_compare(path)
     return path
+
+
+def read_compare(path: Path) -> dict:
+    """Another model's report.json, with the fields the side-by-side reads checked: one line when it is not one."""
+
+    def bad(what: str) -> ForethoughtError:
+        return ForethoughtError(f"--compare {path}: not a forethought report.json ({what})")
+
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise bad(f"unreadable JSON: {type(e).__name__}") from None
+    meta = other.get("meta") if isinstance(other, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise bad("no meta.model object")
+    if not isinstance(meta["model"].get("name"), str) or not meta["model"]["name"]:
+        raise bad("meta.model.name is not a name")
+    for key in ("mode", "started"):
+        if not isinstance(meta.get(key), str):
+            raise bad(f"meta.{key} is not a string")
+    sections = other.get("sections")
+    if not isinstance(sections, list):
+        raise bad("'sections' is not a list")
+    for i, section in enumerate(sections):
+        if not isinstance(section, dict) or not isinstance(section.get("key"), str):
+            raise bad(f"sections[{i}] has no string 'key'")
+        numbers = {} if section.get("numbers") is None else section["numbers"]
+        if not isinstance(numbers, dict) or not all(is_value(v) for v in numbers.values()):
+            raise bad(f"sections[{i}] ({section['key']}): 'numbers' is not a map of numbers")
+    return other
 
 
 def second_model(ctx: ReportContext, folder: Path) -> Finding:
     """This report's numbers beside another model's report (`--compare`), section by section."""
-    other = json.loads(compare_file(ctx).read_text())
+    other = read_compare(compare_file(ctx))
     other_name = other["meta"]["model"]["name"]
     mine = {key: finding.numbers for key, finding in ctx.findings.items()}  # this run's sections so far
     numbers, both = {}, []

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from forethought.report.cache import folder_intact, read_json, seal_folder, write_json
 from forethought.report.context import ReportContext
 from forethought.report.finding import Finding, Unavailable
 from forethought.report.machine import machine, versions
@@ -61,12 +62,15 @@ def run_section(section: Section, ctx: ReportContext, model: dict, cache_dir: Pa
     outcome = Outcome(section.key, section.title, section.question, "ok", 0.0)
     try:
         folder = cache_dir / f"{section.key}-{cache_key(section, ctx, model)}"
-        if use_cache and section.cache and (folder / FINDING).is_file():
-            saved = json.loads((folder / FINDING).read_text())
-            outcome.finding, outcome.folder = Finding.from_dict(saved), folder
-            outcome.cached, outcome.computed_seconds = True, saved.get("seconds")
-            outcome.seconds = time.perf_counter() - started
-            return outcome
+        if use_cache and section.cache and folder.is_dir():
+            cached = _cached_finding(folder)
+            if cached is not None:
+                outcome.finding, outcome.computed_seconds = cached
+                outcome.folder, outcome.cached = folder, True
+                outcome.seconds = time.perf_counter() - started
+                return outcome
+            # Damaged (a changed byte, a cut file, a missing figure): recomputed below, never shown.
+            outcome.reason = "cached result was damaged (sha256 mismatch): recomputed"
         scratch = folder.with_name(folder.name + ".partial")  # a killed run leaves no half result behind
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
@@ -74,6 +78,7 @@ def run_section(section: Section, ctx: ReportContext, model: dict, cache_dir: Pa
         outcome.computed_seconds = time.perf_counter() - started
         saved = finding.to_dict() | {"seconds": outcome.computed_seconds}
         (scratch / FINDING).write_text(json.dumps(saved, default=str))
+        seal_folder(scratch)  # the hashes last: a folder without them is never read as a result
         shutil.rmtree(folder, ignore_errors=True)
         scratch.rename(folder)
         outcome.finding, outcome.folder = finding, folder
@@ -87,17 +92,30 @@ def run_section(section: Section, ctx: ReportContext, model: dict, cache_dir: Pa
     return outcome
 
 
+def _cached_finding(folder: Path) -> tuple[Finding, float | None] | None:
+    """(the cached Finding in `folder`, the seconds it took) when every file matches its recorded sha256 and
+    it parses; else None."""
+    if not folder_intact(folder):
+        return None
+    try:
+        saved = json.loads((folder / FINDING).read_text())
+        seconds = saved.get("seconds")
+        return Finding.from_dict(saved), seconds if isinstance(seconds, int | float) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def describe_model(ctx: ReportContext, identity: dict, cache_dir: Path) -> dict:
     """The model's architecture and size; loads it only when no section did and no earlier run saved it."""
     saved = cache_dir / f"model-{identity['fingerprint']}.json"
     lm = ctx.loaded_any
-    if lm is None and saved.is_file():
-        return json.loads(saved.read_text())
+    if lm is None and (kept := read_json(saved)) is not None:  # a damaged description is rebuilt, not shown
+        return kept
     lm = lm or ctx.lm()
     described = lm.describe() | {"n_params": lm.config.n_params()}
     described["dtype"] = "float32"  # the sections' working dtype (invariance alone runs in float64)
-    saved.write_text(json.dumps(described, default=str))
-    return described
+    write_json(saved, described)
+    return json.loads(json.dumps(described, default=str))
 
 
 def run_report(

@@ -10,6 +10,7 @@ from pathlib import Path
 from jinja2 import Environment
 
 from forethought.format import bounds, number
+from forethought.paths import atomic_write_text, output_dir, write_error
 from forethought.report.runner import Outcome, Report
 from forethought.report.template import PAGE
 
@@ -36,7 +37,7 @@ def write_json(report: Report, path: Path) -> None:
     for section, o in zip(d["sections"], report.outcomes):
         for f in section.get("figures", []):
             f["file"] = figure_path(o, f["file"])
-    path.write_text(json.dumps(d, indent=1, default=str))
+    atomic_write_text(path, json.dumps(d, indent=1, default=str), "--out")
 
 
 def _model_line(meta: dict) -> str:
@@ -86,7 +87,7 @@ def write_markdown(report: Report, path: Path) -> None:
     lines += ["", "## Machine and versions", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in meta["machine"].items()]
     lines += [f"| {k} | {v} |" for k, v in meta["versions"].items()]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", "--out")
 
 
 def _seconds(o: Outcome) -> str:
@@ -112,15 +113,19 @@ def write_html(report: Report, path: Path) -> None:
     html = env.from_string(PAGE).render(
         meta=report.meta, model_line=_model_line(report.meta), sections=sections, total=report.meta["wall_seconds"]
     )
-    path.write_text(html)
+    atomic_write_text(path, html, "--out")
 
 
 def write_report(report: Report, out: Path) -> dict[str, Path]:
-    """index.html, report.md, report.json and figures/ under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """index.html, report.md, report.json and figures/ under `out`, each file whole or not at all (report.json
+    last: a folder where it is missing or older than index.html was not written to the end)."""
+    output_dir(out, "--out")
     paths = {"html": out / "index.html", "markdown": out / "report.md", "json": out / "report.json"}
-    copy_figures(report, out)
-    write_json(report, paths["json"])
-    write_markdown(report, paths["markdown"])
+    try:
+        copy_figures(report, out)
+    except OSError as e:
+        raise write_error(out / "figures", "--out", e) from None
     write_html(report, paths["html"])
+    write_markdown(report, paths["markdown"])
+    write_json(report, paths["json"])
     return paths

@@ -171,7 +171,9 @@ def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     eos = raw_config.get("eos_token_id")
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
-        eos = read_json(gen_path).get("eos_token_id", eos)
+        generation = read_json(gen_path)
+        validate.generation_eos(generation, folder)
+        eos = generation.get("eos_token_id", eos)
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     tokenizer = Tokenizer.from_hf_folder(folder, eos)

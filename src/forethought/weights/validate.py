@@ -322,8 +322,25 @@ def tokenizer(tok, config, source: object) -> None:
             f"{source}: the tokenizer has a token id {largest}, outside the embedding's {config.vocab_size} rows"
         )
     for label, value in (("bos", tok.bos_id), ("eos", tok.eos_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ForethoughtError(f"{source}: the {label} token id must be an integer, got {_show(value)}")
         if value is not None and not 0 <= value < config.vocab_size:
             raise ForethoughtError(f"{source}: the {label} token id {value} is outside the vocabulary")
+
+
+def generation_eos(raw: object, source: object) -> None:
+    """generation_config.json's eos_token_id: a token id or a non-empty list of them (HF writes both), never a
+    string, bool or float, which would otherwise reach the tokenizer as its stop token."""
+    if not isinstance(raw, dict):
+        raise ForethoughtError(f"{source}: generation_config.json must hold a JSON object, got {_show(raw)}")
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ForethoughtError(
+            f"{source}: generation_config.json eos_token_id must be a token id or a list of them, got {_show(eos)}"
+        )
 
 
 # GGUF tensor names -> canonical names, for checking shapes from the tensor index before dequantizing.
