@@ -362,6 +362,8 @@ def markdown(results: dict, opts: dict) -> list[str]:
         per = results[model_ref]
         fr = per.get(engine) or {}
         spec = fr.get("speculative") or {}
+        if not spec:
+            continue
         lk, au = spec.get("lookup") or {}, spec.get("auto") or {}
         plain, best = fr.get("decode_tok_s_spec_plain"), fr.get("spec_best_tok_s")
         ll_plain, ll_lookup = _get(per, "llamacpp-f32", "plain_code_tok_s"), _get(per, "llamacpp-f32", "lookup_tok_s")
