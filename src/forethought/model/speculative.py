@@ -103,7 +103,7 @@ class _SourceRecord:
     """What one drafting source yielded in its latest forwards, and whether it is benched."""
 
     def __init__(self, window: int) -> None:
-        self.rates: deque[float] = deque(maxlen=window)  # tokens made per second, one per forward
+        self.made: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens made, seconds), one per forward
         self.benched_until = 0  # forward count before which the source does not draft
         self.strikes = 0  # benchings in a row: each doubles the next one
 
@@ -116,10 +116,12 @@ class AutoDrafter:
     and machine load (verifying 4 tokens cost 1.66 steps in fp32 and 2.13 in int8 on the embedded model,
     where `auto` ran at 0.70-0.98x plain on int8). So it measures both as it goes: the tokens each forward
     made per second (drafting and verifying included, `observe`), per source, against the same for plain
-    forwards. The first `calibrate` forwards, and one in every `recalibrate`, are plain, so the plain rate
-    is always current. A source whose median rate over its last `window` forwards falls below plain's is
-    benched for `bench` forwards, doubling each time it is benched again, so a losing source costs a
-    shrinking share of the text. The output is unaffected: drafts are only ever verified.
+    forwards. The first forwards (the very first, a warm-up, untimed; then `calibrate` timed ones), and
+    one in every `recalibrate`, are plain, so the plain rate is always current. A source whose throughput
+    over its last `window` forwards (tokens made / seconds spent: a mean, so a few lucky forwards cannot
+    hide many losing ones) falls below plain's (the median forward, robust to a preempted one) is benched
+    for `bench` forwards, doubling each time it is benched again, so a losing source costs a shrinking
+    share of the text. The output is unaffected: drafts are only ever verified.
     """
 
     name = "auto"
@@ -130,7 +132,7 @@ class AutoDrafter:
         min_match: int = 2,
         window: int = 6,
         calibrate: int = 3,
-        recalibrate: int = 32,
+        recalibrate: int = 20,
         bench: int = 16,
     ) -> None:
         self.lookup, self.heads, self.min_match = PromptLookup(), heads, min_match
@@ -168,16 +170,18 @@ class AutoDrafter:
         source = self._drafted_by if drafted else None
         self.usage[source or "plain"] += 1
         if source is None:
-            self.plain_seconds.append(seconds)
+            if self.forwards > 1:  # the first forward after prefill runs cold: not a fair plain time
+                self.plain_seconds.append(seconds)
             return
         record = self.sources[source]
-        record.rates.append((1 + accepted) / max(seconds, 1e-9))
-        if len(record.rates) < self.window or not self.plain_seconds:
+        record.made.append((1 + accepted, seconds))
+        if len(record.made) < self.window or not self.plain_seconds:
             return
-        if statistics.median(record.rates) < 1.0 / statistics.median(self.plain_seconds):
+        rate = sum(n for n, _ in record.made) / max(sum(t for _, t in record.made), 1e-9)
+        if rate < 1.0 / statistics.median(self.plain_seconds):
             record.benched_until = self.forwards + self.bench * 2**record.strikes
             record.strikes += 1
-            record.rates.clear()  # judged afresh when it comes back
+            record.made.clear()  # judged afresh when it comes back
             self.benchings += 1
         else:
             record.strikes = 0
