@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "on each file (benchmarks/ladder_speed.py) instead of the engines above",
     )
     p.add_argument("--spec-tokens", type=int, help="new tokens per speculative run on the ladder (default 64)")
+    p.add_argument(
+        "--ladder-from",
+        type=Path,
+        help="write the ladder's report from this --json file of an earlier run, running nothing",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after warm-up (median)")
     p.add_argument("--contexts", default="", help="context lengths for the decode-cost sweep (default 128..2048)")
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
@@ -55,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.ladder_from and not args.models:
+        args.models = list(json.loads(args.ladder_from.read_text())["results"])
     args.tokens = args.tokens or (32 if args.quick or args.models else 128)
     args.prompt_len = args.prompt_len or (256 if args.models else 512)
     args.spec_tokens = args.spec_tokens or (32 if args.quick else 64)
@@ -363,22 +370,32 @@ def ladder_main(args, console: Console, command: str) -> int:
         "tokens": args.tokens,
         "prompt_len": args.prompt_len,
         "repeats": args.repeats,
-        "warmup_tokens": 8,
+        "warmup_tokens": 4,
         "spec_tokens": args.spec_tokens,
     }
-    started = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("", total=None)
-        results = run_ladder(args.models, opts, lambda text: bar.update(task, description=text))
-    total = time.perf_counter() - started
     info, vers = machine_info(), versions()
+    started = time.perf_counter()
+
+    def save(results: dict) -> None:
+        if args.json:
+            payload = {"command": command, "machine": info, "versions": vers, "options": opts}
+            payload |= {"seconds": time.perf_counter() - started, "results": results}
+            args.json.write_text(json.dumps(payload, indent=2))
+
+    if args.ladder_from:
+        saved = json.loads(args.ladder_from.read_text())
+        results, total, command, opts = saved["results"], saved["seconds"], saved["command"], saved["options"]
+    else:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("", total=None)
+            results = run_ladder(args.models, opts, lambda text: bar.update(task, description=text), save)
+        total = time.perf_counter() - started
+        save(results)
     body = ladder_markdown(results, opts)
     for line in body:
         if line and not line.startswith("|---"):
             console.print(line, markup=False, highlight=False)
-    if args.json:
-        payload = {"command": command, "machine": info, "versions": vers, "options": opts, "seconds": total}
-        args.json.write_text(json.dumps(payload | {"results": results}, indent=2))
+    if args.json and not args.ladder_from:
         console.print(f"wrote {args.json}")
     md_path = args.markdown or (None if args.quick else ROOT / "RESULTS.md")
     if md_path:

@@ -58,7 +58,9 @@ def peak_rss_mb() -> float:
 @contextmanager
 def one_core_busy():
     """Another process spinning on one core while the block runs: decode under contention."""
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # It spins until told to stop, or until its parent is gone (a killed benchmark leaves no spinner).
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.5)  # let it get scheduled
         yield
@@ -263,6 +265,7 @@ def worker_main() -> None:
     import torch
 
     engine, model_ref, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` blocks run (the busy process ends)
     torch.set_num_threads(THREADS)
     print("@result " + json.dumps(WORKERS[engine](model_ref, opts)), flush=True)
 
@@ -292,11 +295,19 @@ def run_engine(engine: str, model_ref: str, opts: dict, on_progress: Callable[[s
     return result
 
 
-def run_ladder(models: list[str], opts: dict, on_progress: Callable[[str], None], engines=ENGINES) -> dict:
-    """{model: {engine: result}}; forethought fp32 runs first and hands its token ids to the peers."""
+def run_ladder(
+    models: list[str],
+    opts: dict,
+    on_progress: Callable[[str], None],
+    on_result: Callable[[dict], None] = lambda results: None,
+    engines=ENGINES,
+) -> dict:
+    """{model: {engine: result}}; forethought fp32 runs first and hands its token ids to the peers.
+    `on_result` gets the results so far after every engine (a long run saves as it goes)."""
     results: dict = {}
     for model_ref in models:
         per: dict = {}
+        results[model_ref] = per
         token_ids = None
         for engine in engines:
             sub = dict(opts, token_ids=token_ids)
@@ -308,7 +319,7 @@ def run_ladder(models: list[str], opts: dict, on_progress: Callable[[str], None]
             if engine == "forethought-fp32" and "token_ids" in per[engine]:
                 token_ids = per[engine].pop("token_ids")
             per[engine].pop("token_ids", None)
-        results[model_ref] = per
+            on_result(results)
     return results
 
 
