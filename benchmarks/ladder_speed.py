@@ -209,6 +209,11 @@ def llamacpp_engine(model_ref: str, opts: dict, kind: str) -> dict:
     started = time.perf_counter()
     llm = make()
     out: dict = {"engine": f"llama.cpp {kind}", "file": str(path), "load_s": time.perf_counter() - started}
+    if ids is None:  # forethought did not run (e.g. out of memory): llama.cpp's own tokenizer, same texts
+        texts = {"prompt": PROMPT, "code": CODE_PROMPT, "prefill": long_text()}
+        ids = {k: llm.tokenize(t.encode(), add_bos=True, special=False) for k, t in texts.items()}
+        ids["prefill"] = ids["prefill"][: opts["prompt_len"]]
+        out["token_ids_from"] = "llama.cpp (forethought fp32 did not run)"
 
     def decode(n: int, engine=llm, prompt=ids["prompt"]) -> tuple[float, list[int]]:
         engine.reset()
@@ -311,9 +316,6 @@ def run_ladder(
         token_ids = None
         for engine in engines:
             sub = dict(opts, token_ids=token_ids)
-            if engine.startswith("llamacpp") and token_ids is None:
-                per[engine] = {"engine": engine, "error": "no token ids: forethought fp32 did not run"}
-                continue
             on_progress(f"{model_ref}: {engine}")
             per[engine] = run_engine(engine, model_ref, sub, lambda text, m=model_ref: on_progress(f"{m}: {text}"))
             if engine == "forethought-fp32" and "token_ids" in per[engine]:
