@@ -34,7 +34,8 @@ TARGETS = [
     # speculative rows (engine "speculative") are judged in benchmarks/speculative.py against its own peers
     ("fp32 decode vs llama.cpp F32", "forethought-fp32", "decode_tok_s", "llamacpp-f32", "decode_tok_s", 1.0, True),
     ("fp32 prefill vs llama.cpp F32", "forethought-fp32", "prefill_tok_s", "llamacpp-f32", "prefill_tok_s", 1.0, True),
-    ("int8 decode vs llama.cpp Q8_0", "forethought-int8", "decode_tok_s", "llamacpp-q8_0", "decode_tok_s", 1.0, True),
+    # issue 23 asks int8 >= 1.3x Q8_0 (an earlier table checked 1.0x)
+    ("int8 decode vs llama.cpp Q8_0", "forethought-int8", "decode_tok_s", "llamacpp-q8_0", "decode_tok_s", 1.3, True),
     ("fp32 decode vs HF transformers fp32", "forethought-fp32", "decode_tok_s", "hf-fp32", "decode_tok_s", 2.0, True),
 ]
 

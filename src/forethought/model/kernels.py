@@ -9,7 +9,7 @@ them: how speculative decoding verifies drafted tokens at about the price of one
 weights by name, and `announce_fallback` says once on stderr when the compiled path is not used.
 
 The extension is built with the local C++ compiler the first time it is needed (~40 s, once; cached
-under ~/.cache/forethought/kernels/, keyed by source, torch version and CPU flags). Anything that goes
+under ~/.cache/forethought/kernels/, keyed by everything that changes the build: `build_key_parts`). Anything that goes
 wrong -- no compiler, no ninja, a failed build, FORETHOUGHT_KERNELS=0 -- leaves `module()` returning
 None, and callers fall back to torch. Import never fails.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -44,13 +45,47 @@ def _cpu_flags() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+# What the compiler is told; part of the cache key, since other flags make a different library.
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+
+def _compiler() -> str:
+    """The C++ compiler torch's extension builder runs ($CXX or c++) and its version line."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        version = (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr) else ""
+    except (OSError, subprocess.SubprocessError):
+        version = "unavailable"
+    return f"{cxx}: {version}"
+
+
+def build_key_parts() -> dict[str, str]:
+    """Everything that changes the built library. Two environments that differ in any of these (another
+    torch install beside this one, another compiler) get their own cache folders instead of rebuilding
+    one folder in turn -- which is what a key of source + torch version alone did (issue 23)."""
+    return {
+        "source": hashlib.sha256(_SOURCE_FILE.read_bytes()).hexdigest(),
+        "torch": f"{torch.__version__} at {Path(torch.__file__).resolve().parent}",
+        "python": f"{sys.version} at {sys.executable}",
+        "compiler": _compiler(),
+        "flags": " ".join(CFLAGS) + " | " + " ".join(LDFLAGS),
+        # -march=native bakes in the build machine's instructions: a home directory shared between
+        # machines must never load a library the CPU cannot run.
+        "cpu": _cpu_flags(),
+    }
+
+
+def build_key(parts: dict[str, str] | None = None) -> str:
+    parts = build_key_parts() if parts is None else parts
+    return hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(parts.items())).encode()).hexdigest()[:16]
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
-    # -march=native bakes in the build machine's instructions: key the cache on them too, so a home
-    # directory shared between machines never loads a library the CPU cannot run.
-    source = _SOURCE_FILE.read_text()
-    key = hashlib.sha256("|".join((source, torch.__version__, sys.version, _cpu_flags())).encode()).hexdigest()[:16]
+    key = build_key()
     folder = cache_dir() / key
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / f"forethought_kernels_{key}.so").exists():
@@ -60,8 +95,8 @@ def _build():
     return load(
         name=f"forethought_kernels_{key}",
         sources=[str(_SOURCE_FILE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         build_directory=str(folder),
         verbose=False,
     )

@@ -18,7 +18,9 @@ always equals a fresh prefill of the text so far.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +30,7 @@ import torch
 from forethought.errors import ForethoughtError
 from forethought.model import kernels
 from forethought.model.decode import Generation, SpeculativeStats, Step, check_prompt
-from forethought.model.heads import load_heads
+from forethought.model.heads import load_heads, shipped_path
 from forethought.model.kv_cache import Cache
 from forethought.model.sampling import SamplingParams, sample, sampling_distribution
 from forethought.model.transformer import Transformer
@@ -101,21 +103,92 @@ class HeadsDrafter:
         return self.heads.draft(self.model, state, min(k, self.max_tokens), self.min_prob)
 
 
+class _SourceRecord:
+    """What one drafting source yielded in its latest forwards, and whether it is benched."""
+
+    def __init__(self, window: int) -> None:
+        self.made: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens made, seconds), one per forward
+        self.benched_until = 0  # forward count before which the source does not draft
+        self.strikes = 0  # benchings in a row: each doubles the next one
+
+
 class AutoDrafter:
     """Prompt lookup where the context has a match of at least `min_match` tokens (long, often right),
-    the heads elsewhere."""
+    the heads elsewhere (lookup alone for a model without heads) -- each only while it pays.
+
+    Whether drafting pays depends on acceptance and on what verifying costs, which differ by model, dtype
+    and machine load (verifying 4 tokens cost 1.66 steps in fp32 and 2.13 in int8 on the embedded model,
+    where `auto` ran at 0.70-0.98x plain on int8). So it measures both as it goes: the tokens each forward
+    made per second (drafting and verifying included, `observe`), per source, against the same for plain
+    forwards. The first forwards (the very first, a warm-up, untimed; then `calibrate` timed ones), and
+    one in every `recalibrate`, are plain, so the plain rate is always current. A source whose throughput
+    over its last `window` forwards (tokens made / seconds spent: a mean, so a few lucky forwards cannot
+    hide many losing ones) falls below plain's (the median forward, robust to a preempted one) is benched
+    for `bench` forwards, doubling each time it is benched again, so a losing source costs a shrinking
+    share of the text. The output is unaffected: drafts are only ever verified.
+    """
 
     name = "auto"
-    needs_state = True
 
-    def __init__(self, heads: HeadsDrafter, min_match: int = 2) -> None:
+    def __init__(
+        self,
+        heads: HeadsDrafter | None,
+        min_match: int = 2,
+        window: int = 6,
+        calibrate: int = 3,
+        recalibrate: int = 20,
+        bench: int = 16,
+    ) -> None:
         self.lookup, self.heads, self.min_match = PromptLookup(), heads, min_match
+        self.needs_state = heads is not None
+        self.window, self.calibrate, self.recalibrate, self.bench = window, calibrate, recalibrate, bench
+        self.plain_seconds: deque[float] = deque(maxlen=window)
+        self.sources = {"lookup": _SourceRecord(window), "heads": _SourceRecord(window)}
+        self.forwards = 0
+        self.usage = {"plain": 0, "lookup": 0, "heads": 0}  # forwards by who drafted (plain: nobody)
+        self.benchings = 0
+        self._drafted_by: str | None = None
+
+    def _usable(self, source: str) -> bool:
+        return self.forwards >= self.sources[source].benched_until
 
     def draft(self, ids: list[int], state: torch.Tensor | None, k: int) -> list[int]:
+        self.forwards += 1
+        self._drafted_by = None
+        if k <= 0 or len(self.plain_seconds) < self.calibrate or self.forwards % self.recalibrate == 0:
+            return []  # a plain forward, timed
         proposal = self.lookup.draft(ids, state, k)
-        if proposal and self.lookup.last_match >= self.min_match:
+        if proposal and self.lookup.last_match >= self.min_match and self._usable("lookup"):
+            self._drafted_by = "lookup"
             return proposal
-        return self.heads.draft(ids, state, k)
+        if self.heads is not None and self._usable("heads"):
+            proposal = self.heads.draft(ids, state, k)
+            if proposal:
+                self._drafted_by = "heads"
+                return proposal
+        return []
+
+    def observe(self, drafted: int, accepted: int, seconds: float) -> None:
+        """The forward after the last `draft`: `drafted` tokens verified, `accepted` kept, `seconds` spent
+        drafting and verifying."""
+        source = self._drafted_by if drafted else None
+        self.usage[source or "plain"] += 1
+        if source is None:
+            if self.forwards > 1:  # the first forward after prefill runs cold: not a fair plain time
+                self.plain_seconds.append(seconds)
+            return
+        record = self.sources[source]
+        record.made.append((1 + accepted, seconds))
+        if len(record.made) < self.window or not self.plain_seconds:
+            return
+        rate = sum(n for n, _ in record.made) / max(sum(t for _, t in record.made), 1e-9)
+        if rate < 1.0 / statistics.median(self.plain_seconds):
+            record.benched_until = self.forwards + self.bench * 2**record.strikes
+            record.strikes += 1
+            record.made.clear()  # judged afresh when it comes back
+            self.benchings += 1
+        else:
+            record.strikes = 0
 
 
 # kernels.MAX_TOKENS - 1: one verifying forward takes the pending token and the drafts (checked there too).
@@ -143,10 +216,13 @@ def check_speculative_flags(kind: str | None, draft_len: int | None, heads_path:
 
 
 def make_drafter(model: Transformer, kind: str, heads_path: str | None = None) -> Drafter:
-    """`lookup`, `heads` or `auto` for this model; heads come from `heads_path` or the shipped file."""
+    """`lookup`, `heads` or `auto` for this model; heads come from `heads_path` or the shipped file.
+    `auto` for a model with no shipped heads (and no `heads_path`) drafts by prompt lookup alone."""
     check_speculative_flags(kind, None, heads_path)
     if kind == "lookup":
         return PromptLookup()
+    if kind == "auto" and heads_path is None and not shipped_path(model).exists():
+        return AutoDrafter(None)
     heads = HeadsDrafter(load_heads(model, heads_path), model)
     return heads if kind == "heads" else AutoDrafter(heads)
 
@@ -207,6 +283,7 @@ def speculative_steps(
             made += 1
             yield Step(made - 1, token, row, seconds / len(kept), token in stop_ids, origin=origin)
 
+    observe = getattr(drafter, "observe", None)  # drafters that adapt to what their drafts yield
     started = time.perf_counter()
     pending = sample(logits[-1], params, generator)
     state = states[-1]
@@ -218,6 +295,8 @@ def speculative_steps(
         start = cache.length
         logits, states = model.forward_with_state([pending, *drafts], cache, with_state=drafter.needs_state)
         n_ok, following = accept(logits, drafts, params, generator)
+        if observe is not None:
+            observe(len(drafts), n_ok, time.perf_counter() - started)
         cache.truncate(start + 1 + n_ok)  # pending + the kept drafts; the rest is forgotten
         stats.drafted.append(len(drafts))
         stats.accepted.append(n_ok)

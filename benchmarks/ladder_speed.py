@@ -1,0 +1,427 @@
+"""`python -m benchmarks --models smollm2-135m,gemma3-270m,MODEL,...`: speed on the model ladder.
+
+For each model (a registry name or a .gguf path), against llama.cpp on the same file, in one run:
+decode fp32 vs llama.cpp F32, int8 vs llama.cpp Q8_0, prefill vs llama.cpp F32, speculative decoding
+(prompt lookup and `auto`) on a code-continuation prompt vs plain fp32 and vs llama.cpp's prompt-lookup
+decoding, decode with one core taken by a busy process (both engines), and each engine's peak RSS.
+llama.cpp's F32 and Q8_0 files are `llama_model_quantize` conversions of the model's own file, made once.
+Every engine runs in its own process (its RSS is its own; only one model is in memory at a time) with
+2 threads; every figure is the median of `--repeats` runs after an untimed warm-up; ratios are taken
+within this run only. Also `python -m benchmarks.ladder_speed ENGINE MODEL OPTIONS_JSON` (one worker).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from benchmarks.common import PROMPT, SPECULATIVE_TEXTS, cache_dir, long_text, median, median_time
+
+THREADS = 2
+ENGINES = ("forethought-fp32", "forethought-int8", "llamacpp-f32", "llamacpp-q8_0")
+CODE_PROMPT = next(text for name, text, _ in SPECULATIVE_TEXTS if name == "code")
+DRAFT_LEN = 4  # forethought's default --draft-len
+PEER_DRAFT = 10  # llama.cpp's default number of prompt-lookup tokens
+LLAMA_FTYPES = {"F32": 0, "Q8_0": 7}
+
+SPEC_PLAIN, LOOKUP = "decode_tok_s_spec_plain", "lookup_tok_s"
+# (what, engine, key, peer engine, peer key, bar): the issue's targets, each checked on every model.
+LADDER_TARGETS = [
+    ("fp32 decode vs llama.cpp F32", "forethought-fp32", "decode_tok_s", "llamacpp-f32", "decode_tok_s", 1.0),
+    ("int8 decode vs llama.cpp Q8_0", "forethought-int8", "decode_tok_s", "llamacpp-q8_0", "decode_tok_s", 1.3),
+    ("fp32 prefill vs llama.cpp F32", "forethought-fp32", "prefill_tok_s", "llamacpp-f32", "prefill_tok_s", 1.0),
+    ("speculative on code vs plain fp32", "forethought-fp32", "spec_best_tok_s", "forethought-fp32", SPEC_PLAIN, 2.0),
+    ("speculative on code vs llama.cpp lookup", "forethought-fp32", "spec_best_tok_s", "llamacpp-f32", LOOKUP, 1.0),
+]
+# Where the issue asks a bar of one model only (speculative >= 2x: the 1.5B, where verifying is nearly free).
+TARGET_MODELS = {"speculative on code vs plain fp32": "1.5b"}
+
+
+def progress(text: str) -> None:
+    print(f"@progress {text}", flush=True)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def one_core_busy():
+    """Another process spinning on one core while the block runs: decode under contention."""
+    # It spins until told to stop, or until its parent is gone (a killed benchmark leaves no spinner).
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)  # let it get scheduled
+        yield
+    finally:
+        os.kill(busy.pid, signal.SIGTERM)
+        busy.wait()
+
+
+def rates(fn: Callable[[int], tuple[float, list[int]]], n: int, repeats: int, warmup: int) -> tuple[float, list]:
+    """Median rate of `repeats` runs of fn(n) after one untimed fn(warmup); fn returns (rate, ids)."""
+    fn(warmup)
+    runs = [fn(n) for _ in range(repeats)]
+    return median([r for r, _ in runs]), runs[-1][1]
+
+
+# ----------------------------------------------------------------------------------- forethought
+
+
+def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
+    import torch
+
+    from forethought import load_model
+    from forethought.model.generate import GREEDY, generate
+    from forethought.model.speculative import make_drafter
+
+    label = "fp32" if dtype == "float32" else dtype
+    progress(f"forethought {label}: loading {model_ref}")
+    started = time.perf_counter()
+    lm = load_model(model_ref, dtype=dtype)
+    load_s = time.perf_counter() - started
+    model, tok = lm.model, lm.tokenizer
+    prompt, code = tok.encode(PROMPT), tok.encode(CODE_PROMPT)
+    text_ids = tok.encode(long_text())[: opts["prompt_len"]]
+    with torch.inference_mode():
+        compiled = model._decode_step(model.new_cache()) is not None
+    out: dict = {"engine": f"forethought {label}", "load_s": load_s, "compiled_step": compiled}
+    out["token_ids"] = {"prompt": prompt, "code": code, "prefill": text_ids}  # the peers decode the same ids
+
+    def decode(n: int, ids=prompt, speculative=None) -> tuple[float, list[int]]:
+        g = generate(model, ids, n, GREEDY, speculative=speculative, draft_len=DRAFT_LEN)
+        steps = g.step_seconds[1:]  # the first step samples from prefill's logits: not a decode forward
+        return len(steps) / sum(steps), g.new_ids
+
+    n, reps, warm = opts["tokens"], opts["repeats"], opts["warmup_tokens"]
+    progress(f"forethought {label}: decode {n} tokens")
+    out["decode_tok_s"], out["ids"] = rates(decode, n, reps, warm)
+    if dtype == "float32":
+        progress(f"forethought {label}: decode {n} tokens, one core busy")
+        with one_core_busy():
+            out["busy_decode_tok_s"], _ = rates(decode, n, reps, warm)
+
+        @torch.inference_mode()
+        def prefill() -> None:
+            model(torch.tensor([text_ids]), cache=model.new_cache(capacity=len(text_ids)), last_only=True)
+
+        progress(f"forethought {label}: prefill {len(text_ids)} tokens")
+        out["prefill_tok_s"] = len(text_ids) / median_time(prefill, reps)
+
+    # Speculative on code, interleaved with plain so drift hits both alike; output checked token for token.
+    m = opts["spec_tokens"]
+    modes = {"plain": None, "lookup": "lookup", "auto": "auto"}
+    runs: dict = {k: [] for k in modes}
+    outs: dict = {}
+    usage: dict = {}
+    progress(f"forethought {label}: speculative on code, {m} tokens")
+    for r in range(reps + 1):  # run 0: warm-up
+        for mode, kind in modes.items():
+            drafter = make_drafter(model, kind) if kind else None
+            g = generate(model, code, m if r else warm, GREEDY, speculative=drafter, draft_len=DRAFT_LEN)
+            if r:
+                steps = g.step_seconds[1:]
+                runs[mode].append(len(steps) / sum(steps))
+                outs[mode] = g
+                if hasattr(drafter, "usage"):
+                    usage = {**drafter.usage, "benchings": drafter.benchings}
+    out["decode_tok_s_spec_plain"] = median(runs["plain"])
+    out["speculative"] = {}
+    for mode in ("lookup", "auto"):
+        g = outs[mode]
+        out["speculative"][mode] = {
+            "tok_s": median(runs[mode]),
+            "identical": g.new_ids == outs["plain"].new_ids,
+            "tokens_per_forward": g.speculative.tokens_per_forward,
+            **({"auto_usage": usage} if mode == "auto" else {}),
+        }
+    out["spec_best_tok_s"] = max(v["tok_s"] for v in out["speculative"].values())
+    out["spec_tokens"] = m
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+# ----------------------------------------------------------------------------------- llama.cpp
+
+
+def model_file(model_ref: str) -> Path:
+    from forethought.weights.registry import resolve_path
+
+    path = resolve_path(model_ref)[1]
+    if path.suffix != ".gguf":
+        raise SystemExit(f"{model_ref}: llama.cpp needs a .gguf file, got {path}")
+    return path
+
+
+def llama_file(model_ref: str, kind: str) -> Path:
+    """An F32 / Q8_0 conversion of the model's file, made once: beside it when that folder is writable
+    (FORETHOUGHT_LLAMA_DIR overrides), else under ~/.cache/forethought/gguf."""
+    src = model_file(model_ref)
+    import llama_cpp
+
+    folder = Path(os.environ.get("FORETHOUGHT_LLAMA_DIR", "") or cache_dir() / "gguf")
+    dst = folder / f"{src.stem}.{kind}.gguf"
+    if not dst.exists():
+        progress(f"llama.cpp: converting {src.name} -> {kind} (once)")
+        folder.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[kind]
+        params.allow_requantize = True
+        params.nthread = THREADS
+        tmp = dst.with_name(dst.name + f".part{os.getpid()}")
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize to {kind} failed ({rc})")
+        tmp.rename(dst)  # atomic: a concurrent reader sees the whole file or none
+    return dst
+
+
+def llamacpp_engine(model_ref: str, opts: dict, kind: str) -> dict:
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    path = llama_file(model_ref, kind)
+    ids = opts["token_ids"]
+
+    def make(draft=None):
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=1024,
+            n_batch=512,
+            n_threads=THREADS,
+            n_threads_batch=THREADS,
+            verbose=False,
+            draft_model=draft,
+        )
+
+    progress(f"llama.cpp {kind}: loading")
+    started = time.perf_counter()
+    llm = make()
+    out: dict = {"engine": f"llama.cpp {kind}", "file": str(path), "load_s": time.perf_counter() - started}
+    if ids is None:  # forethought did not run (e.g. out of memory): llama.cpp's own tokenizer, same texts
+        texts = {"prompt": PROMPT, "code": CODE_PROMPT, "prefill": long_text()}
+        ids = {k: llm.tokenize(t.encode(), add_bos=True, special=False) for k, t in texts.items()}
+        ids["prefill"] = ids["prefill"][: opts["prompt_len"]]
+        out["token_ids_from"] = "llama.cpp (forethought fp32 did not run)"
+
+    def decode(n: int, engine=llm, prompt=ids["prompt"]) -> tuple[float, list[int]]:
+        engine.reset()
+        got, stamps = [], []
+        for token in engine.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            got.append(token)
+            if len(got) == n:
+                break
+        return (len(got) - 1) / (stamps[-1] - stamps[0]), got  # forwards after the first token
+
+    n, reps, warm = opts["tokens"], opts["repeats"], opts["warmup_tokens"]
+    progress(f"llama.cpp {kind}: decode {n} tokens")
+    out["decode_tok_s"], out["ids"] = rates(decode, n, reps, warm)
+    if kind == "F32":
+        progress(f"llama.cpp {kind}: decode {n} tokens, one core busy")
+        with one_core_busy():
+            out["busy_decode_tok_s"], _ = rates(decode, n, reps, warm)
+        text = ids["prefill"]
+
+        def prefill() -> None:
+            llm.reset()
+            llm.eval(text)
+
+        progress(f"llama.cpp {kind}: prefill {len(text)} tokens")
+        out["prefill_tok_s"] = len(text) / median_time(prefill, reps)
+        m = opts["spec_tokens"]
+        progress(f"llama.cpp {kind}: prompt lookup on code, {m} tokens")
+        lookup = make(LlamaPromptLookupDecoding(num_pred_tokens=PEER_DRAFT))
+        runs: dict = {"plain": [], "lookup": []}
+        outs: dict = {}
+        for r in range(reps + 1):
+            for mode, engine in (("plain", llm), ("lookup", lookup)):
+                rate, got = decode(m if r else warm, engine, ids["code"])
+                if r:
+                    runs[mode].append(rate)
+                    outs[mode] = got
+        out["plain_code_tok_s"] = median(runs["plain"])
+        out["lookup_tok_s"] = median(runs["lookup"])
+        out["lookup_identical"] = outs["lookup"] == outs["plain"]
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+WORKERS: dict[str, Callable[[str, dict], dict]] = {
+    "forethought-fp32": lambda m, o: forethought_engine(m, o, "float32"),
+    "forethought-int8": lambda m, o: forethought_engine(m, o, "int8"),
+    "llamacpp-f32": lambda m, o: llamacpp_engine(m, o, "F32"),
+    "llamacpp-q8_0": lambda m, o: llamacpp_engine(m, o, "Q8_0"),
+}
+
+
+def worker_main() -> None:
+    import torch
+
+    engine, model_ref, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` blocks run (the busy process ends)
+    torch.set_num_threads(THREADS)
+    print("@result " + json.dumps(WORKERS[engine](model_ref, opts)), flush=True)
+
+
+# ------------------------------------------------------------------------------------- parent
+
+
+def run_engine(engine: str, model_ref: str, opts: dict, on_progress: Callable[[str], None]) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "benchmarks.ladder_speed", engine, model_ref, json.dumps(opts)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    result = None
+    for line in proc.stdout:
+        if line.startswith("@progress "):
+            on_progress(line[len("@progress ") :].strip())
+        elif line.startswith("@result "):
+            result = json.loads(line[len("@result ") :])
+    stderr = proc.stderr.read()
+    proc.wait()
+    if result is None:
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        result = {"engine": engine, "error": f"exit {proc.returncode}: {tail}"}
+    result["wall_s"] = time.perf_counter() - started
+    result["load_average_after"] = os.getloadavg()[0]  # 1-minute: how busy the machine was meanwhile
+    return result
+
+
+def run_ladder(
+    models: list[str],
+    opts: dict,
+    on_progress: Callable[[str], None],
+    on_result: Callable[[dict], None] = lambda results: None,
+    engines=ENGINES,
+) -> dict:
+    """{model: {engine: result}}; forethought fp32 runs first and hands its token ids to the peers.
+    `on_result` gets the results so far after every engine (a long run saves as it goes)."""
+    results: dict = {}
+    for model_ref in models:
+        per: dict = {}
+        results[model_ref] = per
+        token_ids = None
+        for engine in engines:
+            sub = dict(opts, token_ids=token_ids)
+            on_progress(f"{model_ref}: {engine}")
+            per[engine] = run_engine(engine, model_ref, sub, lambda text, m=model_ref: on_progress(f"{m}: {text}"))
+            if engine == "forethought-fp32" and "token_ids" in per[engine]:
+                token_ids = per[engine].pop("token_ids")
+            per[engine].pop("token_ids", None)
+            on_result(results)
+    return results
+
+
+def _get(per: dict, engine: str, key: str):
+    value = (per.get(engine) or {}).get(key)
+    return value if isinstance(value, int | float) else None
+
+
+def _fmt(x, digits=1) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _ratio(a, b) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}x"
+
+
+def short_name(model_ref: str) -> str:
+    return Path(model_ref).name.removesuffix(".gguf") if model_ref.endswith(".gguf") else model_ref
+
+
+def markdown(results: dict, opts: dict) -> list[str]:
+    lines = [
+        "## The model ladder (`--models`)",
+        "",
+        f"2 threads; decode {opts['tokens']} greedy tokens after {json.dumps(PROMPT)}; prefill "
+        f"{opts['prompt_len']} tokens of `argparse.py`; speculative: {opts['spec_tokens']} tokens continuing a "
+        f"code prompt (forethought draft length {DRAFT_LEN}, llama.cpp `LlamaPromptLookupDecoding` "
+        f"{PEER_DRAFT}); busy: the same decode with another process spinning on one core. Median of "
+        f"{opts['repeats']} after a warm-up; every ratio is within this run.",
+        "",
+        "| model | forethought fp32 tok/s | llama.cpp F32 | ratio | int8 | llama.cpp Q8_0 | ratio | "
+        "prefill fp32 | llama.cpp F32 | ratio | fp32 busy | llama.cpp F32 busy | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model_ref, per in results.items():
+        f, i, lf, lq = (_get(per, e, "decode_tok_s") for e in ENGINES)
+        fp, lp = _get(per, "forethought-fp32", "prefill_tok_s"), _get(per, "llamacpp-f32", "prefill_tok_s")
+        fb, lb = _get(per, "forethought-fp32", "busy_decode_tok_s"), _get(per, "llamacpp-f32", "busy_decode_tok_s")
+        lines.append(
+            f"| {short_name(model_ref)} | {_fmt(f)} | {_fmt(lf)} | {_ratio(f, lf)} | {_fmt(i)} | {_fmt(lq)} | "
+            f"{_ratio(i, lq)} | {_fmt(fp, 0)} | {_fmt(lp, 0)} | {_ratio(fp, lp)} | {_fmt(fb)} | {_fmt(lb)} | "
+            f"{_ratio(fb, lb)} |"
+        )
+    lines += [
+        "",
+        "| model | engine | plain tok/s | lookup | auto | best vs plain | identical | tokens/forward (lookup, auto) "
+        "| auto: forwards plain/lookup/heads, benchings | llama.cpp plain | llama.cpp lookup | ours vs theirs |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|",
+    ]
+    for model_ref, engine in ((m, e) for m in results for e in ("forethought-fp32", "forethought-int8")):
+        per = results[model_ref]
+        fr = per.get(engine) or {}
+        spec = fr.get("speculative") or {}
+        if not spec:
+            continue
+        lk, au = spec.get("lookup") or {}, spec.get("auto") or {}
+        plain, best = fr.get("decode_tok_s_spec_plain"), fr.get("spec_best_tok_s")
+        ll_plain, ll_lookup = _get(per, "llamacpp-f32", "plain_code_tok_s"), _get(per, "llamacpp-f32", "lookup_tok_s")
+        use = au.get("auto_usage") or {}
+        usage = f"{use.get('plain', '–')}/{use.get('lookup', '–')}/{use.get('heads', '–')}, {use.get('benchings', '–')}"
+        same = "yes" if lk.get("identical") and au.get("identical") else ("–" if not spec else "NO")
+        lines.append(
+            f"| {short_name(model_ref)} | {fr.get('engine', engine)} | {_fmt(plain)} | {_fmt(lk.get('tok_s'))} | "
+            f"{_fmt(au.get('tok_s'))} | "
+            f"{_ratio(best, plain)} | {same} | {_fmt(lk.get('tokens_per_forward'), 2)}, "
+            f"{_fmt(au.get('tokens_per_forward'), 2)} | {usage} | {_fmt(ll_plain)} | {_fmt(ll_lookup)} | "
+            f"{_ratio(best, ll_lookup)} |"
+        )
+    lines += [
+        "",
+        "| model | engine | load s | peak RSS MB | compiled step | wall s | machine load average after |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    for model_ref, per in results.items():
+        for engine in ENGINES:
+            r = per.get(engine) or {}
+            if "error" in r:
+                lines.append(f"| {short_name(model_ref)} | {engine} | failed: {r['error'][:100]} | | | | |")
+                continue
+            step = {True: "yes", False: "no (op by op)"}.get(r.get("compiled_step"), "")
+            lines.append(
+                f"| {short_name(model_ref)} | {r.get('engine', engine)} | {_fmt(r.get('load_s'))} | "
+                f"{_fmt(r.get('peak_rss_mb'), 0)} | {step} | {_fmt(r.get('wall_s'), 0)} | "
+                f"{_fmt(r.get('load_average_after'))} |"
+            )
+    lines += ["", "### Targets on the ladder, from this run", "", "| model | target | ratio | bar | met |"]
+    lines.append("|---|---|---:|---:|---|")
+    for model_ref, per in results.items():
+        for what, a, ka, b, kb, bar in LADDER_TARGETS:
+            only = TARGET_MODELS.get(what)
+            x, y = _get(per, a, ka), _get(per, b, kb)
+            if x is None or not y:
+                lines.append(f"| {short_name(model_ref)} | {what} | – | >= {bar:.2f}x | not measured |")
+                continue
+            met = "yes" if x / y >= bar else "NO"
+            if only and only not in model_ref.lower():
+                met += f" (the bar is set for the {only} only)"
+            lines.append(f"| {short_name(model_ref)} | {what} | {x / y:.2f}x | >= {bar:.2f}x | {met} |")
+    return lines
+
+
+if __name__ == "__main__":
+    worker_main()

@@ -1,0 +1,63 @@
+"""The ladder benchmark's report: the issue's bars, checked on this run's figures (no engine runs here)."""
+
+import os
+
+from benchmarks.__main__ import parse_args
+from benchmarks.ladder_speed import markdown, one_core_busy
+
+OPTS = {"tokens": 32, "prompt_len": 256, "spec_tokens": 64, "repeats": 3}
+
+
+def fp32(decode: float, prefill: float, spec: float) -> dict:
+    auto = {"tok_s": spec, "identical": True, "tokens_per_forward": 2.0, "auto_usage": {"plain": 3, "lookup": 9}}
+    return {
+        "engine": "forethought fp32",
+        "decode_tok_s": decode,
+        "prefill_tok_s": prefill,
+        "decode_tok_s_spec_plain": decode,
+        "speculative": {"lookup": {"tok_s": spec, "identical": True, "tokens_per_forward": 2.0}, "auto": auto},
+        "spec_best_tok_s": spec,
+    }
+
+
+def targets(lines: list[str]) -> dict[str, str]:
+    rows = [line.split(" | ") for line in lines[lines.index("### Targets on the ladder, from this run") :]]
+    return {row[1]: row[4].rstrip(" |") for row in rows if len(row) == 5 and row[1] != "target"}
+
+
+def test_targets_use_the_issues_bars():
+    """int8 must reach 1.3x Q8_0 (1.25x fails), fp32 1.0x, speculative 2.0x plain on the 1.5B."""
+    per = {
+        "forethought-fp32": fp32(decode=10.0, prefill=100.0, spec=21.0),
+        "forethought-int8": {"engine": "forethought int8", "decode_tok_s": 25.0},
+        "llamacpp-f32": {"decode_tok_s": 10.0, "prefill_tok_s": 101.0, "lookup_tok_s": 20.0},
+        "llamacpp-q8_0": {"decode_tok_s": 20.0},
+    }
+    got = targets(markdown({"qwen2.5-coder-1.5b": per}, OPTS))
+    assert got["fp32 decode vs llama.cpp F32"] == "yes"
+    assert got["int8 decode vs llama.cpp Q8_0"] == "NO"  # 1.25x < 1.3x
+    assert got["fp32 prefill vs llama.cpp F32"] == "NO"  # 0.99x
+    assert got["speculative on code vs plain fp32"] == "yes"  # 2.1x
+    assert got["speculative on code vs llama.cpp lookup"] == "yes"
+    small = targets(markdown({"smollm2-135m": per}, OPTS))
+    assert small["speculative on code vs plain fp32"].startswith("yes (the bar is set for the 1.5b only)")
+
+
+def test_missing_figures_are_said_not_measured():
+    got = targets(markdown({"m": {"forethought-fp32": fp32(10.0, 100.0, 12.0)}}, OPTS))
+    assert got["fp32 decode vs llama.cpp F32"] == "not measured"
+
+
+def test_models_option_sets_ladder_defaults():
+    args = parse_args(["--models", "smollm2-135m, /x/qwen.gguf"])
+    assert args.models == ["smollm2-135m", "/x/qwen.gguf"]
+    assert (args.tokens, args.prompt_len, args.spec_tokens) == (32, 256, 64)
+    assert parse_args([]).prompt_len == 512
+
+
+def test_busy_core_process_ends_with_the_block():
+    with one_core_busy():
+        children = os.popen(f"pgrep -P {os.getpid()}").read().split()
+        assert children
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
