@@ -40,21 +40,24 @@ class Config:
     max_prefix: int = 255
     ceiling_positions: int | None = None
     causal_corpora: tuple[str, ...] = ("stdlib", "pydocs")
+    min_context: int = 128  # held-out positions have >= this many tokens of their own document before them
+    steer_scales: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 FULL = Config(
-    tokens={"stdlib": 110_000, "pydocs": 100_000},
-    test_fraction={"stdlib": 0.4, "pydocs": 0.45},
-    max_doc_tokens=192,
-    layers=(0, 5, 10, 15, 20, 25, 29),
+    tokens={"stdlib": 160_000, "pydocs": 160_000},
+    test_fraction={"stdlib": 0.5, "pydocs": 0.5},
+    max_doc_tokens=320,
+    layers=(0, 8, 15, 19, 22, 26, 29),
     offsets=(1, 2, 3, 4, 6, 8, 12, 16),
-    eval_tokens=6144,
+    eval_tokens=8192,
     lens_eval_tokens=1024,
     causal_positions=500,
-    from_layers=(0, 10, 20),
-    steer_layers=(10, 20),
-    steer_offsets=(2, 3),
-    ceiling_offsets=(1, 2, 3, 4, 8, 16),
+    ceiling_positions=1000,
+    from_layers=(0, 15, 22),
+    steer_layers=(15,),
+    steer_offsets=(2,),
+    ceiling_offsets=(1, 2, 3, 4, 6, 8, 12, 16),
     rollouts=8,
     n_boot=1000,
 )
@@ -79,24 +82,25 @@ SHARED = Config(
     max_prefix=48,
     ceiling_positions=120,
     causal_corpora=("stdlib",),
+    min_context=0,  # its documents are 48 tokens long: it cannot discriminate (see the discriminability line)
+    steer_scales=(1.0,),
 )
 QUICK = Config(
     tokens={"stdlib": 12_000, "pydocs": 12_000},
-    test_fraction={"stdlib": 0.4, "pydocs": 0.45},
-    max_doc_tokens=192,
+    test_fraction={"stdlib": 0.5, "pydocs": 0.5},
+    max_doc_tokens=320,
     layers=(0, 15, 29),
     offsets=(1, 2, 4, 8),
     eval_tokens=1024,
     lens_eval_tokens=256,
-    causal_positions=24,
+    causal_positions=16,
     from_layers=(0, 15),
     steer_layers=(15,),
     steer_offsets=(2,),
-    ceiling_offsets=(1, 2, 4),
+    ceiling_offsets=(1, 2, 4, 8),
     rollouts=4,
     n_boot=200,
-    max_prefix=80,
-    causal_corpora=("stdlib",),
+    causal_corpora=("stdlib", "pydocs"),
 )
 
 
@@ -142,6 +146,7 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
         save_dir=out,
         progress=progress,
         n_boot=cfg.n_boot,
+        min_context=cfg.min_context,
     )
     arrays = {k: np.asarray(v) for k, v in result.per_position.items() if not isinstance(v, str)}
     np.savez(out / "per_position.npz", **arrays)
@@ -177,16 +182,28 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
             save_dir=steer_dir,
             progress=False,
             n_boot=10,
+            min_context=cfg.min_context,
+            stacked=False,
         )
         (steer_dir / "done").write_text("")
     probes = load_probe_folder(steer_dir, lm.config.d_model)
     evaluation = split_positions(
-        store, max(cfg.offsets), cfg.eval_tokens, cfg.lens_eval_tokens, min(1024, cfg.eval_tokens), 0.1, 0
+        store,
+        max(cfg.offsets),
+        cfg.eval_tokens,
+        cfg.lens_eval_tokens,
+        min(1024, cfg.eval_tokens),
+        0.1,
+        0,
+        min_context=cfg.min_context,
     ).evaluation.numpy()
     rng = np.random.default_rng(0)
     window = store.window
-    early = evaluation[(evaluation % window >= 2) & (evaluation % window <= min(cfg.max_prefix, window - 6))]
-    positions = np.sort(rng.permutation(early)[: cfg.causal_positions])
+    # the probe's own held-out positions (deep in their window when min_context is set), a random subset
+    usable = evaluation[(evaluation % window >= 3) & (evaluation % window <= min(cfg.max_prefix, window - 6))]
+    # a random order: the first causal_positions get the knockout and steering, the first ceiling_positions the
+    # ceiling (so either is a random sample of the held-out positions)
+    positions = rng.permutation(usable)[: max(cfg.causal_positions, cfg.ceiling_positions or 0)]
     settings = CausalSettings(
         from_layers=cfg.from_layers,
         steer_layers=cfg.steer_layers,
@@ -195,7 +212,9 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
         rollouts=cfg.rollouts,
         max_prefix=cfg.max_prefix,
         ceiling_positions=cfg.ceiling_positions,
+        condition_positions=cfg.causal_positions,
         top_m=16 if cfg.max_prefix < 255 else 32,
+        steer_scales=cfg.steer_scales,
     )
     result = run_causal(
         lm.model,

@@ -29,7 +29,15 @@ from forethought.distributed.fanout import MAX_RETRIES, unwrap
 from forethought.experiments.probes import Cell, ProbeResult
 
 # the options of `run_probes` that the shared phase depends on (the rest: save_dir, n_boot, progress)
-PREPARE_OPTIONS = ("eval_tokens", "lens_eval_tokens", "control_eval_tokens", "val_fraction", "seed", "dedup_threshold")
+PREPARE_OPTIONS = (
+    "eval_tokens",
+    "lens_eval_tokens",
+    "control_eval_tokens",
+    "val_fraction",
+    "seed",
+    "dedup_threshold",
+    "min_context",
+)
 
 
 def _prepare_options(options: dict) -> dict:

@@ -107,6 +107,10 @@ class ProbeResult:
     context: dict[int, dict[str, Interval]] = field(default_factory=dict)  # offset -> baseline -> top-1
     context_settings: dict[int, dict[str, dict]] = field(default_factory=dict)
     headline: dict[int, dict] = field(default_factory=dict)  # offset -> layer chosen on validation, excess
+    min_context: int = 0  # held-out positions have at least this many tokens of their document before them
+    # the model's own top-1 at k = 1 minus the strongest context baseline's, on the held-out positions: whether the
+    # setting can tell the model from the statistics at all
+    discriminability: dict = field(default_factory=dict)
     per_position: dict = field(default_factory=dict, repr=False)  # arrays for later analyses; not in to_dict
 
     def cell(self, layer: int, offset: int) -> Cell:
@@ -424,9 +428,12 @@ def split_positions(
     val_fraction: float,
     seed: int,
     dedup_threshold: float | None = 0.5,
+    min_context: int = 0,
 ) -> Positions:
     """Anchors t with t + max_offset inside the window; train / validation / test by document; the held-out
-    sample drops test documents whose 8-token shingles mostly occur in the training documents."""
+    sample drops test documents whose 8-token shingles mostly occur in the training documents. `min_context`:
+    held-out positions only where the model has read at least that many tokens of t's own document in its window
+    (deep in a window, where the model can use its context; training positions are all kept)."""
     tokens = store.array("token_ids").long()
     doc_of = store.array("doc_ids").long()
     split = store.array("split").long().repeat_interleave(store.window)
@@ -440,6 +447,10 @@ def split_positions(
     trn = torch.nonzero(anchor & (split == 0) & ~val_mask)[:, 0]
     val = torch.nonzero(val_mask)[:, 0]
     test_mask = anchor & (split == 1)
+    if min_context:
+        local = torch.arange(n) % store.window
+        back = (torch.arange(n) - min_context).clamp_min(0)
+        test_mask &= (local >= min_context) & (doc_of[back] == doc_of)
     removed = {}
     if dedup_threshold is not None:
         removed = _near_duplicate_documents(tokens, doc_of, split, documents, dedup_threshold)
@@ -450,8 +461,9 @@ def split_positions(
     test = torch.nonzero(test_mask)[:, 0]
     if len(test) == 0 or len(trn) == 0 or len(val) == 0:
         raise ForethoughtError(
-            f"the store has {len(trn)} train, {len(val)} validation and {len(test)} test positions; "
-            "every one must be non-empty (extract more --tokens)"
+            f"the store has {len(trn)} train, {len(val)} validation and {len(test)} test positions"
+            + (f" ({min_context}+ tokens into their document)" if min_context else "")
+            + "; every one must be non-empty (extract more --tokens)"
         )
     gen = torch.Generator().manual_seed(seed)
     evaluation = test[torch.randperm(len(test), generator=gen)[: min(eval_tokens, len(test))]].sort().values
@@ -502,6 +514,8 @@ def run_probes(
     progress: bool = True,
     n_boot: int = 1000,
     dedup_threshold: float | None = 0.5,
+    min_context: int = 0,
+    stacked: bool = True,
 ) -> ProbeResult:
     """Fit and score both readouts for every (layer, offset) beside context-matched baselines; save the fitted
     maps under `save_dir`. `dedup_threshold`: drop held-out documents whose 8-token shingles occur in training
@@ -511,7 +525,16 @@ def run_probes(
     started = time.perf_counter()
     layers = list(store.layers if layers is None else layers)
     setup = prepare_probes(
-        store, model, offsets, eval_tokens, lens_eval_tokens, control_eval_tokens, val_fraction, seed, dedup_threshold
+        store,
+        model,
+        offsets,
+        eval_tokens,
+        lens_eval_tokens,
+        control_eval_tokens,
+        val_fraction,
+        seed,
+        dedup_threshold,
+        min_context,
     )
     with setup.timings.timed("load"):
         s_final = store.layer(model.config.n_layers - 1)
@@ -537,7 +560,7 @@ def run_probes(
     finally:
         if bar:
             bar.stop()
-    return summarize_probes(setup, store, layers, cells, correct, n_boot, save_path, started)
+    return summarize_probes(setup, store, layers, cells, correct, n_boot, save_path, started, stacked)
 
 
 @dataclass
@@ -555,6 +578,7 @@ class ProbeSetup:
     vocab_info: ProbeVocabulary
     context: dict
     timings: Timings
+    min_context: int = 0
 
 
 def prepare_probes(
@@ -567,6 +591,7 @@ def prepare_probes(
     val_fraction: float = 0.1,
     seed: int = 0,
     dedup_threshold: float | None = 0.5,
+    min_context: int = 0,
 ) -> ProbeSetup:
     """`run_probes`' first phase: check the request, split positions, fit the baselines (once per run)."""
     timings = Timings()
@@ -584,7 +609,15 @@ def prepare_probes(
         next_lp = store.array("next_logprob")
         doc_of = store.array("doc_ids").long()
         pos = split_positions(
-            store, max(offsets), eval_tokens, lens_eval_tokens, control_eval_tokens, val_fraction, seed, dedup_threshold
+            store,
+            max(offsets),
+            eval_tokens,
+            lens_eval_tokens,
+            control_eval_tokens,
+            val_fraction,
+            seed,
+            dedup_threshold,
+            min_context,
         )
         baselines, uni_logp = _baselines(tokens, greedy, next_lp, pos.trn, pos.val, pos.evaluation, offsets, vocab)
         vocab_info = ProbeVocabulary.build(tokens, pos.train_all, offsets, vocab)
@@ -592,7 +625,9 @@ def prepare_probes(
         context = {
             k: context_baselines(tokens, pos.trn, pos.val, pos.evaluation, k, store.window, vocab) for k in offsets
         }
-    return ProbeSetup(offsets, tokens, greedy, doc_of, pos, baselines, uni_logp, vocab_info, context, timings)
+    return ProbeSetup(
+        offsets, tokens, greedy, doc_of, pos, baselines, uni_logp, vocab_info, context, timings, min_context
+    )
 
 
 def layer_fitter(setup: ProbeSetup, model: Transformer, s_final: torch.Tensor, seed: int) -> LayerFitter:
@@ -632,6 +667,7 @@ def summarize_probes(
     n_boot: int,
     save_path: Path | None,
     started: float,
+    stacked: bool = True,
 ) -> ProbeResult:
     """`run_probes`' last phase, over all layers together: intervals, the layer chosen on validation."""
     pos, offsets, timings = setup.pos, setup.offsets, setup.timings
@@ -639,6 +675,10 @@ def summarize_probes(
         summary = _summarize(
             setup.tokens, setup.doc_of, pos.evaluation, offsets, layers, cells, correct, setup.context, n_boot
         )
+        discriminability = _discriminability(setup, summary, n_boot) if 1 in offsets else {}
+    if stacked:
+        with timings.timed("stacked"):
+            _stacked(setup, store, cells, summary, n_boot)
     return ProbeResult(
         model=store.manifest["model"]["name"],
         store=str(store.path),
@@ -661,6 +701,8 @@ def summarize_probes(
         context_settings={k: setup.context[k].chosen for k in offsets},
         headline=summary["headline"],
         per_position=summary["per_position"],
+        min_context=setup.min_context,
+        discriminability=discriminability,
     )
 
 
@@ -845,6 +887,107 @@ def _summarize(tokens, doc_of, evaluation, offsets, layers, cells, correct, cont
         per_position[f"{strongest}@{k}"] = base
         per_position[f"strongest@{k}"] = strongest
     return {"context": out_context, "headline": headline, "per_position": per_position}
+
+
+FEW_DOCUMENTS = 30  # below this many held-out documents a bootstrap over documents says little
+SEPARABLE_POINTS = 5.0  # the model must beat the strongest baseline at k = 1 by this much for a verdict to mean much
+
+
+def _discriminability(setup: ProbeSetup, summary: dict, n_boot: int) -> dict:
+    """Model top-1 at k = 1 minus the strongest context baseline's, same held-out positions, bootstrap over
+    documents; and the plain words a run prints about it."""
+    ev = setup.pos.evaluation
+    docs = setup.doc_of[ev].numpy()
+    y = setup.tokens[ev + 1].numpy()
+    model_hit = (setup.greedy[ev].numpy() == y).astype(np.float64)
+    strongest = summary["headline"][1]["strongest"]
+    base_hit = (setup.context[1].predictions[strongest] == y).astype(np.float64)
+    diff = bootstrap_by_document(model_hit - base_hit, docs, n_boot)
+    n_docs = len(np.unique(docs))
+    if n_docs < FEW_DOCUMENTS:
+        words = (
+            f"only {n_docs} held-out documents: too few for a 95% interval over documents to mean much "
+            f"(want >= {FEW_DOCUMENTS}; extract more --tokens)"
+        )
+    elif diff.low <= 0:
+        words = "this setting cannot separate the model from the context statistics: no verdict on planning here"
+    elif diff.estimate * 100 < SEPARABLE_POINTS:
+        words = "the model is barely ahead of the context statistics here: small excesses say little"
+    else:
+        words = "the setting separates the model from the context statistics"
+    return {
+        "model_top1": bootstrap_by_document(model_hit, docs, n_boot),
+        "strongest": strongest,
+        "strongest_top1": bootstrap_by_document(base_hit, docs, n_boot),
+        "model_minus_strongest": diff,
+        "n_documents": n_docs,
+        "min_context": setup.min_context,
+        "words": words,
+    }
+
+
+def _stacked(setup: ProbeSetup, store: ActivationStore, cells: list[Cell], summary: dict, n_boot: int) -> None:
+    """Per offset, at the layer chosen on validation: B vs B + h_t (and B_long vs B_long + h_t), cross-fitted,
+    with the excess and its strata into the headline, the per-position hits into per_position."""
+    from forethought.experiments.stacked import StackedInputs, stacked_offset
+
+    pos = setup.pos
+    inputs = StackedInputs(
+        tokens=setup.tokens.numpy().astype(np.int64),
+        greedy=setup.greedy.numpy().astype(np.int64),
+        doc_of=setup.doc_of.numpy(),
+        train_all=pos.train_all.numpy(),
+        evaluation=pos.evaluation.numpy(),
+        window=store.window,
+        vocab=len(setup.vocab_info.column_of),
+        columns=setup.vocab_info.columns,
+    )
+    docs = setup.doc_of[pos.evaluation].numpy()
+    headline, per_position = summary["headline"], summary["per_position"]
+    by_layer: dict[int, list[int]] = {}
+    for k in setup.offsets:
+        by_layer.setdefault(headline[k]["layer"], []).append(k)
+    for layer, ks in sorted(by_layer.items()):
+        h = store.layer(layer)
+        h_train = h[pos.train_all]
+        mean, std = h_train.mean(0), h_train.std(0).clamp_min(1e-6)
+        z_train = _augment((h_train - mean) / std)
+        del h_train
+        z_eval = _augment((h[pos.evaluation] - mean) / std)
+        del h
+        for k in ks:
+            cell = next(c for c in cells if c.layer == layer and c.offset == k)
+            hits = stacked_offset(inputs, k, setup.context[k], z_train, z_eval, cell.probe_lambda)
+            headline[k]["stacked"] = _stacked_intervals(hits, per_position, k, docs, n_boot)
+            for name in ("B", "B+h", "Blong", "Blong+h", "seen4"):
+                per_position[f"{name}@{k}"] = hits[name]
+
+
+def _stacked_intervals(hits: dict, per_position: dict, k: int, docs: np.ndarray, n_boot: int) -> dict:
+    probe_minus = per_position[f"probe@{k}"] - per_position[f"{per_position[f'strongest@{k}']}@{k}"]
+    seen = hits["seen4"] > 0
+    out: dict = {
+        "B": bootstrap_by_document(hits["B"], docs, n_boot),
+        "B+h": bootstrap_by_document(hits["B+h"], docs, n_boot),
+        "excess": bootstrap_by_document(hits["B+h"] - hits["B"], docs, n_boot),
+        "Blong": bootstrap_by_document(hits["Blong"], docs, n_boot),
+        "Blong+h": bootstrap_by_document(hits["Blong+h"], docs, n_boot),
+        "excess_long": bootstrap_by_document(hits["Blong+h"] - hits["Blong"], docs, n_boot),
+        "weights_B": dict(zip(_GROUPS_B, map(float, hits["B:alpha"]), strict=False)),
+        "strata": {},
+    }
+    for name, mask in (("seen", seen), ("unseen", ~seen)):
+        if mask.sum() == 0:
+            continue
+        out["strata"][name] = {
+            "share": float(mask.mean()),
+            "excess": bootstrap_by_document((hits["B+h"] - hits["B"])[mask], docs[mask], n_boot),
+            "probe_minus_strongest": bootstrap_by_document(probe_minus[mask], docs[mask], n_boot),
+        }
+    return out
+
+
+_GROUPS_B = ("successors of x_t", "ngram1", "ngram2", "ngram3", "ngram4", "copy", "copy+ngram")
 
 
 def _bar(enabled: bool, total: int):
