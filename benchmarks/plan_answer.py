@@ -45,19 +45,21 @@ class Config:
 
 
 FULL = Config(
-    tokens={"stdlib": 160_000, "pydocs": 160_000},
-    test_fraction={"stdlib": 0.5, "pydocs": 0.5},
-    max_doc_tokens=320,
-    layers=(0, 8, 15, 19, 22, 26, 29),
+    # >= 200 held-out documents after the near-duplicate filter, each cut to 256 tokens, so that its positions
+    # 128..255 (>= 128 tokens of its own text read) fall deep in a window
+    tokens={"stdlib": 110_000, "pydocs": 110_000},
+    test_fraction={"stdlib": 0.55, "pydocs": 0.55},
+    max_doc_tokens=256,
+    layers=(0, 8, 15, 19, 22, 29),
     offsets=(1, 2, 3, 4, 6, 8, 12, 16),
     eval_tokens=8192,
     lens_eval_tokens=1024,
     causal_positions=500,
-    ceiling_positions=1000,
+    ceiling_positions=500,
     from_layers=(0, 15, 22),
     steer_layers=(15,),
     steer_offsets=(2,),
-    ceiling_offsets=(1, 2, 3, 4, 6, 8, 12, 16),
+    ceiling_offsets=(1, 2, 3, 4, 6, 8),
     rollouts=8,
     n_boot=1000,
 )

@@ -451,7 +451,9 @@ def summarize_causal(model, store, usable, rows, doc_of, settings, n_boot, secon
         n_ceiling_positions=len(rows) - int(np.isnan(per_position.get("ceiling@1", np.zeros(0))).sum())
         if "ceiling@1" in per_position
         else 0,
-        n_ceiling_documents=len(np.unique(docs[~np.isnan(per_position["ceiling@1"])])) if "ceiling@1" in per_position else 0,
+        n_ceiling_documents=len(np.unique(docs[~np.isnan(per_position["ceiling@1"])]))
+        if "ceiling@1" in per_position
+        else 0,
         seconds=seconds,
         per_position=per_position,
         sinks={

@@ -142,7 +142,9 @@ def baseline_features(
         values.append(v)
     copy = copy_predict(tokens, rows, offset, chosen["copy"]["match"], window)
     combo_match = chosen["copy+ngram"]["match"]
-    combo_copy = copy if combo_match == chosen["copy"]["match"] else copy_predict(tokens, rows, offset, combo_match, window)
+    combo_copy = (
+        copy if combo_match == chosen["copy"]["match"] else copy_predict(tokens, rows, offset, combo_match, window)
+    )
     combo = np.where(combo_copy >= 0, combo_copy, ngram[chosen["copy+ngram"]["ngram_order"]])
     for name, pred in (("copy", copy), ("copy+ngram", combo)):
         names.append(name)
@@ -278,7 +280,9 @@ class StackedReadout:
             # alpha given W: the residual's correlation with each group at the features' own slots
             zw = self._zw_at(z, w, col, in_c)  # [n, M]
             fzw = np.bincount(
-                np.repeat(group[None], n, 0).ravel(), weights=(zw * vals_t).numpy().ravel().astype(np.float64), minlength=J
+                np.repeat(group[None], n, 0).ravel(),
+                weights=(zw * vals_t).numpy().ravel().astype(np.float64),
+                minlength=J,
             )
             alpha = np.linalg.solve(gf, fy - fzw)
             # W given alpha: ridge onto Y - F alpha
