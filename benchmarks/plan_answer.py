@@ -106,6 +106,9 @@ QUICK = Config(
 )
 
 
+PER_WINDOW = 4  # causal positions drawn per window
+
+
 class Phases:
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, float]] = {}
@@ -203,9 +206,13 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
     window = store.window
     # the probe's own held-out positions (deep in their window when min_context is set), a random subset
     usable = evaluation[(evaluation % window >= 3) & (evaluation % window <= min(cfg.max_prefix, window - 6))]
-    # a random order: the first causal_positions get the knockout and steering, the first ceiling_positions the
-    # ceiling (so either is a random sample of the held-out positions)
-    positions = rng.permutation(usable)[: max(cfg.causal_positions, cfg.ceiling_positions or 0)]
+    # random windows, up to PER_WINDOW random positions in each (one prefix pass serves a window's positions); the
+    # first causal_positions get the knockout and steering, the first ceiling_positions the ceiling
+    by_window: dict[int, list[int]] = {}
+    for t in rng.permutation(usable).tolist():
+        by_window.setdefault(t // window, []).append(t)
+    wanted = max(cfg.causal_positions, cfg.ceiling_positions or 0)
+    positions = [t for ts in by_window.values() for t in ts[:PER_WINDOW]][:wanted]
     settings = CausalSettings(
         from_layers=cfg.from_layers,
         steer_layers=cfg.steer_layers,
@@ -221,7 +228,7 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
     result = run_causal(
         lm.model,
         store,
-        positions.tolist(),
+        positions,
         probes,
         settings,
         checkpoint=out / "causal.ckpt",

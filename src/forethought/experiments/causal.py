@@ -184,6 +184,16 @@ def random_control_key(p: int, sinks: torch.Tensor, max_distance: int, gen: torc
     return candidates[int(torch.randint(len(candidates), (1,), generator=gen))]
 
 
+@torch.inference_mode()
+def window_prefix(model: Transformer, tokens: torch.Tensor, settings: CausalSettings):
+    """One pass over `tokens` (a window's first positions) into a KV cache, with every key's sink flag: the shared
+    prefix of all positions measured in that window (a position p reads the cache's first p entries)."""
+    cache = model.new_cache(capacity=len(tokens) + 2)
+    meter = SinkMeter(model.config.n_layers)
+    model(tokens[None], cache=cache, last_only=True, hooks=meter)
+    return cache, attention_sinks(meter.scores(), settings.sink_ratio)
+
+
 def _expand(model: Transformer, cache, rows: int, length: int):
     """A cache of `rows` copies of row 0 of `cache`, its first `length` positions."""
     out = model.new_cache(capacity=length + 32, batch_size=rows)
@@ -204,16 +214,14 @@ def measure_position(
     vocab_pool: torch.Tensor,
     ceiling: bool = True,
     conditions: bool = True,
+    prefix: tuple | None = None,
 ) -> dict[str, np.ndarray | float]:
     """All conditions at local position p of one window: {name: value(s)}; NaN where a condition does not apply.
-    `conditions=False`: the ceiling alone (no knockout, swap or steering rows)."""
+    `conditions=False`: the ceiling alone (no knockout, swap or steering rows). `prefix`: `window_prefix(...)`
+    of this window, shared by its positions (its cache must hold at least the first p positions)."""
     c = model.config
     H = settings.horizon
-    prefix = window_tokens[:p][None]
-    cache = model.new_cache(capacity=p + max(H, max(settings.ceiling_offsets)) + 2)
-    meter = SinkMeter(c.n_layers) if conditions else None
-    model(prefix, cache=cache, last_only=True, hooks=meter)
-    sinks = attention_sinks(meter.scores(), settings.sink_ratio) if meter else torch.ones(p, dtype=torch.bool)
+    cache, sinks = prefix if prefix is not None else window_prefix(model, window_tokens[:p], settings)
     suffix = window_tokens[p : p + H + 1]
     targets = window_tokens[p + 1 : p + H + 2]
 
@@ -343,15 +351,27 @@ def run_causal(
         task = bar.add_task("causal", total=len(usable), completed=len(done))
         bar.start()
     try:
+        shared: tuple[int, tuple] | None = None  # (window, its prefix): positions of one window share one pass
         for i in range(len(done), len(usable)):
             t = usable[i]
             w, p = divmod(t, W)
             with_ceiling = settings.ceiling_positions is None or i < settings.ceiling_positions
             with_conditions = settings.condition_positions is None or i < settings.condition_positions
             window_tokens = tokens[w * W : (w + 1) * W]
+            if shared is None or shared[0] != w:
+                shared = (w, window_prefix(model, window_tokens, settings))
             done.append(
                 measure_position(
-                    model, window_tokens, p, settings, probes, gen, vocab_pool, with_ceiling, with_conditions
+                    model,
+                    window_tokens,
+                    p,
+                    settings,
+                    probes,
+                    gen,
+                    vocab_pool,
+                    with_ceiling,
+                    with_conditions,
+                    shared[1],
                 )
             )
             if ckpt is not None and (len(done) % 25 == 0 or len(done) == len(usable)):
