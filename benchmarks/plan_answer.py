@@ -255,8 +255,9 @@ def _override(cfg: Config, args: argparse.Namespace) -> Config:
         changes["from_layers"] = tuple(int(x) for x in args.from_layers.split(","))
     if args.steer_layers:
         changes["steer_layers"] = tuple(int(x) for x in args.steer_layers.split(","))
-    if args.causal_positions:
+    if args.causal_positions:  # fewer: also the first positions of a longer run's checkpoint (its summary)
         changes["causal_positions"] = args.causal_positions
+        changes["ceiling_positions"] = min(cfg.ceiling_positions or args.causal_positions, args.causal_positions)
     return replace(cfg, **changes) if changes else cfg
 
 

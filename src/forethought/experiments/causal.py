@@ -334,11 +334,14 @@ def run_causal(
     if ckpt is not None and ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False)
         # the ceiling's subset may shrink between runs (rows already measured keep their ceiling)
-        same = {k: v for k, v in saved.get("settings", {}).items() if k != "ceiling_positions"}
-        if same == {k: v for k, v in asdict(settings).items() if k != "ceiling_positions"} and (
-            saved.get("positions") == usable
+        # a run cut short can be summarized by asking for fewer positions: the first ones of the same list
+        skip = ("ceiling_positions", "condition_positions")
+        same = {k: v for k, v in saved.get("settings", {}).items() if k not in skip}
+        saved_positions = saved.get("positions", [])
+        if same == {k: v for k, v in asdict(settings).items() if k not in skip} and (
+            saved_positions[: len(usable)] == usable
         ):
-            done = saved["rows"]
+            done = saved["rows"][: len(usable)]
             gen.set_state(saved["rng"])
     bar = None
     if progress:
