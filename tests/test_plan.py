@@ -284,65 +284,27 @@ def test_ridge_solves_a_gram_that_rounding_left_slightly_indefinite():
     assert torch.allclose(w.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_stacked_readout_argmax_covers_the_columns_and_every_named_token() -> None:
-    """Reference: dense scores over the whole vocabulary, -inf for tokens that are neither a column nor named by a
-    feature; a feature may name a token twice (its values add) or a token outside the columns (a copied name)."""
-    from forethought.experiments.stacked import Features, StackedReadout
+def test_stacked_candidates_and_the_conditional_logit() -> None:
+    """Candidates: every named token once (a token outside any list too) plus the top tokens. The conditional logit,
+    on rows where feature a names the target 80% of the time and feature b names a random token, learns a large
+    weight for a and a small one for b, and predicts a's token."""
+    from forethought.experiments.stacked import Features, LogLinearStack, candidate_features, candidate_set
+
+    named = Features(["a", "b"], [np.array([[5], [7]]), np.array([[5], [-1]])], [np.ones((2, 1)), np.ones((2, 1))])
+    cand = candidate_set(named, np.array([1, 5]))
+    assert [sorted(int(c) for c in row if c >= 0) for row in cand] == [[1, 5], [1, 5, 7]]
+    x = candidate_features(named, cand, [np.zeros(cand.shape)])
+    row0 = {int(c): x[0, i].tolist() for i, c in enumerate(cand[0]) if c >= 0}
+    assert row0 == {1: [0.0, 0.0, 0.0], 5: [1.0, 1.0, 0.0]}  # token 5 named by both a and b
 
     rng = np.random.default_rng(0)
-    vocab, n, p = 30, 400, 5
-    columns = torch.arange(0, vocab, 2)  # the even tokens only
-    readout = StackedReadout(columns, vocab)
-    z = torch.from_numpy(rng.normal(size=(n, p))).float()
-    w = torch.from_numpy(rng.normal(size=(p, len(columns)))).float()
-    ids = [rng.integers(-1, vocab, (n, 3)), rng.integers(-1, vocab, (n, 1))]
-    values = [rng.uniform(0, 3, (n, 3)), np.ones((n, 1))]
-    feats = Features(["a", "b"], ids, values)
-    alpha = np.array([1.5, 2.5])
-    got = readout.predict(z, feats, w, alpha, chunk=64)
-    dense = torch.full((n, vocab), -torch.inf)
-    dense[:, columns] = z @ w
-    for group, (a, v) in enumerate(zip(ids, values, strict=True)):
-        for r in range(n):
-            for slot in range(a.shape[1]):
-                tok = int(a[r, slot])
-                if tok < 0:
-                    continue
-                base = 0.0 if torch.isinf(dense[r, tok]) else float(dense[r, tok])
-                dense[r, tok] = base + alpha[group] * float(v[r, slot])
-    assert torch.equal(got, dense.argmax(1))
-    assert (got % 2 == 1).any()  # some rows are won by a token outside the columns
-
-
-def test_stacked_readout_fit_is_the_joint_least_squares_solution() -> None:
-    """Backfitting run to convergence equals the ridge solution of the long-format regression solved directly:
-    one row per (position, token), features z_t x e_token (the ridge block) and the groups' values at the token."""
-    from forethought.experiments.stacked import ALPHA_RIDGE, Features, StackedReadout
-
-    rng = np.random.default_rng(1)
-    vocab, n, p, lam = 6, 300, 3, 7.0
-    columns = torch.arange(vocab)
-    z = torch.from_numpy(np.concatenate([rng.normal(size=(n, p - 1)), np.ones((n, 1))], 1)).float()
-    y = torch.from_numpy(rng.integers(0, vocab, n))
-    # group a: two noisy candidates with values; group b: an indicator that names the target half the time
-    right = rng.uniform(size=n) < 0.5
-    ids = [rng.integers(-1, vocab, (n, 2)), np.where(right, y.numpy(), rng.integers(0, vocab, n))[:, None]]
-    values = [rng.uniform(0, 1, (n, 2)), np.ones((n, 1))]
-    feats = Features(["a", "b"], ids, values)
-    inverse = torch.linalg.inv(z.T.double() @ z.double() + lam * torch.eye(p, dtype=torch.float64)).float()
-    w, alpha = StackedReadout(columns, vocab).fit(z, feats, y, inverse, rounds=300)
-    # the direct solution
-    J = 2
-    design = np.zeros((n * vocab, p * vocab + J))
-    target = np.zeros(n * vocab)
-    for t in range(n):
-        for v in range(vocab):
-            row = t * vocab + v
-            design[row, v * p : (v + 1) * p] = z[t].numpy()
-            for j, (a, val) in enumerate(zip(ids, values, strict=True)):
-                design[row, p * vocab + j] = float((val[t] * (a[t] == v)).sum())
-            target[row] = float(int(y[t]) == v)
-    penalty = np.concatenate([np.full(p * vocab, lam), np.full(J, ALPHA_RIDGE * n)])
-    coef = np.linalg.solve(design.T @ design + np.diag(penalty), design.T @ target)
-    assert np.allclose(alpha, coef[p * vocab :], atol=1e-3), (alpha, coef[p * vocab :])
-    assert np.allclose(w.numpy().T.reshape(-1), coef[: p * vocab], atol=1e-3)
+    n, vocab = 2000, 50
+    y = rng.integers(0, vocab, n)
+    a = np.where(rng.uniform(size=n) < 0.8, y, rng.integers(0, vocab, n))[:, None]
+    b = rng.integers(0, vocab, n)[:, None]
+    feats = Features(["a", "b"], [a, b], [np.ones((n, 1)), np.ones((n, 1))])
+    cand = candidate_set(feats, np.arange(10))
+    x = candidate_features(feats, cand, [])
+    fitted = LogLinearStack.fit(x, cand, y, feats.names)
+    assert fitted.theta[0] > 2.0 and abs(fitted.theta[1]) < 0.5, fitted.theta
+    assert np.array_equal(fitted.predict(x, cand), a[:, 0])

@@ -37,6 +37,7 @@ PREPARE_OPTIONS = (
     "seed",
     "dedup_threshold",
     "min_context",
+    "stacked",
 )
 
 

@@ -447,10 +447,12 @@ def split_positions(
     trn = torch.nonzero(anchor & (split == 0) & ~val_mask)[:, 0]
     val = torch.nonzero(val_mask)[:, 0]
     test_mask = anchor & (split == 1)
+    deep = torch.ones(n, dtype=torch.bool)
     if min_context:
         local = torch.arange(n) % store.window
         back = (torch.arange(n) - min_context).clamp_min(0)
-        test_mask &= (local >= min_context) & (doc_of[back] == doc_of)
+        deep = (local >= min_context) & (doc_of[back] == doc_of)
+        test_mask &= deep
     removed = {}
     if dedup_threshold is not None:
         removed = _near_duplicate_documents(tokens, doc_of, split, documents, dedup_threshold)
@@ -472,7 +474,11 @@ def split_positions(
     # the lens and the control score subsets of the same random held-out sample
     lens_eval = evaluation[torch.randperm(len(evaluation), generator=gen)[:n_lens]].sort().values
     ctrl_eval = evaluation[torch.randperm(len(evaluation), generator=gen)[:n_ctrl]].sort().values
-    select = val[torch.randperm(len(val), generator=gen)[:SELECT_TOKENS]]
+    # the validation rows that choose the layer, fit temperatures and weigh the stacked readout: as deep in their
+    # window as the held-out ones (where there are enough of them)
+    val_deep = val[deep[val]]
+    pool = val_deep if len(val_deep) >= min(SELECT_TOKENS // 4, len(val)) else val
+    select = pool[torch.randperm(len(pool), generator=gen)[:SELECT_TOKENS]]
     return Positions(
         trn,
         val,
@@ -535,6 +541,7 @@ def run_probes(
         seed,
         dedup_threshold,
         min_context,
+        stacked,
     )
     with setup.timings.timed("load"):
         s_final = store.layer(model.config.n_layers - 1)
@@ -560,7 +567,7 @@ def run_probes(
     finally:
         if bar:
             bar.stop()
-    return summarize_probes(setup, store, layers, cells, correct, n_boot, save_path, started, stacked)
+    return summarize_probes(setup, store, layers, cells, correct, n_boot, save_path, started)
 
 
 @dataclass
@@ -579,6 +586,7 @@ class ProbeSetup:
     context: dict
     timings: Timings
     min_context: int = 0
+    stack: dict | None = None  # offset -> StackBaselines: B and B_long, and what B + h needs (None: not asked)
 
 
 def prepare_probes(
@@ -592,6 +600,7 @@ def prepare_probes(
     seed: int = 0,
     dedup_threshold: float | None = 0.5,
     min_context: int = 0,
+    stacked: bool = True,
 ) -> ProbeSetup:
     """`run_probes`' first phase: check the request, split positions, fit the baselines (once per run)."""
     timings = Timings()
@@ -625,8 +634,25 @@ def prepare_probes(
         context = {
             k: context_baselines(tokens, pos.trn, pos.val, pos.evaluation, k, store.window, vocab) for k in offsets
         }
+    stack = None
+    if stacked:
+        from forethought.experiments.stacked import StackedInputs, stack_baselines
+
+        with timings.timed("stacked_baselines"):
+            inputs = StackedInputs(
+                tokens=tokens.numpy().astype(np.int64),
+                greedy=greedy.numpy().astype(np.int64),
+                doc_of=doc_of.numpy(),
+                train_all=pos.train_all.numpy(),
+                evaluation=pos.evaluation.numpy(),
+                window=store.window,
+                vocab=vocab,
+                columns=vocab_info.columns,
+            )
+            select = pos.select.numpy()
+            stack = {k: stack_baselines(inputs, k, context[k], select, uni_logp.float()) for k in offsets}
     return ProbeSetup(
-        offsets, tokens, greedy, doc_of, pos, baselines, uni_logp, vocab_info, context, timings, min_context
+        offsets, tokens, greedy, doc_of, pos, baselines, uni_logp, vocab_info, context, timings, min_context, stack
     )
 
 
@@ -642,6 +668,7 @@ def layer_fitter(setup: ProbeSetup, model: Transformer, s_final: torch.Tensor, s
         s_final,
         setup.timings,
         seed,
+        setup.stack,
     )
 
 
@@ -667,7 +694,6 @@ def summarize_probes(
     n_boot: int,
     save_path: Path | None,
     started: float,
-    stacked: bool = True,
 ) -> ProbeResult:
     """`run_probes`' last phase, over all layers together: intervals, the layer chosen on validation."""
     pos, offsets, timings = setup.pos, setup.offsets, setup.timings
@@ -676,9 +702,9 @@ def summarize_probes(
             setup.tokens, setup.doc_of, pos.evaluation, offsets, layers, cells, correct, setup.context, n_boot
         )
         discriminability = _discriminability(setup, summary, n_boot) if 1 in offsets else {}
-    if stacked:
+    if setup.stack is not None:
         with timings.timed("stacked"):
-            _stacked(setup, store, cells, summary, n_boot)
+            _stacked(setup, store.window, correct, summary, n_boot)
     return ProbeResult(
         model=store.manifest["model"]["name"],
         store=str(store.path),
@@ -727,7 +753,9 @@ class ProbeVocabulary:
 class LayerFitter:
     """Both readouts and their shuffled controls for every offset at one layer, on one set of Gram statistics."""
 
-    def __init__(self, model, tokens, greedy, pos: Positions, offsets, vocab_info, uni_logp, s_final, timings, seed):
+    def __init__(
+        self, model, tokens, greedy, pos: Positions, offsets, vocab_info, uni_logp, s_final, timings, seed, stack=None
+    ):
         self.model, self.tokens, self.greedy, self.pos = model, tokens, greedy, pos
         self.offsets, self.v, self.uni_logp, self.s_final, self.timings = (
             offsets,
@@ -740,6 +768,9 @@ class LayerFitter:
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.train_all = pos.train_all
         self.perm = torch.randperm(len(self.train_all), generator=self.gen)  # the control's shuffle of positions
+        self.stack = stack  # offset -> StackBaselines (None: no stacked readout)
+        self.stack_hits: dict[int, dict[str, torch.Tensor]] = {}
+        self.stack_weights: dict[int, dict] = {}
 
     @torch.inference_mode()
     def decode(self, states: torch.Tensor) -> torch.Tensor:
@@ -777,6 +808,8 @@ class LayerFitter:
                 Cell(layer, k, probe_m, lens_m, ctrl_m, lens_ctrl_m, alpha_p, alpha_l, temp_p, temp_l, val_top1)
             )
             correct[(layer, k)] = ok
+            for name, hits in self.stack_hits.pop(k, {}).items():  # B + h, B_long + h at this layer
+                correct[(layer, k, name)] = hits
             saved[f"probe.{k}"] = w_probe.to(torch.float16)
             saved[f"lens.{k}"] = w_lens
         return cells, saved, correct
@@ -801,6 +834,20 @@ class LayerFitter:
         probe_m = _metrics(
             _score(scores, y_eval, g_eval, temp, v.columns, self.uni_logp, v.unseen_mass), len(pos.evaluation)
         )
+        if self.stack is not None:  # what h_t adds to the baseline features: B + h at this (layer, k)
+            from forethought.experiments.stacked import stack_with_h
+
+            hits, weights = stack_with_h(
+                self.stack[k],
+                self.uni_logp.float(),
+                torch.log_softmax(temp * sel_scores, dim=1),
+                torch.log_softmax(temp * scores, dim=1),
+                v.columns,
+                v.column_of,
+                v.unseen_mass,
+            )
+            self.stack_hits[k] = {name: torch.from_numpy(h) for name, h in hits.items()}
+            self.stack_weights[k] = weights
         # control: the same pipeline on shuffled targets (temperature on shuffled validation targets)
         col_shuf = col[self.perm]
         b_ctrl_trn = torch.zeros(len(v.columns), d).index_add_(0, col_shuf[:n_trn], z_train[:n_trn])
@@ -926,41 +973,36 @@ def _discriminability(setup: ProbeSetup, summary: dict, n_boot: int) -> dict:
     }
 
 
-def _stacked(setup: ProbeSetup, store: ActivationStore, cells: list[Cell], summary: dict, n_boot: int) -> None:
-    """Per offset, at the layer chosen on validation: B vs B + h_t (and B_long vs B_long + h_t), cross-fitted,
-    with the excess and its strata into the headline, the per-position hits into per_position."""
-    from forethought.experiments.stacked import StackedInputs, stacked_offset
+def _stacked(setup: ProbeSetup, window: int, correct: dict, summary: dict, n_boot: int) -> None:
+    """Per offset, at the layer chosen on validation: B vs B + h_t (and B_long vs B_long + h_t), with the excess
+    and its strata into the headline, the per-position hits into per_position."""
+    from forethought.experiments.stacked import StackedInputs, seen_stratum
 
     pos = setup.pos
-    inputs = StackedInputs(
-        tokens=setup.tokens.numpy().astype(np.int64),
-        greedy=setup.greedy.numpy().astype(np.int64),
-        doc_of=setup.doc_of.numpy(),
-        train_all=pos.train_all.numpy(),
-        evaluation=pos.evaluation.numpy(),
-        window=store.window,
-        vocab=len(setup.vocab_info.column_of),
-        columns=setup.vocab_info.columns,
-    )
     docs = setup.doc_of[pos.evaluation].numpy()
+    seen = seen_stratum(
+        StackedInputs(
+            setup.tokens.numpy().astype(np.int64),
+            setup.greedy.numpy().astype(np.int64),
+            setup.doc_of.numpy(),
+            pos.train_all.numpy(),
+            pos.evaluation.numpy(),
+            window,
+            len(setup.vocab_info.column_of),
+            setup.vocab_info.columns,
+        )
+    )
     headline, per_position = summary["headline"], summary["per_position"]
-    by_layer: dict[int, list[int]] = {}
     for k in setup.offsets:
-        by_layer.setdefault(headline[k]["layer"], []).append(k)
-    for layer, ks in sorted(by_layer.items()):
-        h = store.layer(layer)
-        h_train = h[pos.train_all]
-        mean, std = h_train.mean(0), h_train.std(0).clamp_min(1e-6)
-        z_train = _augment((h_train - mean) / std)
-        del h_train
-        z_eval = _augment((h[pos.evaluation] - mean) / std)
-        del h
-        for k in ks:
-            cell = next(c for c in cells if c.layer == layer and c.offset == k)
-            hits = stacked_offset(inputs, k, setup.context[k], z_train, z_eval, cell.probe_lambda)
-            headline[k]["stacked"] = _stacked_intervals(hits, per_position, k, docs, n_boot)
-            for name in ("B", "B+h", "Blong", "Blong+h", "seen4"):
-                per_position[f"{name}@{k}"] = hits[name]
+        layer = headline[k]["layer"]
+        hits = dict(setup.stack[k].hits)
+        for name in ("B+h", "Blong+h"):
+            hits[name] = correct[(layer, k, name)].numpy().astype(np.float64)
+        hits["seen4"] = seen
+        headline[k]["stacked"] = _stacked_intervals(hits, per_position, k, docs, n_boot)
+        headline[k]["stacked"]["weights"] = setup.stack[k].weights
+        for name in ("B", "B+h", "Blong", "Blong+h", "seen4"):
+            per_position[f"{name}@{k}"] = hits[name]
 
 
 def _stacked_intervals(hits: dict, per_position: dict, k: int, docs: np.ndarray, n_boot: int) -> dict:
@@ -973,7 +1015,6 @@ def _stacked_intervals(hits: dict, per_position: dict, k: int, docs: np.ndarray,
         "Blong": bootstrap_by_document(hits["Blong"], docs, n_boot),
         "Blong+h": bootstrap_by_document(hits["Blong+h"], docs, n_boot),
         "excess_long": bootstrap_by_document(hits["Blong+h"] - hits["Blong"], docs, n_boot),
-        "weights_B": dict(zip(_GROUPS_B, map(float, hits["B:alpha"]), strict=False)),
         "strata": {},
     }
     for name, mask in (("seen", seen), ("unseen", ~seen)):
@@ -985,9 +1026,6 @@ def _stacked_intervals(hits: dict, per_position: dict, k: int, docs: np.ndarray,
             "probe_minus_strongest": bootstrap_by_document(probe_minus[mask], docs[mask], n_boot),
         }
     return out
-
-
-_GROUPS_B = ("successors of x_t", "ngram1", "ngram2", "ngram3", "ngram4", "copy", "copy+ngram")
 
 
 def _bar(enabled: bool, total: int):

@@ -1,25 +1,24 @@
-"""What does h_t add beyond its context? A stacked readout: baseline features B against B + h_t, cross-fitted.
+"""What does h_t add beyond its context? A stacked readout: the baseline features B against B + h_t.
 
 "Probe on h_t vs the best n-gram, which wins" hides information that only one of them has: a probe can lose to a
-lookup table where the context was seen in training and still know things the table cannot. So per offset k this
-module fits two readouts of x_{t+k} by least squares onto one-hot targets, with the same machinery:
+lookup table where the context was seen in training and still know things the table cannot. So per offset k two
+readouts of x_{t+k} are fitted the same way and compared on the same held-out positions:
 
-- B: per-column intercepts + a weight per *baseline feature group*. A group names candidate tokens with values:
-  the k-step successor distribution of x_t (top `SUCCESSORS` tokens with their training frequencies: what a ridge
-  readout of one-hot x_t learns), and each context baseline's top-1 (backoff n-grams of order 1..4, in-window copy,
-  copy else n-gram) as an indicator. Score(t, v) = b_v + sum_j alpha_j * value_j(t, v).
-- B + h: the same, plus a ridge map W from standardized h_t (the probe's features, its lambda chosen on validation
-  by the probe's own search) to the columns.
-Both are fitted by backfitting (W given alpha is one ridge solve on shared Gram statistics; alpha given W is a
-J x J least squares on the sparse features), a fixed number of rounds from the same start, so B + h can only use
-h_t for what B does not already say.
+- B: a conditional logit over candidate tokens (every token a baseline names, and the unigram's top tokens),
+  one weight per feature: x_t's k-step successor distribution (its most frequent successors with their training
+  frequencies: what a readout of one-hot x_t learns), the backoff 4-gram's answer split by the level it answered
+  from (4, 3, 2, 1 tokens of context, or the unigram: the levels differ in how far to trust them), the in-window
+  copy, copy-else-n-gram, and the token's log unigram probability.
+- B + h: the same plus one feature, the ridge probe on h_t's log-probability of the candidate (and the probe's top
+  tokens among the candidates).
+- B_long and B_long + h: both with longer context too: the model's own greedy next token at t, and the 4-gram read
+  one step further through it ("what h_t adds" beyond what the model's next-token belief already says).
 
-Cross-fitting: a baseline feature of a *training* row comes from tables fitted on the other folds of training
-documents (out of fold), so the readout learns how much to trust each baseline out of sample; evaluation rows get
-tables fitted on every training document, as the baselines themselves are scored. The copy baseline fits nothing.
-
-The top-1 of a readout is the argmax over the probe's columns and every token a feature names (a copied identifier
-never seen in training can still win).
+Stacking, cross-fitted: the weights are fitted on validation documents, where every level-0 predictor is out of
+sample (n-gram tables and the probe fitted on the training documents without them); held-out documents are then
+scored with level-0 predictors refitted on all training documents, exactly as the baselines and the probe are
+scored alone. The same small L2 for every readout. B + h can only gain where the probe's belief adds to the
+baselines'; it is conservative (the probe was fitted to the targets, not to B's residual).
 """
 
 from __future__ import annotations
@@ -40,9 +39,6 @@ from forethought.experiments.baselines import (
 )
 
 SUCCESSORS = 8  # the k-step successor distribution of x_t: its most frequent successors
-FOLDS = 5
-ROUNDS = 4  # backfitting rounds (from the h-only ridge; the group weights settle in two or three)
-ALPHA_RIDGE = 1e-3  # a whisper of shrinkage on the few group weights (times the rows)
 
 
 @dataclass
@@ -133,11 +129,16 @@ def baseline_features(
     ids.append(succ[0])
     values.append(succ[1])
     tables = [NgramTable.fit(k, y_fit) for k in keys_fit]
-    ngram = {}
+    ngram = {o: backoff_predict(tables[:o], keys_rows[:o], chosen[f"ngram{o}"]["min_count"], unigram) for o in ORDERS}
+    # the 4-gram backoff's answer, one group per level it answered from (4 .. 1, or the unigram): the levels differ
+    # in how far to trust them, and nested n-gram indicators would be collinear
+    m4 = chosen["ngram4"]["min_count"]
+    level = np.zeros(len(rows), dtype=np.int64)
     for o in ORDERS:
-        ngram[o] = backoff_predict(tables[:o], keys_rows[:o], chosen[f"ngram{o}"]["min_count"], unigram)
-        names.append(f"ngram{o}")
-        a, v = _indicator(ngram[o])
+        level = np.where(tables[o - 1].lookup(keys_rows[o - 1], m4) >= 0, o, level)
+    for o in (4, 3, 2, 1, 0):
+        names.append(f"ngram4 answered at order {o}" if o else "ngram4 fell back to the unigram")
+        a, v = _indicator(np.where(level == o, ngram[4], NO_PREDICTION))
         ids.append(a)
         values.append(v)
     copy = copy_predict(tokens, rows, offset, chosen["copy"]["match"], window)
@@ -152,39 +153,6 @@ def baseline_features(
         ids.append(a)
         values.append(v)
     return Features(names, ids, values)
-
-
-def cross_fitted_features(
-    tokens: np.ndarray,
-    train_all: np.ndarray,
-    doc_of: np.ndarray,
-    offset: int,
-    window: int,
-    vocab: int,
-    chosen: dict[str, dict],
-    folds: int = FOLDS,
-) -> Features:
-    """Out-of-fold baseline features for every training row: fold = hash of the document, tables from the rest."""
-    fold = doc_of[train_all] % folds
-    parts: list[tuple[np.ndarray, Features]] = []
-    for f in range(folds):
-        inside = np.flatnonzero(fold == f)
-        if len(inside) == 0:
-            continue
-        rest = train_all[fold != f]
-        if len(rest) == 0:
-            rest = train_all
-        parts.append(
-            (inside, baseline_features(tokens, train_all, None, train_all[inside], offset, window, vocab, chosen, rest))
-        )
-    names = parts[0][1].names
-    out_ids = [np.full((len(train_all), a.shape[1]), NO_PREDICTION, dtype=np.int64) for a in parts[0][1].ids]
-    out_values = [np.zeros((len(train_all), a.shape[1])) for a in parts[0][1].ids]
-    for inside, feats in parts:
-        for j in range(len(names)):
-            out_ids[j][inside] = feats.ids[j]
-            out_values[j][inside] = feats.values[j]
-    return Features(names, out_ids, out_values)
 
 
 def long_context_features(
@@ -232,120 +200,6 @@ def long_context_features(
     return Features(names, ids, values)
 
 
-# --------------------------------------------------------------------------------------------------- the readout
-
-
-class StackedReadout:
-    """Least squares onto one-hot targets over `columns` (+ any token a feature names), from sparse baseline
-    features (one weight per group) and, optionally, a ridge block on features z (with an intercept column)."""
-
-    def __init__(self, columns: torch.Tensor, vocab: int) -> None:
-        self.columns = columns
-        self.column_of = torch.full((vocab,), -1, dtype=torch.long)
-        self.column_of[columns] = torch.arange(len(columns))
-
-    def fit(
-        self,
-        z: torch.Tensor,
-        feats: Features,
-        y: torch.Tensor,
-        inverse: torch.Tensor,
-        rounds: int = ROUNDS,
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """W [p, C] and alpha [J]. `inverse` = (Z^T Z + lambda I)^-1 (Z's last column the intercept)."""
-        ids, values, group = feats.flat()
-        n, J = len(y), len(feats.names)
-        ids_t = torch.from_numpy(ids)
-        vals_t = torch.from_numpy(values).float()
-        col = self.column_of[ids_t.clamp_min(0)]
-        col = torch.where(ids_t >= 0, col, torch.full_like(col, -1))
-        in_c = col >= 0
-        y_np = y.numpy()
-        # sparse Gram of the groups and their correlation with the targets (exact, over the whole vocabulary)
-        hit = (ids == y_np[:, None]) * values  # value at the target
-        fy = np.bincount(np.repeat(group[None], n, 0).ravel(), weights=hit.ravel(), minlength=J)
-        gf = np.zeros((J, J))
-        M = ids.shape[1]
-        for a in range(M):
-            for b in range(M):
-                same = (ids[:, a] == ids[:, b]) & (ids[:, a] >= 0)
-                gf[group[a], group[b]] += float((values[:, a] * values[:, b] * same).sum())
-        gf += ALPHA_RIDGE * n * np.eye(J)
-        target_col = self.column_of[y]
-        seen = target_col >= 0  # targets never a column: only the features can name them
-        zy = torch.zeros(len(self.columns), z.shape[1]).index_add_(0, target_col[seen], z[seen]).T  # [p, C]
-        alpha = np.zeros(J)
-        w = inverse @ zy
-        for _ in range(rounds):
-            # alpha given W: the residual's correlation with each group at the features' own slots
-            zw = self._zw_at(z, w, col, in_c)  # [n, M]
-            fzw = np.bincount(
-                np.repeat(group[None], n, 0).ravel(),
-                weights=(zw * vals_t).numpy().ravel().astype(np.float64),
-                minlength=J,
-            )
-            alpha = np.linalg.solve(gf, fy - fzw)
-            # W given alpha: ridge onto Y - F alpha
-            slot_w = vals_t * torch.from_numpy(alpha[group]).float()[None, :]
-            zf = torch.zeros(len(self.columns), z.shape[1])
-            for i in range(0, n, 8192):
-                keep = in_c[i : i + 8192]
-                rows = torch.arange(i, min(i + 8192, n))[:, None].expand(-1, ids.shape[1])[keep]
-                zf.index_add_(0, col[i : i + 8192][keep], z[rows] * slot_w[i : i + 8192][keep][:, None])
-            w = inverse @ (zy - zf.T)
-        return w, alpha
-
-    @staticmethod
-    def _zw_at(z: torch.Tensor, w: torch.Tensor, col: torch.Tensor, in_c: torch.Tensor, chunk: int = 2048):
-        out = torch.zeros(col.shape, dtype=torch.float32)
-        wt = w.T.contiguous()  # [C, p]
-        for i in range(0, len(z), chunk):
-            c = col[i : i + chunk].clamp_min(0)
-            part = torch.einsum("np,nmp->nm", z[i : i + chunk], wt[c])
-            out[i : i + chunk] = part * in_c[i : i + chunk]
-        return out
-
-    def predict(self, z: torch.Tensor, feats: Features, w: torch.Tensor, alpha: np.ndarray, chunk: int = 2048):
-        """Top-1 token per row: argmax over the columns and the features' candidates."""
-        ids, values, group = feats.flat()
-        slot = torch.from_numpy(values * alpha[group]).float()
-        ids_t = torch.from_numpy(ids)
-        out = torch.empty(len(z), dtype=torch.long)
-        for i in range(0, len(z), chunk):
-            s = z[i : i + chunk] @ w  # [r, C]
-            cid = ids_t[i : i + chunk]
-            col = self.column_of[cid.clamp_min(0)]
-            col = torch.where(cid >= 0, col, torch.full_like(col, -1))
-            sl = slot[i : i + chunk]
-            rows = torch.arange(len(s))[:, None].expand_as(col)
-            inside = col >= 0
-            s.index_put_((rows[inside], col[inside]), sl[inside], accumulate=True)
-            best_val, best_col = s.max(1)
-            best = self.columns[best_col]
-            # candidates outside the columns: their score is the features' alone (summed over slots naming them)
-            outside = (cid >= 0) & ~inside
-            if outside.any():
-                r_out, tok_out, v_out = rows[outside], cid[outside], sl[outside]
-                pair, inverse = torch.unique(r_out * len(self.column_of) + tok_out, return_inverse=True)
-                score = torch.zeros(len(pair)).index_add_(0, inverse, v_out)  # summed over the slots naming it
-                pair_row, pair_tok = pair // len(self.column_of), pair % len(self.column_of)
-                # the best outside candidate of each row, where it beats the row's best column
-                top = torch.full((len(s),), -torch.inf).scatter_reduce(0, pair_row, score, "amax")
-                wins = score > best_val[pair_row]
-                wins &= score == top[pair_row]
-                best[pair_row[wins]] = pair_tok[wins]
-            out[i : i + chunk] = best
-        return out
-
-
-def intercept_only(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B's design: one intercept column over n rows, and its (unshrunk) inverse Gram."""
-    return torch.ones(n, 1), torch.tensor([[1.0 / n]])
-
-
-# --------------------------------------------------------------------------------------------------- per offset
-
-
 @dataclass
 class StackedInputs:
     """What the stacked readouts of one store share (flat store indices; numpy)."""
@@ -360,69 +214,168 @@ class StackedInputs:
     columns: torch.Tensor  # the probe's output columns
 
 
-def stacked_offset(
-    inputs: StackedInputs,
-    offset: int,
-    context: BaselinePredictions,
-    z_train: torch.Tensor,
-    z_eval: torch.Tensor,
-    alpha: float,
-) -> dict[str, np.ndarray]:
-    """Per evaluation row, the top-1 hit (0/1) of B, B + h, B_long, B_long + h, and the 4-gram stratum.
+# --------------------------------------------------------------------------------------------------- the readout
 
-    `z_train` / `z_eval`: standardized h_t with an intercept column at the train_all / evaluation rows of the
-    chosen layer; `alpha`: its ridge lambda per training row (the probe's validation choice)."""
-    x, tr, ev = inputs.tokens, inputs.train_all, inputs.evaluation
-    chosen = context.chosen
-    f_train = cross_fitted_features(x, tr, inputs.doc_of, offset, inputs.window, inputs.vocab, chosen)
-    f_eval = baseline_features(x, tr, None, ev, offset, inputs.window, inputs.vocab, chosen)
-    m4 = chosen["ngram4"]["min_count"]
-    l_train = _cross_fit_long(inputs, offset, m4)
-    l_eval = long_context_features(x, inputs.greedy, tr, ev, offset, inputs.window, inputs.vocab, m4)
-    y_train = torch.from_numpy(x[tr + offset])
-    y_eval = x[ev + offset]
-    readout = StackedReadout(inputs.columns, inputs.vocab)
-    n = len(tr)
-    ones_train, ones_inv = intercept_only(n)
-    ones_eval = torch.ones(len(ev), 1)
-    e, q = torch.linalg.eigh(z_train.T.double() @ z_train.double())
-    inverse = ((q / (e.clamp_min(0) + alpha * n)) @ q.T).float()
-    out: dict[str, np.ndarray] = {}
-    for name, ft, fe in (("B", f_train, f_eval), ("Blong", f_train.extend(l_train), f_eval.extend(l_eval))):
-        w, a = readout.fit(ones_train, ft, y_train, ones_inv)
-        out[name] = (readout.predict(ones_eval, fe, w, a).numpy() == y_eval).astype(np.float64)
-        w, a = readout.fit(z_train, ft, y_train, inverse)
-        out[f"{name}+h"] = (readout.predict(z_eval, fe, w, a).numpy() == y_eval).astype(np.float64)
-        out[f"{name}:alpha"] = a
-    # the stratum: was x_t's 4-token context seen in training (the backoff n-gram answers from order 4)?
-    keys_fit = context_keys(x, tr, 4, inputs.window, inputs.vocab)
-    keys_ev = context_keys(x, ev, 4, inputs.window, inputs.vocab)
-    out["seen4"] = (np.isin(keys_ev, keys_fit[keys_fit >= 0]) & (keys_ev >= 0)).astype(np.float64)
-    return out
+CANDIDATES = 64  # per row: the unigram's and (B + h) the probe's top tokens, beside every token a feature names
 
 
-def _cross_fit_long(inputs: StackedInputs, offset: int, min_count: int, folds: int = FOLDS) -> Features:
+def candidate_set(named: Features, *tops: np.ndarray) -> np.ndarray:
+    """[n, M] candidate token ids per row (NO_PREDICTION padded, no repeats): every token a feature names and the
+    rows of `tops` ([n, m] or [m], e.g. the unigram's top tokens)."""
+    n = len(named.ids[0])
+    parts = list(named.ids) + [np.broadcast_to(t, (n, t.shape[-1])) for t in tops]
+    ids = np.sort(np.concatenate(parts, 1), 1)
+    ids[:, 1:][ids[:, 1:] == ids[:, :-1]] = NO_PREDICTION
+    return ids
+
+
+def candidate_features(named: Features, candidates: np.ndarray, dense: list[np.ndarray]) -> np.ndarray:
+    """[n, M, J + len(dense)]: per candidate, each group's value at it (summed over the group's slots naming it),
+    then the dense features (already gathered at the candidates)."""
+    cols = []
+    for ids, values in zip(named.ids, named.values, strict=True):
+        same = (candidates[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
+        cols.append((same * values[:, None, :]).sum(2))
+    return np.stack(cols + list(dense), 2)
+
+
+@dataclass
+class LogLinearStack:
+    """A conditional logit over each row's candidates: p(c) proportional to exp(theta . x(t, c)), one weight per
+    feature, fitted by maximum likelihood with the same small L2 whatever the features (the same regularisation for
+    B and B + h)."""
+
+    theta: np.ndarray
+    names: list[str]
+
+    L2 = 1e-3
+
+    @classmethod
+    def fit(cls, x: np.ndarray, candidates: np.ndarray, y: np.ndarray, names: list[str]) -> LogLinearStack:
+        """x [n, M, F] at `candidates` [n, M]; rows whose target is no candidate cannot be fitted and are left out."""
+        hit = candidates == y[:, None]
+        keep = hit.any(1)
+        xt = torch.from_numpy(x[keep]).double()
+        mask = torch.from_numpy(candidates[keep] >= 0)
+        target = torch.from_numpy(hit[keep].argmax(1))
+        theta = torch.zeros(x.shape[2], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+        n = max(int(keep.sum()), 1)
+
+        def closure():
+            opt.zero_grad()
+            scores = (xt @ theta).masked_fill(~mask, -torch.inf)
+            loss = torch.nn.functional.cross_entropy(scores, target, reduction="sum") / n + cls.L2 * (theta**2).sum()
+            loss.backward()
+            return loss
+
+        if n > 1:
+            opt.step(closure)
+        return cls(theta.detach().numpy(), names)
+
+    def predict(self, x: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        scores = np.where(candidates >= 0, x @ self.theta, -np.inf)
+        return candidates[np.arange(len(candidates)), scores.argmax(1)]
+
+
+def unigram_top(log_unigram: torch.Tensor, m: int = CANDIDATES) -> np.ndarray:
+    return log_unigram.topk(m).indices.numpy().astype(np.int64)
+
+
+def _at(log_unigram: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
+    return log_unigram.numpy()[np.maximum(candidates, 0)].astype(np.float64)
+
+
+@dataclass
+class StackRows:
+    """One side (validation or evaluation rows) of one offset: B's named features, B_long's extra ones, targets."""
+
+    base: Features
+    long: Features
+    y: np.ndarray
+
+    def features(self, long: bool) -> Features:
+        return self.base.extend(self.long) if long else self.base
+
+
+@dataclass
+class StackBaselines:
+    """Per offset: both sides' rows, and B's and B_long's hits on the evaluation rows (no layer in them)."""
+
+    val: StackRows
+    ev: StackRows
+    hits: dict[str, np.ndarray]
+    weights: dict[str, dict[str, float]]
+
+
+def stack_baselines(
+    inputs: StackedInputs, offset: int, context: BaselinePredictions, val: np.ndarray, log_unigram: torch.Tensor
+) -> StackBaselines:
+    """Level 0 out of sample: features on validation rows come from tables fitted on the training rows without
+    them, on evaluation rows from every training row. B and B_long are then fitted on the validation rows."""
     x, tr = inputs.tokens, inputs.train_all
-    fold = inputs.doc_of[tr] % folds
-    parts = []
-    for f in range(folds):
-        inside = np.flatnonzero(fold == f)
-        if len(inside) == 0:
-            continue
-        rest = tr[fold != f] if (fold != f).any() else tr
-        parts.append(
-            (
-                inside,
-                long_context_features(
-                    x, inputs.greedy, tr, tr[inside], offset, inputs.window, inputs.vocab, min_count, rest
-                ),
-            )
+    trn = np.setdiff1d(tr, val)
+    m4 = context.chosen["ngram4"]["min_count"]
+    sides = {}
+    for side, rows, fit_on in (("val", val, trn), ("ev", inputs.evaluation, tr)):
+        base = baseline_features(x, tr, None, rows, offset, inputs.window, inputs.vocab, context.chosen, fit_on)
+        long = long_context_features(x, inputs.greedy, tr, rows, offset, inputs.window, inputs.vocab, m4, fit_on)
+        sides[side] = StackRows(base, long, x[rows + offset])
+    top = unigram_top(log_unigram)
+    hits, weights = {}, {}
+    for name, long in (("B", False), ("Blong", True)):
+        feats = sides["val"].features(long)
+        cand = candidate_set(feats, top)
+        fitted = LogLinearStack.fit(
+            candidate_features(feats, cand, [_at(log_unigram, cand)]),
+            cand,
+            sides["val"].y,
+            feats.names + ["log unigram"],
         )
-    names = parts[0][1].names
-    ids = [np.full((len(tr), a.shape[1]), NO_PREDICTION, dtype=np.int64) for a in parts[0][1].ids]
-    values = [np.zeros((len(tr), a.shape[1])) for a in parts[0][1].ids]
-    for inside, feats in parts:
-        for j in range(len(names)):
-            ids[j][inside] = feats.ids[j]
-            values[j][inside] = feats.values[j]
-    return Features(names, ids, values)
+        feats = sides["ev"].features(long)
+        cand = candidate_set(feats, top)
+        pred = fitted.predict(candidate_features(feats, cand, [_at(log_unigram, cand)]), cand)
+        hits[name] = (pred == sides["ev"].y).astype(np.float64)
+        weights[name] = dict(zip(fitted.names, map(float, fitted.theta), strict=True))
+    return StackBaselines(sides["val"], sides["ev"], hits, weights)
+
+
+def stack_with_h(
+    baselines: StackBaselines,
+    log_unigram: torch.Tensor,
+    probe_val: torch.Tensor,
+    probe_ev: torch.Tensor,
+    columns: torch.Tensor,
+    column_of: torch.Tensor,
+    unseen_mass: float,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """B + h and B_long + h: the same conditional logit plus one feature, the probe's log-probability of each
+    candidate (its temperature-scaled softmax over the columns; a token that is no column at the probe's own
+    Good-Turing floor), with the probe's top tokens among the candidates. `probe_val`: log-probs [n_val, C] of
+    the fit without the validation rows; `probe_ev`: [n_eval, C] of the fit on every training row."""
+    top_u = unigram_top(log_unigram)
+    floor = float(np.log(unseen_mass))
+    hits, weights = {}, {}
+    for name, long in (("B+h", False), ("Blong+h", True)):
+        fitted = None
+        for rows, lp in ((baselines.val, probe_val), (baselines.ev, probe_ev)):
+            feats = rows.features(long)
+            top_h = columns[lp.topk(CANDIDATES, dim=1).indices].numpy().astype(np.int64)
+            cand = candidate_set(feats, top_u, top_h)
+            col = column_of[torch.from_numpy(np.maximum(cand, 0))]
+            inside = ((col >= 0) & torch.from_numpy(cand >= 0)).numpy()
+            h_lp = np.where(inside, lp.gather(1, col.clamp_min(0)).double().numpy(), floor + _at(log_unigram, cand))
+            xs = candidate_features(feats, cand, [_at(log_unigram, cand), h_lp])
+            if fitted is None:
+                fitted = LogLinearStack.fit(xs, cand, rows.y, feats.names + ["log unigram", "probe log-prob"])
+            else:
+                hits[name] = (fitted.predict(xs, cand) == rows.y).astype(np.float64)
+        weights[name] = dict(zip(fitted.names, map(float, fitted.theta), strict=True))
+    return hits, weights
+
+
+def seen_stratum(inputs: StackedInputs) -> np.ndarray:
+    """1 where x_t's 4-token context occurs among the training rows (the backoff n-gram answers from order 4)."""
+    keys_fit = context_keys(inputs.tokens, inputs.train_all, 4, inputs.window, inputs.vocab)
+    keys_ev = context_keys(inputs.tokens, inputs.evaluation, 4, inputs.window, inputs.vocab)
+    return (np.isin(keys_ev, keys_fit[keys_fit >= 0]) & (keys_ev >= 0)).astype(np.float64)
