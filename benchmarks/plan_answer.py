@@ -159,14 +159,15 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
     return json.loads(done.read_text())
 
 
-def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool, part: tuple[int, int] | None) -> dict:
     """Knockout, steering and the ceiling at held-out positions of the probe run's evaluation sample.
 
     Needs only the store: the positions are recomputed exactly as the probe run draws them, and the steering
     directions come from probes fitted here for the steering layers and offsets alone (so this phase can run
-    beside the probe phase)."""
+    beside the probe phase). `part` = (i, n): only every n-th window from the i-th, into its own checkpoint (parallel
+    processes on a loaded machine); a run without `part` merges the parts' rows once they are all complete."""
     from forethought.data.store import ActivationStore
-    from forethought.experiments.causal import CausalSettings, run_causal
+    from forethought.experiments.causal import CausalSettings, run_causal, summarize_causal
     from forethought.experiments.probe_file import load_probe_folder
     from forethought.experiments.probes import run_probes, split_positions
 
@@ -175,6 +176,8 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
         return json.loads(done.read_text())
     store = ActivationStore(store_dir)
     steer_dir = out / "steer_probes"
+    while part and part[0] > 0 and not (steer_dir / "done").is_file():
+        time.sleep(10)  # part 0 fits the steering probes
     if not (steer_dir / "done").is_file():
         run_probes(
             store,
@@ -213,6 +216,26 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
         by_window.setdefault(t // window, []).append(t)
     wanted = max(cfg.causal_positions, cfg.ceiling_positions or 0)
     positions = [t for ts in by_window.values() for t in ts[:PER_WINDOW]][:wanted]
+    parts = sorted(out.glob("causal.part*of*.ckpt"))
+    if part is None and parts:  # merge the parts' rows (each part's positions are its windows of this list)
+        import torch
+
+        saved = [torch.load(p, weights_only=False) for p in parts]
+        rows = [r for s in saved for r in s["rows"]]
+        merged = [t for s in saved for t in s["positions"][: len(s["rows"])]]
+        missing = sum(len(s["positions"]) - len(s["rows"]) for s in saved)
+        if missing:  # a run cut short: say so in the results, never silently
+            print(f"{out.name}: causal parts incomplete, {missing} planned positions not measured", flush=True)
+        settings = CausalSettings(**{k: v for k, v in saved[0]["settings"].items() if k != "seed"})
+        doc_of = store.array("doc_ids").long()
+        result = summarize_causal(lm.model, store, merged, rows, doc_of, settings, cfg.n_boot, 0.0)
+        return _write_causal(result, out, {"parts": len(parts), "planned_positions_not_measured": missing})
+    seed = 0
+    if part is not None:
+        windows = list(dict.fromkeys(t // window for t in positions))
+        mine = set(windows[part[0] :: part[1]])
+        positions = [t for t in positions if t // window in mine]
+        seed = part[0]
     settings = CausalSettings(
         from_layers=cfg.from_layers,
         steer_layers=cfg.steer_layers,
@@ -224,20 +247,21 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
         condition_positions=cfg.causal_positions,
         top_m=16 if cfg.max_prefix < 255 else 32,
         steer_scales=cfg.steer_scales,
+        seed=seed,
     )
+    name = f"causal.part{part[0]}of{part[1]}.ckpt" if part else "causal.ckpt"
     result = run_causal(
-        lm.model,
-        store,
-        positions,
-        probes,
-        settings,
-        checkpoint=out / "causal.ckpt",
-        progress=progress,
-        n_boot=cfg.n_boot,
+        lm.model, store, positions, probes, settings, checkpoint=out / name, progress=progress, n_boot=cfg.n_boot
     )
+    if part is not None:
+        return {}
+    return _write_causal(result, out)
+
+
+def _write_causal(result, out: Path, extra: dict | None = None) -> dict:
     np.savez(out / "causal_per_position.npz", **{k: np.asarray(v) for k, v in result.per_position.items()})
-    d = _jsonable(result.to_dict())
-    done.write_text(json.dumps(d, indent=1))
+    d = _jsonable(result.to_dict()) | (extra or {})
+    (out / "causal.json").write_text(json.dumps(d, indent=1))
     return d
 
 
@@ -279,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-layers", default="", help="override the knockout layers, e.g. 0,6,12")
     parser.add_argument("--steer-layers", default="", help="override the steering layers, e.g. 6")
     parser.add_argument("--causal-positions", type=int, default=0, help="override the causal test's positions")
+    parser.add_argument(
+        "--causal-part", default="", help="I/N: the causal phase on every N-th window from the I-th (parallel runs)"
+    )
     args = parser.parse_args(argv)
+    part = tuple(int(x) for x in args.causal_part.split("/")) if args.causal_part else None
     cfg = QUICK if args.quick else SHARED if args.shared else FULL
     cfg = _override(cfg, args)
     out = args.out or Path("/tmp/plan_quick" if args.quick else "/tmp/plan_answer")
@@ -289,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     from forethought.experiments.future import run_extract
-    from forethought.viz.plan import write_answer
+    from forethought.viz.plan import discriminability_line, write_answer
     from forethought.weights import load_model
 
     progress = not args.no_progress
@@ -327,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         probe_results[name] = phases.run(
             f"{name}: probe", lambda name=name: probe_phase(lm, stores[name], out / name / "probes", cfg, progress)
         )
+        line = discriminability_line(probe_results[name])
+        if line:  # every run says at once whether its setting can tell the model from the statistics
+            print(f"{name}: {line}", flush=True)
     for name in stores:
         if name not in cfg.causal_corpora or not (stores[name] / "manifest.json").is_file():
             continue
@@ -334,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         causal_results[name] = phases.run(
             f"{name}: causal",
-            lambda name=name: causal_phase(lm, stores[name], out / name, cfg, progress),
+            lambda name=name: causal_phase(lm, stores[name], out / name, cfg, progress, part),
         )
+    if part is not None:
+        return 0
     if "report" not in only:
         return 0
     paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot, title))

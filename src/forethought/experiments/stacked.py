@@ -279,7 +279,7 @@ class LogLinearStack:
 
 
 def unigram_top(log_unigram: torch.Tensor, m: int = CANDIDATES) -> np.ndarray:
-    return log_unigram.topk(m).indices.numpy().astype(np.int64)
+    return log_unigram.topk(min(m, len(log_unigram))).indices.numpy().astype(np.int64)
 
 
 def _at(log_unigram: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
@@ -360,7 +360,7 @@ def stack_with_h(
         fitted = None
         for rows, lp in ((baselines.val, probe_val), (baselines.ev, probe_ev)):
             feats = rows.features(long)
-            top_h = columns[lp.topk(CANDIDATES, dim=1).indices].numpy().astype(np.int64)
+            top_h = columns[lp.topk(min(CANDIDATES, lp.shape[1]), dim=1).indices].numpy().astype(np.int64)
             cand = candidate_set(feats, top_u, top_h)
             col = column_of[torch.from_numpy(np.maximum(cand, 0))]
             inside = ((col >= 0) & torch.from_numpy(cand >= 0)).numpy()
