@@ -59,7 +59,7 @@ FULL = Config(
     from_layers=(0, 15, 22),
     steer_layers=(15,),
     steer_offsets=(2,),
-    ceiling_offsets=(1, 2, 3, 4, 6, 8),
+    ceiling_offsets=(1, 2, 3, 4),
     rollouts=8,
     n_boot=1000,
 )
@@ -106,7 +106,7 @@ QUICK = Config(
 )
 
 
-PER_WINDOW = 4  # causal positions drawn per window
+PER_WINDOW = 8  # causal positions drawn per window (one prefix pass serves them all)
 
 
 class Phases:
