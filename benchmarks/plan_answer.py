@@ -131,7 +131,8 @@ def _jsonable(obj):
     return obj
 
 
-def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+def probe_phase(model, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+    """`model()` gives the loaded model (loaded only when the phase has work to do)."""
     from forethought.data.store import ActivationStore
     from forethought.experiments.probes import run_probes
     from forethought.viz.future import write_report
@@ -140,6 +141,7 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
     if done.is_file() and (out / "per_position.npz").is_file():
         return json.loads(done.read_text())
     store = ActivationStore(store_dir)
+    lm = model()
     result = run_probes(
         store,
         lm.model,
@@ -159,7 +161,7 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
     return json.loads(done.read_text())
 
 
-def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool, part: tuple[int, int] | None) -> dict:
+def causal_phase(model, store_dir: Path, out: Path, cfg: Config, progress: bool, part: tuple[int, int] | None) -> dict:
     """Knockout, steering and the ceiling at held-out positions of the probe run's evaluation sample.
 
     Needs only the store: the positions are recomputed exactly as the probe run draws them, and the steering
@@ -176,6 +178,21 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool, pa
         return json.loads(done.read_text())
     store = ActivationStore(store_dir)
     steer_dir = out / "steer_probes"
+    parts = sorted(out.glob("causal.part*of*.ckpt"))
+    if part is None and parts:  # merge the parts' rows (each part's positions are its windows of this list)
+        import torch
+
+        saved = [torch.load(p, weights_only=False) for p in parts]
+        rows = [r for s in saved for r in s["rows"]]
+        merged = [t for s in saved for t in s["positions"][: len(s["rows"])]]
+        missing = sum(len(s["positions"]) - len(s["rows"]) for s in saved)
+        if missing:  # a run cut short: say so in the results, never silently
+            print(f"{out.name}: causal parts incomplete, {missing} planned positions not measured", flush=True)
+        settings = CausalSettings(**{k: v for k, v in saved[0]["settings"].items() if k != "seed"})
+        doc_of = store.array("doc_ids").long()
+        result = summarize_causal(None, store, merged, rows, doc_of, settings, cfg.n_boot, 0.0)
+        return _write_causal(result, out, {"parts": len(parts), "planned_positions_not_measured": missing})
+    lm = model()
     while part and part[0] > 0 and not (steer_dir / "done").is_file():
         time.sleep(10)  # part 0 fits the steering probes
     if not (steer_dir / "done").is_file():
@@ -216,20 +233,6 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool, pa
         by_window.setdefault(t // window, []).append(t)
     wanted = max(cfg.causal_positions, cfg.ceiling_positions or 0)
     positions = [t for ts in by_window.values() for t in ts[:PER_WINDOW]][:wanted]
-    parts = sorted(out.glob("causal.part*of*.ckpt"))
-    if part is None and parts:  # merge the parts' rows (each part's positions are its windows of this list)
-        import torch
-
-        saved = [torch.load(p, weights_only=False) for p in parts]
-        rows = [r for s in saved for r in s["rows"]]
-        merged = [t for s in saved for t in s["positions"][: len(s["rows"])]]
-        missing = sum(len(s["positions"]) - len(s["rows"]) for s in saved)
-        if missing:  # a run cut short: say so in the results, never silently
-            print(f"{out.name}: causal parts incomplete, {missing} planned positions not measured", flush=True)
-        settings = CausalSettings(**{k: v for k, v in saved[0]["settings"].items() if k != "seed"})
-        doc_of = store.array("doc_ids").long()
-        result = summarize_causal(lm.model, store, merged, rows, doc_of, settings, cfg.n_boot, 0.0)
-        return _write_causal(result, out, {"parts": len(parts), "planned_positions_not_measured": missing})
     seed = 0
     if part is not None:
         windows = list(dict.fromkeys(t // window for t in positions))
@@ -324,7 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     title = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}.get(args.model, args.model)
     phases = Phases()
     load_before = os.getloadavg()
-    lm = phases.run("load", lambda: load_model(args.model))
+    loaded: dict = {}
+
+    def lm_once():
+        """The model, loaded on first use (a run that only merges and reports never loads it)."""
+        if "lm" not in loaded:
+            loaded["lm"] = phases.run("load", lambda: load_model(args.model))
+        return loaded["lm"]
+
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     probe_results, causal_results, stores = {}, {}, {}
     only = {p.strip() for p in args.only.split(",")}
@@ -338,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             phases.run(
                 f"{name}: extract",
                 lambda corpus=corpus, name=name: run_extract(
-                    lm,
+                    lm_once(),
                     corpus,
                     stores[name],
                     list(cfg.layers),
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if "probe" not in only and not (base / "probes" / "results.json").is_file():
             continue
         probe_results[name] = phases.run(
-            f"{name}: probe", lambda name=name: probe_phase(lm, stores[name], out / name / "probes", cfg, progress)
+            f"{name}: probe", lambda name=name: probe_phase(lm_once, stores[name], out / name / "probes", cfg, progress)
         )
         line = discriminability_line(probe_results[name])
         if line:  # every run says at once whether its setting can tell the model from the statistics
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         causal_results[name] = phases.run(
             f"{name}: causal",
-            lambda name=name: causal_phase(lm, stores[name], out / name, cfg, progress, part),
+            lambda name=name: causal_phase(lm_once, stores[name], out / name, cfg, progress, part),
         )
     if part is not None:
         return 0
