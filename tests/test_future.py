@@ -145,13 +145,17 @@ def test_negative_case_the_probe_does_not_beat_the_bigram(trained, tmp_path: Pat
     assert head["strongest"].startswith(("ngram", "copy")) and head["strongest_top1"].estimate > 0.85
     assert head["probe"].estimate > 0.85  # the probe does read the token two ahead ...
     assert head["excess"].low <= 0.01 and head["excess"].high < 0.05  # ... but no better than the context does
+    # the stacked readout: h_t adds nothing to the baseline features; the interval contains zero
+    stacked = head["stacked"]
+    assert stacked["B"].estimate > 0.85
+    assert stacked["excess"].contains_zero() and abs(stacked["excess"].estimate) < 0.02, stacked["excess"]
     # the answer report draws from the JSON alone
     import json
 
     from forethought.viz.plan import write_answer
 
     paths = write_answer(tmp_path / "report", {"perm": json.loads(json.dumps(result.to_dict()))}, {})
-    assert "excess of the probe over the strongest baseline" in paths["markdown"].read_text()
+    assert "(B + h) − B" in paths["markdown"].read_text()
     assert paths["horizon"].stat().st_size > 10_000
 
 
@@ -193,3 +197,8 @@ def test_positive_case_the_probe_beats_every_context_baseline(tmp_path: Path) ->
     # every n-gram of context 1..4 and the in-window copy: near chance at the pair's second token
     assert all(iv.estimate < 0.3 for name, iv in result.context[2].items()), result.context[2]
     assert head["excess"].low > 0.1, head  # the probe's lead over the strongest baseline, interval above 0
+    # and what h_t adds to a readout of every baseline feature: the interval is above zero
+    stacked = head["stacked"]
+    assert stacked["B"].estimate < 0.3 and stacked["excess"].low > 0.1, stacked
+    # the strata split every held-out position by whether its 4-token context occurs in training
+    assert sum(v["share"] for v in stacked["strata"].values()) == pytest.approx(1.0)

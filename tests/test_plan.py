@@ -20,7 +20,14 @@ from forethought.experiments.baselines import (
     context_keys,
     copy_predict,
 )
-from forethought.experiments.causal import CausalSettings, Interventions, measure_position
+from forethought.experiments.causal import (
+    CausalSettings,
+    Interventions,
+    SinkMeter,
+    attention_sinks,
+    measure_position,
+    random_control_key,
+)
 from forethought.experiments.probe_file import ProbeLayer, load_probe_folder, load_probe_layer, save_probe_layer
 from forethought.experiments.revise import _kl
 from forethought.model.random_init import random_model, tiny_config
@@ -156,14 +163,59 @@ def test_knockout_leaves_position_t_alone_and_moves_later_ones(tiny) -> None:
     )
     g = torch.Generator().manual_seed(0)
     out = measure_position(tiny, window, 20, settings, {}, g, torch.arange(3, 60))
-    for name in ("knockout_t@0", "knockout_t@1", "knockout_random@0"):
-        if name != "knockout_random@0":  # t reads itself: its own loss cannot move (beyond float rounding)
+    for label in ("t", "t-1", "t-2", "random"):
+        for low in (0, 1):
+            name = f"knockout_{label}@{low}"
+            # the readers are the positions after t: t's own prediction cannot move (beyond float rounding)
             assert abs(out[name][0]) < 1e-5, name
-        assert np.abs(out[name][1:]).max() > 1e-4, name
-    assert np.abs(out["knockout_t@5"]).max() == 0.0  # from a layer the model does not have: nothing happens
+            assert np.abs(out[name][1:]).max() > 1e-4, name
+        assert np.abs(out[f"knockout_{label}@5"]).max() == 0.0  # from a layer the model does not have: nothing
     assert np.abs(out["embed_swap"][0]) > 0  # a different token at t changes t's own prediction
-    # k = 2 over every next token (top_m = vocab) is the exact marginal; its top-1 is a 0/1 hit
-    assert out["ceiling@2"] in (0.0, 1.0) and out["ceiling@1"] in (0.0, 1.0)
+
+
+def test_ceiling_at_one_step_is_the_greedy_top1(tiny) -> None:
+    """Reference: a plain forward over the window through t, its argmax against x_{t+1}; the window is edited so
+    that both outcomes occur."""
+    settings = CausalSettings(horizon=2, from_layers=(0,), steer_layers=(), ceiling_offsets=(1,))
+    hits = []
+    for seed, p in ((0, 12), (1, 20), (2, 25)):
+        window = torch.randint(3, 60, (40,), generator=torch.Generator().manual_seed(seed))
+        greedy = int(tiny(window[None, : p + 1])[0, -1].argmax())
+        for follow, expected in ((greedy, 1.0), ((greedy + 1) % 64, 0.0)):
+            window[p + 1] = follow
+            out = measure_position(tiny, window, p, settings, {}, torch.Generator().manual_seed(0), torch.arange(60))
+            assert out["ceiling@1"] == expected, (seed, p, follow)
+            hits.append(out["ceiling@1"])
+    assert set(hits) == {0.0, 1.0}
+
+
+def test_planted_attention_sink_is_detected_and_the_random_key_avoids_it() -> None:
+    """Attention where key 0 and key 9 draw half of every later query's weight: both are sinks, no other key is,
+    and the random control key never lands on either."""
+    n, heads = 40, 3
+    pattern = torch.zeros(1, heads, n, n)
+    for q in range(n):
+        keys = torch.arange(q + 1)
+        row = torch.full((q + 1,), 1.0)
+        if q > 9:
+            row[9] = float(q)  # about half the row's mass
+        row[0] += float(q) / 2
+        pattern[0, :, q, : q + 1] = (row / row.sum())[None]
+        assert torch.allclose(pattern[0, 0, q, keys].sum(), torch.tensor(1.0))
+    meter = SinkMeter(2)
+    for layer in range(2):
+        meter(f"blocks.{layer}.attn_pattern", pattern)
+    sinks = attention_sinks(meter.scores(), ratio=5.0)
+    assert sinks.nonzero()[:, 0].tolist() == [0, 9]
+    g = torch.Generator().manual_seed(0)
+    draws = [random_control_key(20, sinks, 16, g) for _ in range(600)]
+    assert 9 not in draws and 0 not in draws
+    assert set(draws) == {20 - d for d in range(3, 17)} - {9}  # every other candidate 3..16 back is drawn
+    # uniform attention: only position 0 (always treated as the sink a window's first token is)
+    flat = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
+    meter = SinkMeter(1)
+    meter("blocks.0.attn_pattern", flat[None, None])
+    assert attention_sinks(meter.scores(), ratio=5.0).nonzero()[:, 0].tolist() == [0]
 
 
 def test_interventions_hook_masks_one_key_exactly(tiny) -> None:
@@ -194,10 +246,23 @@ def test_steering_along_the_probe_direction_raises_its_token(tiny, tmp_path: Pat
     # make the probe's direction for y the direction that raises y's logit through the final layer: the
     # unembedding row of y, so that steering along it at the last layer must raise log p(y) at position t
     probe.tensors["probe.2"][:-1, y] = tiny.unembed.weight_t[:, y].float() * probe.tensors["std"]
-    settings = CausalSettings(horizon=3, from_layers=(0,), steer_layers=(1,), steer_offsets=(2,), ceiling_offsets=(1,))
+    settings = CausalSettings(
+        horizon=3,
+        from_layers=(0,),
+        steer_layers=(1,),
+        steer_offsets=(2,),
+        ceiling_offsets=(1,),
+        steer_scales=(0.05, 0.2, 1.0, 4.0),
+    )
     out = measure_position(tiny, window, 20, settings, {1: probe}, torch.Generator().manual_seed(0), torch.arange(60))
-    assert out["steer_probe@1k2:next"] > 0  # at t itself the added direction is read out directly
-    assert math.isfinite(out["steer_random@1k2:next"]) and math.isfinite(out["steer_random@1k2:target"])
+    # at t itself the added direction is read out directly, more with every dose
+    dose = [out[f"steer_probe@1k2x{scale:g}:next"] for scale in settings.steer_scales]
+    assert 0 < dose[0] < dose[1] < dose[2] < dose[3], dose
+    # a flip is counted only where the unsteered greedy token at t+k (predicted at t+1) was not already y
+    base_greedy = int(tiny(window[None, :22])[0, -1].argmax())
+    for scale in settings.steer_scales:
+        flip = out[f"steer_probe@1k2x{scale:g}:flip"]
+        assert math.isnan(flip) == (base_greedy == y) and (math.isnan(flip) or flip in (0.0, 1.0))
 
 
 def test_ridge_solves_a_gram_that_rounding_left_slightly_indefinite():
@@ -217,3 +282,29 @@ def test_ridge_solves_a_gram_that_rounding_left_slightly_indefinite():
     ref = torch.linalg.solve(g + 1e-3 * 45 * torch.eye(8, dtype=torch.float64), b)
     assert torch.isfinite(w).all()
     assert torch.allclose(w.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_candidates_and_the_conditional_logit() -> None:
+    """Candidates: every named token once (a token outside any list too) plus the top tokens. The conditional logit,
+    on rows where feature a names the target 80% of the time and feature b names a random token, learns a large
+    weight for a and a small one for b, and predicts a's token."""
+    from forethought.experiments.stacked import Features, LogLinearStack, candidate_features, candidate_set
+
+    named = Features(["a", "b"], [np.array([[5], [7]]), np.array([[5], [-1]])], [np.ones((2, 1)), np.ones((2, 1))])
+    cand = candidate_set(named, np.array([1, 5]))
+    assert [sorted(int(c) for c in row if c >= 0) for row in cand] == [[1, 5], [1, 5, 7]]
+    x = candidate_features(named, cand, [np.zeros(cand.shape)])
+    row0 = {int(c): x[0, i].tolist() for i, c in enumerate(cand[0]) if c >= 0}
+    assert row0 == {1: [0.0, 0.0, 0.0], 5: [1.0, 1.0, 0.0]}  # token 5 named by both a and b
+
+    rng = np.random.default_rng(0)
+    n, vocab = 2000, 50
+    y = rng.integers(0, vocab, n)
+    a = np.where(rng.uniform(size=n) < 0.8, y, rng.integers(0, vocab, n))[:, None]
+    b = rng.integers(0, vocab, n)[:, None]
+    feats = Features(["a", "b"], [a, b], [np.ones((n, 1)), np.ones((n, 1))])
+    cand = candidate_set(feats, np.arange(10))
+    x = candidate_features(feats, cand, [])
+    fitted = LogLinearStack.fit(x, cand, y, feats.names)
+    assert fitted.theta[0] > 2.0 and abs(fitted.theta[1]) < 0.5, fitted.theta
+    assert np.array_equal(fitted.predict(x, cand), a[:, 0])

@@ -97,12 +97,13 @@ def test_every_section_is_answered_or_says_why(built):
     assert by_key["invariance"].finding.numbers["control_unchanged"] is False  # the control must fail
     assert by_key["equivalence"].finding.numbers["identical_tokens"] is True
     plan = by_key["plan"].finding
-    assert plan.verdict.startswith("Carries beyond the context?") and "Used? Blocking later positions" in plan.verdict
-    assert [f.file for f in plan.figures] == ["plan_horizon.png", "plan_causal.png"]
-    for k in (1, 2, 4):  # the horizon: per offset, the excess over the strongest context baseline with its interval
-        low, high = plan.intervals[f"k{k}_excess_top1"]
-        assert low <= plan.numbers[f"k{k}_excess_top1"] <= high
-        assert f"k={k} {100 * plan.numbers[f'k{k}_excess_top1']:+.1f}" in plan.verdict
+    assert plan.verdict.startswith("Setting: at k = 1") and "Carries beyond the context?" in plan.verdict
+    assert "Used? Hiding one key" in plan.verdict
+    assert [f.file for f in plan.figures] == ["plan_horizon.png", "plan_causal.png", "plan_steering.png"]
+    for k in (1, 2, 4):  # the horizon: per offset, what h_t adds to the baseline features, with its interval
+        low, high = plan.intervals[f"k{k}_h_adds"]
+        assert low <= plan.numbers[f"k{k}_h_adds"] <= high
+        assert f"k={k} {100 * plan.numbers[f'k{k}_h_adds']:+.1f}" in plan.verdict
     assert plan.numbers["causal_positions"] > 0 and "knockout_t@0_minus_random_t+2" in plan.intervals
     spec = by_key["speculative"].finding
     assert spec.numbers["greedy_identical"] is True  # drafting never changes greedy text

@@ -162,9 +162,33 @@ def probe(
         )
     with writing(out_dir, "--out"):
         paths = write_report(result, out_dir, tokenizer=lm.tokenizer, heatmap=plot)
+    warnings = probe_warnings(result)
     if as_json:
-        print(json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in paths.items()}}))
+        print(json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in paths.items()}, "warnings": warnings}))
         return
     print(paths["markdown"].read_text())  # plain: the table's brackets are not rich markup
+    for line in warnings:
+        err_console.print(f"[yellow]{line}[/yellow]")
     for kind, path in paths.items():
         err_console.print(f"[dim]{kind}: {path}[/dim]")
+
+
+def probe_warnings(result) -> list[str]:
+    """What a probe run's intervals are worth: too few held-out documents, a setting that cannot tell the model
+    from its context statistics."""
+    from forethought.experiments.probes import FEW_DOCUMENTS
+
+    out = []
+    if result.n_eval_documents < FEW_DOCUMENTS:
+        out.append(
+            f"only {result.n_eval_documents} held-out documents: too few for the 95% intervals (a bootstrap over "
+            f"documents) to mean much; extract more --tokens (want >= {FEW_DOCUMENTS} held-out documents)"
+        )
+    d = result.discriminability
+    if d and d["n_documents"] >= FEW_DOCUMENTS:
+        m = d["model_minus_strongest"]
+        out.append(
+            f"discriminability: the model's own top-1 at k=1 minus the strongest context baseline ({d['strongest']}): "
+            f"{100 * m.estimate:+.1f} [{100 * m.low:+.1f}, {100 * m.high:+.1f}] points: {d['words']}"
+        )
+    return out

@@ -30,7 +30,16 @@ from forethought.experiments.probes import Cell, ProbeResult
 from forethought.progress import Progress, tell
 
 # the options of `run_probes` that the shared phase depends on (the rest: save_dir, n_boot, progress)
-PREPARE_OPTIONS = ("eval_tokens", "lens_eval_tokens", "control_eval_tokens", "val_fraction", "seed", "dedup_threshold")
+PREPARE_OPTIONS = (
+    "eval_tokens",
+    "lens_eval_tokens",
+    "control_eval_tokens",
+    "val_fraction",
+    "seed",
+    "dedup_threshold",
+    "min_context",
+    "stacked",
+)
 
 
 def _prepare_options(options: dict) -> dict:

@@ -107,6 +107,10 @@ class ProbeResult:
     context: dict[int, dict[str, Interval]] = field(default_factory=dict)  # offset -> baseline -> top-1
     context_settings: dict[int, dict[str, dict]] = field(default_factory=dict)
     headline: dict[int, dict] = field(default_factory=dict)  # offset -> layer chosen on validation, excess
+    min_context: int = 0  # held-out positions have at least this many tokens of their document before them
+    # the model's own top-1 at k = 1 minus the strongest context baseline's, on the held-out positions: whether the
+    # setting can tell the model from the statistics at all
+    discriminability: dict = field(default_factory=dict)
     per_position: dict = field(default_factory=dict, repr=False)  # arrays for later analyses; not in to_dict
 
     def cell(self, layer: int, offset: int) -> Cell:
@@ -424,9 +428,12 @@ def split_positions(
     val_fraction: float,
     seed: int,
     dedup_threshold: float | None = 0.5,
+    min_context: int = 0,
 ) -> Positions:
     """Anchors t with t + max_offset inside the window; train / validation / test by document; the held-out
-    sample drops test documents whose 8-token shingles mostly occur in the training documents."""
+    sample drops test documents whose 8-token shingles mostly occur in the training documents. `min_context`:
+    held-out positions only where the model has read at least that many tokens of t's own document in its window
+    (deep in a window, where the model can use its context; training positions are all kept)."""
     tokens = store.array("token_ids").long()
     doc_of = store.array("doc_ids").long()
     split = store.array("split").long().repeat_interleave(store.window)
@@ -440,6 +447,12 @@ def split_positions(
     trn = torch.nonzero(anchor & (split == 0) & ~val_mask)[:, 0]
     val = torch.nonzero(val_mask)[:, 0]
     test_mask = anchor & (split == 1)
+    deep = torch.ones(n, dtype=torch.bool)
+    if min_context:
+        local = torch.arange(n) % store.window
+        back = (torch.arange(n) - min_context).clamp_min(0)
+        deep = (local >= min_context) & (doc_of[back] == doc_of)
+        test_mask &= deep
     removed = {}
     if dedup_threshold is not None:
         removed = _near_duplicate_documents(tokens, doc_of, split, documents, dedup_threshold)
@@ -450,8 +463,9 @@ def split_positions(
     test = torch.nonzero(test_mask)[:, 0]
     if len(test) == 0 or len(trn) == 0 or len(val) == 0:
         raise ForethoughtError(
-            f"the store has {len(trn)} train, {len(val)} validation and {len(test)} test positions; "
-            "every one must be non-empty (extract more --tokens)"
+            f"the store has {len(trn)} train, {len(val)} validation and {len(test)} test positions"
+            + (f" ({min_context}+ tokens into their document)" if min_context else "")
+            + "; every one must be non-empty (extract more --tokens)"
         )
     gen = torch.Generator().manual_seed(seed)
     evaluation = test[torch.randperm(len(test), generator=gen)[: min(eval_tokens, len(test))]].sort().values
@@ -460,7 +474,11 @@ def split_positions(
     # the lens and the control score subsets of the same random held-out sample
     lens_eval = evaluation[torch.randperm(len(evaluation), generator=gen)[:n_lens]].sort().values
     ctrl_eval = evaluation[torch.randperm(len(evaluation), generator=gen)[:n_ctrl]].sort().values
-    select = val[torch.randperm(len(val), generator=gen)[:SELECT_TOKENS]]
+    # the validation rows that choose the layer, fit temperatures and weigh the stacked readout: as deep in their
+    # window as the held-out ones (where there are enough of them)
+    val_deep = val[deep[val]]
+    pool = val_deep if len(val_deep) >= min(SELECT_TOKENS // 4, len(val)) else val
+    select = pool[torch.randperm(len(pool), generator=gen)[:SELECT_TOKENS]]
     return Positions(
         trn,
         val,
@@ -502,6 +520,8 @@ def run_probes(
     progress: Progress | None = None,
     n_boot: int = 1000,
     dedup_threshold: float | None = 0.5,
+    min_context: int = 0,
+    stacked: bool = True,
 ) -> ProbeResult:
     """Fit and score both readouts for every (layer, offset) beside context-matched baselines; save the fitted
     maps under `save_dir`. `dedup_threshold`: drop held-out documents whose 8-token shingles occur in training
@@ -511,7 +531,17 @@ def run_probes(
     started = time.perf_counter()
     layers = list(store.layers if layers is None else layers)
     setup = prepare_probes(
-        store, model, offsets, eval_tokens, lens_eval_tokens, control_eval_tokens, val_fraction, seed, dedup_threshold
+        store,
+        model,
+        offsets,
+        eval_tokens,
+        lens_eval_tokens,
+        control_eval_tokens,
+        val_fraction,
+        seed,
+        dedup_threshold,
+        min_context,
+        stacked,
     )
     with setup.timings.timed("load"):
         s_final = store.layer(model.config.n_layers - 1)
@@ -547,6 +577,8 @@ class ProbeSetup:
     vocab_info: ProbeVocabulary
     context: dict
     timings: Timings
+    min_context: int = 0
+    stack: dict | None = None  # offset -> StackBaselines: B and B_long, and what B + h needs (None: not asked)
 
 
 def prepare_probes(
@@ -559,6 +591,8 @@ def prepare_probes(
     val_fraction: float = 0.1,
     seed: int = 0,
     dedup_threshold: float | None = 0.5,
+    min_context: int = 0,
+    stacked: bool = True,
 ) -> ProbeSetup:
     """`run_probes`' first phase: check the request, split positions, fit the baselines (once per run)."""
     timings = Timings()
@@ -576,7 +610,15 @@ def prepare_probes(
         next_lp = store.array("next_logprob")
         doc_of = store.array("doc_ids").long()
         pos = split_positions(
-            store, max(offsets), eval_tokens, lens_eval_tokens, control_eval_tokens, val_fraction, seed, dedup_threshold
+            store,
+            max(offsets),
+            eval_tokens,
+            lens_eval_tokens,
+            control_eval_tokens,
+            val_fraction,
+            seed,
+            dedup_threshold,
+            min_context,
         )
         baselines, uni_logp = _baselines(tokens, greedy, next_lp, pos.trn, pos.val, pos.evaluation, offsets, vocab)
         vocab_info = ProbeVocabulary.build(tokens, pos.train_all, offsets, vocab)
@@ -584,7 +626,26 @@ def prepare_probes(
         context = {
             k: context_baselines(tokens, pos.trn, pos.val, pos.evaluation, k, store.window, vocab) for k in offsets
         }
-    return ProbeSetup(offsets, tokens, greedy, doc_of, pos, baselines, uni_logp, vocab_info, context, timings)
+    stack = None
+    if stacked:
+        from forethought.experiments.stacked import StackedInputs, stack_baselines
+
+        with timings.timed("stacked_baselines"):
+            inputs = StackedInputs(
+                tokens=tokens.numpy().astype(np.int64),
+                greedy=greedy.numpy().astype(np.int64),
+                doc_of=doc_of.numpy(),
+                train_all=pos.train_all.numpy(),
+                evaluation=pos.evaluation.numpy(),
+                window=store.window,
+                vocab=vocab,
+                columns=vocab_info.columns,
+            )
+            select = pos.select.numpy()
+            stack = {k: stack_baselines(inputs, k, context[k], select, uni_logp.float()) for k in offsets}
+    return ProbeSetup(
+        offsets, tokens, greedy, doc_of, pos, baselines, uni_logp, vocab_info, context, timings, min_context, stack
+    )
 
 
 def layer_fitter(setup: ProbeSetup, model: Transformer, s_final: torch.Tensor, seed: int) -> LayerFitter:
@@ -599,6 +660,7 @@ def layer_fitter(setup: ProbeSetup, model: Transformer, s_final: torch.Tensor, s
         s_final,
         setup.timings,
         seed,
+        setup.stack,
     )
 
 
@@ -632,6 +694,10 @@ def summarize_probes(
         summary = _summarize(
             setup.tokens, setup.doc_of, pos.evaluation, offsets, layers, cells, correct, setup.context, n_boot
         )
+        discriminability = _discriminability(setup, summary, n_boot) if 1 in offsets else {}
+    if setup.stack is not None:
+        with timings.timed("stacked"):
+            _stacked(setup, store.window, correct, summary, n_boot)
     return ProbeResult(
         model=store.manifest["model"]["name"],
         store=str(store.path),
@@ -654,6 +720,8 @@ def summarize_probes(
         context_settings={k: setup.context[k].chosen for k in offsets},
         headline=summary["headline"],
         per_position=summary["per_position"],
+        min_context=setup.min_context,
+        discriminability=discriminability,
     )
 
 
@@ -678,7 +746,9 @@ class ProbeVocabulary:
 class LayerFitter:
     """Both readouts and their shuffled controls for every offset at one layer, on one set of Gram statistics."""
 
-    def __init__(self, model, tokens, greedy, pos: Positions, offsets, vocab_info, uni_logp, s_final, timings, seed):
+    def __init__(
+        self, model, tokens, greedy, pos: Positions, offsets, vocab_info, uni_logp, s_final, timings, seed, stack=None
+    ):
         self.model, self.tokens, self.greedy, self.pos = model, tokens, greedy, pos
         self.offsets, self.v, self.uni_logp, self.s_final, self.timings = (
             offsets,
@@ -691,6 +761,9 @@ class LayerFitter:
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.train_all = pos.train_all
         self.perm = torch.randperm(len(self.train_all), generator=self.gen)  # the control's shuffle of positions
+        self.stack = stack  # offset -> StackBaselines (None: no stacked readout)
+        self.stack_hits: dict[int, dict[str, torch.Tensor]] = {}
+        self.stack_weights: dict[int, dict] = {}
 
     @torch.inference_mode()
     def decode(self, states: torch.Tensor) -> torch.Tensor:
@@ -728,6 +801,8 @@ class LayerFitter:
                 Cell(layer, k, probe_m, lens_m, ctrl_m, lens_ctrl_m, alpha_p, alpha_l, temp_p, temp_l, val_top1)
             )
             correct[(layer, k)] = ok
+            for name, hits in self.stack_hits.pop(k, {}).items():  # B + h, B_long + h at this layer
+                correct[(layer, k, name)] = hits
             saved[f"probe.{k}"] = w_probe.to(torch.float16)
             saved[f"lens.{k}"] = w_lens
         return cells, saved, correct
@@ -752,6 +827,20 @@ class LayerFitter:
         probe_m = _metrics(
             _score(scores, y_eval, g_eval, temp, v.columns, self.uni_logp, v.unseen_mass), len(pos.evaluation)
         )
+        if self.stack is not None:  # what h_t adds to the baseline features: B + h at this (layer, k)
+            from forethought.experiments.stacked import stack_with_h
+
+            hits, weights = stack_with_h(
+                self.stack[k],
+                self.uni_logp.float(),
+                torch.log_softmax(temp * sel_scores, dim=1),
+                torch.log_softmax(temp * scores, dim=1),
+                v.columns,
+                v.column_of,
+                v.unseen_mass,
+            )
+            self.stack_hits[k] = {name: torch.from_numpy(h) for name, h in hits.items()}
+            self.stack_weights[k] = weights
         # control: the same pipeline on shuffled targets (temperature on shuffled validation targets)
         col_shuf = col[self.perm]
         b_ctrl_trn = torch.zeros(len(v.columns), d).index_add_(0, col_shuf[:n_trn], z_train[:n_trn])
@@ -838,3 +927,95 @@ def _summarize(tokens, doc_of, evaluation, offsets, layers, cells, correct, cont
         per_position[f"{strongest}@{k}"] = base
         per_position[f"strongest@{k}"] = strongest
     return {"context": out_context, "headline": headline, "per_position": per_position}
+
+
+FEW_DOCUMENTS = 30  # below this many held-out documents a bootstrap over documents says little
+SEPARABLE_POINTS = 5.0  # the model must beat the strongest baseline at k = 1 by this much for a verdict to mean much
+
+
+def _discriminability(setup: ProbeSetup, summary: dict, n_boot: int) -> dict:
+    """Model top-1 at k = 1 minus the strongest context baseline's, same held-out positions, bootstrap over
+    documents; and the plain words a run prints about it."""
+    ev = setup.pos.evaluation
+    docs = setup.doc_of[ev].numpy()
+    y = setup.tokens[ev + 1].numpy()
+    model_hit = (setup.greedy[ev].numpy() == y).astype(np.float64)
+    strongest = summary["headline"][1]["strongest"]
+    base_hit = (setup.context[1].predictions[strongest] == y).astype(np.float64)
+    diff = bootstrap_by_document(model_hit - base_hit, docs, n_boot)
+    n_docs = len(np.unique(docs))
+    if n_docs < FEW_DOCUMENTS:
+        words = (
+            f"only {n_docs} held-out documents: too few for a 95% interval over documents to mean much "
+            f"(want >= {FEW_DOCUMENTS}; extract more --tokens)"
+        )
+    elif diff.low <= 0:
+        words = "this setting cannot separate the model from the context statistics: no verdict on planning here"
+    elif diff.estimate * 100 < SEPARABLE_POINTS:
+        words = "the model is barely ahead of the context statistics here: small excesses say little"
+    else:
+        words = "the setting separates the model from the context statistics"
+    return {
+        "model_top1": bootstrap_by_document(model_hit, docs, n_boot),
+        "strongest": strongest,
+        "strongest_top1": bootstrap_by_document(base_hit, docs, n_boot),
+        "model_minus_strongest": diff,
+        "n_documents": n_docs,
+        "min_context": setup.min_context,
+        "words": words,
+    }
+
+
+def _stacked(setup: ProbeSetup, window: int, correct: dict, summary: dict, n_boot: int) -> None:
+    """Per offset, at the layer chosen on validation: B vs B + h_t (and B_long vs B_long + h_t), with the excess
+    and its strata into the headline, the per-position hits into per_position."""
+    from forethought.experiments.stacked import StackedInputs, seen_stratum
+
+    pos = setup.pos
+    docs = setup.doc_of[pos.evaluation].numpy()
+    seen = seen_stratum(
+        StackedInputs(
+            setup.tokens.numpy().astype(np.int64),
+            setup.greedy.numpy().astype(np.int64),
+            setup.doc_of.numpy(),
+            pos.train_all.numpy(),
+            pos.evaluation.numpy(),
+            window,
+            len(setup.vocab_info.column_of),
+            setup.vocab_info.columns,
+        )
+    )
+    headline, per_position = summary["headline"], summary["per_position"]
+    for k in setup.offsets:
+        layer = headline[k]["layer"]
+        hits = dict(setup.stack[k].hits)
+        for name in ("B+h", "Blong+h"):
+            hits[name] = correct[(layer, k, name)].numpy().astype(np.float64)
+        hits["seen4"] = seen
+        headline[k]["stacked"] = _stacked_intervals(hits, per_position, k, docs, n_boot)
+        headline[k]["stacked"]["weights"] = setup.stack[k].weights
+        for name in ("B", "B+h", "Blong", "Blong+h", "seen4"):
+            per_position[f"{name}@{k}"] = hits[name]
+
+
+def _stacked_intervals(hits: dict, per_position: dict, k: int, docs: np.ndarray, n_boot: int) -> dict:
+    probe_minus = per_position[f"probe@{k}"] - per_position[f"{per_position[f'strongest@{k}']}@{k}"]
+    seen = hits["seen4"] > 0
+    out: dict = {
+        "B": bootstrap_by_document(hits["B"], docs, n_boot),
+        "B+h": bootstrap_by_document(hits["B+h"], docs, n_boot),
+        "excess": bootstrap_by_document(hits["B+h"] - hits["B"], docs, n_boot),
+        "Blong": bootstrap_by_document(hits["Blong"], docs, n_boot),
+        "Blong+h": bootstrap_by_document(hits["Blong+h"], docs, n_boot),
+        "excess_long": bootstrap_by_document(hits["Blong+h"] - hits["Blong"], docs, n_boot),
+        "strata": {},
+    }
+    for name, mask in (("seen", seen), ("unseen", ~seen)):
+        if mask.sum() == 0:
+            continue
+        out["strata"][name] = {
+            "share": float(mask.mean()),
+            "excess": bootstrap_by_document((hits["B+h"] - hits["B"])[mask], docs[mask], n_boot),
+            "probe_minus_strongest": bootstrap_by_document(probe_minus[mask], docs[mask], n_boot),
+        }
+    return out
