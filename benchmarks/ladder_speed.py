@@ -380,6 +380,8 @@ def markdown(results: dict, opts: dict) -> list[str]:
         lk, au = spec.get("lookup") or {}, spec.get("auto") or {}
         plain, best = fr.get("decode_tok_s_spec_plain"), fr.get("spec_best_tok_s")
         ll_plain, ll_lookup = _get(per, "llamacpp-f32", "plain_code_tok_s"), _get(per, "llamacpp-f32", "lookup_tok_s")
+        if engine != "forethought-fp32":  # llama.cpp's lookup runs on F32: the peer of the fp32 row only
+            ll_plain = ll_lookup = None
         use = au.get("auto_usage") or {}
         usage = f"{use.get('plain', '–')}/{use.get('lookup', '–')}/{use.get('heads', '–')}, {use.get('benchings', '–')}"
         same = "yes" if lk.get("identical") and au.get("identical") else ("–" if not spec else "NO")
