@@ -213,7 +213,7 @@ def test_page_renders_in_chromium(built, tmp_path):
             assert o.title in card.inner_text()
         assert "not available in this install" in page.inner_text("section#second_model")
         assert "Carries beyond the context?" in page.inner_text("section#plan")
-        assert page.locator("section#plan img").count() == 2
+        assert page.locator("section#plan img").count() == 3
         assert "this section always fails" in page.inner_text("section#boom")
         images = page.locator("img")
         assert images.count() == n_figures
