@@ -131,6 +131,14 @@ def _jsonable(obj):
     return obj
 
 
+def _with_bar(label: str, enabled: bool, work, unit: str | None = None):
+    """`work(progress)` under the CLI's bar (compute code only reports (done, total)); no bar when not enabled."""
+    from forethought.commands.common import progress_bar
+
+    with progress_bar(label, unit=unit, quiet=not enabled) as bar:
+        return work(bar)
+
+
 def probe_phase(model, store_dir: Path, out: Path, cfg: Config, progress: bool) -> dict:
     """`model()` gives the loaded model (loaded only when the phase has work to do)."""
     from forethought.data.store import ActivationStore
@@ -142,18 +150,22 @@ def probe_phase(model, store_dir: Path, out: Path, cfg: Config, progress: bool) 
         return json.loads(done.read_text())
     store = ActivationStore(store_dir)
     lm = model()
-    result = run_probes(
-        store,
-        lm.model,
-        list(cfg.offsets),
-        list(cfg.layers),
-        eval_tokens=cfg.eval_tokens,
-        lens_eval_tokens=cfg.lens_eval_tokens,
-        control_eval_tokens=min(512, cfg.eval_tokens),
-        save_dir=out,
-        progress=progress,
-        n_boot=cfg.n_boot,
-        min_context=cfg.min_context,
+    result = _with_bar(
+        "probe layers",
+        progress,
+        lambda bar: run_probes(
+            store,
+            lm.model,
+            list(cfg.offsets),
+            list(cfg.layers),
+            eval_tokens=cfg.eval_tokens,
+            lens_eval_tokens=cfg.lens_eval_tokens,
+            control_eval_tokens=min(512, cfg.eval_tokens),
+            save_dir=out,
+            progress=bar,
+            n_boot=cfg.n_boot,
+            min_context=cfg.min_context,
+        ),
     )
     arrays = {k: np.asarray(v) for k, v in result.per_position.items() if not isinstance(v, str)}
     np.savez(out / "per_position.npz", **arrays)
@@ -253,8 +265,12 @@ def causal_phase(model, store_dir: Path, out: Path, cfg: Config, progress: bool,
         seed=seed,
     )
     name = f"causal.part{part[0]}of{part[1]}.ckpt" if part else "causal.ckpt"
-    result = run_causal(
-        lm.model, store, positions, probes, settings, checkpoint=out / name, progress=progress, n_boot=cfg.n_boot
+    result = _with_bar(
+        "causal positions",
+        progress,
+        lambda bar: run_causal(
+            lm.model, store, positions, probes, settings, checkpoint=out / name, progress=bar, n_boot=cfg.n_boot
+        ),
     )
     if part is not None:
         return {}
@@ -347,17 +363,22 @@ def main(argv: list[str] | None = None) -> int:
         if "extract" in only:
             phases.run(
                 f"{name}: extract",
-                lambda corpus=corpus, name=name: run_extract(
-                    lm_once(),
-                    corpus,
-                    stores[name],
-                    list(cfg.layers),
-                    tokens=cfg.tokens.get(corpus, max(cfg.tokens.values())),
-                    # Gemma's residual stream reaches ~1e5, beyond float16's range: float32 for it.
-                    float16=args.model == "smollm2-135m",
-                    test_fraction=cfg.test_fraction.get(corpus, 0.4),
-                    max_doc_tokens=cfg.max_doc_tokens,
-                    progress=progress,
+                lambda corpus=corpus, name=name: _with_bar(
+                    "extract",
+                    progress,
+                    lambda bar: run_extract(
+                        lm_once(),
+                        corpus,
+                        stores[name],
+                        list(cfg.layers),
+                        tokens=cfg.tokens.get(corpus, max(cfg.tokens.values())),
+                        # Gemma's residual stream reaches ~1e5, beyond float16's range: float32 for it.
+                        float16=args.model == "smollm2-135m",
+                        test_fraction=cfg.test_fraction.get(corpus, 0.4),
+                        max_doc_tokens=cfg.max_doc_tokens,
+                        progress=bar,
+                    ),
+                    unit="tok",
                 ),
             )
         if "probe" not in only and not (base / "probes" / "results.json").is_file():
