@@ -251,4 +251,3 @@ def verify_heads(
             f"{c.name!r}'s; train heads for this model with `forethought heads train`"
         )
     return w, vocab, layer, training
-
