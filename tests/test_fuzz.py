@@ -65,6 +65,7 @@ def test_fuzzed_real_gguf_headers(tmp_path: Path):
     from forethought.weights.registry import DEFAULT_MODEL, REGISTRY
 
     real = REGISTRY[DEFAULT_MODEL].locate()
+    _warm_kernels()
     header = parse_gguf(real)
     assert len(header.to_bytes()) == real.stat().st_size  # the test's writer reproduces the file's layout
     baseline = run_case(generate_argv(real), time_limit=600, address_limit=16 * 2**30)
@@ -84,6 +85,7 @@ def test_fuzzed_real_gguf_headers(tmp_path: Path):
 
 
 def test_fuzzed_hf_folders(llama_dir: Path, tmp_path: Path):
+    _warm_kernels()
     baseline = run_case(generate_argv(llama_dir), time_limit=120, address_limit=8 * 2**30)
     assert baseline.kind == "loaded", baseline.detail
     budget = 2 * baseline.peak_bytes + SLACK
@@ -104,12 +106,16 @@ def test_fuzzed_hf_folders(llama_dir: Path, tmp_path: Path):
 BUDGET = 2 * 2**30  # a tiny model's case: far above any clean run, far below a runaway allocation
 
 
-def _run_all(name: str, cases: list[Case], report: Report | None = None, quiet: bool = False) -> Report:
+def _warm_kernels() -> None:
+    """The CPU kernels built (or loaded) here, once: every forked case inherits them. A case killed at its time
+    limit while it compiled would leave torch's build lock behind, and every later build would wait for ever."""
     from forethought.model import kernels
 
-    # Built (or loaded) here, once: every forked case inherits it. A case killed at its time limit while it
-    # compiled would leave torch's build lock behind, and every later build would wait on it for ever.
     kernels.module()
+
+
+def _run_all(name: str, cases: list[Case], report: Report | None = None, quiet: bool = False) -> Report:
+    _warm_kernels()
     report = report or Report()
     for case in cases:
         outcome = run_case(case.argv, case.time_limit, 4 * BUDGET, setup=case.setup, check=case.check)
