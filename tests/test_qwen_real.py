@@ -190,7 +190,8 @@ def qwen(request):
 
 def _record(qwen) -> dict:
     if qwen.name not in RECORD:
-        pytest.skip(f"no llama.cpp record for {qwen.name}: python -m benchmarks.ladder agree --models {qwen.name} --record")
+        command = f"python -m benchmarks.ladder agree --models {qwen.name} --record"
+        pytest.skip(f"no llama.cpp record for {qwen.name}: {command}")
     return RECORD[qwen.name]
 
 
