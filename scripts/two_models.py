@@ -132,16 +132,16 @@ def findings(model: str) -> dict[str, str]:
         greedy = ", ".join(f"{name} {g['equal']}" for name, g in agreement["greedy_64_vs_llama_cpp_f32"].items())
         out["same model as llama.cpp (same file)"] = (
             f"token ids {agreement['token_ids_equal']}; top-1 {sum(int(a) for a, _ in top1)}/"
-            f"{sum(int(b) for _, b in top1)} positions, max |logit diff| {fmt(worst)} x the logits' std; greedy 64 "
+            f"{sum(int(b) for _, b in top1)} positions, max abs logit diff {fmt(worst)} x the logits' std; greedy 64 "
             f"tokens equal: {greedy}; chat template equal: "
             f"{agreement['chat_template_equal']}"
         )
     eq = load(model, "equivalence")
     if eq:
-        s = eq.get("summary", eq)
-        out["cache = recompute"] = (
-            f"identical tokens: {s.get('identical')}; max logit diff {fmt(s.get('max_logit_abs_diff'))}"
-        )
+        s = eq.get("summary", eq)  # older runs nest a summary; the command's JSON now has the keys at top level
+        identical = s.get("identical", s.get("identical_tokens"))
+        diff = s.get("max_logit_abs_diff", s.get("logits_max_abs"))
+        out["cache = recompute"] = f"identical tokens: {identical}; max logit diff {fmt(diff)}"
     inv, ctrl = load(model, "invariance"), load(model, "invariance_control")
     if inv:
         control = f"; control (no mask) {fmt(max(ctrl['max_abs']))}" if ctrl.get("max_abs") else ""

@@ -66,7 +66,7 @@ def test_kquants_equal_gguf_on_the_real_file():
             np.testing.assert_array_equal(
                 kquants.dequantize(raw, kind), quants.dequantize(raw, GGMLQuantizationType[kind])
             )
-    assert seen == {"Q4_K", "Q6_K"}
+    assert {"Q4_K", "Q6_K"} <= seen  # and whatever else the file holds (Q8_0 ...), checked above too
 
 
 def test_greedy_continuation_matches_references(gemma):
