@@ -181,3 +181,22 @@ def test_kernel_cache_key_covers_every_build_input():
     for name in parts:
         changed = dict(parts, **{name: parts[name] + " (another)"})
         assert kernels.build_key(changed) != kernels.build_key(parts), name
+
+
+def test_a_stale_kernel_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
+    """A build killed mid-compile leaves torch's lock file; every later build would wait on it for ever."""
+    import os
+    import time
+
+    from forethought.model import kernels
+
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.write_text("")
+    fresh.write_text("")
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    kernels._clear_stale_lock(stale)
+    kernels._clear_stale_lock(fresh)
+    kernels._clear_stale_lock(tmp_path / "absent")  # no lock: nothing to do, no error
+    assert not stale.exists()
+    assert fresh.exists()  # a build in progress keeps its lock

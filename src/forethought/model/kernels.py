@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -66,7 +67,8 @@ def build_key_parts() -> dict[str, str]:
     torch install beside this one, another compiler) get their own cache folders instead of rebuilding
     one folder in turn -- which is what a key of source + torch version alone did (issue 23)."""
     return {
-        "source": hashlib.sha256(_SOURCE_FILE.read_bytes()).hexdigest(),
+        # torch's builder rebuilds when the source's path changes, so two checkouts of one version share nothing
+        "source": f"{hashlib.sha256(_SOURCE_FILE.read_bytes()).hexdigest()} at {_SOURCE_FILE.resolve()}",
         "torch": f"{torch.__version__} at {Path(torch.__file__).resolve().parent}",
         "python": f"{sys.version} at {sys.executable}",
         "compiler": _compiler(),
@@ -82,12 +84,27 @@ def build_key(parts: dict[str, str] | None = None) -> str:
     return hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(parts.items())).encode()).hexdigest()[:16]
 
 
+STALE_LOCK_SECONDS = 15 * 60  # a build takes ~40 s idle and a few minutes under heavy load
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's builder waits for ever on the lock file a build killed mid-compile leaves behind: one older than
+    any build could take is such a leftover, so it goes (every later process would hang on it otherwise)."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+            print(f"forethought: removed a stale kernel build lock ({lock})", file=sys.stderr, flush=True)
+    except OSError:  # no lock, or another process removed it first
+        pass
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
     key = build_key()
     folder = cache_dir() / key
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(folder / "lock")
     if not (folder / f"forethought_kernels_{key}.so").exists():
         # Its own line on stderr (a spinner or streamed text may be on the current one); callers time
         # the build apart from prefill by calling `module()` before they start the clock.
