@@ -108,7 +108,7 @@ def export_engine_folder(model: ArchModel, task: Task, folder: Path) -> Path:
     }
     if model_type == "llama":
         config |= {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
-    elif c.family != "recurrent":  # a GRU has no positions to encode
+    elif c.family_spec.has_attention:  # a GRU has no positions to encode
         config["use_rope"] = c.use_rope
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     (folder / "tokenizer.json").write_text(tokenizer_json)

@@ -29,6 +29,10 @@ class Family:
     compiled_decode = False  # kernels.DecodeStep runs its decode steps; else op by op
     mlp_matrices = 3  # gated MLP: gate, up, down
     hf_model_type: str | None = None  # the HF `model_type` the lab's export writes it as, where HF has a class
+    # The canonical tensors of a lab folder of this family (weights/validate.py checks a folder holds exactly
+    # these): per block, under `blocks.{i}.`, and once per model, besides embed, unembed and the final norm.
+    lab_block_tensors: tuple[str, ...] = ()
+    lab_model_tensors: tuple[str, ...] = ()
 
     def check(self, config: ModelConfig) -> str | None:
         """What is wrong with `config` for this family (a user error), or None."""

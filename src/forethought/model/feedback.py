@@ -140,6 +140,8 @@ def feedback_forward(
 
 class FeedbackFamily(Family):
     name = "feedback"
+    lab_block_tensors = tuple(f"{p}.weight" for p in ("attn_norm", "mlp_norm", "q", "o", "gate", "up", "down"))
+    lab_model_tensors = ("memory.norm.weight", "memory.k.weight", "memory.v.weight", "memory.layer_logits")
     block = FeedbackBlock
     model_points = ("memory",)  # each token's merged memory vector, what later tokens' keys/values read
     shared_rope = True

@@ -125,6 +125,9 @@ def decoder_forward(
 
 class LlamaFamily(Family):
     name = "llama"
+    lab_block_tensors = tuple(
+        f"{p}.weight" for p in ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down")
+    )
     block = Block
     shared_rope = True
     compiled_decode = True

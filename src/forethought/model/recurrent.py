@@ -165,6 +165,7 @@ def recurrent_forward(
 
 class RecurrentFamily(Family):
     name = "recurrent"
+    lab_block_tensors = ("gru.weight_ih", "gru.weight_hh", "gru.bias_ih", "gru.bias_hh")
     block = RecurrentBlock
     block_points = POINTS
     has_attention = False

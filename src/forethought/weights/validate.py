@@ -420,24 +420,18 @@ def lab_config(raw: Mapping[str, object], source: object) -> None:
     if "use_rope" in raw:
         if not isinstance(raw["use_rope"], bool):
             raise ForethoughtError(f"{source}: use_rope must be true or false, got {_show(raw['use_rope'])}")
-        if family == "recurrent":
+        from forethought.model.families import family_of
+
+        if not family_of(family).has_attention:  # a GRU: nothing attends, so there are no positions to rotate
             raise ForethoughtError(f"{source}: use_rope does not apply to a GRU (it has no positions to encode)")
 
 
 def lab_tensor_names(config) -> set[str]:
     """The canonical tensors a lab model of this family is made of, all of them and nothing else."""
-    names = {"embed", "unembed", "final_norm.weight"}
-    per_layer = {
-        "llama": ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down"),
-        "feedback": ("attn_norm", "mlp_norm", "q", "o", "gate", "up", "down"),
-    }
+    spec = config.family_spec
+    names = {"embed", "unembed", "final_norm.weight", *spec.lab_model_tensors}
     for i in range(config.n_layers):
-        if config.family == "recurrent":
-            names |= {f"blocks.{i}.gru.{leaf}" for leaf in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-        else:
-            names |= {f"blocks.{i}.{part}.weight" for part in per_layer[config.family]}
-    if config.family == "feedback":
-        names |= {"memory.norm.weight", "memory.k.weight", "memory.v.weight", "memory.layer_logits"}
+        names |= {f"blocks.{i}.{leaf}" for leaf in spec.lab_block_tensors}
     return names
 
 
