@@ -1,0 +1,131 @@
+"""Greedy continuations of many prompts, batched, with the residual stream at each prompt's last token (the
+planning site) captured -- or edited, for steering and patching -- during the prompt's pass.
+
+Prompts are batched by exact token length (the engine has no padding mask, and templated prompts come in a few
+lengths), up to `batch_size` rows; every row decodes through the one decode loop (`generate_steps`) on a shared
+batched cache until all rows have stopped or the budget is spent. Batched greedy is token-identical to one prompt
+at a time (tests/test_plan_tasks.py checks it), and on a bandwidth-bound CPU decode a row costs far less than a
+whole step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from forethought.model.decode import generate_steps, greedy_rows
+from forethought.model.transformer import Transformer
+from forethought.progress import Progress, tell
+from forethought.trace import act_name
+
+
+@dataclass(frozen=True)
+class SiteEdit:
+    """Change the residual stream after block `layer` at the site of every prompt: add `vectors[i]` to row i
+    (steering) or put it in place (patching). `vectors` is [n_prompts, d] in prompt order, or [d] for all."""
+
+    layer: int
+    vectors: torch.Tensor
+    mode: str = "add"  # add | replace
+
+
+class _SiteHooks:
+    """The hooks of one batch's prompt pass: edit, then capture, the site's residual stream."""
+
+    def __init__(self, capture: Sequence[str], edits: dict[str, tuple[str, torch.Tensor]]):
+        self.capture = frozenset(capture)
+        self.edits = edits
+        self.points = self.capture | frozenset(edits)
+        self.states: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name in self.edits:
+            mode, value = self.edits[name]
+            tensor = tensor.clone()
+            value = value.to(tensor.dtype)
+            tensor[:, -1] = value if mode == "replace" else tensor[:, -1] + value
+        if name in self.capture:
+            self.states[name] = tensor[:, -1].detach().float().cpu()
+        return tensor
+
+
+@dataclass
+class Completions:
+    ids: list[list[int]]  # per prompt, the new tokens up to and with the first stop token
+    states: np.ndarray  # [n_prompts, len(layers), d] at the site (after any edit); empty if no layers
+
+
+def length_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped by token length, each group cut into batches of at most `batch_size`."""
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompt_ids):
+        by_length.setdefault(len(ids), []).append(i)
+    return [idx[s : s + batch_size] for _, idx in sorted(by_length.items()) for s in range(0, len(idx), batch_size)]
+
+
+@torch.inference_mode()
+def greedy_completions(
+    model: Transformer,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    layers: Sequence[int] = (),
+    edit: SiteEdit | None = None,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> Completions:
+    """Greedy continuations (each cut after its first stop token) and the site's states after `layers`."""
+    names = [act_name(layer, "resid_post") for layer in layers]
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    out_ids: list[list[int]] = [[] for _ in prompt_ids]
+    d = model.config.d_model
+    states = np.zeros((len(prompt_ids), len(names), d), dtype=np.float32)
+    done = 0
+    for rows in length_batches(prompt_ids, batch_size):
+        batch = torch.tensor([list(prompt_ids[i]) for i in rows], device=model.device)
+        edits = {}
+        if edit is not None:
+            value = edit.vectors if edit.vectors.dim() == 1 else edit.vectors[rows]
+            edits[act_name(edit.layer, "resid_post")] = (edit.mode, value.to(model.device))
+        hooks = _SiteHooks(names, edits)
+        cache = model.new_cache(capacity=batch.shape[1] + max_new_tokens, batch_size=len(rows))
+        logits = model(batch, cache=cache, hooks=hooks, last_only=True)[:, -1]
+        for j, name in enumerate(names):
+            states[rows, j] = hooks.states[name].numpy()
+        finished = torch.zeros(len(rows), dtype=torch.bool)
+        made: list[torch.Tensor] = []
+
+        def step(tokens: torch.Tensor, cache=cache) -> torch.Tensor:
+            return model(tokens[:, None].to(model.device), cache=cache)[:, -1]
+
+        for s in generate_steps(model, [], logits, max_new_tokens, greedy_rows, cache, forward=step):
+            token = s.token.cpu()
+            made.append(token)
+            finished |= torch.isin(token, stops)
+            if bool(finished.all()) or s.next_logits is None:
+                break
+        gen = torch.stack(made, 1) if made else torch.zeros((len(rows), 0), dtype=torch.long)
+        for r, i in enumerate(rows):
+            seq = gen[r].tolist()
+            cut = next((j + 1 for j, t in enumerate(seq) if t in set(stop_ids)), len(seq))
+            out_ids[i] = seq[:cut]
+        done += len(rows)
+        tell(progress, done, len(prompt_ids))
+    return Completions(out_ids, states)
+
+
+def stop_token_ids(tokenizer, texts: Sequence[str] = ("\n",), eos: bool = True) -> list[int]:
+    """Ids whose text contains any of `texts` (a line break ends a couplet's line), plus EOS: the stop set."""
+    ids = {tokenizer.eos_id} if eos and tokenizer.eos_id is not None else set()
+    if texts:
+        for i in range(tokenizer.vocab_size):
+            piece = tokenizer.decode([i])
+            if any(t in piece for t in texts):
+                ids.add(i)
+    return sorted(ids)
+
+
+def completion_texts(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
+    return [tokenizer.decode(list(x), skip_special=True) for x in ids]
