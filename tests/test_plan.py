@@ -308,3 +308,13 @@ def test_stacked_candidates_and_the_conditional_logit() -> None:
     fitted = LogLinearStack.fit(x, cand, y, feats.names)
     assert fitted.theta[0] > 2.0 and abs(fitted.theta[1]) < 0.5, fitted.theta
     assert np.array_equal(fitted.predict(x, cand), a[:, 0])
+
+
+def test_minimum_detectable_effect_is_2_8_standard_errors_read_off_the_interval():
+    from forethought.viz.plan import mde
+
+    # a 95% interval of half-width 1.96 is one standard error: 80% power at 5% two-sided needs 2.8 of them
+    assert abs(mde({"estimate": 0.0, "low": -1.96, "high": 1.96}) - 2.8) < 1e-9
+    assert abs(mde({"estimate": 5.0, "low": 4.0, "high": 6.0}) - 2.8 / 1.96) < 1e-9
+    assert mde({"estimate": 0.0, "low": float("nan"), "high": 1.0}) is None
+    assert mde(None) is None

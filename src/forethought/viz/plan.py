@@ -28,6 +28,23 @@ def _iv(d: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"{f.format(scale * d['estimate'])} [{f.format(scale * d['low'])}, {f.format(scale * d['high'])}]"
 
 
+# The smallest true effect a two-sided 5% test detects with 80% power: (z_0.975 + z_0.8) standard errors, the
+# standard error read off the 95% interval (its half-width / 1.96). Every null in the answer carries it.
+MDE_IN_SE = 1.96 + 0.84
+
+
+def mde(d: dict | None) -> float | None:
+    """The minimum detectable effect of an interval {estimate, low, high} (same units), or None."""
+    if not d or d.get("low") is None or d.get("high") is None or math.isnan(d["low"]) or math.isnan(d["high"]):
+        return None
+    return MDE_IN_SE * (d["high"] - d["low"]) / (2 * 1.96)
+
+
+def _mde_cell(d: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    m = mde(d)
+    return "–" if m is None else f"{scale * m:.{digits}f}"
+
+
 def _by_k(d: dict) -> dict[int, object]:
     return {int(k): v for k, v in d.items()}
 
@@ -138,6 +155,9 @@ def corpus_table(name: str, probe: dict, causal: dict | None, shares: dict[int, 
         "| B (baseline features) | " + " | ".join(_iv(_stk(head, k, "B")) for k in ks) + " |",
         "| B + h_t | " + " | ".join(f"{_iv(_stk(head, k, 'B+h'))} (L{head[k]['layer']})" for k in ks) + " |",
         "| **(B + h) − B** (points) | " + " | ".join(f"**{_iv(_stk(head, k, 'excess'))}**" for k in ks) + " |",
+        "| smallest (B + h) − B this run could detect (points; 5% two-sided, 80% power) | "
+        + " | ".join(_mde_cell(_stk(head, k, "excess")) for k in ks)
+        + " |",
     ]
     for stratum, words in (("unseen", "4-gram context never seen in training"), ("seen", "4-gram context seen")):
         cells = []
@@ -151,6 +171,9 @@ def corpus_table(name: str, probe: dict, causal: dict | None, shares: dict[int, 
         + " |",
         "| **(B_long + h) − B_long** (points): beyond longer context | "
         + " | ".join(f"**{_iv(_stk(head, k, 'excess_long'))}**" for k in ks)
+        + " |",
+        "| smallest (B_long + h) − B_long this run could detect (points) | "
+        + " | ".join(_mde_cell(_stk(head, k, "excess_long")) for k in ks)
         + " |",
         "| ridge probe on h_t alone | "
         + " | ".join(f"{_iv(head[k]['probe'])} (L{head[k]['layer']})" for k in ks)
@@ -228,6 +251,13 @@ def causal_lines(name: str, causal: dict) -> list[str]:
     for cond, ivs in causal["knockout_vs_random"].items():
         low = cond.split("@")[1]
         lines.append(f"| {cond} minus knockout_random@{low} | " + " | ".join(_iv(iv, 1.0, 3) for iv in ivs) + " |")
+    for cond, ivs in causal["knockout_vs_random"].items():
+        if cond.startswith("knockout_t@"):
+            low = cond.split("@")[1]
+            lines.append(
+                f"| smallest {cond} minus knockout_random@{low} this run could detect (nats; 5% two-sided, 80% "
+                "power) | " + " | ".join(_mde_cell(iv, 1.0, 3) for iv in ivs) + " |"
+            )
     lines += [
         "",
         f"#### {name}: steering dose-response (added norm = scale x the layer's spread)",
@@ -237,8 +267,8 @@ def causal_lines(name: str, causal: dict) -> list[str]:
         "95% intervals.",
         "",
         "| layer | k | scale | n | probe: Δ at t+k | probe: Δ at t+1 | probe: (t+k) − (t+1) | random: (t+k) − (t+1) "
-        "| probe − random at t+k | flips to y, probe | flips to y, random |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| probe − random at t+k | smallest detectable probe − random | flips to y, probe | flips to y, random |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in causal["steering"]:
         lines.append(
@@ -253,6 +283,7 @@ def causal_lines(name: str, causal: dict) -> list[str]:
                     "probe_minus_random_at_target",
                 )
             )
+            + f" | {_mde_cell(row.get('probe_minus_random_at_target'), 1.0, 3)}"
             + f" | {_iv(row.get('probe_flip'))}% | {_iv(row.get('random_flip'))}% |"
         )
     lines.append("")
