@@ -55,7 +55,7 @@ FULL = Config(
     eval_tokens=8192,
     lens_eval_tokens=512,
     causal_positions=500,
-    ceiling_positions=1200,  # ~1,200 positions for a ceiling interval of about +-3 points (k = 1, p ~ 0.6)
+    ceiling_positions=500,
     from_layers=(0, 15, 22),
     steer_layers=(15,),
     steer_offsets=(2,),
