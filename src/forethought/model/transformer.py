@@ -100,7 +100,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, capacity: int = 256, batch_size: int = 1, minimal: bool = False) -> Cache:
         """An empty cache of this family's kind (KVCache, SlidingKVCache, RecurrentCache) for this model;
-        `minimal` keeps only what the next token reads (it cannot rewind), for measuring the state."""
+        `minimal` keeps only what the next token reads (it cannot rewind) and allocates exactly `capacity`
+        tokens (no 1 GiB preallocation cap), for measuring the state."""
         return self.family.new_cache(self.config, batch_size, capacity, self.dtype, self.device, minimal)
 
     def forward(
