@@ -247,8 +247,12 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quantize_int8_()
-        _DECODE_STEPS.pop(self, None)
+        self.forget_decode_step()
         return self
+
+    def forget_decode_step(self) -> None:
+        """Drop the compiled step built for the old weights (after they were replaced, not edited in place)."""
+        _DECODE_STEPS.pop(self, None)
 
     def _decode_step_weights(self) -> tuple[dict[str, torch.Tensor | None], list[dict[str, torch.Tensor | None]]]:
         """The weights DecodeStep reads, by the names its constructor documents (None = absent)."""
