@@ -12,10 +12,12 @@ import torch
 import forethought
 from forethought.cli import main
 from forethought.errors import ForethoughtError
+from forethought.experiments import state_size as state_size_module
 from forethought.experiments.equivalence import cached_step_flops, equivalence, recompute_step_flops
 from forethought.experiments.invariance import extending_ids, invariance
 from forethought.experiments.lens import run_logit_lens
 from forethought.experiments.state_size import NAMED_CONFIGS, named_configs, parse_tokens, state_size
+from forethought.model.kv_cache import KVCache
 from forethought.model.random_init import random_model, tiny_config
 from forethought.model.sampling import SamplingParams
 from forethought.trace import trace
@@ -132,6 +134,30 @@ def test_state_size_measured_equals_formula(tiny):
     assert result.configs[1].bytes_per_token == 2 * 32 * 8 * 128 * 4
     assert len(set(loaded.recurrent_bytes.values())) == len(loaded.recurrent_bytes)
     json.dumps(result.to_dict())
+
+
+def test_state_size_allocates_past_the_cache_preallocation_cap(monkeypatch):
+    """Issue 23: on Qwen2.5-Coder-1.5B (28 layers x 2 KV heads x 128, float32: 57,344 bytes a token) the
+    measured allocation stopped at 1.07 GB while the formula said 1.88 GB at 32,768 tokens. The formula was
+    right: the measurement's cache was capped by KVCache's 1 GiB preallocation (18,724 tokens), a guard
+    meant for caches sized from a declared context, not for one asked to hold exactly n tokens. The same
+    defect at a small scale, on a Qwen-shaped (grouped-query, QKV bias) model with the cap at 4 KiB."""
+    qwen15 = tiny_config(n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128, context_length=32768)
+    assert qwen15.kv_bytes(32768, 4) == 1_879_048_192
+    assert KVCache.PREALLOCATE_BYTES // qwen15.kv_bytes(1, 4) * qwen15.kv_bytes(1, 4) == 1_073_709_056
+    model = random_model(tiny_config(n_heads=6, n_kv_heads=2, qkv_bias=True, context_length=256), seed=1)
+    monkeypatch.setattr(KVCache, "PREALLOCATE_BYTES", 4096)  # 8 tokens of this model
+    counts = [1, 7, 64, 100, 200, 256]
+    # Control: at this cap an ordinary cache holds fewer tokens than asked, which is what state-size measured.
+    assert model.new_cache(capacity=200).allocated_nbytes < model.config.kv_bytes(200, 4)
+    result = state_size(model, list(range(100)), counts)
+    loaded = result.loaded
+    assert loaded.prefilled == [True, True, True, True, False, False]
+    assert loaded.measured_allocated == loaded.kv_bytes and result.measured_matches_formula
+    # Where the allocation would take more than half the available memory: formula only, said as such.
+    monkeypatch.setattr(state_size_module, "available_memory", lambda: 2 * model.config.kv_bytes(100, 4))
+    guarded = state_size(model, list(range(100)), counts).loaded
+    assert guarded.measured_allocated[:4] == loaded.kv_bytes[:4] and guarded.measured_allocated[4:] == [None, None]
 
 
 @pytest.mark.slow

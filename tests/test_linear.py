@@ -5,8 +5,9 @@ import torch
 
 from forethought.model.layers import Linear
 
-# (in, out): the real model's narrow and wide matrices, plus odd sizes that hit the kernel's tail loops.
-SHAPES = [(576, 1536), (1536, 576), (576, 4099), (101, 700)]
+# (in, out): the real model's narrow and wide matrices, plus odd sizes that hit the kernel's tail loops, and
+# an unembedding-like matrix wider than one pass of the kernel's columns (it sizes a pass to half a core's L2).
+SHAPES = [(576, 1536), (1536, 576), (576, 4099), (101, 700), (24, 300_007)]
 
 
 def make_linear(d_in: int, d_out: int, bias: bool, dtype: torch.dtype) -> Linear:

@@ -130,6 +130,23 @@ def test_cache_round_trip_is_exact(cached):
         assert n == m and torch.equal(a, b)
 
 
+def test_int8_from_the_cache_equals_quantizing_the_float_model(cached):
+    """The int8 load quantizes each matrix as it reads it and takes the float32 pages it read out of the
+    process (madvise DONTNEED on the private map): the weights it returns, and their logits, are exactly
+    those of the float32 load quantized afterwards -- no page came back zeroed or stale."""
+    model, _ = cached
+    direct = weight_cache.load("ab" * 32, TINY, int8=True)
+    after = weight_cache.load("ab" * 32, TINY).quantize_int8_()
+    assert direct.unembed.quantized and all(b.qkv.quantized and b.down.quantized for b in direct.blocks)
+    for (n, a), (m, b) in zip(after.state_dict().items(), direct.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.inference_mode():
+        assert torch.equal(direct(ids), after(ids))
+        # Control: quantization changed the numbers, so equal logits above are not the float model's.
+        assert not torch.equal(direct(ids), model(ids))
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "header"])
 def test_a_damaged_entry_is_deleted_never_used(cached, damage):
     _, path = cached

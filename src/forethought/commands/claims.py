@@ -221,7 +221,8 @@ def state_size(
     console.print(states)
     console.print(
         "[dim]measured: KVCache.nbytes after prefilling real tokens; (alloc): k.nbytes + v.nbytes of a cache "
-        "allocated for that many tokens, without running the model[/dim]"
+        "allocated for that many tokens, without running the model; –: formula only (beyond the context, "
+        "or more than half the available memory)[/dim]"
     )
     match = "[green]matches[/green]" if result.measured_matches_formula else "[red]DIFFERS FROM[/red]"
     formula = {

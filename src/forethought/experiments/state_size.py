@@ -188,11 +188,29 @@ def _describe(key: str, config: ModelConfig, tokens: list[int], element_bytes: i
     )
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux MemAvailable), or None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @torch.inference_mode()
-def measure_cache(model: Transformer, n_tokens: int, token_ids: list[int]) -> tuple[int | None, int]:
+def measure_cache(model: Transformer, n_tokens: int, token_ids: list[int]) -> tuple[int | None, int | None]:
     """(nbytes of a cache after prefilling `n_tokens` real tokens, or None when not prefilled;
-    bytes of the K/V tensors of a cache allocated for exactly `n_tokens`)."""
-    # No spare ring slots, no rewind history: the measured bytes are exactly what the next token reads.
+    bytes of the K/V tensors of a cache allocated for exactly `n_tokens`, or None -- formula only -- when
+    that would take more than half the available memory)."""
+    expected = model.config.kv_bytes(n_tokens, torch.empty((), dtype=model.dtype).element_size())
+    free = available_memory()
+    if free is not None and expected > free // 2:
+        return None, None
+    # No spare ring slots, no rewind history, and exactly n_tokens of room (not capped at the cache's
+    # usual 1 GiB preallocation): the measured bytes are exactly what that many tokens take.
     cache = model.new_cache(capacity=n_tokens, minimal=True)
     allocated = cache.allocated_nbytes
     if n_tokens > min(PREFILL_LIMIT, len(token_ids)):

@@ -64,8 +64,9 @@ class Family:
         device: torch.device,
         minimal: bool = False,
     ) -> Cache:
-        """An empty cache; `minimal` keeps only what the next token reads (no room to rewind), for measuring."""
-        return KVCache(config, batch_size, capacity, dtype, device)
+        """An empty cache; `minimal` keeps only what the next token reads (no room to rewind), for measuring:
+        it also allocates exactly `capacity` tokens, never fewer (KVCache's `exact`)."""
+        return KVCache(config, batch_size, capacity, dtype, device, exact=minimal)
 
     # ---- what a token costs ------------------------------------------------------------------------------
 

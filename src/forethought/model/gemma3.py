@@ -110,7 +110,7 @@ class Gemma3Family(Family):
 
     def new_cache(self, config, batch_size, capacity, dtype, device, minimal=False):  # noqa: D102 - Family's
         if not config.sliding_layers:
-            return KVCache(config, batch_size, capacity, dtype, device)
+            return KVCache(config, batch_size, capacity, dtype, device, exact=minimal)
         # Local layers keep a bounded ring; a few spare slots let callers rewind rejected tokens (none when
         # minimal: the bytes are then exactly what a query can read).
         rewind = 0 if minimal else GEMMA_REWIND

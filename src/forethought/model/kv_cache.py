@@ -79,12 +79,16 @@ class KVCache(Cache):
         capacity: int = 256,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        exact: bool = False,
     ) -> None:
         self.config = config
         # Preallocated up to a cap, grown with use past it (`reserve`): asking for a context of 1e9 tokens (a
-        # file's declared maximum, or -n 1e9) must not allocate terabytes before the first token.
+        # file's declared maximum, or -n 1e9) must not allocate terabytes before the first token. `exact`
+        # allocates the capacity asked (up to the context) whatever it costs: a measurement of what that
+        # many tokens take (`state-size`), which the cap would silently cut at 1 GiB.
         per_token = 2 * config.kv_layers * batch_size * config.n_kv_heads * config.head_dim * dtype.itemsize
-        capacity = max(1, min(capacity, config.context_length, self.PREALLOCATE_BYTES // per_token))
+        limit = config.context_length if exact else min(config.context_length, self.PREALLOCATE_BYTES // per_token)
+        capacity = max(1, min(capacity, limit))
         shape = (config.kv_layers, batch_size, config.n_kv_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

@@ -83,11 +83,18 @@ class Linear(nn.Module):
         g = self.INT8_GROUP
         if d_in % g:
             raise ValueError(f"int8 weights need the input size to be a multiple of {g}, got {d_in}")
-        w = self.weight_t.detach().float().view(d_in // g, g, d_out)
-        scale = (w.abs().amax(dim=1) / 127).half()
-        safe = torch.where(scale == 0, 1.0, scale.float())  # an all-zero group stays zero
-        q = torch.round(w / safe[:, None, :]).clamp_(-127, 127).to(torch.int8).view(d_in, d_out)
-        self.weight_t = nn.Parameter(pack_int8(q), requires_grad=False)
+        w = self.weight_t.detach().view(d_in // g, g, d_out)
+        scale = torch.empty(d_in // g, d_out, dtype=torch.float16, device=w.device)
+        q = torch.empty(d_in // g, g, d_out, dtype=torch.int8, device=w.device)
+        # A few groups at a time: the float temporaries stay a few MB, not three copies of the matrix (the
+        # 1.5B's unembedding is 0.9 GB in float32).
+        step = max(1, (1 << 22) // (g * d_out))
+        for a in range(0, d_in // g, step):
+            part = w[a : a + step].float()
+            scale[a : a + step] = (part.abs().amax(dim=1) / 127).half()
+            safe = torch.where(scale[a : a + step] == 0, 1.0, scale[a : a + step].float())  # zero stays zero
+            q[a : a + step] = torch.round(part / safe[:, None, :]).clamp_(-127, 127)
+        self.weight_t = nn.Parameter(pack_int8(q.view(d_in, d_out)), requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:

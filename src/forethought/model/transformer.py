@@ -100,7 +100,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, capacity: int = 256, batch_size: int = 1, minimal: bool = False) -> Cache:
         """An empty cache of this family's kind (KVCache, SlidingKVCache, RecurrentCache) for this model;
-        `minimal` keeps only what the next token reads (it cannot rewind), for measuring the state."""
+        `minimal` keeps only what the next token reads (it cannot rewind) and allocates exactly `capacity`
+        tokens (no 1 GiB preallocation cap), for measuring the state."""
         return self.family.new_cache(self.config, batch_size, capacity, self.dtype, self.device, minimal)
 
     def forward(
@@ -246,8 +247,12 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quantize_int8_()
-        _DECODE_STEPS.pop(self, None)
+        self.forget_decode_step()
         return self
+
+    def forget_decode_step(self) -> None:
+        """Drop the compiled step built for the old weights (after they were replaced, not edited in place)."""
+        _DECODE_STEPS.pop(self, None)
 
     def _decode_step_weights(self) -> tuple[dict[str, torch.Tensor | None], list[dict[str, torch.Tensor | None]]]:
         """The weights DecodeStep reads, by the names its constructor documents (None = absent)."""

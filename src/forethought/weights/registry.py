@@ -201,7 +201,7 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fl
             raise ForethoughtError(f"{path}: neither an HF model folder (config.json) nor a folder with one .gguf")
     elif isinstance(REGISTRY.get(model), SplitModel):
         # A pinned file (verified by assemble.py): its sha256 names its cached, already-built float32 weights.
-        network, tokenizer, meta, config = _load_cached(REGISTRY[model].sha256, path, device)
+        network, tokenizer, meta, config = _load_cached(REGISTRY[model].sha256, path, device, dtype == INT8)
     elif path.is_file():
         if path.stat().st_size == 0:
             raise ForethoughtError(f"{path} is empty")
@@ -225,15 +225,19 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "fl
     return LoadedModel(network, tokenizer, name, path, meta, time.perf_counter() - started)
 
 
-def _load_cached(sha256: str, path: Path, device: str):
-    """A pinned GGUF's model from the weight cache, built from the file (and cached) on a miss; float32."""
+def _load_cached(sha256: str, path: Path, device: str, int8: bool = False):
+    """A pinned GGUF's model from the weight cache, built from the file (and cached) on a miss; float32, or
+    with int8 weight matrices quantized as they are read (without keeping the float32 file resident)."""
     from forethought.weights import validate, weight_cache
     from forethought.weights.gguf_loader import LazyTensors, open_gguf
     from forethought.weights.tensors import build_model
 
     gguf, config, tokenizer, meta = open_gguf(path)
     validate.tokenizer(tokenizer, config, path)
-    network = weight_cache.load(sha256, config, device)
+    try:
+        network = weight_cache.load(sha256, config, device, int8=int8)
+    except ValueError as exc:  # a matrix int8 cannot hold (its input size is not a multiple of 32)
+        raise ForethoughtError(f"{path}: {exc}") from None
     if network is None:
         # One tensor dequantized at a time, each checked finite as it is taken (shapes: from the index).
         tensors = LazyTensors(gguf, config, gguf.get("general.architecture"))

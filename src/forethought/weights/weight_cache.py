@@ -23,12 +23,14 @@ import os
 import shutil
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from forethought.model.config import ModelConfig
+from forethought.model.layers import Linear
 from forethought.model.transformer import Transformer
 from forethought.weights.assemble import cache_root
 
@@ -82,16 +84,22 @@ def save(sha256: str, model: Transformer) -> Path | None:
     return path
 
 
-def load(sha256: str, config: ModelConfig, device: str = "cpu") -> Transformer | None:
+def load(sha256: str, config: ModelConfig, device: str = "cpu", int8: bool = False) -> Transformer | None:
     """The cached float32 model for `sha256` and `config`, or None when there is no usable entry (a bad
-    one is deleted so that the caller's rebuild replaces it)."""
+    one is deleted so that the caller's rebuild replaces it).
+
+    `int8` returns it with every weight matrix quantized (`Transformer.quantize_int8_`), and without the
+    float32 copy: each matrix's pages of the map leave the process once it is checked and quantized, so
+    the process holds the int8 matrices, the embedding rows it reads and little else -- not the whole
+    float32 file it was made from (which it did, as resident pages of the map, before issue 23)."""
     path = entry_path(sha256)
     if not path.is_file():
         return None
-    state = _read_verified(path, sha256, config)
-    if state is None:
+    verified = _read_verified(path, sha256, config, release=int8 and device == "cpu")
+    if verified is None:
         path.unlink(missing_ok=True)
         return None
+    state, release = verified
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)
@@ -101,10 +109,21 @@ def load(sha256: str, config: ModelConfig, device: str = "cpu") -> Transformer |
     except RuntimeError:  # the engine's parameter set changed since the entry was written
         path.unlink(missing_ok=True)
         return None
+    if int8:
+        for name, module in model.named_modules():
+            if isinstance(module, Linear):
+                module.quantize_int8_()
+                release(f"{name}.weight_t")  # its float32 pages were read once more, to quantize them
+        model.forget_decode_step()
     return model.requires_grad_(False).eval()
 
 
-def _read_verified(path: Path, sha256: str, config: ModelConfig) -> dict[str, torch.Tensor] | None:
+def _read_verified(
+    path: Path, sha256: str, config: ModelConfig, release: bool = False
+) -> tuple[dict[str, torch.Tensor], Callable[[str], None]] | None:
+    """The entry's tensors (views of a private map of the file), every one's CRC checked, and a function
+    that takes a tensor's pages out of the process by name -- a no-op unless `release`, which also takes
+    every tensor's pages out once its CRC is checked."""
     size = path.stat().st_size
     try:
         with path.open("rb") as f:
@@ -137,6 +156,18 @@ def _read_verified(path: Path, sha256: str, config: ModelConfig) -> dict[str, to
         return None
     view = memoryview(mapped)
 
+    def drop(name: str) -> None:
+        """MADV_DONTNEED over the tensor's pages: they leave this process's resident set (the page cache
+        keeps them), and a later read maps the file's bytes back in -- the same bytes, since the map is
+        private and nothing has written to it yet. A page shared with a neighbouring tensor is dropped too;
+        the neighbour faults it back in when it is read."""
+        if not release or name not in header:
+            return
+        a, b = header[name]["data_offsets"]
+        first = (start + a) // mmap.PAGESIZE * mmap.PAGESIZE
+        if start + b > first:
+            mapped.madvise(mmap.MADV_DONTNEED, first, start + b - first)
+
     def read(item: tuple[str, dict]) -> tuple[str, torch.Tensor | None]:
         name, h = item
         a, b = h["data_offsets"]
@@ -148,6 +179,7 @@ def _read_verified(path: Path, sha256: str, config: ModelConfig) -> dict[str, to
             or zlib.crc32(view[start + a : start + b]) != crcs[name]
         ):
             return name, None
+        drop(name)
         if count == 0:
             return name, torch.empty(h["shape"], dtype=torch.float32)
         return name, torch.frombuffer(mapped, dtype=torch.float32, count=count, offset=start + a).view(h["shape"])
@@ -161,7 +193,7 @@ def _read_verified(path: Path, sha256: str, config: ModelConfig) -> dict[str, to
         view.release()
     if any(t is None for t in out.values()):
         return None
-    return out
+    return out, drop
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

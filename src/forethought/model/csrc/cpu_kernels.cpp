@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -67,24 +68,27 @@ static inline float tofloat(at::BFloat16 v) { return static_cast<float>(v); }
 // For each of nT inputs t: acc_t[j0:j1] += sum_{i in [i0,i1)} x_t[i] * W[i, j0:j1], W row-major [in, out]
 // with row stride `out`; x_t = X + t * ldx, acc_t = ACC + t * ldacc.
 //
-// Every acc_t[j] is one chain of fused multiply-adds over i in increasing order, whatever nT is and
-// however the loops are blocked, so T tokens at once give bit-for-bit the numbers of T single-token
-// steps -- what keeps speculative greedy decoding token-identical. The blocking: 8 rows at a time (8
-// sequential streams through the matrix, one accumulator load/store per 8 rows), and a register tile of
-// up to 4 inputs x 4 vectors, so each weight vector loaded feeds up to 4 tokens' multiply-adds (a
-// verification of T drafted tokens reads the weights once and costs little more than one step).
+// Every acc_t[j] is one chain of fused multiply-adds over the rows in one fixed order, whatever nT is, so
+// T tokens at once give bit-for-bit the numbers of T single-token steps -- what keeps speculative greedy
+// decoding token-identical. The blocking: 8 rows at a time (8 streams through the matrix, one accumulator
+// load/store per 8 rows), and a register tile of up to 4 inputs x 4 vectors, so each weight vector loaded
+// feeds up to 4 tokens' multiply-adds (a verification of T drafted tokens reads the weights once and costs
+// little more than one step). The 8 rows are consecutive (`stride` 1) for wide matrices, whose rows are
+// long runs; a narrow matrix's rows are short (896 floats on Qwen 0.5B), so 8 consecutive ones are 8
+// streams that each end after 3.5 KB and the prefetchers never get going: there the 8 rows are one from
+// each of 8 bands of the row range (`stride` = the band's length), 8 streams that each run the whole band.
 template <typename T, int TB, int JB>
 static inline void axpy_tile(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t out,
-                             int64_t i, int64_t rows, int64_t j) {
+                             int64_t i, int64_t rows, int64_t j, int64_t stride) {
   vf acc[TB][JB];
   for (int t = 0; t < TB; t++)
     for (int b = 0; b < JB; b++) acc[t][b] = vload(ACC + t * ldacc + j + b * VW);
   for (int64_t r = 0; r < rows; r++) {
-    const T* w = W + (i + r) * out + j;
+    const T* w = W + (i + r * stride) * out + j;
     vf wv[JB];
     for (int b = 0; b < JB; b++) wv[b] = vload(w + b * VW);
     for (int t = 0; t < TB; t++) {
-      const vf xb = vset(X[t * ldx + i + r]);
+      const vf xb = vset(X[t * ldx + i + r * stride]);
       for (int b = 0; b < JB; b++) acc[t][b] = vfma(wv[b], xb, acc[t][b]);
     }
   }
@@ -94,32 +98,40 @@ static inline void axpy_tile(const T* W, const float* X, int64_t ldx, float* ACC
 
 template <typename T, int JB>
 static inline void axpy_tiles(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t nT,
-                              int64_t out, int64_t i, int64_t rows, int64_t j) {
+                              int64_t out, int64_t i, int64_t rows, int64_t j, int64_t stride) {
   for (int64_t t = 0; t < nT; t += 4) {
     const float* x = X + t * ldx;
     float* acc = ACC + t * ldacc;
     switch (std::min<int64_t>(4, nT - t)) {
-      case 1: axpy_tile<T, 1, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
-      case 2: axpy_tile<T, 2, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
-      case 3: axpy_tile<T, 3, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
-      default: axpy_tile<T, 4, JB>(W, x, ldx, acc, ldacc, out, i, rows, j); break;
+      case 1: axpy_tile<T, 1, JB>(W, x, ldx, acc, ldacc, out, i, rows, j, stride); break;
+      case 2: axpy_tile<T, 2, JB>(W, x, ldx, acc, ldacc, out, i, rows, j, stride); break;
+      case 3: axpy_tile<T, 3, JB>(W, x, ldx, acc, ldacc, out, i, rows, j, stride); break;
+      default: axpy_tile<T, 4, JB>(W, x, ldx, acc, ldacc, out, i, rows, j, stride); break;
     }
   }
 }
 
+// `banded`: the 8 rows of a block are i, i + band, ..., i + 7 band (band = a eighth of the rows); else
+// i, i + 1, ..., i + 7.
 template <typename T>
 static void rows_axpy(const T* W, const float* X, int64_t ldx, float* ACC, int64_t ldacc, int64_t nT, int64_t out,
-                      int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+                      int64_t i0, int64_t i1, int64_t j0, int64_t j1, bool banded = false) {
+  constexpr int64_t R = 8;
   const int64_t jv = j0 + (j1 - j0) / VW * VW;
-  for (int64_t i = i0; i < i1; i += 8) {
-    const int64_t rows = std::min<int64_t>(8, i1 - i);
+  const int64_t stride = banded ? (i1 - i0 + R - 1) / R : 1;
+  const int64_t last = banded ? std::min(i1, i0 + stride) : i1;  // the first row of the last block, + 1
+  for (int64_t i = i0; i < last; i += banded ? 1 : R) {
+    // Rows i + r * stride < i1: the last band may be shorter than the others.
+    const int64_t rows = std::min<int64_t>(R, (i1 - i + stride - 1) / stride);
     int64_t j = j0;
-    for (; j + 4 * VW <= jv; j += 4 * VW) axpy_tiles<T, 4>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j);
-    for (; j < jv; j += VW) axpy_tiles<T, 1>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j);
+    for (; j + 4 * VW <= jv; j += 4 * VW) axpy_tiles<T, 4>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j, stride);
+    for (; j < jv; j += VW) axpy_tiles<T, 1>(W, X, ldx, ACC, ldacc, nT, out, i, rows, j, stride);
     for (; j < j1; j++)
       for (int64_t r = 0; r < rows; r++)
-        for (int64_t t = 0; t < nT; t++)
-          ACC[t * ldacc + j] = std::fma(tofloat(W[(i + r) * out + j]), X[t * ldx + i + r], ACC[t * ldacc + j]);
+        for (int64_t t = 0; t < nT; t++) {
+          const int64_t row = i + r * stride;
+          ACC[t * ldacc + j] = std::fma(tofloat(W[row * out + j]), X[t * ldx + row], ACC[t * ldacc + j]);
+        }
   }
 }
 
@@ -269,14 +281,27 @@ static int64_t scratch_floats(const Mat& m, int64_t nT) {
   return nT * (threads_for(m) * strips(m.out) * kStrip + m.in);
 }
 
+// Bytes of accumulators a wide product keeps live per thread: half of a core's L2 (256 KB where the
+// system does not say), so that they stay there while the weights stream past.
+static int64_t accumulator_budget() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? (int64_t)l2 / 2 : (int64_t)128 * 1024;
+  }();
+  return bytes;
+}
+
 template <typename T>
 static void matvec_typed(const Mat& m, const float* X, int64_t nT, float* Y, float* scratch) {
   const T* W = static_cast<const T*>(m.w);
   const int64_t in = m.in, out = m.out, nt = threads_for(m);
-  // Floats of accumulator per input and pass: the nT of them stay within L1/L2 (8 KB at nT = 1).
-  const int64_t col_tile = std::max<int64_t>(512, 2048 / nT) / VW * VW;
-  if (out >= 4096 || nt == 1) {
-    // Wide matrices (the unembedding): threads own disjoint column ranges, no reduction needed.
+  // Columns of one pass down the rows: as wide as the nT accumulators allow while they stay in L2 (a
+  // thread's whole share of the unembedding at nT = 1 here). A pass reads 8 rows at a time, each row's
+  // slice a run of col_tile weights: long runs are what keep the hardware prefetchers streaming. The
+  // earlier 2 KB runs (512 columns) read the Qwen unembedding, 608 KB a row apart, at ~2/3 the speed.
+  const int64_t col_tile = std::max<int64_t>(512, accumulator_budget() / (4 * nT)) / VW * VW;
+  if (out >= 4096) {
+    // Wide matrices (the unembedding, gate_up): threads own disjoint column ranges, no reduction needed.
     const int64_t per = ((out + nt - 1) / nt + VW - 1) / VW * VW;
     at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++) {
@@ -293,14 +318,14 @@ static void matvec_typed(const Mat& m, const float* X, int64_t nT, float* Y, flo
     });
     return;
   }
-  // Narrow matrices: each thread streams a contiguous block of rows into its own partial sums.
+  // Narrow matrices: each thread streams a contiguous block of rows, in 8 bands, into its own partial sums.
   const int64_t per = (in + nt - 1) / nt;
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
       const int64_t a = std::min(in, t * per), b = std::min(in, a + per);
       float* part = scratch + t * nT * out;
       std::fill(part, part + nT * out, 0.f);
-      if (a < b) rows_axpy(W, X, in, part, out, nT, out, a, b, 0, out);
+      if (a < b) rows_axpy(W, X, in, part, out, nT, out, a, b, 0, out, /*banded=*/true);
     }
   });
   for (int64_t r = 0; r < nT; r++)
