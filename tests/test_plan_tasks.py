@@ -196,3 +196,45 @@ def test_cli_unwritable_out(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["plan-tasks", "--out", str(blocker / "sub"), "--tasks", "article"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_writes_the_map_caches_and_resumes(llama_dir, tmp_path, capsys):
+    out = tmp_path / "map"
+    args = ["plan-tasks", "--model", str(llama_dir), "--tasks", "article", "--prompts", "12", "--quick"]
+    args += ["--out", str(out), "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    md = (out / "plan_map.md").read_text()
+    assert "| article | article |" in md and "| article | noun |" in md
+    assert (out / "plan_scale.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "plan_map.json").read_text())
+    assert summary["tasks"] == ["article"] and summary["models"][0]["n_params"] > 0
+    folder = out / llama_dir.name / "article"
+    run = TaskRun.load(folder / "run")
+    assert len(run) == 12 and (folder / "result.json").is_file()
+    assert [o["cached"] for o in first["outcomes"]] == [False]
+    assert all(r["verdict"] for r in first["outcomes"][0]["results"])
+
+    assert main(args) == 0  # the same settings: read back, nothing recomputed
+    assert [o["cached"] for o in json.loads(capsys.readouterr().out)["outcomes"]] == [True]
+
+    (folder / "result.json").unlink()  # cut after the collection: the saved run is analysed again, not collected
+    assert main(args) == 0
+    resumed = json.loads(capsys.readouterr().out)["outcomes"][0]
+    assert not resumed["cached"] and resumed["collect_seconds"] == pytest.approx(run.seconds)
+
+    assert main([*args, "--seed", "1"]) == 0  # a changed setting redoes it
+    redone = json.loads(capsys.readouterr().out)["outcomes"][0]
+    assert not redone["cached"] and TaskRun.load(folder / "run").prompts != run.prompts
+
+    from forethought.report.context import ReportContext
+    from forethought.report.finding import Unavailable
+    from forethought.report.plan_tasks import where_it_plans
+
+    shown = tmp_path / "section"
+    shown.mkdir()
+    finding = where_it_plans(ReportContext(model=str(llama_dir), results_dir=out), shown)
+    assert "article:" in finding.verdict and (shown / "plan_scale.png").is_file()
+    assert f"article_article_{llama_dir.name}_verdict" in finding.numbers
+    with pytest.raises(Unavailable, match="no plan map"):
+        where_it_plans(ReportContext(results_dir=tmp_path), shown)

@@ -10,12 +10,13 @@ import json
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from forethought.commands.common import DEFAULT_MODEL, DeviceOpt, DtypeOpt, JsonOpt, app, console, progress_bar
+from forethought.commands.common import DEFAULT_MODEL, DeviceOpt, DtypeOpt, JsonOpt, app, console, err_console
 from forethought.errors import ForethoughtError
 
 ModelsOpt = Annotated[
@@ -85,7 +86,7 @@ def plan_tasks(
         from forethought.distributed.dispatch import checked_spec
 
         checked_spec(ray)
-    command = "forethought plan-tasks " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    command = "forethought " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     started = time.perf_counter()
     if ray is None:
         outcomes, missing = _run_local(models, names, settings, identities, out, no_cache, as_json)
@@ -125,11 +126,39 @@ def _run_local(models, names, settings, identities, out: Path, no_cache: bool, q
                 lm = load(model, settings.device, settings.dtype, quiet=quiet)
             if no_cache:
                 _forget(folder)
-            with progress_bar(f"{task} · {model_slug(model)}", unit="prompt", quiet=quiet) as bar:
-                with progress_bar("  analysing targets", quiet=quiet) as targets:
-                    outcomes.append(run_task(lm, task, settings, identities[model], folder, bar, targets))
+            with task_bars(f"{task} · {model_slug(model)}", quiet) as (prompts_bar, targets_bar):
+                outcomes.append(run_task(lm, task, settings, identities[model], folder, prompts_bar, targets_bar))
         del lm  # the next model's weights replace this one's
     return outcomes, missing
+
+
+@contextmanager
+def task_bars(label: str, quiet: bool):
+    """One display, two rows: the prompts decoded (with prompts/s) and the targets analysed."""
+    if quiet:
+        yield None, None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            unit = task.fields.get("unit", "")
+            return Text(f"{task.completed / task.elapsed:,.1f} {unit}/s" if task.elapsed and unit else "")
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn()]
+    with Progress(*columns, console=err_console) as bar:
+        rows = [bar.add_task(f"{label}: decoding", total=None, unit="prompts")]
+        rows.append(bar.add_task(f"{label}: analysing targets", total=None, start=False, unit=""))
+
+        def updater(row: int):
+            def update(done: int, total: int) -> None:
+                bar.start_task(rows[row])
+                bar.update(rows[row], completed=done, total=total)
+
+            return update
+
+        yield updater(0), updater(1)
 
 
 def _forget(folder: Path) -> None:

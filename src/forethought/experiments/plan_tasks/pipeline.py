@@ -188,7 +188,8 @@ def _saved_run(folder: Path, key: str) -> TaskRun | None:
 
 
 def _n_params(lm) -> int:
-    return int(sum(p.numel() for p in lm.model.parameters()))
+    """The model's parameter count as its family counts it (tied embeddings once): the scale figure's x."""
+    return int(lm.config.n_params())
 
 
 def run_task(
