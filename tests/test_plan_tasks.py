@@ -21,6 +21,8 @@ from forethought.experiments.plan_tasks.types import TaskPrompt, TaskRun
 class ChatStub:
     """Only what `prompts` reads of a tokenizer for chat tasks: the template, here a visible wrapper."""
 
+    chat_template = "<user>{text}</user><assistant>"
+
     def apply_chat_template(self, text: str) -> str:
         return f"<user>{text}</user><assistant>"
 
@@ -226,6 +228,12 @@ def test_cli_end_to_end_writes_the_map_caches_and_resumes(llama_dir, tmp_path, c
     assert main([*args, "--seed", "1"]) == 0  # a changed setting redoes it
     redone = json.loads(capsys.readouterr().out)["outcomes"][0]
     assert not redone["cached"] and TaskRun.load(folder / "run").prompts != run.prompts
+
+    # a task the model cannot run (the tiny model has no chat template) is said in the map, not a crash
+    chat = ["plan-tasks", "--model", str(llama_dir), "--tasks", "response", "--prompts", "12", "--quick"]
+    assert main([*chat, "--out", str(tmp_path / "chat")]) == 0
+    assert "speaks to a chat model" in (tmp_path / "chat" / "plan_map.md").read_text()
+    capsys.readouterr()
 
     from forethought.report.context import ReportContext
     from forethought.report.finding import Unavailable

@@ -126,8 +126,11 @@ def _run_local(models, names, settings, identities, out: Path, no_cache: bool, q
                 lm = load(model, settings.device, settings.dtype, quiet=quiet)
             if no_cache:
                 _forget(folder)
-            with task_bars(f"{task} · {model_slug(model)}", quiet) as (prompts_bar, targets_bar):
-                outcomes.append(run_task(lm, task, settings, identities[model], folder, prompts_bar, targets_bar))
+            try:
+                with task_bars(f"{task} · {model_slug(model)}", quiet) as (prompts_bar, targets_bar):
+                    outcomes.append(run_task(lm, task, settings, identities[model], folder, prompts_bar, targets_bar))
+            except ForethoughtError as e:  # one task this model cannot run (e.g. no chat template): the map says so
+                missing.append({"model": model_slug(model), "task": task, "why": str(e)})
         del lm  # the next model's weights replace this one's
     return outcomes, missing
 

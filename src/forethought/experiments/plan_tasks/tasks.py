@@ -62,6 +62,8 @@ class TaskSpec:
         order = np.random.default_rng(seed).permutation(len(pool))[:n]
         chosen = [replace(pool[int(i)], index=j) for j, i in enumerate(order)]
         if self.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ForethoughtError(f"task {self.name!r} speaks to a chat model; this model has no chat template")
             chosen = [replace(p, text=tokenizer.apply_chat_template(p.text)) for p in chosen]
         return chosen
 
