@@ -158,6 +158,8 @@ def task_bars(label: str, quiet: bool):
             def update(done: int, total: int) -> None:
                 bar.start_task(rows[row])
                 bar.update(rows[row], completed=done, total=total)
+                if row == 0 and done >= total:  # the analysis starts now: its clock with it
+                    bar.start_task(rows[1])
 
             return update
 
