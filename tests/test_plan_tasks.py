@@ -70,10 +70,13 @@ def test_rhyme_labels():
 
 
 def test_answer_labels():
-    task, p = TASKS["answer"], _prompt("answer", gold="horse")
-    assert task.labels(p, " horse.") == {"answer": "horse"} and task.behaved(p, "", {"answer": "horse"})
-    assert task.labels(p, " Mouse") == {"answer": "mouse"} and not task.behaved(p, "", {"answer": "mouse"})
-    assert task.labels(p, " ...") == {"answer": None}
+    task, p = TASKS["answer"], _prompt("answer", gold="horse", first="horse", second="drum")
+    labels = task.labels(p, " horse.")
+    assert labels == {"answer": "horse", "answer_slot": "first"} and task.behaved(p, "", labels)
+    labels = task.labels(p, " Drum")
+    assert labels == {"answer": "drum", "answer_slot": "second"} and not task.behaved(p, "", labels)
+    assert task.labels(p, " mouse") == {"answer": "mouse", "answer_slot": None}
+    assert task.labels(p, " ...") == {"answer": None, "answer_slot": None}
 
 
 def test_article_labels():

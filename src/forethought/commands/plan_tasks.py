@@ -50,7 +50,7 @@ def plan_tasks(
     tasks: Annotated[str, typer.Option("--tasks", help="Comma list of rhyme, answer, response, code, article.")] = (
         "all"
     ),
-    prompts: Annotated[int | None, typer.Option("--prompts", help="Prompts per task (default 200; 80 --quick).")] = (
+    prompts: Annotated[int | None, typer.Option("--prompts", help="Prompts per task (default 200; 120 --quick).")] = (
         None
     ),
     quick: Annotated[bool, typer.Option("--quick", help="Fewer prompts, doses and draws: minutes.")] = False,

@@ -43,8 +43,8 @@ class PlanSettings:
     @classmethod
     def quick(cls, **changes) -> PlanSettings:
         """Minutes on the embedded model: fewer prompts, doses, causal prompts and bootstrap draws."""
-        analysis = {"doses": (1.0, 4.0), "causal_prompts": 24, "kl_prompts": 6, "n_boot": 300}
-        return cls(**({"prompts": 80, "analysis": analysis} | changes))
+        analysis = {"doses": (1.0, 4.0), "causal_prompts": 16, "kl_prompts": 4, "n_boot": 300}
+        return cls(**({"prompts": 120, "analysis": analysis} | changes))
 
     def collect_inputs(self) -> dict:
         return {"prompts": self.prompts, "seed": self.seed, "layers": self.layers, "dtype": self.dtype}

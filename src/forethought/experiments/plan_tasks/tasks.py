@@ -108,33 +108,30 @@ class RhymeTask(TaskSpec):
 
 class AnswerTask(TaskSpec):
     """A two-choice question answered after a fixed preamble ("... The answer is: the"); the site is the last
-    prompt token, right before the answer word. Target: the answer word."""
+    prompt token, right before the answer word. Targets: the answer word, and which of the two offered words it is
+    (`answer_slot`: first / second; None for a word not offered), two classes at any sample size."""
 
     def _pool(self) -> list[TaskPrompt]:
         w = words("answer")
-        items = []  # (question, x, y, gold, kind)
-        for question, ranked in w["comparisons"].items():
-            for i, j in itertools.permutations(range(len(ranked)), 2):
-                gold = ranked[max(i, j)]
-                items.append((question.format(x=ranked[i], y=ranked[j]), ranked[i], ranked[j], gold, question))
         categories = w["categories"]
+        out = []
         for category, members in categories.items():
             others = [x for c, m in categories.items() if c != category for x in m if x not in members]
             for member, other in itertools.product(members, others):
                 for x, y in ((member, other), (other, member)):
                     question = w["category_question"].format(a_category=category, x=x, y=y)
-                    items.append((question, x, y, member, category))
-        out = []
-        for question, x, y, gold, kind in items:
-            text = w["preamble"] + w["ask"].format(question=question)
-            hints = {"kind": kind, "first": x, "second": y}
-            group = "|".join(sorted((x, y)))  # the same pair asked either way round goes to one side
-            out.append(TaskPrompt(self.name, -1, text, group, meta={"gold": gold, "hints": hints}))
+                    text = w["preamble"] + w["ask"].format(question=question)
+                    hints = {"category": category, "first": x, "second": y}
+                    group = "|".join(sorted((x, y)))  # the same pair asked either way round goes to one side
+                    meta = {"gold": member, "first": x, "second": y, "hints": hints}
+                    out.append(TaskPrompt(self.name, -1, text, group, meta=meta))
         return out
 
     def labels(self, prompt: TaskPrompt, completion: str) -> Labels:
         found = _words_of(completion)
-        return {"answer": found[0] if found else None}
+        answer = found[0] if found else None
+        slots = {prompt.meta.get("first"): "first", prompt.meta.get("second"): "second"}
+        return {"answer": answer, "answer_slot": slots.get(answer) if answer else None}
 
     def behaved(self, prompt: TaskPrompt, completion: str, labels: Labels) -> bool:
         return labels.get("answer") == prompt.meta["gold"]
@@ -272,7 +269,7 @@ TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
         RhymeTask("rhyme", ("rhyme_family", "last_word"), max_new_tokens=16, stop_texts=("\n",)),
-        AnswerTask("answer", ("answer",), max_new_tokens=6, stop_texts=("\n", ".")),
+        AnswerTask("answer", ("answer", "answer_slot"), max_new_tokens=6, stop_texts=("\n", ".")),
         ResponseTask(
             "response", ("length_bucket", "item_count", "code_block"), max_new_tokens=80, stop_texts=(), chat=True
         ),
