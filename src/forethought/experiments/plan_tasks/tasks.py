@@ -265,13 +265,20 @@ class ResponseTask(TaskSpec):
         return (labels["length_bucket"] == "short") == (requested == "short")
 
 
+# A chat turn ends with the template's own marker, which is not always the file's EOS (Gemma's is <eos>).
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
         RhymeTask("rhyme", ("rhyme_family", "last_word"), max_new_tokens=16, stop_texts=("\n",)),
         AnswerTask("answer", ("answer", "answer_slot"), max_new_tokens=6, stop_texts=("\n", ".")),
         ResponseTask(
-            "response", ("length_bucket", "item_count", "code_block"), max_new_tokens=80, stop_texts=(), chat=True
+            "response",
+            ("length_bucket", "item_count", "code_block"),
+            max_new_tokens=80,
+            stop_texts=END_OF_TURN,
+            chat=True,
         ),
         CodeTask("code", ("has_return", "body_lines", "first_call"), max_new_tokens=48, stop_texts=()),
         ArticleTask("article", ("article", "noun"), max_new_tokens=6, stop_texts=("\n", ".")),
