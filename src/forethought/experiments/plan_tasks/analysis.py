@@ -25,8 +25,10 @@ stream at the site) gives, per target, these numbers:
 - **MDE**: the smallest excess this run could have detected at 5% two-sided with 80% power,
   (1.96 + 0.84) x the excess's bootstrap standard error (read off its 95% interval: width / 3.92). A null with an
   MDE of 15 points says only that no effect of 15+ points is there.
-- **shuffled control**: the whole pipeline on labels permuted within the run; its excess interval must contain 0
-  (the probe cannot make information out of nothing; if it could, the excess above would mean nothing).
+- **shuffled control**: the whole pipeline on labels permuted within the run (folds re-stratified), the per-prompt
+  excess averaged over `control_permutations` permutations (one permutation's fitted readouts add their own
+  noise, which a bootstrap over prompts does not see); its interval must contain 0 (the readouts cannot make
+  information out of nothing; if they could, the excess above would mean nothing).
 - **causal tests** (causal.py) at the layer B + h chose most often: steering along the class direction, as a
   dose-response against a random direction of the same norm, and patching the site's state from a donor prompt
   with another label against a donor with the recipient's own label.
@@ -79,7 +81,7 @@ class AnalysisSettings:
     min_ngram_prompts: int = 2  # an n-gram enters B when at least this many prompts hold it
     n_boot: int = 1000
     seed: int = 0
-    shuffled_control: bool = True
+    control_permutations: int = 3  # shuffled-label runs averaged for the control (0: none)
     causal: bool = True
     doses: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # steering norm in units of the layer's spread
     causal_prompts: int = 64  # steered / patched prompts per target (sampled)
@@ -137,13 +139,33 @@ def merge_rare(labels: Sequence[str | None], min_class: int) -> tuple[list[str |
     return merged, sorted({x for x in merged if x is not None})
 
 
-def assign_folds(groups: Sequence[str], folds: int, seed: int) -> np.ndarray:
-    """A fold per row: whole groups dealt round-robin in a seeded shuffled order."""
+def assign_folds(groups: Sequence[str], folds: int, seed: int, labels: Sequence | None = None) -> np.ndarray:
+    """A fold per row, whole groups kept together and, given labels, the classes spread evenly over the folds.
+
+    Stratifying matters under the null: with folds of uneven class mix, a readout that falls back on the training
+    folds' majority scores *below* chance on the test fold (its majority is the training folds' minority), more so
+    the more it is regularised -- so B (often just the prior) would lose to B + h on labels that carry nothing.
+    Groups go, largest first (seeded order among equals), to the fold where they leave the per-class counts
+    closest to an even share."""
     names = sorted(set(groups))
     if len(names) < folds:
         raise ForethoughtError(f"{len(names)} prompt groups cannot fill {folds} folds")
-    order = np.random.default_rng(seed).permutation(len(names))
-    fold_of = {names[g]: i % folds for i, g in enumerate(order)}
+    classes = sorted({str(x) for x in labels}) if labels is not None else [""]
+    col = {c: j for j, c in enumerate(classes)}
+    counts = {g: np.zeros(len(classes)) for g in names}
+    for i, g in enumerate(groups):
+        counts[g][col[str(labels[i])] if labels is not None else 0] += 1
+    target = sum(counts.values()) / folds
+    rng = np.random.default_rng(seed)
+    order = sorted(rng.permutation(len(names)), key=lambda k: -counts[names[k]].sum())
+    filled = np.zeros((folds, len(classes)))
+    fold_of = {}
+    for k in order:
+        g = names[k]
+        cost = ((filled + counts[g] - target) ** 2).sum(1) - ((filled - target) ** 2).sum(1)
+        best = min(range(folds), key=lambda f: (cost[f], filled[f].sum(), f))
+        filled[best] += counts[g]
+        fold_of[g] = best
     return np.array([fold_of[g] for g in groups], dtype=np.int64)
 
 
@@ -337,7 +359,7 @@ def analyze_target(
     index = {c: j for j, c in enumerate(classes)}
     y = np.array([index[labels[i]] for i in rows], dtype=np.int64)
     g = groups[rows]
-    folds = assign_folds(list(g), settings.folds, settings.seed)
+    folds = assign_folds(list(g), settings.folds, settings.seed, y)
     states = run.states[rows][:, layer_idx]
     fitted = cross_fit(text[rows], states, y, folds, settings)
 
@@ -350,10 +372,14 @@ def analyze_target(
     result.excess = boot(fitted.correct["stacked"] - fitted.correct["baseline"])
     result.mde = mde(result.excess)
     result.layer = run.layers[layer_idx[fitted.layer("stacked")]]
-    if settings.shuffled_control:
-        shuffled = np.random.default_rng(settings.seed + 1).permutation(y)
-        control = cross_fit(text[rows], states, shuffled, folds, settings, ("baseline", "stacked"))
-        result.control_excess = boot(control.correct["stacked"] - control.correct["baseline"])
+    if settings.control_permutations:
+        differences = []
+        for k in range(settings.control_permutations):
+            shuffled = np.random.default_rng(settings.seed + 1 + k).permutation(y)
+            shuffled_folds = assign_folds(list(g), settings.folds, settings.seed, shuffled)
+            control = cross_fit(text[rows], states, shuffled, shuffled_folds, settings, ("baseline", "stacked"))
+            differences.append(control.correct["stacked"] - control.correct["baseline"])
+        result.control_excess = boot(np.mean(differences, 0))
     task_done = behaviour.estimate >= settings.behaviour_floor
     if settings.causal and lm is not None and task is not None and task_done:
         from forethought.experiments.plan_tasks import causal
