@@ -51,6 +51,7 @@ from forethought.experiments.baselines import Interval, bootstrap_by_document
 from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskPrompt, TaskRun
 from forethought.progress import Progress, tell
 
+VERSION = 2  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
 OTHER = "other"
 POWER_Z = 1.96 + 0.84  # two-sided 5% test, 80% power
 READOUTS = ("baseline", "stacked", "probe")  # B, B + h, h alone
