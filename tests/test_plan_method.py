@@ -144,6 +144,7 @@ def test_a_copied_prompt_token_is_not_planned(known):
     assert r.baseline_acc.low > 0.9
     assert contains_zero(r.excess)
     assert r.verdict == "not found", r.why
+    assert "prompt text alone reads" in r.why
 
 
 def test_shuffled_labels_add_nothing(known):
@@ -277,3 +278,6 @@ def test_settings_and_runs_that_cannot_be_read():
         A.analyze_run(None, run, task, A.AnalysisSettings(layers=(5,)))
     r = A.analyze_run(None, run, task, A.AnalysisSettings(min_prompts=100))[0]
     assert r.verdict == "task not done" and "too few" in r.why
+    run.prompts = [TaskPrompt("t", i, "", f"g{i % 3}") for i in range(60)]  # three groups cannot fill five folds
+    r = A.analyze_run(None, run, task, A.AnalysisSettings())[0]
+    assert r.verdict == "task not done" and "3 groups" in r.why

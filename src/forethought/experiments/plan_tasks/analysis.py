@@ -290,10 +290,14 @@ def verdict(
     steering: Steering | None,
     patching: Patching | None,
     settings: AnalysisSettings,
+    baseline: Interval | None = None,
+    n_groups: int | None = None,
 ) -> tuple[str, str]:
     """The verdict and a sentence that says the numbers behind it."""
     if n_usable < settings.min_prompts:
         return "task not done", f"{n_usable} labelled prompts (fewer than {settings.min_prompts}): too few to read"
+    if n_groups is not None and n_groups < settings.folds:
+        return "task not done", f"the labelled prompts come from {n_groups} groups, too few for {settings.folds} folds"
     if n_classes < 2:
         return "task not done", "the model's outputs take one value here: there is nothing to read"
     if not behaviour.estimate >= settings.behaviour_floor:
@@ -305,7 +309,11 @@ def verdict(
     causal = [(name, t.effect) for name, t in (("steering", steering), ("patching", patching)) if t is not None]
     said = "; ".join(f"{name} effect {_pts(e)} points" for name, e in causal) or "no causal test run"
     if not excess.low > 0:
-        return "not found", f"{ex}: the state adds nothing detectable to the prompt text; {said}"
+        if baseline is not None and baseline.estimate >= 0.98:
+            why = f"the prompt text alone reads the target ({baseline.estimate:.0%}): nothing is left for h to add"
+        else:
+            why = "the state adds nothing detectable to the prompt text"
+        return "not found", f"{ex}: {why}; {said}"
     if any(e.low > 0 for _, e in causal):
         return "planned", f"{ex}, and {said}: the site's state holds the target and the output follows it"
     return "encoded, not shown used", f"{ex}, but {said}: held in the state, no causal effect shown"
@@ -350,11 +358,11 @@ def analyze_target(
         mde=float("nan"),
         control_excess=NAN,
     )
-    enough_groups = len(set(groups[usable])) >= settings.folds
-    if n_usable < settings.min_prompts or len(classes) < 2 or not enough_groups:
-        if not enough_groups and n_usable >= settings.min_prompts:
-            n_usable = 0  # so the verdict says "too few"
-        result.verdict, result.why = verdict(behaviour, n_usable, len(classes), NAN, float("nan"), None, None, settings)
+    n_groups = len(set(groups[usable]))
+    if n_usable < settings.min_prompts or len(classes) < 2 or n_groups < settings.folds:
+        result.verdict, result.why = verdict(
+            behaviour, n_usable, len(classes), NAN, float("nan"), None, None, settings, n_groups=n_groups
+        )
         return result
     rows = np.flatnonzero(usable)
     index = {c: j for j, c in enumerate(classes)}
@@ -391,7 +399,15 @@ def analyze_target(
         result.steering = causal.steering_test(lm, test, settings)
         result.patching = causal.patching_test(lm, test, settings)
     result.verdict, result.why = verdict(
-        behaviour, n_usable, len(classes), result.excess, result.mde, result.steering, result.patching, settings
+        behaviour,
+        n_usable,
+        len(classes),
+        result.excess,
+        result.mde,
+        result.steering,
+        result.patching,
+        settings,
+        result.baseline_acc,
     )
     return result
 
