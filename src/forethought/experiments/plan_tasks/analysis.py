@@ -51,7 +51,7 @@ from forethought.experiments.baselines import Interval, bootstrap_by_document
 from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskPrompt, TaskRun
 from forethought.progress import Progress, tell
 
-VERSION = 2  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
+VERSION = 3  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
 OTHER = "other"
 POWER_Z = 1.96 + 0.84  # two-sided 5% test, 80% power
 READOUTS = ("baseline", "stacked", "probe")  # B, B + h, h alone
@@ -88,7 +88,7 @@ class AnalysisSettings:
     causal_prompts: int = 64  # steered / patched prompts per target (sampled)
     kept_labelled: float = 0.8  # a dose keeps the task done while the random control leaves this share labelled
     kl_prompts: int = 16  # prompts with the teacher-forced KL curve
-    batch_size: int = 16
+    causal_batch_size: int = 64  # edited prompts decoded together (every dose and control in one decode)
 
     def __post_init__(self) -> None:
         if self.folds < 2:
