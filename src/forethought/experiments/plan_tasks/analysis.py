@@ -84,6 +84,8 @@ class AnalysisSettings:
     seed: int = 0
     control_permutations: int = 3  # shuffled-label runs averaged for the control (0: none)
     causal: bool = True
+    causal_needs_excess: bool = False  # run the causal tests only where the excess is above 0 (a budget choice:
+    #                                    elsewhere the verdict is "not found" whatever they say)
     doses: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # steering norm in units of the layer's spread
     causal_prompts: int = 64  # steered / patched prompts per target (sampled)
     kept_labelled: float = 0.8  # a dose keeps the task done while the random control leaves this share labelled
@@ -390,7 +392,8 @@ def analyze_target(
             differences.append(control.correct["stacked"] - control.correct["baseline"])
         result.control_excess = boot(np.mean(differences, 0))
     task_done = behaviour.estimate >= settings.behaviour_floor
-    if settings.causal and lm is not None and task is not None and task_done:
+    wanted = settings.causal and (result.excess.low > 0 or not settings.causal_needs_excess)
+    if wanted and lm is not None and task is not None and task_done:
         from forethought.experiments.plan_tasks import causal
 
         all_folds = np.full(len(run), -1, dtype=np.int64)
