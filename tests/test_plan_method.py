@@ -219,6 +219,13 @@ def test_the_baseline_reads_what_the_prompt_says():
     fit = A.cross_fit(A.ngram_features(ids), states, y, folds, A.AnalysisSettings())
     assert fit.correct["baseline"].mean() > 0.95
     assert fit.correct["probe"].mean() < 0.75
+    # a fact the prompt states that no n-gram shows (a hint, e.g. line 1's rhyme family): B reads it too
+    rng = np.random.default_rng(1)
+    fact = rng.integers(0, 3, n)
+    hints = A.hint_features([{"family": f"f{v}"} for v in fact])
+    folds = A.assign_folds([str(i) for i in range(n)], 5, 0, fact)
+    fit = A.cross_fit([A.ngram_features(ids), hints], states, fact, folds, A.AnalysisSettings(), ("baseline",))
+    assert fit.correct["baseline"].mean() > 0.95
 
 
 def test_folds_keep_groups_whole():

@@ -10,8 +10,8 @@ stream at the site) gives, per target, these numbers:
   merged into "other".
 - **B, the prompt-text baseline**: a ridge classifier (least squares on one-hot labels, closed form; top class
   = argmax) on the prompt's token unigram and bigram counts (log1p; every n-gram held by at least two prompts)
-  plus a one-hot of the task's `baseline_hints` (facts any reader of the prompt has, e.g. line 1's rhyme family).
-  It sees exactly the prompt text.
+  plus a one-hot of the task's `baseline_hints` (facts any reader of the prompt has, e.g. line 1's rhyme family),
+  the hints weighted as much as all the n-grams together. It sees exactly the prompt text.
 - **B + h**: the same features plus the site's residual stream after one block (standardised on the training
   rows); **h alone**: the state only. Each block is scaled to mean squared norm 1, so one penalty suits both.
 - **cross-fitting**: prompts are split into `folds` folds by `TaskPrompt.group` (no test prompt has a near-copy in
@@ -51,7 +51,7 @@ from forethought.experiments.baselines import Interval, bootstrap_by_document
 from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskPrompt, TaskRun
 from forethought.progress import Progress, tell
 
-VERSION = 3  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
+VERSION = 4  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
 OTHER = "other"
 POWER_Z = 1.96 + 0.84  # two-sided 5% test, 80% power
 READOUTS = ("baseline", "stacked", "probe")  # B, B + h, h alone
@@ -192,11 +192,15 @@ def ridge_scores(k_all: torch.Tensor, train: np.ndarray, y: np.ndarray, rows: np
 
 
 class Kernels:
-    """The linear kernels of B's features and of each layer's standardised state, for one training set."""
+    """The linear kernels of B's feature blocks (summed) and of each layer's standardised state, for one training
+    set. Every block is scaled to mean squared norm 1 on the training rows: a one-hot hint weighs as much as all the
+    n-grams together, and the state as much as either."""
 
-    def __init__(self, text: np.ndarray, states: np.ndarray, train: np.ndarray) -> None:
+    def __init__(self, text: np.ndarray | Sequence[np.ndarray], states: np.ndarray, train: np.ndarray) -> None:
         self.train = train
-        self.text = self._block(text, standardise=False)
+        blocks = [text] if isinstance(text, np.ndarray) else list(text)
+        kernels = [k for k in (self._block(b, standardise=False) for b in blocks) if k is not None]
+        self.text = sum(kernels) if kernels else None
         self.states = [self._block(states[:, j], standardise=True) for j in range(states.shape[1])]
 
     def _block(self, x: np.ndarray, standardise: bool) -> torch.Tensor | None:
@@ -234,7 +238,7 @@ class Readouts:
 
 
 def cross_fit(
-    text: np.ndarray,
+    text: np.ndarray | Sequence[np.ndarray],
     states: np.ndarray,
     y: np.ndarray,
     folds: np.ndarray,
@@ -244,7 +248,7 @@ def cross_fit(
     """Every row scored by readouts fitted on the other folds; layer and penalty chosen by the squared error on
     the inner validation folds, which are the training folds themselves (the test fold takes no part).
 
-    text [n, f] B's features; states [n, layers, d]; y [n] class indices; folds [n]."""
+    text: B's feature blocks, each [n, f]; states [n, layers, d]; y [n] class indices; folds [n]."""
     n_classes = int(y.max()) + 1
     n_layers = states.shape[1]
     onehot = np.eye(n_classes)[y]
@@ -331,7 +335,7 @@ def _pts(i: Interval) -> str:
 def analyze_target(
     run: TaskRun,
     target: str,
-    text: np.ndarray,
+    text: Sequence[np.ndarray],
     settings: AnalysisSettings,
     lm=None,
     task: PlanTask | None = None,
@@ -372,7 +376,8 @@ def analyze_target(
     g = groups[rows]
     folds = assign_folds(list(g), settings.folds, settings.seed, y)
     states = run.states[rows][:, layer_idx]
-    fitted = cross_fit(text[rows], states, y, folds, settings)
+    text = [block[rows] for block in text]
+    fitted = cross_fit(text, states, y, folds, settings)
 
     def boot(v: np.ndarray) -> Interval:
         return bootstrap_by_document(v, g, settings.n_boot, settings.seed)
@@ -388,7 +393,7 @@ def analyze_target(
         for k in range(settings.control_permutations):
             shuffled = np.random.default_rng(settings.seed + 1 + k).permutation(y)
             shuffled_folds = assign_folds(list(g), settings.folds, settings.seed, shuffled)
-            control = cross_fit(text[rows], states, shuffled, shuffled_folds, settings, ("baseline", "stacked"))
+            control = cross_fit(text, states, shuffled, shuffled_folds, settings, ("baseline", "stacked"))
             differences.append(control.correct["stacked"] - control.correct["baseline"])
         result.control_excess = boot(np.mean(differences, 0))
     task_done = behaviour.estimate >= settings.behaviour_floor
@@ -430,13 +435,10 @@ def analyze_run(
     """Every target of one task run: behaviour, readouts against the prompt baseline, causal tests, verdict."""
     if run.states.shape[1] == 0:
         raise ForethoughtError(f"the {run.task} run holds no states at the site: collect it with layers")
-    text = np.concatenate(
-        [
-            ngram_features(run.prompt_ids, settings.min_ngram_prompts),
-            hint_features([task.baseline_hints(p) for p in run.prompts]),
-        ],
-        1,
-    )
+    text = [
+        ngram_features(run.prompt_ids, settings.min_ngram_prompts),
+        hint_features([task.baseline_hints(p) for p in run.prompts]),
+    ]
     stop_ids = None
     if settings.causal and lm is not None:
         stop_ids = run.settings.get("stop_ids")
