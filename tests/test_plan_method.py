@@ -173,6 +173,30 @@ def planted(n: int, signal: float, n_layers: int = 3, d: int = 32, seed: int = 0
     return ids, y, states
 
 
+def test_kernel_ridge_is_the_primal_ridge():
+    """The readouts solve ridge in the training rows' kernel; the same fit in the primal (numpy's solve of
+    (X^T X + lambda I) W = X^T (Y - mean) on the scaled, centred features) must give the same scores."""
+    ids, y, states = planted(90, 1.0, n_layers=2, d=16)
+    text = A.ngram_features(ids)
+    train, rows = np.arange(60), np.arange(60, 90)
+    kernels = A.Kernels(text, states, train)
+    got = A.ridge_scores(kernels.of("stacked", 1), train, y, rows, [0.01, 1.0]).numpy()
+
+    def block(x, standardise):
+        x = x.astype(np.float64) - x[train].mean(0)
+        if standardise:
+            x = x / np.maximum(x[train].std(0, ddof=1), 1e-6)
+        return x / np.sqrt((x[train] ** 2).sum(1).mean())
+
+    x = np.concatenate([block(text, False), block(states[:, 1], True)], 1)
+    onehot = np.eye(2)[y[train]]
+    for k, p in enumerate([0.01, 1.0]):
+        w = np.linalg.solve(
+            x[train].T @ x[train] + p * len(train) * np.eye(x.shape[1]), x[train].T @ (onehot - onehot.mean(0))
+        )
+        np.testing.assert_allclose(got[k], x[rows] @ w + onehot.mean(0), atol=1e-8)
+
+
 def test_mde_shrinks_with_more_prompts():
     settings = A.AnalysisSettings(n_boot=500)
     mdes = []
