@@ -10,8 +10,8 @@ stream at the site) gives, per target, these numbers:
   merged into "other".
 - **B, the prompt-text baseline**: a ridge classifier (least squares on one-hot labels, closed form; top class
   = argmax) on the prompt's token unigram and bigram counts (log1p; every n-gram held by at least two prompts)
-  plus a one-hot of the task's `baseline_hints` (facts any reader of the prompt has, e.g. line 1's rhyme family).
-  It sees exactly the prompt text.
+  plus a one-hot of the task's `baseline_hints` (facts any reader of the prompt has, e.g. line 1's rhyme family),
+  the hints weighted as much as all the n-grams together. It sees exactly the prompt text.
 - **B + h**: the same features plus the site's residual stream after one block (standardised on the training
   rows); **h alone**: the state only. Each block is scaled to mean squared norm 1, so one penalty suits both.
 - **cross-fitting**: prompts are split into `folds` folds by `TaskPrompt.group` (no test prompt has a near-copy in
@@ -25,8 +25,10 @@ stream at the site) gives, per target, these numbers:
 - **MDE**: the smallest excess this run could have detected at 5% two-sided with 80% power,
   (1.96 + 0.84) x the excess's bootstrap standard error (read off its 95% interval: width / 3.92). A null with an
   MDE of 15 points says only that no effect of 15+ points is there.
-- **shuffled control**: the whole pipeline on labels permuted within the run; its excess interval must contain 0
-  (the probe cannot make information out of nothing; if it could, the excess above would mean nothing).
+- **shuffled control**: the whole pipeline on labels permuted within the run (folds re-stratified), the per-prompt
+  excess averaged over `control_permutations` permutations (one permutation's fitted readouts add their own
+  noise, which a bootstrap over prompts does not see); its interval must contain 0 (the readouts cannot make
+  information out of nothing; if they could, the excess above would mean nothing).
 - **causal tests** (causal.py) at the layer B + h chose most often: steering along the class direction, as a
   dose-response against a random direction of the same norm, and patching the site's state from a donor prompt
   with another label against a donor with the recipient's own label.
@@ -49,6 +51,7 @@ from forethought.experiments.baselines import Interval, bootstrap_by_document
 from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskPrompt, TaskRun
 from forethought.progress import Progress, tell
 
+VERSION = 4  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
 OTHER = "other"
 POWER_Z = 1.96 + 0.84  # two-sided 5% test, 80% power
 READOUTS = ("baseline", "stacked", "probe")  # B, B + h, h alone
@@ -79,13 +82,15 @@ class AnalysisSettings:
     min_ngram_prompts: int = 2  # an n-gram enters B when at least this many prompts hold it
     n_boot: int = 1000
     seed: int = 0
-    shuffled_control: bool = True
+    control_permutations: int = 3  # shuffled-label runs averaged for the control (0: none)
     causal: bool = True
+    causal_needs_excess: bool = False  # run the causal tests only where the excess is above 0 (a budget choice:
+    #                                    elsewhere the verdict is "not found" whatever they say)
     doses: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # steering norm in units of the layer's spread
     causal_prompts: int = 64  # steered / patched prompts per target (sampled)
     kept_labelled: float = 0.8  # a dose keeps the task done while the random control leaves this share labelled
     kl_prompts: int = 16  # prompts with the teacher-forced KL curve
-    batch_size: int = 16
+    causal_batch_size: int = 64  # edited prompts decoded together (every dose and control in one decode)
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -137,13 +142,33 @@ def merge_rare(labels: Sequence[str | None], min_class: int) -> tuple[list[str |
     return merged, sorted({x for x in merged if x is not None})
 
 
-def assign_folds(groups: Sequence[str], folds: int, seed: int) -> np.ndarray:
-    """A fold per row: whole groups dealt round-robin in a seeded shuffled order."""
+def assign_folds(groups: Sequence[str], folds: int, seed: int, labels: Sequence | None = None) -> np.ndarray:
+    """A fold per row, whole groups kept together and, given labels, the classes spread evenly over the folds.
+
+    Stratifying matters under the null: with folds of uneven class mix, a readout that falls back on the training
+    folds' majority scores *below* chance on the test fold (its majority is the training folds' minority), more so
+    the more it is regularised -- so B (often just the prior) would lose to B + h on labels that carry nothing.
+    Groups go, largest first (seeded order among equals), to the fold where they leave the per-class counts
+    closest to an even share."""
     names = sorted(set(groups))
     if len(names) < folds:
         raise ForethoughtError(f"{len(names)} prompt groups cannot fill {folds} folds")
-    order = np.random.default_rng(seed).permutation(len(names))
-    fold_of = {names[g]: i % folds for i, g in enumerate(order)}
+    classes = sorted({str(x) for x in labels}) if labels is not None else [""]
+    col = {c: j for j, c in enumerate(classes)}
+    counts = {g: np.zeros(len(classes)) for g in names}
+    for i, g in enumerate(groups):
+        counts[g][col[str(labels[i])] if labels is not None else 0] += 1
+    target = sum(counts.values()) / folds
+    rng = np.random.default_rng(seed)
+    order = sorted(rng.permutation(len(names)), key=lambda k: -counts[names[k]].sum())
+    filled = np.zeros((folds, len(classes)))
+    fold_of = {}
+    for k in order:
+        g = names[k]
+        cost = ((filled + counts[g] - target) ** 2).sum(1) - ((filled - target) ** 2).sum(1)
+        best = min(range(folds), key=lambda f: (cost[f], filled[f].sum(), f))
+        filled[best] += counts[g]
+        fold_of[g] = best
     return np.array([fold_of[g] for g in groups], dtype=np.int64)
 
 
@@ -167,11 +192,15 @@ def ridge_scores(k_all: torch.Tensor, train: np.ndarray, y: np.ndarray, rows: np
 
 
 class Kernels:
-    """The linear kernels of B's features and of each layer's standardised state, for one training set."""
+    """The linear kernels of B's feature blocks (summed) and of each layer's standardised state, for one training
+    set. Every block is scaled to mean squared norm 1 on the training rows: a one-hot hint weighs as much as all the
+    n-grams together, and the state as much as either."""
 
-    def __init__(self, text: np.ndarray, states: np.ndarray, train: np.ndarray) -> None:
+    def __init__(self, text: np.ndarray | Sequence[np.ndarray], states: np.ndarray, train: np.ndarray) -> None:
         self.train = train
-        self.text = self._block(text, standardise=False)
+        blocks = [text] if isinstance(text, np.ndarray) else list(text)
+        kernels = [k for k in (self._block(b, standardise=False) for b in blocks) if k is not None]
+        self.text = sum(kernels) if kernels else None
         self.states = [self._block(states[:, j], standardise=True) for j in range(states.shape[1])]
 
     def _block(self, x: np.ndarray, standardise: bool) -> torch.Tensor | None:
@@ -209,7 +238,7 @@ class Readouts:
 
 
 def cross_fit(
-    text: np.ndarray,
+    text: np.ndarray | Sequence[np.ndarray],
     states: np.ndarray,
     y: np.ndarray,
     folds: np.ndarray,
@@ -219,7 +248,7 @@ def cross_fit(
     """Every row scored by readouts fitted on the other folds; layer and penalty chosen by the squared error on
     the inner validation folds, which are the training folds themselves (the test fold takes no part).
 
-    text [n, f] B's features; states [n, layers, d]; y [n] class indices; folds [n]."""
+    text: B's feature blocks, each [n, f]; states [n, layers, d]; y [n] class indices; folds [n]."""
     n_classes = int(y.max()) + 1
     n_layers = states.shape[1]
     onehot = np.eye(n_classes)[y]
@@ -267,10 +296,14 @@ def verdict(
     steering: Steering | None,
     patching: Patching | None,
     settings: AnalysisSettings,
+    baseline: Interval | None = None,
+    n_groups: int | None = None,
 ) -> tuple[str, str]:
     """The verdict and a sentence that says the numbers behind it."""
     if n_usable < settings.min_prompts:
         return "task not done", f"{n_usable} labelled prompts (fewer than {settings.min_prompts}): too few to read"
+    if n_groups is not None and n_groups < settings.folds:
+        return "task not done", f"the labelled prompts come from {n_groups} groups, too few for {settings.folds} folds"
     if n_classes < 2:
         return "task not done", "the model's outputs take one value here: there is nothing to read"
     if not behaviour.estimate >= settings.behaviour_floor:
@@ -282,7 +315,11 @@ def verdict(
     causal = [(name, t.effect) for name, t in (("steering", steering), ("patching", patching)) if t is not None]
     said = "; ".join(f"{name} effect {_pts(e)} points" for name, e in causal) or "no causal test run"
     if not excess.low > 0:
-        return "not found", f"{ex}: the state adds nothing detectable to the prompt text; {said}"
+        if baseline is not None and baseline.estimate >= 0.98:
+            why = f"the prompt text alone reads the target ({baseline.estimate:.0%}): nothing is left for h to add"
+        else:
+            why = "the state adds nothing detectable to the prompt text"
+        return "not found", f"{ex}: {why}; {said}"
     if any(e.low > 0 for _, e in causal):
         return "planned", f"{ex}, and {said}: the site's state holds the target and the output follows it"
     return "encoded, not shown used", f"{ex}, but {said}: held in the state, no causal effect shown"
@@ -298,7 +335,7 @@ def _pts(i: Interval) -> str:
 def analyze_target(
     run: TaskRun,
     target: str,
-    text: np.ndarray,
+    text: Sequence[np.ndarray],
     settings: AnalysisSettings,
     lm=None,
     task: PlanTask | None = None,
@@ -327,19 +364,20 @@ def analyze_target(
         mde=float("nan"),
         control_excess=NAN,
     )
-    enough_groups = len(set(groups[usable])) >= settings.folds
-    if n_usable < settings.min_prompts or len(classes) < 2 or not enough_groups:
-        if not enough_groups and n_usable >= settings.min_prompts:
-            n_usable = 0  # so the verdict says "too few"
-        result.verdict, result.why = verdict(behaviour, n_usable, len(classes), NAN, float("nan"), None, None, settings)
+    n_groups = len(set(groups[usable]))
+    if n_usable < settings.min_prompts or len(classes) < 2 or n_groups < settings.folds:
+        result.verdict, result.why = verdict(
+            behaviour, n_usable, len(classes), NAN, float("nan"), None, None, settings, n_groups=n_groups
+        )
         return result
     rows = np.flatnonzero(usable)
     index = {c: j for j, c in enumerate(classes)}
     y = np.array([index[labels[i]] for i in rows], dtype=np.int64)
     g = groups[rows]
-    folds = assign_folds(list(g), settings.folds, settings.seed)
+    folds = assign_folds(list(g), settings.folds, settings.seed, y)
     states = run.states[rows][:, layer_idx]
-    fitted = cross_fit(text[rows], states, y, folds, settings)
+    text = [block[rows] for block in text]
+    fitted = cross_fit(text, states, y, folds, settings)
 
     def boot(v: np.ndarray) -> Interval:
         return bootstrap_by_document(v, g, settings.n_boot, settings.seed)
@@ -350,12 +388,17 @@ def analyze_target(
     result.excess = boot(fitted.correct["stacked"] - fitted.correct["baseline"])
     result.mde = mde(result.excess)
     result.layer = run.layers[layer_idx[fitted.layer("stacked")]]
-    if settings.shuffled_control:
-        shuffled = np.random.default_rng(settings.seed + 1).permutation(y)
-        control = cross_fit(text[rows], states, shuffled, folds, settings, ("baseline", "stacked"))
-        result.control_excess = boot(control.correct["stacked"] - control.correct["baseline"])
+    if settings.control_permutations:
+        differences = []
+        for k in range(settings.control_permutations):
+            shuffled = np.random.default_rng(settings.seed + 1 + k).permutation(y)
+            shuffled_folds = assign_folds(list(g), settings.folds, settings.seed, shuffled)
+            control = cross_fit(text, states, shuffled, shuffled_folds, settings, ("baseline", "stacked"))
+            differences.append(control.correct["stacked"] - control.correct["baseline"])
+        result.control_excess = boot(np.mean(differences, 0))
     task_done = behaviour.estimate >= settings.behaviour_floor
-    if settings.causal and lm is not None and task is not None and task_done:
+    wanted = settings.causal and (result.excess.low > 0 or not settings.causal_needs_excess)
+    if wanted and lm is not None and task is not None and task_done:
         from forethought.experiments.plan_tasks import causal
 
         all_folds = np.full(len(run), -1, dtype=np.int64)
@@ -364,7 +407,15 @@ def analyze_target(
         result.steering = causal.steering_test(lm, test, settings)
         result.patching = causal.patching_test(lm, test, settings)
     result.verdict, result.why = verdict(
-        behaviour, n_usable, len(classes), result.excess, result.mde, result.steering, result.patching, settings
+        behaviour,
+        n_usable,
+        len(classes),
+        result.excess,
+        result.mde,
+        result.steering,
+        result.patching,
+        settings,
+        result.baseline_acc,
     )
     return result
 
@@ -384,13 +435,10 @@ def analyze_run(
     """Every target of one task run: behaviour, readouts against the prompt baseline, causal tests, verdict."""
     if run.states.shape[1] == 0:
         raise ForethoughtError(f"the {run.task} run holds no states at the site: collect it with layers")
-    text = np.concatenate(
-        [
-            ngram_features(run.prompt_ids, settings.min_ngram_prompts),
-            hint_features([task.baseline_hints(p) for p in run.prompts]),
-        ],
-        1,
-    )
+    text = [
+        ngram_features(run.prompt_ids, settings.min_ngram_prompts),
+        hint_features([task.baseline_hints(p) for p in run.prompts]),
+    ]
     stop_ids = None
     if settings.causal and lm is not None:
         stop_ids = run.settings.get("stop_ids")

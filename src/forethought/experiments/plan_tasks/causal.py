@@ -76,7 +76,7 @@ def regenerate(lm, x: CausalInputs, rows: np.ndarray, edit: SiteEdit, settings) 
         x.task.max_new_tokens,
         x.stop_ids,
         edit=edit,
-        batch_size=settings.batch_size,
+        batch_size=settings.causal_batch_size,
     )
     texts = completion_texts(lm.tokenizer, out.ids)
     labels = [x.merge(x.task.labels(x.run.prompts[i], t).get(x.target)) for i, t in zip(rows, texts, strict=True)]
@@ -133,15 +133,20 @@ def steering_test(lm, x: CausalInputs, settings) -> Steering | None:
     def boot(v) -> Interval:
         return bootstrap_by_document(np.asarray(v, dtype=np.float64), groups, settings.n_boot, settings.seed)
 
+    # Every dose and both directions in one batched decode: rows of equal length share each step.
+    conditions = [(dose, vectors) for dose in settings.doses for vectors in (unit, noise)]
+    vectors = np.concatenate([v * dose * scale for dose, v in conditions])
+    edit = SiteEdit(x.layer, torch.from_numpy(vectors).float(), "add")
+    new, _ = regenerate(lm, x, np.tile(rows, len(conditions)), edit, settings)
+    m = len(rows)
     hits: dict[str, list[np.ndarray]] = {"probe": [], "random": []}
     labelled: list[float] = []
-    for dose in settings.doses:
-        for kind, vectors in (("probe", unit), ("random", noise)):
-            edit = SiteEdit(x.layer, torch.from_numpy(vectors * dose * scale).float(), "add")
-            new, _ = regenerate(lm, x, rows, edit, settings)
-            hits[kind].append(np.array([n == g for n, g in zip(new, goal, strict=True)], dtype=np.float64))
+    for k in range(len(settings.doses)):
+        for j, kind in enumerate(("probe", "random")):
+            part = new[(2 * k + j) * m : (2 * k + j + 1) * m]
+            hits[kind].append(np.array([n == g for n, g in zip(part, goal, strict=True)], dtype=np.float64))
             if kind == "random":
-                labelled.append(float(np.mean([n is not None for n in new])))
+                labelled.append(float(np.mean([n is not None for n in part])))
     kept = [k for k, share in enumerate(labelled) if share >= settings.kept_labelled]
     at = max(kept) if kept else 0
     dose = settings.doses[at]
@@ -220,8 +225,9 @@ def patching_test(lm, x: CausalInputs, settings) -> Patching | None:
     if not rows:
         return None
     rows = np.array(rows)
-    patched, _ = regenerate(lm, x, rows, SiteEdit(x.layer, h[donors], "replace"), settings)
-    control, _ = regenerate(lm, x, rows, SiteEdit(x.layer, h[controls], "replace"), settings)
+    both = SiteEdit(x.layer, torch.cat([h[donors], h[controls]]), "replace")  # one batched decode for both
+    labels, _ = regenerate(lm, x, np.concatenate([rows, rows]), both, settings)
+    patched, control = labels[: len(rows)], labels[len(rows) :]
     follow = np.array([n == d for n, d in zip(patched, donor_labels, strict=True)], dtype=np.float64)
     chance = np.array([n == d for n, d in zip(control, donor_labels, strict=True)], dtype=np.float64)
     g = groups[rows]
