@@ -43,6 +43,8 @@ def _causal(result: dict, name: str) -> str:
         return points(test.get("effect"), "no effect measured")
     if result.get("verdict") == "task not done":
         return "not run (task not done)"
+    if result.get("verdict") == "not found":
+        return "not run (no excess to test)"
     return "not run"
 
 
