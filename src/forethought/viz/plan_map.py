@@ -123,8 +123,11 @@ def plan_map_markdown(summary: dict) -> str:
 
 
 def _headline(outcome: dict, key: str) -> dict | None:
-    """The task's first target's interval `key` (its main target: the rhyme family, the answer, the article...)."""
+    """The task's first target's interval `key` (its main target: the rhyme family, the answer, the article...);
+    None where the model did not do the task (there is nothing to plot but a placeholder)."""
     r = outcome["results"][0] if outcome["results"] else {}
+    if r.get("verdict") == "task not done":
+        return None
     if key == "excess":
         return r.get("excess")
     test = r.get(key)
@@ -140,6 +143,7 @@ def plot_plan_scale(summary: dict, path: str | Path) -> Path:
         "steering": "steering effect (target - random direction)",
         "patching": "patching effect (follows the donor)",
     }
+    colors = {task: f"C{i}" for i, task in enumerate(summary["tasks"])}  # one colour per task in every panel
     for ax, key in zip(axes, titles):
         for task in summary["tasks"]:
             pts = []
@@ -150,23 +154,33 @@ def plot_plan_scale(summary: dict, path: str | Path) -> Path:
             if not pts:
                 continue
             pts.sort(key=lambda p: p[0])
-            x = [p[0] for p in pts]
+            nudge = 1.04 ** (summary["tasks"].index(task) - (len(summary["tasks"]) - 1) / 2)  # bars side by side
+            x = [p[0] * nudge for p in pts]
             y = [100 * p[1]["estimate"] for p in pts]
             err = [
                 [100 * max(0.0, p[1]["estimate"] - p[1]["low"]) for p in pts],
                 [100 * max(0.0, p[1]["high"] - p[1]["estimate"]) for p in pts],
             ]
             main = next((o["results"][0]["target"] for o in summary["outcomes"] if o["task"] == task), "")
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{task} ({main})")
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colors[task], label=f"{task} ({main})")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        sizes = sorted({n for n in params.values() if n > 0})
+        if sizes:
+            ax.set_xticks(sizes, [_params(n) for n in sizes])
+            ax.minorticks_off()
+            ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
         ax.set_xlabel("parameters")
         ax.set_title(titles[key], fontsize=10)
     axes[0].set_ylabel("accuracy / share points (95% interval)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    seen: dict = {}
+    for ax in axes:  # a task may have points in one panel only
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    handles, labels = list(seen.values()), list(seen)
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.suptitle("Where does it plan? Each task's main target against model size")
+    fig.suptitle("Where does it plan? Each task's main target against model size (a task not done: no point)")
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     path = Path(path)
     fig.savefig(path, dpi=110)
