@@ -100,7 +100,9 @@ def plan_tasks(
         return
     for o in outcomes:
         verdicts = ", ".join(f"{r.target}: {r.verdict}" for r in o.results)
-        rate = f"{len(o.run) / o.collect_seconds:.1f} prompts/s, " if o.run is not None and o.collect_seconds else ""
+        rate = ""
+        if o.run is not None and o.collect_seconds:
+            rate = f"{len(o.run) / o.collect_seconds:.1f} prompts/s, {o.new_tokens / o.collect_seconds:.0f} new tok/s, "
         how = "cached" if o.cached else f"{rate}collect {o.collect_seconds:.0f} s, analysis {o.analysis_seconds:.0f} s"
         console.print(f"{o.model} · {o.task}: behaviour {o.behaviour:.0%} · {verdicts} · {how}", markup=False)
     for m in missing:
