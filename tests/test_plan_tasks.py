@@ -79,6 +79,16 @@ def test_answer_labels():
     assert task.labels(p, " ...") == {"answer": None, "answer_slot": None}
 
 
+def test_answer_later_reads_the_word_after_the_preamble():
+    task, p = TASKS["answer_later"], _prompt("answer_later", gold="horse", first="drum", second="horse")
+    assert task.word_list() is words("answer")
+    labels = task.labels(p, " Let me think about it. The answer is: the horse.\n")
+    assert labels == {"answer": "horse", "answer_slot": "second"} and task.behaved(p, "", labels)
+    assert task.labels(p, " The drum, of course.\n") == {"answer": None, "answer_slot": None}  # no preamble
+    prompt = task.prompts(None, 1)[0]
+    assert prompt.text.endswith("\nAnswer:") and "The answer is" in prompt.text  # the preamble only in the shots
+
+
 def test_article_labels():
     task, p = TASKS["article"], _prompt("article", noun="apple", article="an")
     labels = task.labels(p, " an apple.")

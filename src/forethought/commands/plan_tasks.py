@@ -47,9 +47,7 @@ def _check_dtype(dtype: str) -> None:
 def plan_tasks(
     out: Annotated[Path, typer.Option("--out", help="Folder for plan_map.md/.json, plan_scale.png, MODEL/TASK/.")],
     model: ModelsOpt = None,
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma list of rhyme, answer, response, code, article.")] = (
-        "all"
-    ),
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma list of tasks (default all).")] = ("all"),
     prompts: Annotated[int | None, typer.Option("--prompts", help="Prompts per task (default 200; 120 --quick).")] = (
         None
     ),

@@ -20,7 +20,7 @@ import numpy as np
 from forethought.errors import ForethoughtError
 from forethought.experiments.baselines import Interval
 from forethought.experiments.plan_tasks.collect import collect, spread_layers
-from forethought.experiments.plan_tasks.tasks import TASKS, words
+from forethought.experiments.plan_tasks.tasks import TASKS
 from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskRun
 from forethought.progress import Progress
 
@@ -88,7 +88,7 @@ def collect_key(identity: dict, task: str, settings: PlanSettings) -> str:
             "model": identity,
             "task": task,
             "spec": [spec.max_new_tokens, list(spec.stop_texts), spec.chat, type(spec).__name__],
-            "words": words(task),
+            "words": spec.word_list(),
             "settings": settings.collect_inputs() | {"device": settings.device},
         }
     )

@@ -47,6 +47,10 @@ class TaskSpec:
     max_new_tokens: int
     stop_texts: tuple[str, ...]  # a generated token containing one of these ends the completion (EOS always does)
     chat: bool = False  # prompts go through the model's chat template
+    source: str = ""  # the word list's name, when not the task's own
+
+    def word_list(self) -> dict:
+        return words(self.source or self.name)
 
     def _pool(self) -> list[TaskPrompt]:
         raise NotImplementedError
@@ -111,6 +115,8 @@ class AnswerTask(TaskSpec):
     prompt token, right before the answer word. Targets: the answer word, and which of the two offered words it is
     (`answer_slot`: first / second; None for a word not offered), two classes at any sample size."""
 
+    ask = "ask"  # the prompt's last line, from the word list: it ends right before the answer word
+
     def _pool(self) -> list[TaskPrompt]:
         w = words("answer")
         categories = w["categories"]
@@ -120,7 +126,7 @@ class AnswerTask(TaskSpec):
             for member, other in itertools.product(members, others):
                 for x, y in ((member, other), (other, member)):
                     question = w["category_question"].format(a_category=category, x=x, y=y)
-                    text = w["preamble"] + w["ask"].format(question=question)
+                    text = w["preamble"] + w[self.ask].format(question=question)
                     hints = {"category": category, "first": x, "second": y}
                     group = "|".join(sorted((x, y)))  # the same pair asked either way round goes to one side
                     meta = {"gold": member, "first": x, "second": y, "hints": hints}
@@ -135,6 +141,19 @@ class AnswerTask(TaskSpec):
 
     def behaved(self, prompt: TaskPrompt, completion: str, labels: Labels) -> bool:
         return labels.get("answer") == prompt.meta["gold"]
+
+
+class AnswerLaterTask(AnswerTask):
+    """The same questions with the prompt ending at "Answer:": the model writes the fixed preamble ("Let me think
+    about it. The answer is: the") itself, so the answer word is decided, if at all, a dozen tokens before it is
+    written (the "whale" case). The site is "Answer:"; the targets are read after the preamble (None when the
+    model did not write it)."""
+
+    ask = "ask_early"
+
+    def labels(self, prompt: TaskPrompt, completion: str) -> Labels:
+        m = re.search(r"answer is:?\s*(?:the\s+)?([a-z]+)", completion.lower())
+        return super().labels(prompt, m.group(1) if m else "")
 
 
 class ArticleTask(TaskSpec):
@@ -273,6 +292,9 @@ TASKS: dict[str, TaskSpec] = {
     for t in (
         RhymeTask("rhyme", ("rhyme_family", "last_word"), max_new_tokens=16, stop_texts=("\n",)),
         AnswerTask("answer", ("answer", "answer_slot"), max_new_tokens=6, stop_texts=("\n", ".")),
+        AnswerLaterTask(
+            "answer_later", ("answer", "answer_slot"), max_new_tokens=20, stop_texts=("\n",), source="answer"
+        ),
         ResponseTask(
             "response",
             ("length_bucket", "item_count", "code_block"),
