@@ -129,6 +129,7 @@ def test_known_positive_is_planned(known):
     assert max(s.estimate for s in r.steering.random_share) < 0.1
     assert r.patching.control.estimate < 0.1
     assert r.steering.kl_jump_position == 0  # the edit moves the article, the very next token
+    assert r.steering.effect_dose in r.steering.doses
 
 
 def test_noun_two_tokens_ahead_is_in_the_state(known):

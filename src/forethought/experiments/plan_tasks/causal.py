@@ -248,6 +248,7 @@ def steering_test(lm, x: CausalInputs, settings) -> Steering | None:
         effect=boot(hits["probe"][at] - hits["random"][at]),
         kl_jump_position=float(np.median(jumps)) if jumps else None,
         n=len(rows),
+        effect_dose=dose,
     )
 
 
