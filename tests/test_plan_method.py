@@ -105,7 +105,7 @@ def known() -> dict:
     task = SyntheticTask()
     run = collect_run(lm, task, 300, seed=123)
     settings = A.AnalysisSettings(causal_prompts=48, n_boot=500, doses=(0.5, 1.0, 2.0, 4.0))
-    return {"run": run, "results": {r.target: r for r in A.analyze_run(lm, run, task, settings)}}
+    return {"lm": lm, "run": run, "results": {r.target: r for r in A.analyze_run(lm, run, task, settings)}}
 
 
 def contains_zero(i: Interval) -> bool:
@@ -129,6 +129,7 @@ def test_known_positive_is_planned(known):
     assert max(s.estimate for s in r.steering.random_share) < 0.1
     assert r.patching.control.estimate < 0.1
     assert r.steering.kl_jump_position == 0  # the edit moves the article, the very next token
+    assert r.steering.effect_dose in r.steering.doses
 
 
 def test_noun_two_tokens_ahead_is_in_the_state(known):
@@ -150,6 +151,24 @@ def test_a_copied_prompt_token_is_not_planned(known):
 def test_shuffled_labels_add_nothing(known):
     for target, r in known["results"].items():
         assert contains_zero(r.control_excess), (target, r.control_excess)
+
+
+def test_shared_prefix_decoding_is_the_plain_one(known):
+    """The causal tests decode each edited prompt from its shared prefix's keys/values: the same tokens as
+    decoding the repeated prompts whole (greedy_completions), for adds and replacements alike."""
+    from forethought.experiments.plan_tasks.causal import edited_completions
+    from forethought.experiments.plan_tasks.generate import SiteEdit
+
+    run, lm = known["run"], known["lm"]
+    rows = np.array([0, 1, 2, 0, 1, 2, 5, 7])
+    vectors = torch.from_numpy(np.random.default_rng(0).standard_normal((len(rows), 64)) * 3).float()
+    plain = [run.completion_ids[i] for i in rows]
+    for edit in (SiteEdit(1, vectors, "add"), SiteEdit(2, torch.from_numpy(run.states[rows, 2]), "replace")):
+        shared = edited_completions(lm.model, run.prompt_ids, rows, edit, 3, (), batch_size=3)
+        whole = greedy_completions(lm.model, [run.prompt_ids[i] for i in rows], 3, (), edit=edit, batch_size=3)
+        assert shared == whole.ids
+        # the add moves some completions; each prompt's own state put back gives its own completion
+        assert (shared != plain) if edit.mode == "add" else (shared == plain)
 
 
 def test_results_are_filled(known):

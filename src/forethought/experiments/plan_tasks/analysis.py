@@ -10,12 +10,14 @@ stream at the site) gives, per target, these numbers:
   merged into "other".
 - **B, the prompt-text baseline**: a ridge classifier (least squares on one-hot labels, closed form; top class
   = argmax) on the prompt's token unigram and bigram counts (log1p; every n-gram held by at least two prompts)
-  plus a one-hot of the task's `baseline_hints` (facts any reader of the prompt has, e.g. line 1's rhyme family),
-  the hints weighted as much as all the n-grams together. It sees exactly the prompt text.
-- **B + h**: the same features plus the site's residual stream after one block (standardised on the training
-  rows); **h alone**: the state only. Each block is scaled to mean squared norm 1, so one penalty suits both.
+  plus a one-hot of the task's `baseline_hints` (facts any reader of the prompt has, e.g. line 1's rhyme family).
+  It sees exactly the prompt text. Each feature block is scaled to mean squared norm 1; the hints' weight
+  relative to the n-grams (0.25, 1, 4) and the penalty are chosen on validation.
+- **B + h**: B's chosen text features plus the site's residual stream after one block (standardised on the
+  training rows), its weight (0.25 to 16), the layer and the penalty chosen on validation: the excess is what the
+  state adds to the best B validation found. **h alone**: the state only (layer and penalty chosen).
 - **cross-fitting**: prompts are split into `folds` folds by `TaskPrompt.group` (no test prompt has a near-copy in
-  training); each fold is scored by readouts fitted on the others, with the layer and the penalty chosen by the
+  training), stratified by label; each fold is scored by readouts fitted on the others, every choice made by the
   squared error on an inner cross-validation over the training folds only. The test fold never takes part in any
   choice. Readouts are solved in the kernel of the training rows (exact for ridge), for every penalty at once:
   seconds for a few hundred prompts at d = 1536 and eight layers.
@@ -38,6 +40,7 @@ stream at the site) gives, per target, these numbers:
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,10 +54,13 @@ from forethought.experiments.baselines import Interval, bootstrap_by_document
 from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskPrompt, TaskRun
 from forethought.progress import Progress, tell
 
-VERSION = 4  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
+VERSION = 5  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
 OTHER = "other"
 POWER_Z = 1.96 + 0.84  # two-sided 5% test, 80% power
 READOUTS = ("baseline", "stacked", "probe")  # B, B + h, h alone
+HINT_WEIGHTS = (0.25, 1.0, 4.0)  # B: the hints' weight relative to the n-grams, chosen on validation
+# B + h: the state's weight relative to the text; at 16 the text barely counts (B + h can do what h alone does)
+STATE_WEIGHTS = (0.25, 1.0, 4.0, 16.0)
 NAN = Interval(float("nan"), float("nan"), float("nan"))
 
 
@@ -192,15 +198,13 @@ def ridge_scores(k_all: torch.Tensor, train: np.ndarray, y: np.ndarray, rows: np
 
 
 class Kernels:
-    """The linear kernels of B's feature blocks (summed) and of each layer's standardised state, for one training
-    set. Every block is scaled to mean squared norm 1 on the training rows: a one-hot hint weighs as much as all the
-    n-grams together, and the state as much as either."""
+    """The linear kernels of B's feature blocks and of each layer's standardised state, for one training set. Each
+    block is scaled to mean squared norm 1 on the training rows; their relative weights are chosen on validation."""
 
     def __init__(self, text: np.ndarray | Sequence[np.ndarray], states: np.ndarray, train: np.ndarray) -> None:
         self.train = train
         blocks = [text] if isinstance(text, np.ndarray) else list(text)
-        kernels = [k for k in (self._block(b, standardise=False) for b in blocks) if k is not None]
-        self.text = sum(kernels) if kernels else None
+        self.blocks = [k for k in (self._block(b, standardise=False) for b in blocks) if k is not None]
         self.states = [self._block(states[:, j], standardise=True) for j in range(states.shape[1])]
 
     def _block(self, x: np.ndarray, standardise: bool) -> torch.Tensor | None:
@@ -215,9 +219,18 @@ class Kernels:
         x = x / scale.sqrt()
         return x @ x[self.train].T
 
-    def of(self, readout: str, layer: int) -> torch.Tensor:
-        parts = {"baseline": [self.text], "stacked": [self.text, self.states[layer]], "probe": [self.states[layer]]}
-        parts = [p for p in parts[readout] if p is not None]
+    def text_weights(self) -> list[tuple[float, ...]]:
+        """The candidate weights of B's blocks: the first (the n-grams) 1, every other one from HINT_WEIGHTS."""
+        if not self.blocks:
+            return [()]
+        return [(1.0, *w) for w in itertools.product(HINT_WEIGHTS, repeat=len(self.blocks) - 1)]
+
+    def of(self, readout: str, layer: int = 0, text: tuple[float, ...] = (), state: float = 1.0) -> torch.Tensor:
+        parts = []
+        if readout in ("baseline", "stacked"):
+            parts += [w * k for w, k in zip(text or (1.0,) * len(self.blocks), self.blocks, strict=True)]
+        if readout in ("stacked", "probe"):
+            parts.append(state * self.states[layer])
         if not parts:  # no text feature at all: B is the class prior
             return torch.zeros(len(self.states[0]), len(self.train), dtype=torch.float64)
         return sum(parts)
@@ -229,12 +242,27 @@ class Readouts:
 
     correct: dict[str, np.ndarray]  # readout -> [n] 0/1 (on the rows given)
     folds: np.ndarray  # [n]
-    chosen: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # readout -> per fold (layer, penalty)
+    chosen: dict[str, list[tuple]] = field(default_factory=dict)  # readout -> per fold (layer, penalty, text, state)
 
     def layer(self, readout: str = "stacked") -> int:
         """The layer index chosen most often over the folds (the earlier one on a tie)."""
-        counts = Counter(layer for layer, _ in self.chosen[readout])
+        counts = Counter(c[0] for c in self.chosen[readout])
         return min(counts, key=lambda x: (-counts[x], x))
+
+
+def _choose(inner: list, configs: list[tuple], y: np.ndarray, settings: AnalysisSettings) -> tuple:
+    """The (layer, penalty, text weights, state weight) with the least squared error summed over the inner
+    validation folds; `inner` holds (kernels, training rows, validation rows) per inner fold."""
+    onehot = np.eye(int(y.max()) + 1)[y]
+    errors = torch.zeros(len(configs), len(settings.penalties), dtype=torch.float64)
+    for kernels, rows, val in inner:
+        target = torch.from_numpy(onehot[val])
+        for c, (readout, layer, tw, sw) in enumerate(configs):
+            scores = ridge_scores(kernels.of(readout, layer, tw, sw), rows, y, val, settings.penalties)
+            errors[c] += (scores - target).square().sum((1, 2))
+    c, p = divmod(int(errors.argmin()), len(settings.penalties))
+    _, layer, tw, sw = configs[c]
+    return layer, settings.penalties[p], tw, sw
 
 
 def cross_fit(
@@ -245,36 +273,36 @@ def cross_fit(
     settings: AnalysisSettings,
     readouts: Sequence[str] = READOUTS,
 ) -> Readouts:
-    """Every row scored by readouts fitted on the other folds; layer and penalty chosen by the squared error on
-    the inner validation folds, which are the training folds themselves (the test fold takes no part).
+    """Every row scored by readouts fitted on the other folds, each with its settings chosen by the squared error
+    on the inner validation folds, which are the training folds themselves (the test fold takes no part): B its
+    blocks' weights and penalty; B + h B's chosen text weights plus the layer, the state's weight and the penalty
+    (so the excess is what the state adds to the best B validation found); h the layer and penalty.
 
     text: B's feature blocks, each [n, f]; states [n, layers, d]; y [n] class indices; folds [n]."""
-    n_classes = int(y.max()) + 1
-    n_layers = states.shape[1]
-    onehot = np.eye(n_classes)[y]
     out = Readouts({r: np.zeros(len(y)) for r in readouts}, folds, {r: [] for r in readouts})
     fold_ids = np.unique(folds)
     for f in fold_ids:
-        train_rows = np.flatnonzero(folds != f)
-        test_rows = np.flatnonzero(folds == f)
-        errors = {r: torch.zeros(n_layers, len(settings.penalties), dtype=torch.float64) for r in readouts}
+        train_rows, test_rows = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+        inner = []  # per inner validation fold: its kernels and validation rows
         for v in fold_ids[fold_ids != f]:
-            inner = np.flatnonzero((folds != f) & (folds != v))
-            val = np.flatnonzero(folds == v)
-            kernels = Kernels(text, states, inner)
-            target = torch.from_numpy(onehot[val])
-            for readout in readouts:
-                for layer in range(1 if readout == "baseline" else n_layers):
-                    scores = ridge_scores(kernels.of(readout, layer), inner, y, val, settings.penalties)
-                    errors[readout][layer] += (scores - target).square().sum((1, 2))
+            rows = np.flatnonzero((folds != f) & (folds != v))
+            inner.append((Kernels(text, states, rows), rows, np.flatnonzero(folds == v)))
+
+        text_options = inner[0][0].text_weights()
+        chosen = {"baseline": _choose(inner, [("baseline", 0, tw, 1.0) for tw in text_options], y, settings)}
+        best_text = chosen["baseline"][2]
+        layers = range(states.shape[1])
+        if "stacked" in readouts:
+            configs = [("stacked", j, best_text, w) for j in layers for w in STATE_WEIGHTS]
+            chosen["stacked"] = _choose(inner, configs, y, settings)
+        if "probe" in readouts:
+            chosen["probe"] = _choose(inner, [("probe", j, (), 1.0) for j in layers], y, settings)
         kernels = Kernels(text, states, train_rows)
         for readout in readouts:
-            err = errors[readout][: 1 if readout == "baseline" else n_layers]
-            layer, p = divmod(int(err.argmin()), len(settings.penalties))
-            best = (layer, settings.penalties[p])
-            scores = ridge_scores(kernels.of(readout, layer), train_rows, y, test_rows, [best[1]])[0]
+            layer, penalty, tw, sw = chosen[readout]
+            scores = ridge_scores(kernels.of(readout, layer, tw, sw), train_rows, y, test_rows, [penalty])[0]
             out.correct[readout][test_rows] = (scores.argmax(-1).numpy() == y[test_rows]).astype(np.float64)
-            out.chosen[readout].append(best)
+            out.chosen[readout].append(chosen[readout])
     return out
 
 

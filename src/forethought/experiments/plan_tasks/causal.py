@@ -36,6 +36,8 @@ import torch
 from forethought.experiments.baselines import Interval, bootstrap_by_document
 from forethought.experiments.plan_tasks.generate import SiteEdit, completion_texts, greedy_completions
 from forethought.experiments.plan_tasks.types import Patching, Steering, TaskRun
+from forethought.model.decode import generate_steps, greedy_rows
+from forethought.model.kv_cache import KVCache
 from forethought.trace import act_name
 
 OTHER = "other"
@@ -69,18 +71,94 @@ class CausalInputs:
 
 
 def regenerate(lm, x: CausalInputs, rows: np.ndarray, edit: SiteEdit, settings) -> tuple[list, list[list[int]]]:
-    """The merged labels and the new completions' ids of `rows` with `edit` at the site."""
-    out = greedy_completions(
-        lm.model,
-        [x.run.prompt_ids[i] for i in rows],
-        x.task.max_new_tokens,
-        x.stop_ids,
-        edit=edit,
-        batch_size=settings.causal_batch_size,
+    """The merged labels and the new completions' ids of `rows` (repeats allowed) with `edit` at the site."""
+    ids = edited_completions(
+        lm.model, x.run.prompt_ids, rows, edit, x.task.max_new_tokens, x.stop_ids, settings.causal_batch_size
     )
-    texts = completion_texts(lm.tokenizer, out.ids)
+    texts = completion_texts(lm.tokenizer, ids)
     labels = [x.merge(x.task.labels(x.run.prompts[i], t).get(x.target)) for i, t in zip(rows, texts, strict=True)]
-    return labels, out.ids
+    return labels, ids
+
+
+class _EditSite:
+    """Edit the residual stream after one block at the last position of every row (add or replace)."""
+
+    def __init__(self, edit: SiteEdit, vectors: torch.Tensor) -> None:
+        self.name = act_name(edit.layer, "resid_post")
+        self.points = frozenset([self.name])
+        self.mode, self.vectors = edit.mode, vectors
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name != self.name:
+            return tensor
+        tensor = tensor.clone()
+        value = self.vectors.to(tensor.dtype)
+        tensor[:, -1] = value if self.mode == "replace" else tensor[:, -1] + value
+        return tensor
+
+
+@torch.inference_mode()
+def edited_completions(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    rows: np.ndarray,
+    edit: SiteEdit,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    batch_size: int,
+) -> list[list[int]]:
+    """Greedy completions of prompt `rows[k]` with `edit.vectors[k]` at its site: what `greedy_completions` gives
+    for the repeated prompts, computed without repeating their prefixes. An edit at the site cannot change the
+    positions before it, so each distinct prompt's prefix runs once and its keys/values are copied into every row
+    that edits it; only the site token and the completion run per row (a dose-response edits each prompt ten
+    times). Caches other than the plain KVCache (sliding windows, recurrent states) take the plain path."""
+    vectors = edit.vectors if edit.vectors.dim() == 2 else edit.vectors.expand(len(rows), -1)
+    if type(model.new_cache(capacity=1, batch_size=1)) is not KVCache:
+        plain = greedy_completions(model, [prompt_ids[i] for i in rows], max_new_tokens, stop_ids, (), edit, batch_size)
+        return plain.ids
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    out: list[list[int]] = [[] for _ in rows]
+    by_length: dict[int, list[int]] = {}
+    for k, i in enumerate(rows):
+        by_length.setdefault(len(prompt_ids[i]), []).append(k)
+    for length, ks in sorted(by_length.items()):
+        capacity = length + max_new_tokens
+        distinct = sorted({int(rows[k]) for k in ks})
+        prefix: dict[int, tuple[KVCache, int]] = {}  # prompt -> (the cache holding its prefix, its row there)
+        for start in range(0, len(distinct), batch_size):
+            chunk = distinct[start : start + batch_size]
+            cache = model.new_cache(capacity=capacity, batch_size=len(chunk))
+            if length > 1:
+                tokens = torch.tensor([list(prompt_ids[i][:-1]) for i in chunk], device=model.device)
+                model(tokens, cache=cache, last_only=True)
+            prefix |= {i: (cache, j) for j, i in enumerate(chunk)}
+        for start in range(0, len(ks), batch_size):
+            chunk = ks[start : start + batch_size]
+            cache = model.new_cache(capacity=capacity, batch_size=len(chunk))
+            for r, k in enumerate(chunk):
+                source, j = prefix[int(rows[k])]
+                cache.k[:, r, :, : length - 1] = source.k[:, j, :, : length - 1]
+                cache.v[:, r, :, : length - 1] = source.v[:, j, :, : length - 1]
+            cache.length = length - 1
+            site = torch.tensor([[prompt_ids[rows[k]][-1]] for k in chunk], device=model.device)
+            hooks = _EditSite(edit, vectors[chunk].to(model.device))
+            logits = model(site, cache=cache, hooks=hooks, last_only=True)[:, -1]
+            finished = torch.zeros(len(chunk), dtype=torch.bool)
+            made: list[torch.Tensor] = []
+
+            def step(tokens: torch.Tensor, cache=cache) -> torch.Tensor:
+                return model(tokens[:, None].to(model.device), cache=cache)[:, -1]
+
+            for s in generate_steps(model, [], logits, max_new_tokens, greedy_rows, cache, forward=step):
+                made.append(s.token.cpu())
+                finished |= torch.isin(made[-1], stops)
+                if bool(finished.all()) or s.next_logits is None:
+                    break
+            for r, k in enumerate(chunk):
+                seq = [int(t[r]) for t in made]
+                cut = next((n + 1 for n, t in enumerate(seq) if t in set(stop_ids)), len(seq))
+                out[k] = seq[:cut]
+    return out
 
 
 def spread(states: np.ndarray) -> float:
@@ -170,6 +248,7 @@ def steering_test(lm, x: CausalInputs, settings) -> Steering | None:
         effect=boot(hits["probe"][at] - hits["random"][at]),
         kl_jump_position=float(np.median(jumps)) if jumps else None,
         n=len(rows),
+        effect_dose=dose,
     )
 
 
