@@ -259,3 +259,23 @@ def test_cli_end_to_end_writes_the_map_caches_and_resumes(llama_dir, tmp_path, c
     assert f"article_article_{llama_dir.name}_verdict" in finding.numbers
     with pytest.raises(Unavailable, match="no plan map"):
         where_it_plans(ReportContext(results_dir=tmp_path), shown)
+
+
+def test_a_saved_outcome_reads_back_whole_and_a_changed_key_does_not(tmp_path):
+    from forethought.experiments.baselines import Interval
+    from forethought.experiments.plan_tasks.pipeline import TaskOutcome, read_outcome, save_outcome
+    from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult
+
+    iv = Interval(0.1, 0.05, 0.2)
+    steering = Steering(3, [1.0, 4.0], [iv, iv], [iv, iv], iv, kl_jump_position=2.0, n=16)
+    result = TargetResult(
+        "answer", "m", "answer", 120, iv, 118, 7, 3, iv, iv, iv, iv, 0.07, iv,
+        steering=steering, patching=Patching(3, iv, iv, iv, n=16), verdict="planned", why="because",
+    )  # fmt: skip
+    outcome = TaskOutcome("m", "answer", [result], 134_000_000, 30, 0.62, 60.0, 100.0, 720, key="k1")
+    save_outcome(outcome, tmp_path)
+    back = read_outcome(tmp_path, "k1")
+    assert back.cached and back.results == [result] and back.n_params == outcome.n_params
+    assert read_outcome(tmp_path, "k2") is None  # other settings: redone, never shown
+    (tmp_path / "result.json").write_text("{")
+    assert read_outcome(tmp_path, "k1") is None
