@@ -31,9 +31,9 @@ def rhyme_families(word: str) -> list[str]:
     """Every family the word's pronunciations give, the dictionary's first first; [] for an unknown word."""
     families: list[str] = []
     for phones in _dictionary().get(word.lower(), []):
-        family = _family(phones)
-        if family not in families:
-            families.append(family)
+        rhyme = _family(phones)
+        if rhyme not in families:
+            families.append(rhyme)
     return families
 
 
