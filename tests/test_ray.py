@@ -255,3 +255,23 @@ def test_fan_out_over_seeds_keeps_their_order_and_user_errors(cluster) -> None:
     assert fan_out(ray, weight_sum, seeds) == [weight_sum(s) for s in seeds]
     with pytest.raises(ForethoughtError, match="seed -1 is negative"):
         fan_out(ray, weight_sum, [0, -1])
+
+
+def test_cli_plan_tasks_one_model_per_worker_matches_local(cluster, llama_dir: Path, qwen2_dir: Path, tmp_path):
+    """`plan-tasks --ray`: each model's tasks on a worker, saved by the driver: the same runs and verdicts."""
+    from forethought.cli import main
+    from forethought.experiments.plan_tasks.types import TaskRun
+
+    args = ["plan-tasks", "--model", f"{llama_dir},{qwen2_dir}", "--tasks", "article", "--prompts", "10", "--quick"]
+    assert main([*args, "--out", str(tmp_path / "local"), "--json"]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "auto", "--json"]) == 0
+    for model in (llama_dir.name, qwen2_dir.name):
+        local = TaskRun.load(tmp_path / "local" / model / "article" / "run")
+        remote = TaskRun.load(tmp_path / "ray" / model / "article" / "run")
+        assert remote.completion_ids == local.completion_ids and remote.labels == local.labels
+        np.testing.assert_allclose(remote.states, local.states, rtol=1e-5, atol=1e-5)
+    maps = [json.loads((tmp_path / where / "plan_map.json").read_text()) for where in ("local", "ray")]
+    assert [[r["verdict"] for r in o["results"]] for o in maps[0]["outcomes"]] == [
+        [r["verdict"] for r in o["results"]] for o in maps[1]["outcomes"]
+    ]
+    assert [m["model"] for m in maps[1]["models"]] == [llama_dir.name, qwen2_dir.name]

@@ -24,7 +24,7 @@ from forethought.report import (
     write_report,
 )
 
-UNAVAILABLE = {"second_model"}  # answered only with --compare or --results
+UNAVAILABLE = {"second_model", "where_it_plans"}  # answered only with --compare or --results
 BUILTIN = [s.key for s in SECTIONS if s.key not in UNAVAILABLE]
 TINY = ReportSettings(
     equivalence_steps=4,
@@ -90,7 +90,8 @@ def test_every_section_is_answered_or_says_why(built):
         assert by_key[key].finding.verdict and by_key[key].finding.figures
     for key in UNAVAILABLE:
         assert by_key[key].status == "unavailable"
-        assert "no second model's report to compare with" in by_key[key].reason
+    assert "no second model's report to compare with" in by_key["second_model"].reason
+    assert "no plan map to show" in by_key["where_it_plans"].reason
     assert by_key["boom"].status == "failed"
     assert "RuntimeError: this section always fails" in by_key["boom"].reason
     assert by_key["invariance"].finding.numbers["causal_unchanged"] is True

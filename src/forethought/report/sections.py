@@ -13,6 +13,7 @@ from forethought.report.architectures import architectures
 from forethought.report.context import ReportContext
 from forethought.report.finding import Finding, Unavailable, read_finding
 from forethought.report.plan import plan_answer
+from forethought.report.plan_tasks import plan_map_inputs, where_it_plans
 from forethought.report.speculative import speculative
 
 
@@ -115,6 +116,14 @@ SECTIONS: list[Section] = [
         "Is there a plan? (baselines, horizon, knockout, steering)",
         "Does the state carry a plan for later tokens that causally shapes them, beyond what baselines explain?",
         plan_answer,
+    ),
+    Section(
+        "where_it_plans",
+        "Where it plans",
+        "On tasks whose future is fixed before it is written (rhyme, answer, response, code, article), does the "
+        "state at the planning site add to the prompt text, and does the output follow it, as models grow?",
+        where_it_plans,
+        plan_map_inputs,
     ),
     Section(
         "anatomy",

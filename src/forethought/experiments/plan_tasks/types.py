@@ -118,6 +118,7 @@ class Steering:
     effect: Interval  # probe minus random share at the strongest dose that keeps the task done (or the largest)
     kl_jump_position: float | None = None  # median first completion position where KL(steered || plain) jumps
     n: int = 0
+    effect_dose: float | None = None  # the dose `effect` was read at (chosen on the random control alone)
 
 
 @dataclass
