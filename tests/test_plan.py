@@ -318,3 +318,5 @@ def test_minimum_detectable_effect_is_2_8_standard_errors_read_off_the_interval(
     assert abs(mde({"estimate": 5.0, "low": 4.0, "high": 6.0}) - 2.8 / 1.96) < 1e-9
     assert mde({"estimate": 0.0, "low": float("nan"), "high": 1.0}) is None
     assert mde(None) is None
+    # a zero-width interval measured no spread: it cannot say what was detectable (never "0: anything")
+    assert mde({"estimate": 0.0, "low": 0.0, "high": 0.0}) is None

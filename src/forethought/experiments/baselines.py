@@ -199,6 +199,18 @@ class Interval:
     high: float
 
 
+# The smallest true effect a two-sided 5% test detects with 80% power: (z_0.975 + z_0.8) standard errors.
+MDE_IN_SE = 1.96 + 0.84
+
+
+def minimum_detectable_effect(low: float, high: float) -> float:
+    """From a 95% interval (its half-width / 1.96 is the standard error). A zero-width interval measured no spread
+    at all (every resample gave the same value), so it cannot say what was detectable: NaN, never 0."""
+    if not high > low:
+        return float("nan")
+    return MDE_IN_SE * (high - low) / (2 * 1.96)
+
+
 def bootstrap_by_document(
     values: torch.Tensor | np.ndarray,
     documents: torch.Tensor | np.ndarray,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from forethought.experiments.baselines import minimum_detectable_effect
+
 BASELINE_LABELS = {
     "unigram": "unigram (no context; not counted as a context baseline)",
     "ngram1": "backoff n-gram, context 1 (bigram)",
@@ -28,16 +30,13 @@ def _iv(d: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"{f.format(scale * d['estimate'])} [{f.format(scale * d['low'])}, {f.format(scale * d['high'])}]"
 
 
-# The smallest true effect a two-sided 5% test detects with 80% power: (z_0.975 + z_0.8) standard errors, the
-# standard error read off the 95% interval (its half-width / 1.96). Every null in the answer carries it.
-MDE_IN_SE = 1.96 + 0.84
-
-
 def mde(d: dict | None) -> float | None:
-    """The minimum detectable effect of an interval {estimate, low, high} (same units), or None."""
-    if not d or d.get("low") is None or d.get("high") is None or math.isnan(d["low"]) or math.isnan(d["high"]):
+    """The minimum detectable effect of an interval {estimate, low, high} (same units), or None: every null in the
+    answer carries it."""
+    if not d or d.get("low") is None or d.get("high") is None:
         return None
-    return MDE_IN_SE * (d["high"] - d["low"]) / (2 * 1.96)
+    value = minimum_detectable_effect(d["low"], d["high"])
+    return None if math.isnan(value) else value
 
 
 def _mde_cell(d: dict | None, scale: float = 100.0, digits: int = 1) -> str:

@@ -50,13 +50,12 @@ import numpy as np
 import torch
 
 from forethought.errors import ForethoughtError
-from forethought.experiments.baselines import Interval, bootstrap_by_document
+from forethought.experiments.baselines import Interval, bootstrap_by_document, minimum_detectable_effect
 from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskPrompt, TaskRun
 from forethought.progress import Progress, tell
 
 VERSION = 5  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
 OTHER = "other"
-POWER_Z = 1.96 + 0.84  # two-sided 5% test, 80% power
 READOUTS = ("baseline", "stacked", "probe")  # B, B + h, h alone
 HINT_WEIGHTS = (0.25, 1.0, 4.0)  # B: the hints' weight relative to the n-grams, chosen on validation
 # B + h: the state's weight relative to the text; at 16 the text barely counts (B + h can do what h alone does)
@@ -307,9 +306,8 @@ def cross_fit(
 
 
 def mde(excess: Interval) -> float:
-    """The smallest excess detectable at 5% two-sided with 80% power: (1.96 + 0.84) x SE, the SE read off the
-    bootstrap's 95% interval (width / 3.92)."""
-    return POWER_Z * (excess.high - excess.low) / (2 * 1.96)
+    """The smallest excess detectable at 5% two-sided with 80% power (NaN when the interval has no width)."""
+    return minimum_detectable_effect(excess.low, excess.high)
 
 
 # ----------------------------------------------------------------------------------------------- the verdict

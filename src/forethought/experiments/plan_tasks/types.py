@@ -128,7 +128,7 @@ class Patching:
     layer: int
     follow: Interval  # share of patched prompts whose label becomes the donor's
     control: Interval  # the same with a donor of the same label as the recipient (changes by chance)
-    effect: Interval  # follow minus the rate at which the label changes to that donor label without a patch
+    effect: Interval  # follow minus control (unpatched greedy output cannot change: a same-label donor is the base)
     n: int = 0
 
 
