@@ -78,7 +78,8 @@ def greedy_completions(
 ) -> Completions:
     """Greedy continuations (each cut after its first stop token) and the site's states after `layers`."""
     names = [act_name(layer, "resid_post") for layer in layers]
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    stop_set = frozenset(stop_ids)
+    stops = torch.tensor(sorted(stop_set), dtype=torch.long)
     out_ids: list[list[int]] = [[] for _ in prompt_ids]
     d = model.config.d_model
     states = np.zeros((len(prompt_ids), len(names), d), dtype=np.float32)
@@ -109,7 +110,7 @@ def greedy_completions(
         gen = torch.stack(made, 1) if made else torch.zeros((len(rows), 0), dtype=torch.long)
         for r, i in enumerate(rows):
             seq = gen[r].tolist()
-            cut = next((j + 1 for j, t in enumerate(seq) if t in set(stop_ids)), len(seq))
+            cut = next((j + 1 for j, t in enumerate(seq) if t in stop_set), len(seq))
             out_ids[i] = seq[:cut]
         done += len(rows)
         tell(progress, done, len(prompt_ids))
