@@ -128,3 +128,65 @@ def test_batched_cache_matches_single_rows(tiny_lm):
     batched = feed(model, cache, ids, [9, 1, 1, 1])
     for row in range(2):
         assert (batched[row] - model(ids[row : row + 1])[0]).abs().max() <= TOL
+
+
+@torch.inference_mode()
+def test_tree_attention_equals_one_pass_per_branch(family_lm):
+    """Branches off one prefix copy (two prefix lengths, a second token on one branch), each token at its own
+    position and reading only its own path: the logits of a cache-free pass over that path, and the model's own
+    context check holds for positions, not slots."""
+    from forethought.model.kv_cache import BranchCache
+
+    model = family_lm.model
+    ids = ids_of(40)
+    cache = model.new_cache(capacity=40)
+    model(ids, cache=cache)
+    tree = BranchCache(cache, cache.length, room=1)  # grows on demand
+    L = tree.length
+    visible = torch.zeros(3, L + 3, dtype=torch.bool)
+    visible[0, :11] = visible[1, :21] = visible[2, :21] = True
+    visible[torch.arange(3), L + torch.arange(3)] = True
+    logits = model.forward_tree(torch.tensor([[5, 7, 9]]), tree, torch.tensor([11, 21, 21]), visible)[0]
+    paths = [(11, [5]), (21, [7]), (21, [9])]
+    for row, (p, after) in enumerate(paths):
+        full = model(torch.cat([ids[0, :p], torch.tensor(after)])[None])[0, -1]
+        assert (logits[row] - full).abs().max() <= TOL, row
+    # one more token on the second branch: it reads the prefix, that branch's slot and itself, nothing else
+    visible = torch.zeros(1, tree.length + 1, dtype=torch.bool)
+    visible[0, :21] = True
+    visible[0, [L + 1, tree.length]] = True
+    step = model.forward_tree(torch.tensor([[3]]), tree, torch.tensor([22]), visible)[0, 0]
+    assert (step - model(torch.cat([ids[0, :21], torch.tensor([7, 3])])[None])[0, -1]).abs().max() <= TOL
+    # reading the other branch instead gives the other path's logits (the mask is what separates branches)
+    visible = torch.zeros(1, tree.length + 1, dtype=torch.bool)
+    visible[0, :21] = True
+    visible[0, [L + 2, tree.length]] = True
+    other = model.forward_tree(torch.tensor([[3]]), tree, torch.tensor([22]), visible)[0, 0]
+    assert (other - model(torch.cat([ids[0, :21], torch.tensor([9, 3])])[None])[0, -1]).abs().max() <= TOL
+    assert (other - step).abs().max() > 1e-3
+    visible = torch.ones(1, tree.length + 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="context length"):
+        model.forward_tree(torch.tensor([[3]]), tree, torch.tensor([model.config.context_length]), visible)
+
+
+@torch.inference_mode()
+def test_repeat_prefix_carries_sliding_layers_rings():
+    """A batch of branches off the first p tokens (the causal tests' knockout rows and the ceiling without tree
+    attention) continues exactly as a cache-free pass, on a Gemma-style model whose local layers keep rings: a copy
+    of the global layers alone once left those rings empty (1.1 logits off)."""
+    from forethought.model.random_init import random_model, tiny_config
+
+    model = random_model(
+        tiny_config("gemma3", vocab_size=64, context_length=64, sliding_window=64, sliding_layers=(0,)), seed=3
+    )
+    ids = torch.randint(3, 60, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(capacity=42)
+    model(ids, cache=cache)
+    branches = cache.repeat_prefix(2, 31)
+    logits = model(torch.tensor([[5], [6]]), cache=branches)[:, 0]
+    for row, token in enumerate((5, 6)):
+        full = model(torch.cat([ids[0, :31], torch.tensor([token])])[None])[0, -1]
+        assert (logits[row] - full).abs().max() <= TOL
+    branches.select(torch.tensor([1]))  # go on with the second branch only
+    step = model(torch.tensor([[7]]), cache=branches)[0, 0]
+    assert (step - model(torch.cat([ids[0, :31], torch.tensor([6, 7])])[None])[0, -1]).abs().max() <= TOL

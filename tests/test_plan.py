@@ -27,6 +27,8 @@ from forethought.experiments.causal import (
     attention_sinks,
     measure_position,
     random_control_key,
+    window_ceiling,
+    window_prefix,
 )
 from forethought.experiments.probe_file import ProbeLayer, load_probe_folder, load_probe_layer, save_probe_layer
 from forethought.experiments.revise import _kl
@@ -183,10 +185,40 @@ def test_ceiling_at_one_step_is_the_greedy_top1(tiny) -> None:
         greedy = int(tiny(window[None, : p + 1])[0, -1].argmax())
         for follow, expected in ((greedy, 1.0), ((greedy + 1) % 64, 0.0)):
             window[p + 1] = follow
-            out = measure_position(tiny, window, p, settings, {}, torch.Generator().manual_seed(0), torch.arange(60))
+            prefix = window_prefix(tiny, window, settings)
+            out = window_ceiling(tiny, window, [p], settings, torch.Generator().manual_seed(0), prefix)[0]
             assert out["ceiling@1"] == expected, (seed, p, follow)
             hits.append(out["ceiling@1"])
     assert set(hits) == {0.0, 1.0}
+
+
+@torch.inference_mode()
+def test_ceiling_two_steps_is_the_exact_marginal_and_tree_equals_batches(tiny, monkeypatch) -> None:
+    """k = 2 against a cache-free reference: sum over the top_m next tokens y of p(y) p(x | y), each term its own
+    full pass; positions of one window in chunks through tree attention give the per-position batches' answers
+    (k > 2 included: the same rollouts from the same generator), and rows follow their positions."""
+    settings = CausalSettings(from_layers=(0,), steer_layers=(), ceiling_offsets=(1, 2, 3, 4), top_m=8, rollouts=4)
+    window = torch.randint(3, 60, (40,), generator=torch.Generator().manual_seed(5))
+    ps = [6, 30, 13, 21, 35, 37]  # 37: x_{t+3} and x_{t+4} lie past the window
+
+    def marginal(p: int) -> torch.Tensor:
+        top = torch.softmax(tiny(window[None, : p + 1])[0, -1], -1).topk(8)
+        return sum(
+            w * torch.softmax(tiny(torch.cat([window[: p + 1], y[None]])[None])[0, -1], -1)
+            for w, y in zip(top.values, top.indices)
+        )
+
+    for p in (6, 21):  # x_{t+2} set to the marginal's top-1 (the marginal reads only x_{..t}): two hits
+        window[p + 2] = int(marginal(p).argmax())
+    prefix = window_prefix(tiny, window, settings)
+    tree = window_ceiling(tiny, window, ps, settings, torch.Generator().manual_seed(1), prefix, chunk_rows=24)
+    for p, out in zip(ps, tree):
+        assert out["ceiling@2"] == float(int(marginal(p).argmax()) == int(window[p + 2])), p
+        assert ("ceiling@4" in out) == (p + 4 < 40)
+    assert {out["ceiling@2"] for out in tree} == {0.0, 1.0}  # the window holds hits and misses
+    monkeypatch.setattr(type(tiny.family), "tree_attention", False)
+    batches = window_ceiling(tiny, window, ps, settings, torch.Generator().manual_seed(1), prefix)
+    assert batches == tree
 
 
 def test_planted_attention_sink_is_detected_and_the_random_key_avoids_it() -> None:

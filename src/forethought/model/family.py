@@ -27,6 +27,7 @@ class Family:
     layer_norm = False  # LayerNorm with bias instead of RMSNorm (GPT-2)
     shared_memory = False  # one memory key/value map shared by all layers (the Feedback Transformer)
     compiled_decode = False  # kernels.DecodeStep runs its decode steps; else op by op
+    tree_attention = False  # forward_tree: tokens at given positions reading given slots of a BranchCache
     mlp_matrices = 3  # gated MLP: gate, up, down
     hf_model_type: str | None = None  # the HF `model_type` the lab's export writes it as, where HF has a class
     # The canonical tensors of a lab folder of this family (weights/validate.py checks a folder holds exactly
@@ -54,6 +55,10 @@ class Family:
     ) -> torch.Tensor:
         """Transformer.forward's op-by-op path: logits [batch, positions, vocab] for `tokens` after `start`."""
         raise NotImplementedError
+
+    def forward_tree(self, model, tokens: torch.Tensor, cache: Cache, positions: torch.Tensor, visible: torch.Tensor):
+        """Transformer.forward_tree, where `tree_attention` says the family has it."""
+        raise NotImplementedError(f"the {self.name} family has no tree attention")
 
     def new_cache(
         self,

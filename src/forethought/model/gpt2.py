@@ -29,9 +29,13 @@ class GPT2Family(Family):
     learned_positions = True
     layer_norm = True
     mlp_matrices = 2  # up, down
+    tree_attention = True
 
     def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
         return decoder_forward(model, tokens, cache, hooks, last_only, causal, start)
+
+    def forward_tree(self, model, tokens, cache, positions, visible):  # noqa: D102 - Family.forward_tree
+        return decoder_forward(model, tokens, cache, None, False, True, cache.length, (positions, visible))
 
     def n_params(self, config: ModelConfig) -> int:
         return super().n_params(config) + config.context_length * config.d_model  # the position table

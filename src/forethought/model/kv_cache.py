@@ -139,6 +139,20 @@ class KVCache(Cache):
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_prefix(self, rows: int, length: int, room: int = 32) -> KVCache:
+        """A new cache of `rows` copies of batch row 0's first `length` tokens, with room for `room` more: the
+        shared start of a batch of branches."""
+        new = type(self)(self.config, rows, length + room, self.k.dtype, self.k.device)
+        new.reserve(min(length + room, self.config.context_length))
+        new.k[:, :, :, :length] = self.k[:, :1, :, :length]
+        new.v[:, :, :, :length] = self.v[:, :1, :, :length]
+        new.length = length
+        return new
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows` (in that order): the branches a batch goes on with."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
     def copy(self) -> KVCache:
         """An independent cache with the same contents (only the filled part is copied)."""
         new = KVCache(self.config, self.batch_size, self.capacity, self.k.dtype, self.k.device)
@@ -153,6 +167,40 @@ class KVCache(Cache):
             f"KVCache(length={self.length}, capacity={self.capacity}, "
             f"bytes_per_token={self.bytes_per_token}, nbytes={self.nbytes})"
         )
+
+
+class BranchCache(KVCache):
+    """Tree attention's cache: a batch-1 prefix copied once, then slots for tokens that branch off it, in the
+    order they are run. A slot is not a position: each branch token brings its own position and the slots it
+    reads (`Transformer.forward_tree`), so many continuations of many prefix lengths share one prefix copy and
+    one forward, and the cache's size is bounded by memory, not by the model's context."""
+
+    def __init__(self, prefix: KVCache, length: int, room: int = 256) -> None:
+        shape = list(prefix.k.shape)
+        shape[1], shape[3] = 1, length + room
+        self.config = prefix.config
+        self.k = prefix.k.new_empty(shape)
+        self.v = prefix.v.new_empty(shape)
+        self.k[:, :, :, :length] = prefix.k[:, :1, :, :length]
+        self.v[:, :, :, :length] = prefix.v[:, :1, :, :length]
+        self.length = length
+
+    def check_fits(self, n_tokens: int) -> None:
+        """Slots are not positions (forward_tree checks the positions against the context)."""
+
+    def reserve(self, n_tokens: int) -> None:
+        if n_tokens <= self.capacity:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            shape = list(old.shape)
+            shape[3] = max(n_tokens, 2 * self.capacity)
+            new = old.new_empty(shape)
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+
+    def copy(self) -> BranchCache:
+        return BranchCache(self, self.length, self.capacity - self.length)
 
 
 class SlidingKVCache(KVCache):
@@ -283,6 +331,30 @@ class SlidingKVCache(KVCache):
                 f"not {n_tokens} (create it with a larger `rewind`)"
             )
         super().truncate(n_tokens)
+
+    def repeat_prefix(self, rows: int, length: int, room: int = 32) -> SlidingKVCache:
+        """As KVCache's, local layers included: their rings must still hold the first `length` tokens in place
+        (never wrapped: at most ring_size tokens were ever written)."""
+        if self._high > self.ring_size and self.n_local:
+            raise ValueError(
+                f"a sliding-window cache that has wrapped ({self._high} tokens written, ring of {self.ring_size}) "
+                "no longer holds its first tokens"
+            )
+        rewind = self.ring_size - self.window
+        new = SlidingKVCache(self.config, rows, length + room, self.k.dtype, self.k.device, rewind)
+        new.reserve(min(length + room, self.config.context_length))
+        new.k[:, :, :, :length] = self.k[:, :1, :, :length]
+        new.v[:, :, :, :length] = self.v[:, :1, :, :length]
+        n = min(length, self.ring_size)
+        new.ring_k[:, :, :, :n] = self.ring_k[:, :1, :, :n]
+        new.ring_v[:, :, :, :n] = self.ring_v[:, :1, :, :n]
+        new.length = new._high = length
+        return new
+
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        self.ring_k, self.ring_v = self.ring_k[:, rows], self.ring_v[:, rows]
+        self._batch = len(rows)
 
     def copy(self) -> SlidingKVCache:
         new = SlidingKVCache.__new__(SlidingKVCache)

@@ -98,18 +98,31 @@ class Block(nn.Module):
 
 
 def decoder_forward(
-    model, tokens: torch.Tensor, cache: KVCache | None, hooks: Hooks | None, last_only: bool, causal: bool, start: int
+    model,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    hooks: Hooks | None,
+    last_only: bool,
+    causal: bool,
+    start: int,
+    tree: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Transformer.forward for Llama and GPT-2: embed (+ learned positions), every block with one causal mask
-    and one slice of the RoPE table, then the final norm and unembedding."""
+    and one slice of the RoPE table, then the final norm and unembedding. `tree` = (positions [T], visible
+    [T, start + T]) gives each token its own position and the cache slots it reads (Transformer.forward_tree)."""
     B, T = tokens.shape
     end = start + T
     wanted = hooks.points if hooks is not None else ()
     x = F.embedding(tokens, model.embed)
     if model.pos_embed is not None:
-        x = x + model.pos_embed[start:end]
+        x = x + (model.pos_embed[start:end] if tree is None else model.pos_embed[tree[0]])
     if "embed" in wanted:
         x = hooks("embed", x)
+    if tree is not None:
+        rope = model.rope_at(tree[0], x.dtype)
+        for block in model.blocks:
+            x = block(x, rope, tree[1], cache, start, hooks)
+        return model.finish(x, cache, end, hooks, last_only)
     rope = model.rope(start, end, x.dtype)
     mask = None
     if causal and T > 1:
@@ -131,6 +144,7 @@ class LlamaFamily(Family):
     block = Block
     shared_rope = True
     compiled_decode = True
+    tree_attention = True
     hf_model_type = "llama"
 
     def check(self, config: ModelConfig) -> str | None:
@@ -140,6 +154,9 @@ class LlamaFamily(Family):
 
     def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
         return decoder_forward(model, tokens, cache, hooks, last_only, causal, start)
+
+    def forward_tree(self, model, tokens, cache, positions, visible):  # noqa: D102 - Family.forward_tree
+        return decoder_forward(model, tokens, cache, None, False, True, cache.length, (positions, visible))
 
 
 LLAMA = LlamaFamily()

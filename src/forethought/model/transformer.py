@@ -17,7 +17,7 @@ from forethought.model import kernels
 from forethought.model.config import ModelConfig
 from forethought.model.families import family_of
 from forethought.model.family import Family
-from forethought.model.kv_cache import Cache, KVCache
+from forethought.model.kv_cache import BranchCache, Cache, KVCache
 from forethought.model.layers import (
     BLOCK_POINTS,
     GLOBAL_POINTS,
@@ -86,6 +86,12 @@ class Transformer(nn.Module):
             return None
         return self.rope_cos[start:end].to(dtype), self.rope_sin[start:end].to(dtype)
 
+    def rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin of the given positions (tree attention: tokens of one forward at positions of their own)."""
+        if not (self.family.shared_rope and self.config.use_rope):
+            return None
+        return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+
     @property
     def family(self) -> Family:
         return family_of(self.config.family)
@@ -139,6 +145,23 @@ class Transformer(nn.Module):
                 cache.length = end
                 return (logits[-1:] if last_only else logits).unsqueeze(0)
         return self.family.forward(self, tokens, cache, hooks, last_only, causal, start)
+
+    def forward_tree(self, tokens: torch.Tensor, cache: BranchCache, positions: torch.Tensor, visible: torch.Tensor):
+        """Logits [1, T, vocab] for T tokens that branch off a cached prefix (tree attention): token i sits at
+        position `positions[i]` and reads the slots j where `visible[i, j]` ([T, cache.length + T]: the prefix's
+        slots, earlier branches' and its own), and is stored in slot cache.length + i. Many continuations of
+        many prefix lengths then cost one forward, where a batch would copy the prefix once per row."""
+        T = tokens.shape[1]
+        if tokens.shape[0] != 1 or positions.shape != (T,) or visible.shape != (T, cache.length + T):
+            raise ValueError("forward_tree takes tokens [1, T], positions [T] and visible [T, cache.length + T]")
+        if not self.family.tree_attention:
+            raise ValueError(f"the {self.family.name} family has no tree attention")
+        if int(positions.max()) >= self.config.context_length:
+            raise ValueError(f"position {int(positions.max())} exceeds the context length {self.config.context_length}")
+        cache.reserve(cache.length + T)
+        if self.family.shared_rope and int(positions.max()) >= self.rope_cos.shape[0]:
+            self.init_rope(2 * int(positions.max()) + 2)
+        return self.family.forward_tree(self, tokens, cache, positions, visible)
 
     def finish(
         self, x: torch.Tensor, cache: Cache | None, end: int, hooks: Hooks | None, last_only: bool
