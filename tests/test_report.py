@@ -98,7 +98,8 @@ def test_every_section_is_answered_or_says_why(built):
     assert by_key["invariance"].finding.numbers["control_unchanged"] is False  # the control must fail
     assert by_key["equivalence"].finding.numbers["identical_tokens"] is True
     plan = by_key["plan"].finding
-    assert plan.verdict.startswith("Setting: at k = 1") and "Carries beyond the context?" in plan.verdict
+    assert plan.verdict.startswith("Setting: at k = 1")
+    assert "Does h_t carry anything about later tokens beyond its context?" in plan.verdict
     assert "Used? Hiding one key" in plan.verdict
     assert [f.file for f in plan.figures] == ["plan_horizon.png", "plan_causal.png", "plan_steering.png"]
     for k in (1, 2, 4):  # the horizon: per offset, what h_t adds to the baseline features, with its interval
@@ -213,7 +214,7 @@ def test_page_renders_in_chromium(built, tmp_path):
             assert card.get_attribute("data-status") == o.status
             assert o.title in card.inner_text()
         assert "not available in this install" in page.inner_text("section#second_model")
-        assert "Carries beyond the context?" in page.inner_text("section#plan")
+        assert "Does h_t carry anything about later tokens beyond its context?" in page.inner_text("section#plan")
         assert page.locator("section#plan img").count() == 3
         assert "this section always fails" in page.inner_text("section#boom")
         images = page.locator("img")
