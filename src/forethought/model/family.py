@@ -56,7 +56,7 @@ class Family:
         """Transformer.forward's op-by-op path: logits [batch, positions, vocab] for `tokens` after `start`."""
         raise NotImplementedError
 
-    def forward_tree(self, model, tokens: torch.Tensor, cache: Cache, positions: torch.Tensor, visible: torch.Tensor):
+    def forward_tree(self, model, tokens, cache: Cache, positions, visible, hooks, last_only) -> torch.Tensor:
         """Transformer.forward_tree, where `tree_attention` says the family has it."""
         raise NotImplementedError(f"the {self.name} family has no tree attention")
 

@@ -34,8 +34,8 @@ class GPT2Family(Family):
     def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
         return decoder_forward(model, tokens, cache, hooks, last_only, causal, start)
 
-    def forward_tree(self, model, tokens, cache, positions, visible):  # noqa: D102 - Family.forward_tree
-        return decoder_forward(model, tokens, cache, None, False, True, cache.length, (positions, visible))
+    def forward_tree(self, model, tokens, cache, positions, visible, hooks, last_only):  # noqa: D102 - Family's
+        return decoder_forward(model, tokens, cache, hooks, last_only, True, cache.length, (positions, visible))
 
     def n_params(self, config: ModelConfig) -> int:
         return super().n_params(config) + config.context_length * config.d_model  # the position table

@@ -230,7 +230,7 @@ def explicit_pattern(
     scores = scores / math.sqrt(hd) if scale is None else scores * scale
     scores = scores.view(B, n_q, T, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~(mask[:, None] if mask.dim() == 3 else mask), float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(q.dtype)
 
 
@@ -244,7 +244,8 @@ def attend(
     scale: float | None = None,
 ) -> torch.Tensor:
     """The attention core: q [batch, n_q, query, head_dim] over k, v [batch, n_kv, key, head_dim] -> [batch,
-    query, n_q * head_dim]. `mask` [query, key] says which keys each query may read (None: all).
+    query, n_q * head_dim]. `mask` [query, key] (or [batch, query, key]) says which keys each query may read
+    (None: all).
 
     Grouped-query attention without copying K/V: the query heads that share a KV head are stacked along the
     query axis, and the mask is tiled to match. When `pattern_name` is hooked the weights are computed
@@ -257,7 +258,12 @@ def attend(
         out = torch.matmul(pattern.view(B, n_kv, group * T, S), v).view(B, n_q, T, hd)
     else:
         qg = q.reshape(B, n_kv, group * T, hd)
-        m = None if mask is None else mask.repeat(group, 1)
+        if mask is None:
+            m = None
+        elif mask.dim() == 3:  # one mask per row (ragged batches): [B, 1, group * T, S]
+            m = mask.repeat(1, group, 1)[:, None]
+        else:
+            m = mask.repeat(group, 1)
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m, scale=scale).view(B, n_q, T, hd)
     return out.transpose(1, 2).reshape(B, T, n_q * hd)
 

@@ -108,8 +108,9 @@ def decoder_forward(
     tree: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Transformer.forward for Llama and GPT-2: embed (+ learned positions), every block with one causal mask
-    and one slice of the RoPE table, then the final norm and unembedding. `tree` = (positions [T], visible
-    [T, start + T]) gives each token its own position and the cache slots it reads (Transformer.forward_tree)."""
+    and one slice of the RoPE table, then the final norm and unembedding. `tree` = (positions [T] or [B, T],
+    visible [T, start + T] or [B, T, start + T]) gives each token its own position and the cache slots it reads
+    (Transformer.forward_tree)."""
     B, T = tokens.shape
     end = start + T
     wanted = hooks.points if hooks is not None else ()
@@ -155,8 +156,8 @@ class LlamaFamily(Family):
     def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
         return decoder_forward(model, tokens, cache, hooks, last_only, causal, start)
 
-    def forward_tree(self, model, tokens, cache, positions, visible):  # noqa: D102 - Family.forward_tree
-        return decoder_forward(model, tokens, cache, None, False, True, cache.length, (positions, visible))
+    def forward_tree(self, model, tokens, cache, positions, visible, hooks, last_only):  # noqa: D102 - Family's
+        return decoder_forward(model, tokens, cache, hooks, last_only, True, cache.length, (positions, visible))
 
 
 LLAMA = LlamaFamily()

@@ -17,7 +17,7 @@ from forethought.model import kernels
 from forethought.model.config import ModelConfig
 from forethought.model.families import family_of
 from forethought.model.family import Family
-from forethought.model.kv_cache import BranchCache, Cache, KVCache
+from forethought.model.kv_cache import Cache, KVCache
 from forethought.model.layers import (
     BLOCK_POINTS,
     GLOBAL_POINTS,
@@ -90,7 +90,10 @@ class Transformer(nn.Module):
         """cos/sin of the given positions (tree attention: tokens of one forward at positions of their own)."""
         if not (self.family.shared_rope and self.config.use_rope):
             return None
-        return self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+        cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+        if positions.dim() == 2:  # per row [B, T, head_dim] -> [B, 1, T, head_dim]: one table for every head
+            cos, sin = cos[:, None], sin[:, None]
+        return cos, sin
 
     @property
     def family(self) -> Family:
@@ -146,22 +149,39 @@ class Transformer(nn.Module):
                 return (logits[-1:] if last_only else logits).unsqueeze(0)
         return self.family.forward(self, tokens, cache, hooks, last_only, causal, start)
 
-    def forward_tree(self, tokens: torch.Tensor, cache: BranchCache, positions: torch.Tensor, visible: torch.Tensor):
-        """Logits [1, T, vocab] for T tokens that branch off a cached prefix (tree attention): token i sits at
-        position `positions[i]` and reads the slots j where `visible[i, j]` ([T, cache.length + T]: the prefix's
-        slots, earlier branches' and its own), and is stored in slot cache.length + i. Many continuations of
-        many prefix lengths then cost one forward, where a batch would copy the prefix once per row."""
-        T = tokens.shape[1]
-        if tokens.shape[0] != 1 or positions.shape != (T,) or visible.shape != (T, cache.length + T):
-            raise ValueError("forward_tree takes tokens [1, T], positions [T] and visible [T, cache.length + T]")
+    def forward_tree(
+        self,
+        tokens: torch.Tensor,
+        cache: Cache,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        hooks: Hooks | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] stored in slots cache.length.. of `cache`, each at its own
+        position and reading only the slots `visible` says: positions [T] or [B, T], visible [T, S] or [B, T, S]
+        with S = cache.length + T (the slots before, and the new tokens' own).
+
+        Two uses: tree attention (B = 1, a `BranchCache`): many continuations of many prefix lengths of one
+        sequence in one forward, where a batch would copy the prefix once per row; and ragged batches (a
+        `KVCache`): prompts of different lengths left-padded into one batch, each row at its own positions and
+        blind to its padding, where batching by exact length leaves rows of their own."""
+        B, T = tokens.shape
+        S = cache.length + T
+        rows_ok = visible.shape in ((T, S), (B, T, S)) and positions.shape in ((T,), (B, T))
+        if not rows_ok:
+            raise ValueError(
+                f"forward_tree takes tokens [B, T], positions [T] or [B, T] and visible [T, S] or [B, T, S] with "
+                f"S = cache.length + T = {S}; got {tuple(positions.shape)} and {tuple(visible.shape)}"
+            )
         if not self.family.tree_attention:
             raise ValueError(f"the {self.family.name} family has no tree attention")
         if int(positions.max()) >= self.config.context_length:
             raise ValueError(f"position {int(positions.max())} exceeds the context length {self.config.context_length}")
-        cache.reserve(cache.length + T)
+        cache.reserve(S)
         if self.family.shared_rope and int(positions.max()) >= self.rope_cos.shape[0]:
             self.init_rope(2 * int(positions.max()) + 2)
-        return self.family.forward_tree(self, tokens, cache, positions, visible)
+        return self.family.forward_tree(self, tokens, cache, positions, visible, hooks, last_only)
 
     def finish(
         self, x: torch.Tensor, cache: Cache | None, end: int, hooks: Hooks | None, last_only: bool

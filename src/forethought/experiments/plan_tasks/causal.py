@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from forethought.experiments.baselines import Interval, bootstrap_by_document
-from forethought.experiments.plan_tasks.generate import SiteEdit, completion_texts, greedy_completions
+from forethought.experiments.plan_tasks.generate import SiteEdit, completion_texts, greedy_completions, ragged_batches
 from forethought.experiments.plan_tasks.types import Patching, Steering, TaskRun
 from forethought.model.decode import generate_steps, greedy_rows
 from forethought.model.kv_cache import KVCache
+from forethought.model.ragged import RaggedBatch
 from forethought.trace import act_name
 
 OTHER = "other"
@@ -111,53 +112,52 @@ def edited_completions(
     for the repeated prompts, computed without repeating their prefixes. An edit at the site cannot change the
     positions before it, so each distinct prompt's prefix runs once and its keys/values are copied into every row
     that edits it; only the site token and the completion run per row (a dose-response edits each prompt ten
-    times). Caches other than the plain KVCache (sliding windows, recurrent states) take the plain path."""
+    times). Rows of any lengths share a ragged batch; families without tree attention take the plain path."""
     vectors = edit.vectors if edit.vectors.dim() == 2 else edit.vectors.expand(len(rows), -1)
-    if type(model.new_cache(capacity=1, batch_size=1)) is not KVCache:
+    if not model.family.tree_attention:
         plain = greedy_completions(model, [prompt_ids[i] for i in rows], max_new_tokens, stop_ids, (), edit, batch_size)
         return plain.ids
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    stop_set = frozenset(stop_ids)
+    stops = torch.tensor(sorted(stop_set), dtype=torch.long)
     out: list[list[int]] = [[] for _ in rows]
-    by_length: dict[int, list[int]] = {}
-    for k, i in enumerate(rows):
-        by_length.setdefault(len(prompt_ids[i]), []).append(k)
-    for length, ks in sorted(by_length.items()):
-        capacity = length + max_new_tokens
-        distinct = sorted({int(rows[k]) for k in ks})
-        prefix: dict[int, tuple[KVCache, int]] = {}  # prompt -> (the cache holding its prefix, its row there)
-        for start in range(0, len(distinct), batch_size):
-            chunk = distinct[start : start + batch_size]
-            cache = model.new_cache(capacity=capacity, batch_size=len(chunk))
-            if length > 1:
-                tokens = torch.tensor([list(prompt_ids[i][:-1]) for i in chunk], device=model.device)
-                model(tokens, cache=cache, last_only=True)
-            prefix |= {i: (cache, j) for j, i in enumerate(chunk)}
-        for start in range(0, len(ks), batch_size):
-            chunk = ks[start : start + batch_size]
-            cache = model.new_cache(capacity=capacity, batch_size=len(chunk))
-            for r, k in enumerate(chunk):
-                source, j = prefix[int(rows[k])]
-                cache.k[:, r, :, : length - 1] = source.k[:, j, :, : length - 1]
-                cache.v[:, r, :, : length - 1] = source.v[:, j, :, : length - 1]
-            cache.length = length - 1
-            site = torch.tensor([[prompt_ids[rows[k]][-1]] for k in chunk], device=model.device)
-            hooks = _EditSite(edit, vectors[chunk].to(model.device))
-            logits = model(site, cache=cache, hooks=hooks, last_only=True)[:, -1]
-            finished = torch.zeros(len(chunk), dtype=torch.bool)
-            made: list[torch.Tensor] = []
+    # every distinct prompt's prefix (all but the site token) once, in ragged batches
+    distinct = sorted({int(i) for i in rows})
+    prefix: dict[int, tuple[KVCache, int, int]] = {}  # prompt -> (cache holding its prefix, its row, the width)
+    for chunk in ragged_batches([prompt_ids[i][:-1] for i in distinct], batch_size):
+        heads = [distinct[c] for c in chunk]
+        batch, tokens = RaggedBatch.left_padded([prompt_ids[i][:-1] for i in heads], device=model.device)
+        cache = model.new_cache(capacity=max(1, batch.width), batch_size=len(heads))
+        if batch.width:
+            batch.forward(model, tokens, cache, last_only=True)
+        prefix |= {i: (cache, j, batch.width) for j, i in enumerate(heads)}
+    # the edited rows, in ragged batches: the prefix copied in, then the edited site token and the completion
+    for chunk in ragged_batches([prompt_ids[i] for i in rows], batch_size):
+        lengths = [len(prompt_ids[rows[k]]) - 1 for k in chunk]
+        batch = RaggedBatch(lengths, model.device)
+        cache = model.new_cache(capacity=batch.width + 1 + max_new_tokens, batch_size=len(chunk))
+        for r, (k, n) in enumerate(zip(chunk, lengths, strict=True)):
+            source, j, width = prefix[int(rows[k])]
+            cache.k[:, r, :, batch.width - n : batch.width] = source.k[:, j, :, width - n : width]
+            cache.v[:, r, :, batch.width - n : batch.width] = source.v[:, j, :, width - n : width]
+        cache.length = batch.width
+        site = torch.tensor([[prompt_ids[rows[k]][-1]] for k in chunk], device=model.device)
+        hooks = _EditSite(edit, vectors[chunk].to(model.device))
+        logits = batch.forward(model, site, cache, hooks, last_only=True)[:, -1]
+        finished = torch.zeros(len(chunk), dtype=torch.bool)
+        made: list[torch.Tensor] = []
 
-            def step(tokens: torch.Tensor, cache=cache) -> torch.Tensor:
-                return model(tokens[:, None].to(model.device), cache=cache)[:, -1]
+        def step(tokens: torch.Tensor, batch=batch, cache=cache) -> torch.Tensor:
+            return batch.forward(model, tokens[:, None].to(model.device), cache)[:, -1]
 
-            for s in generate_steps(model, [], logits, max_new_tokens, greedy_rows, cache, forward=step):
-                made.append(s.token.cpu())
-                finished |= torch.isin(made[-1], stops)
-                if bool(finished.all()) or s.next_logits is None:
-                    break
-            for r, k in enumerate(chunk):
-                seq = [int(t[r]) for t in made]
-                cut = next((n + 1 for n, t in enumerate(seq) if t in set(stop_ids)), len(seq))
-                out[k] = seq[:cut]
+        for s in generate_steps(model, [], logits, max_new_tokens, greedy_rows, cache, forward=step):
+            made.append(s.token.cpu())
+            finished |= torch.isin(made[-1], stops)
+            if bool(finished.all()) or s.next_logits is None:
+                break
+        for r, k in enumerate(chunk):
+            seq = [int(t[r]) for t in made]
+            cut = next((n + 1 for n, t in enumerate(seq) if t in stop_set), len(seq))
+            out[k] = seq[:cut]
     return out
 
 

@@ -1,11 +1,11 @@
 """Greedy continuations of many prompts, batched, with the residual stream at each prompt's last token (the
 planning site) captured -- or edited, for steering and patching -- during the prompt's pass.
 
-Prompts are batched by exact token length (the engine has no padding mask, and templated prompts come in a few
-lengths), up to `batch_size` rows; every row decodes through the one decode loop (`generate_steps`) on a shared
-batched cache until all rows have stopped or the budget is spent. Batched greedy is token-identical to one prompt
-at a time (tests/test_plan_tasks.py checks it), and on a bandwidth-bound CPU decode a row costs far less than a
-whole step."""
+Prompts are batched up to `batch_size` rows in order of length, left-padded into one ragged batch (each row at its
+own positions and blind to its padding: model/ragged.py); families without tree attention batch by exact length
+instead. Every row decodes through the one decode loop (`generate_steps`) on a shared batched cache until all rows
+have stopped or the budget is spent. Batched greedy is token-identical to one prompt at a time
+(tests/test_plan_tasks.py checks it), and on a bandwidth-bound CPU decode a row costs far less than a whole step."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from forethought.model.decode import generate_steps, greedy_rows
+from forethought.model.ragged import RaggedBatch
 from forethought.model.transformer import Transformer
 from forethought.progress import Progress, tell
 from forethought.trace import act_name
@@ -65,6 +66,42 @@ def length_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list
     return [idx[s : s + batch_size] for _, idx in sorted(by_length.items()) for s in range(0, len(idx), batch_size)]
 
 
+def ragged_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in order of token length, cut into batches of `batch_size` (little padding in each)."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def batch_passes(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
+    """(cache, prefill, step) for decoding `prompts` as one batch: prefill(hooks) -> the last prompt token's logits
+    [B, vocab]; step(tokens [B]) -> the next logits. A ragged batch where the family has tree attention, else the
+    prompts must share one length."""
+    device = model.device
+    if model.family.tree_attention:
+        batch, tokens = RaggedBatch.left_padded(prompts, device=device)
+        cache = model.new_cache(capacity=batch.width + extra, batch_size=len(prompts))
+
+        def prefill(hooks=None) -> torch.Tensor:
+            return batch.forward(model, tokens, cache, hooks, last_only=True)[:, -1]
+
+        def step(new: torch.Tensor) -> torch.Tensor:
+            return batch.forward(model, new[:, None].to(device), cache)[:, -1]
+
+        return cache, prefill, step
+    if len({len(p) for p in prompts}) > 1:
+        raise ValueError("without tree attention a batch's prompts must share one length")
+    tokens = torch.tensor([list(p) for p in prompts], device=device)
+    cache = model.new_cache(capacity=tokens.shape[1] + extra, batch_size=len(prompts))
+
+    def prefill(hooks=None) -> torch.Tensor:
+        return model(tokens, cache=cache, hooks=hooks, last_only=True)[:, -1]
+
+    def step(new: torch.Tensor) -> torch.Tensor:
+        return model(new[:, None].to(device), cache=cache)[:, -1]
+
+    return cache, prefill, step
+
+
 @torch.inference_mode()
 def greedy_completions(
     model: Transformer,
@@ -84,23 +121,19 @@ def greedy_completions(
     d = model.config.d_model
     states = np.zeros((len(prompt_ids), len(names), d), dtype=np.float32)
     done = 0
-    for rows in length_batches(prompt_ids, batch_size):
-        batch = torch.tensor([list(prompt_ids[i]) for i in rows], device=model.device)
+    batches = ragged_batches if model.family.tree_attention else length_batches
+    for rows in batches(prompt_ids, batch_size):
         edits = {}
         if edit is not None:
             value = edit.vectors if edit.vectors.dim() == 1 else edit.vectors[rows]
             edits[act_name(edit.layer, "resid_post")] = (edit.mode, value.to(model.device))
         hooks = _SiteHooks(names, edits)
-        cache = model.new_cache(capacity=batch.shape[1] + max_new_tokens, batch_size=len(rows))
-        logits = model(batch, cache=cache, hooks=hooks, last_only=True)[:, -1]
+        cache, prefill, step = batch_passes(model, [prompt_ids[i] for i in rows], max_new_tokens)
+        logits = prefill(hooks)
         for j, name in enumerate(names):
             states[rows, j] = hooks.states[name].numpy()
         finished = torch.zeros(len(rows), dtype=torch.bool)
         made: list[torch.Tensor] = []
-
-        def step(tokens: torch.Tensor, cache=cache) -> torch.Tensor:
-            return model(tokens[:, None].to(model.device), cache=cache)[:, -1]
-
         for s in generate_steps(model, [], logits, max_new_tokens, greedy_rows, cache, forward=step):
             token = s.token.cpu()
             made.append(token)
