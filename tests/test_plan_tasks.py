@@ -199,6 +199,7 @@ def test_collect_and_the_run_folder(real_lm, tmp_path):
         (["--dtype", "int4"], "--dtype 'int4'"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--ray", "local:0"], "--ray 'local:0'"),
+        (["--causal", "some"], "--causal 'some': use one of all, where-excess, none"),
     ],
 )
 def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
@@ -242,6 +243,14 @@ def test_cli_end_to_end_writes_the_map_caches_and_resumes(llama_dir, tmp_path, c
     assert main([*args, "--seed", "1"]) == 0  # a changed setting redoes it
     redone = json.loads(capsys.readouterr().out)["outcomes"][0]
     assert not redone["cached"] and TaskRun.load(folder / "run").prompts != run.prompts
+
+    # --causal: asking for --quick's own choice keeps the saved results; none skips every causal test
+    assert main([*args, "--seed", "1", "--causal", "where-excess"]) == 0
+    assert [o["cached"] for o in json.loads(capsys.readouterr().out)["outcomes"]] == [True]
+    assert main([*args, "--seed", "1", "--causal", "none"]) == 0
+    skipped = json.loads(capsys.readouterr().out)["outcomes"][0]
+    assert not skipped["cached"]
+    assert all(r.get("steering") is None and r.get("patching") is None for r in skipped["results"])
 
     # a task the model cannot run (the tiny model has no chat template) is said in the map, not a crash
     chat = ["plan-tasks", "--model", str(llama_dir), "--tasks", "response", "--prompts", "12", "--quick"]

@@ -43,6 +43,14 @@ def _check_dtype(dtype: str) -> None:
         raise ForethoughtError(f"--dtype {dtype!r}: use one of {', '.join([*DTYPES, INT8])}")
 
 
+# --causal: the analysis settings each choice sets
+CAUSAL_CHOICES = {
+    "all": {"causal": True, "causal_needs_excess": False},
+    "where-excess": {"causal": True, "causal_needs_excess": True},
+    "none": {"causal": False, "causal_needs_excess": False},
+}
+
+
 @app.command("plan-tasks")
 def plan_tasks(
     out: Annotated[Path, typer.Option("--out", help="Folder for plan_map.md/.json, plan_scale.png, MODEL/TASK/.")],
@@ -53,6 +61,15 @@ def plan_tasks(
     ),
     quick: Annotated[bool, typer.Option("--quick", help="Fewer prompts, doses and draws: minutes.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Which prompts are drawn from each task's pool.")] = 0,
+    causal: Annotated[
+        str | None,
+        typer.Option(
+            "--causal",
+            help="Causal tests for every target (all), only where the probe adds to the prompt text (where-excess:"
+            " elsewhere the verdict is 'not found' whatever they say; the budget choice for large models), or none."
+            " Default: all (where-excess with --quick).",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together (same output).")] = 16,
     ray: Annotated[
         str | None, typer.Option("--ray", help="auto, local:N or a cluster address: one model per Ray worker.")
@@ -75,8 +92,16 @@ def plan_tasks(
     smallest = min(TASKS[t].pool_size() for t in names)
     if prompts is not None and not 1 <= prompts <= smallest:
         raise ForethoughtError(f"--prompts must lie in 1..{smallest} (the smallest chosen task's pool), not {prompts}")
+    if causal is not None and causal not in CAUSAL_CHOICES:
+        raise ForethoughtError(f"--causal {causal!r}: use one of {', '.join(CAUSAL_CHOICES)}")
     base = PlanSettings.quick() if quick else PlanSettings()
     changes = {"seed": seed, "batch_size": batch_size, "dtype": dtype, "device": device}
+    if causal is not None:
+        from forethought.experiments.plan_tasks.analysis import AnalysisSettings
+
+        # only what differs from the defaults, so that asking for the default keeps the saved results' key
+        asked = base.analysis | CAUSAL_CHOICES[causal]
+        changes["analysis"] = {k: v for k, v in asked.items() if getattr(AnalysisSettings(), k) != v}
     settings = PlanSettings(**(base.to_dict() | changes | ({"prompts": prompts} if prompts else {})))
     identities = {m: model_identity(m) for m in models}  # an unknown model: one line, before any work
     out = output_dir(out, "--out")
