@@ -244,6 +244,12 @@ def test_cli_end_to_end_writes_the_map_caches_and_resumes(llama_dir, tmp_path, c
     redone = json.loads(capsys.readouterr().out)["outcomes"][0]
     assert not redone["cached"] and TaskRun.load(folder / "run").prompts != run.prompts
 
+    # --saved-only: the map from what is saved; a task never run says so instead of running
+    assert main([*args, "--seed", "1", "--tasks", "article,answer", "--saved-only"]) == 0
+    partial = json.loads(capsys.readouterr().out)
+    assert [o["cached"] for o in partial["outcomes"]] == [True]
+    assert "not run yet" in (out / "plan_map.md").read_text() and not (out / llama_dir.name / "answer").exists()
+
     # --causal: asking for --quick's own choice keeps the saved results; none skips every causal test
     assert main([*args, "--seed", "1", "--causal", "where-excess"]) == 0
     assert [o["cached"] for o in json.loads(capsys.readouterr().out)["outcomes"]] == [True]

@@ -75,6 +75,12 @@ def plan_tasks(
         str | None, typer.Option("--ray", help="auto, local:N or a cluster address: one model per Ray worker.")
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Redo every model x task, even when saved.")] = False,
+    saved_only: Annotated[
+        bool,
+        typer.Option(
+            "--saved-only", help="Only draw the map from what is saved (a ladder cut short): the rest says not run."
+        ),
+    ] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
@@ -111,8 +117,10 @@ def plan_tasks(
         checked_spec(ray)
     command = "forethought " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     started = time.perf_counter()
+    if saved_only and (no_cache or ray is not None):
+        raise ForethoughtError("--saved-only draws the map from saved results: not with --no-cache or --ray")
     if ray is None:
-        outcomes, missing = _run_local(models, names, settings, identities, out, no_cache, as_json)
+        outcomes, missing = _run_local(models, names, settings, identities, out, no_cache, as_json, saved_only)
     else:
         outcomes, missing = _run_ray(ray, models, names, settings, identities, out, no_cache)
     summary = map_summary(models, names, outcomes, missing, settings, command)
@@ -133,7 +141,7 @@ def plan_tasks(
     console.print(f"plan map in {wall:.0f} s: {files['md']} · {files['png']}", markup=False)
 
 
-def _run_local(models, names, settings, identities, out: Path, no_cache: bool, quiet: bool):
+def _run_local(models, names, settings, identities, out: Path, no_cache: bool, quiet: bool, saved_only: bool = False):
     from forethought.experiments.plan_tasks.pipeline import model_slug, read_outcome, result_key, run_task
 
     outcomes, missing = [], []
@@ -144,6 +152,10 @@ def _run_local(models, names, settings, identities, out: Path, no_cache: bool, q
             saved = None if no_cache else read_outcome(folder, result_key(identities[model], task, settings))
             if saved is not None:
                 outcomes.append(saved)
+                continue
+            if saved_only:
+                why = "not run yet: no saved result for these settings (--saved-only)"
+                missing.append({"model": model_slug(model), "task": task, "why": why})
                 continue
             if lm is None:
                 from forethought.commands.common import load
