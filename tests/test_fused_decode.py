@@ -123,6 +123,23 @@ def test_thread_count_may_change_between_steps():
     assert (fused - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 
+@torch.inference_mode()
+def _steps_at_once_and_op_by_op(model, ids: list[int]):
+    """The logits of ids[2:] after the prefix ids[:2]: one compiled step per token, all of them in one compiled
+    call, and the op-by-op forward (the reference)."""
+    one, many = model.new_cache(16), model.new_cache(16)
+    model(torch.tensor([ids[:2]]), cache=one)
+    model(torch.tensor([ids[:2]]), cache=many)
+    steps = torch.cat([model.forward_with_state([t], one, with_state=False)[0] for t in ids[2:]])
+    at_once, _ = model.forward_with_state(ids[2:], many, with_state=False)
+    model.fused_decode = False
+    try:
+        reference = model(torch.tensor([ids]))[0, 2:]
+    finally:
+        model.fused_decode = True
+    return steps, at_once, reference
+
+
 @needs_kernels
 def test_a_vocabulary_wider_than_one_pass_keeps_t_tokens_bitwise_t_steps():
     """The kernel reads a wide matrix (the unembedding) in passes of as many columns as the T tokens'
@@ -131,15 +148,7 @@ def test_a_vocabulary_wider_than_one_pass_keeps_t_tokens_bitwise_t_steps():
     speculative greedy decoding token-identical), and they equal the op-by-op forward to float rounding."""
     model = random_model(tiny_config(vocab_size=300_007, d_model=32, d_ff=64, head_dim=8), seed=3)
     ids = [7, 70_000, 150_001, 299_999, 12, 250_000, 33, 99_999, 1, 2]
-    with torch.inference_mode():
-        one, many = model.new_cache(16), model.new_cache(16)
-        model(torch.tensor([ids[:2]]), cache=one)
-        model(torch.tensor([ids[:2]]), cache=many)
-        steps = torch.cat([model.forward_with_state([t], one, with_state=False)[0] for t in ids[2:]])
-        at_once, _ = model.forward_with_state(ids[2:], many, with_state=False)
-        model.fused_decode = False
-        reference = model(torch.tensor([ids]))[0, 2:]
-        model.fused_decode = True
+    steps, at_once, reference = _steps_at_once_and_op_by_op(model, ids)
     assert torch.equal(steps, at_once)
     assert (at_once - reference).abs().max() <= 1e-4 * reference.abs().max()
 
@@ -152,19 +161,10 @@ def test_narrow_matrices_read_in_bands_keep_t_tokens_bitwise_t_steps(threads):
     own half. T tokens at once must still give exactly the logits of T steps, near the op-by-op forward."""
     model = random_model(tiny_config(d_model=200, d_ff=520, n_heads=6, head_dim=40, vocab_size=300), seed=4)
     assert model.blocks[0].down.weight_t.numel() >= 1 << 15  # large enough for both threads
-    ids = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
-            one, many = model.new_cache(16), model.new_cache(16)
-            model(torch.tensor([ids[:2]]), cache=one)
-            model(torch.tensor([ids[:2]]), cache=many)
-            steps = torch.cat([model.forward_with_state([t], one, with_state=False)[0] for t in ids[2:]])
-            at_once, _ = model.forward_with_state(ids[2:], many, with_state=False)
-            model.fused_decode = False
-            reference = model(torch.tensor([ids]))[0, 2:]
-            model.fused_decode = True
+        steps, at_once, reference = _steps_at_once_and_op_by_op(model, [3, 141, 59, 26, 53, 58, 97, 93, 238, 46])
     finally:
         torch.set_num_threads(before)
     assert torch.equal(steps, at_once)

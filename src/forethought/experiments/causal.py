@@ -354,7 +354,7 @@ def window_ceiling(
     continuations. {"ceiling@k": 1.0 hit / 0.0 miss} per position, where x_{t+k} is in the window. Positions go
     `chunk_rows` branch tokens at a time through tree attention (or one batch each without it)."""
     cache, _, logits = prefix
-    ks = [k for k in settings.ceiling_offsets]
+    ks = list(settings.ceiling_offsets)
     far = max([k for k in ks if k > 2], default=0)
     m, R = settings.top_m, settings.rollouts if far else 0
     out: list[dict[str, float]] = [{} for _ in positions]
