@@ -313,6 +313,31 @@ def test_verdict(behaviour, n, classes, excess, steer, patch, expected):
     assert why
 
 
+def test_a_causal_null_without_events_says_what_it_rules_out():
+    """No prompt moved in either arm: the bootstrap interval is [0, 0] and means nothing; the text says instead
+    how large an effect the n prompts rule out (rule of three), and the map's cell says the same."""
+    from forethought.viz.plan_map import table_rows
+
+    zero = iv(0.0, 0.0, 0.0)
+    s = Steering(25, [1.0], [zero], [zero], zero, n=64)
+    p = Patching(25, iv(1 / 64, 0, 0.05), iv(1 / 64, 0, 0.05), zero, n=64)
+    verdict, why = A.verdict(iv(0.9, 0.8, 1.0), 200, 4, iv(0.05, 0.01, 0.1), 0.07, s, p, A.AnalysisSettings())
+    assert verdict == "encoded, not shown used"
+    assert "[+0.0, +0.0]" not in why and why.count("no prompt of 64 differed") == 2 and "< 4.7 points" in why
+    moved = Steering(25, [1.0], [iv(0.1, 0.02, 0.2)], [zero], iv(0.1, 0.02, 0.2), n=64)
+    assert "+10.0 [+2.0, +20.0]" in A.verdict(iv(0.9, 0.8, 1.0), 200, 4, iv(0.05, 0.01, 0.1), 0.07, moved, None,
+                                              A.AnalysisSettings())[1]  # fmt: skip
+    d = {"estimate": 0.0, "low": 0.0, "high": 0.0}
+    row = {"target": "first_call", "behaviour_rate": {"estimate": 0.8, "low": 0.7, "high": 0.9},
+           "excess": {"estimate": 0.05, "low": 0.01, "high": 0.1}, "mde": 0.07, "verdict": "encoded, not shown used",
+           "steering": {"effect": d, "n": 64}, "patching": {"effect": {"estimate": 0.02, "low": -0.01, "high": 0.05},
+                                                            "n": 64}}  # fmt: skip
+    summary = {"tasks": ["code"], "models": [{"model": "m", "n_params": 1}],
+               "outcomes": [{"model": "m", "task": "code", "results": [row]}]}  # fmt: skip
+    cells = table_rows(summary)[0]
+    assert cells[5].startswith("+0.0: no prompt of 64 differed") and cells[6] == "+2.0 [-1.0, +5.0]"
+
+
 def test_settings_and_runs_that_cannot_be_read():
     with pytest.raises(ForethoughtError, match="folds"):
         A.AnalysisSettings(folds=1)

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from forethought.experiments.plan_tasks.types import causal_effect_text  # noqa: E402
+
 
 def _ok(iv: dict | None) -> bool:
     return bool(iv) and all(
@@ -40,7 +42,10 @@ def _params(n: int) -> str:
 def _causal(result: dict, name: str) -> str:
     test = result.get(name)
     if test:
-        return points(test.get("effect"), "no effect measured")
+        effect = test.get("effect")
+        if not _ok(effect):
+            return "no effect measured"
+        return causal_effect_text(effect["estimate"], effect["low"], effect["high"], int(test.get("n") or 0))
     if result.get("verdict") == "task not done":
         return "not run (task not done)"
     if result.get("verdict") == "not found":

@@ -51,7 +51,14 @@ import torch
 
 from forethought.errors import ForethoughtError
 from forethought.experiments.baselines import Interval, bootstrap_by_document, minimum_detectable_effect
-from forethought.experiments.plan_tasks.types import Patching, Steering, TargetResult, TaskPrompt, TaskRun
+from forethought.experiments.plan_tasks.types import (
+    Patching,
+    Steering,
+    TargetResult,
+    TaskPrompt,
+    TaskRun,
+    causal_effect_text,
+)
 from forethought.progress import Progress, tell
 
 VERSION = 5  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
@@ -338,8 +345,13 @@ def verdict(
             f"(floor {settings.behaviour_floor:.0%}): nothing to plan"
         )
     ex = f"excess (B+h) - B {_pts(excess)} points (MDE {100 * mde_value:.1f})"
-    causal = [(name, t.effect) for name, t in (("steering", steering), ("patching", patching)) if t is not None]
-    said = "; ".join(f"{name} effect {_pts(e)} points" for name, e in causal) or "no causal test run"
+    tests = [(name, t) for name, t in (("steering", steering), ("patching", patching)) if t is not None]
+    causal = [(name, t.effect) for name, t in tests]
+    said = "; ".join(
+        f"{name} effect {causal_effect_text(t.effect.estimate, t.effect.low, t.effect.high, t.n)} points"
+        for name, t in tests
+    )
+    said = said or "no causal test run"
     if not excess.low > 0:
         if baseline is not None and baseline.estimate >= 0.98:
             why = f"the prompt text alone reads the target ({baseline.estimate:.0%}): nothing is left for h to add"
