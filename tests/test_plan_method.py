@@ -104,7 +104,7 @@ def known() -> dict:
     lm = train_tiny()
     task = SyntheticTask()
     run = collect_run(lm, task, 300, seed=123)
-    settings = A.AnalysisSettings(causal_prompts=48, n_boot=500, doses=(0.5, 1.0, 2.0, 4.0))
+    settings = A.AnalysisSettings(causal_prompts=48, n_boot=500, doses=(0.125, 0.25, 0.5, 1.0))
     return {"lm": lm, "run": run, "results": {r.target: r for r in A.analyze_run(lm, run, task, settings)}}
 
 

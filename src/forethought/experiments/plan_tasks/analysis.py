@@ -61,7 +61,7 @@ from forethought.experiments.plan_tasks.types import (
 )
 from forethought.progress import Progress, tell
 
-VERSION = 5  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
+VERSION = 6  # bumped whenever the numbers a saved analysis holds would change (pipeline.py keys its cache on it)
 OTHER = "other"
 READOUTS = ("baseline", "stacked", "probe")  # B, B + h, h alone
 HINT_WEIGHTS = (0.25, 1.0, 4.0)  # B: the hints' weight relative to the n-grams, chosen on validation
@@ -98,7 +98,7 @@ class AnalysisSettings:
     causal: bool = True
     causal_needs_excess: bool = False  # run the causal tests only where the excess is above 0 (a budget choice:
     #                                    elsewhere the verdict is "not found" whatever they say)
-    doses: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # steering norm in units of the layer's spread
+    doses: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)  # steering norm / the site state's RMS norm
     causal_prompts: int = 64  # steered / patched prompts per target (sampled)
     kept_labelled: float = 0.8  # a dose keeps the task done while the random control leaves this share labelled
     kl_prompts: int = 16  # prompts with the teacher-forced KL curve

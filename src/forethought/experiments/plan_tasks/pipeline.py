@@ -44,7 +44,7 @@ class PlanSettings:
     def quick(cls, **changes) -> PlanSettings:
         """Minutes on the embedded model: fewer prompts, doses, causal prompts and bootstrap draws, and the causal
         tests only where the probe found an excess (elsewhere the verdict is "not found" whatever they say)."""
-        analysis = {"doses": (1.0, 4.0), "causal_prompts": 16, "kl_prompts": 4, "n_boot": 300}
+        analysis = {"doses": (0.25, 1.0), "causal_prompts": 16, "kl_prompts": 4, "n_boot": 300}
         analysis |= {"causal_needs_excess": True}
         return cls(**({"prompts": 120, "analysis": analysis} | changes))
 

@@ -112,7 +112,7 @@ class Steering:
     same norm as the control."""
 
     layer: int
-    doses: list[float]  # added norm in units of the layer's spread at the site
+    doses: list[float]  # added norm in units of the site state's RMS norm at that layer
     probe_share: list[Interval]  # share of steered prompts whose label becomes the steered target
     random_share: list[Interval]  # the same with a random direction of the same norm
     effect: Interval  # probe minus random share at the strongest dose that keeps the task done (or the largest)
