@@ -11,8 +11,8 @@ merged them):
   every prompt ends in the same token (a chat template's last token, the colon of a `def` line) the states
   differ by 1-6% of their norm, and a dose in those units never leaves the neighbourhood the model already
   sees -- a null there would say nothing. The doses run up to twice the state's norm; the random control
-  says where the edit merely breaks the output. Outcome: the share whose label becomes the steered class. Control: a random
-  Gaussian direction of the same norm, on the same prompts, toward the same class. Both per dose (a
+  says where the edit merely breaks the output. Outcome: the share whose label becomes the steered class.
+  Control: a random Gaussian direction of the same norm, on the same prompts, toward the same class. Both per dose (a
   dose-response); the effect (steered minus random share, paired per prompt) is read at the largest dose at which
   the random control still leaves `kept_labelled` of the prompts with a label (the task still done): the dose is
   chosen on the control alone, never on the outcome.
