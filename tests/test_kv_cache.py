@@ -217,3 +217,59 @@ def test_ragged_batch_equals_each_prompt_alone(family_lm):
     plain = model(tokens)[:, -1]
     alone = model(torch.tensor([prompts[0]]))[0, -1]
     assert (plain[0] - alone).abs().max() > 1e-3
+
+
+def tiny_gemma(window: int = 24):
+    """A Gemma-style model whose first and last layers are local (rings of `window` slots)."""
+    from forethought.model.random_init import random_model, tiny_config
+
+    config = tiny_config("gemma3", n_layers=3, vocab_size=384, sliding_window=window, sliding_layers=(0, 2))
+    return random_model(config, seed=5)
+
+
+@torch.inference_mode()
+def test_gemma_ragged_batch_within_the_window_equals_each_prompt_alone():
+    """Gemma's tree attention reads at most its window's slots: there the slot visibility alone is exact for the
+    local layers too, so a ragged batch (prompts of 3, 17, 9, 1 tokens, 6 decode steps, 23 slots) gives every row
+    the logits of its prompt alone, through the rings of a SlidingKVCache; one slot past the window is refused."""
+    from forethought.model.kv_cache import SlidingKVCache
+    from forethought.model.ragged import RaggedBatch
+
+    model = tiny_gemma(window=24)
+    assert model.tree_fits(24) and not model.tree_fits(25)
+    prompts = [ids_of(n, seed=n)[0].tolist() for n in (3, 17, 9, 1)]
+    batch, tokens = RaggedBatch.left_padded(prompts, pad_id=5)
+    cache = model.new_cache(capacity=batch.width + 6, batch_size=len(prompts))
+    assert isinstance(cache, SlidingKVCache) and cache.n_local == 2
+    logits = batch.forward(model, tokens, cache, last_only=True)[:, -1]
+    texts = [list(p) for p in prompts]
+    for _ in range(6):
+        for b, text in enumerate(texts):
+            assert (logits[b] - model(torch.tensor([text]))[0, -1]).abs().max() <= TOL, (b, len(text))
+        nxt = logits.argmax(-1)
+        for b, text in enumerate(texts):
+            text.append(int(nxt[b]))
+        logits = batch.forward(model, nxt[:, None], cache)[:, -1]
+    assert cache.length == 23
+    batch.forward(model, torch.tensor([[1], [2], [3], [4]]), cache)  # the window's last slot
+    with pytest.raises(ValueError, match="at most 24 slots"):
+        batch.forward(model, torch.tensor([[1], [2], [3], [4]]), cache)
+
+
+@torch.inference_mode()
+def test_gemma_copy_slots_carries_the_rings():
+    """A prefix run once and copied into another row's slots (the causal tests' edited rows) continues as a
+    cache-free pass: the rings of the local layers move with the global layers' keys and values."""
+    model = tiny_gemma(window=32)
+    ids = ids_of(12, seed=3)
+    source = model.new_cache(capacity=12)
+    model(ids, cache=source)
+    cache = model.new_cache(capacity=16, batch_size=2)
+    cache.copy_slots(1, 0, source, 0, 0, 12)
+    cache.length = 12
+    visible = torch.zeros(2, 1, 13, dtype=torch.bool)
+    visible[1, 0, :] = True
+    visible[0, 0, 12] = True  # row 0 holds nothing: its token reads only itself
+    logits = model.forward_tree(torch.tensor([[7], [7]]), cache, torch.tensor([[0], [12]]), visible)[:, 0]
+    assert (logits[1] - model(torch.cat([ids[0], torch.tensor([7])])[None])[0, -1]).abs().max() <= TOL
+    assert (logits[0] - model(torch.tensor([[7]]))[0, -1]).abs().max() <= TOL

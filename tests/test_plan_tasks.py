@@ -295,3 +295,25 @@ def test_a_saved_outcome_reads_back_whole_and_a_changed_key_does_not(tmp_path):
     assert read_outcome(tmp_path, "k2") is None  # other settings: redone, never shown
     (tmp_path / "result.json").write_text("{")
     assert read_outcome(tmp_path, "k1") is None
+
+
+def test_gemma_decodes_and_edits_in_ragged_batches_as_by_exact_length(monkeypatch):
+    """Gemma's tree attention (bounded by its window) lets plan-tasks batch prompts of any lengths: the same
+    completions and site states as batching by exact length, and the causal tests' shared-prefix edits the same
+    tokens as decoding the repeated prompts whole."""
+    from forethought.experiments.plan_tasks.causal import edited_completions
+    from forethought.model.random_init import random_model, tiny_config
+
+    config = tiny_config("gemma3", n_layers=3, vocab_size=384, sliding_window=64, sliding_layers=(0, 2))
+    model = random_model(config, seed=5)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 380, n).tolist() for n in (5, 9, 9, 14, 3, 20)]
+    ragged = greedy_completions(model, prompts, 6, (), layers=[1, 2], batch_size=4)
+    rows = np.array([0, 3, 5, 0, 3])
+    vectors = torch.from_numpy(rng.standard_normal((len(rows), 64)) * 4).float()
+    shared = edited_completions(model, prompts, rows, SiteEdit(1, vectors, "add"), 6, (), batch_size=4)
+    monkeypatch.setattr(type(model.family), "tree_attention", False)
+    exact = greedy_completions(model, prompts, 6, (), layers=[1, 2], batch_size=4)
+    whole = greedy_completions(model, [prompts[i] for i in rows], 6, (), edit=SiteEdit(1, vectors, "add"))
+    assert ragged.ids == exact.ids and np.allclose(ragged.states, exact.states, atol=1e-5)
+    assert shared == whole.ids and shared != [ragged.ids[i] for i in rows]

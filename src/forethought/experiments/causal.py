@@ -359,7 +359,10 @@ def window_ceiling(
     m, R = settings.top_m, settings.rollouts if far else 0
     out: list[dict[str, float]] = [{} for _ in positions]
     per_chunk = max(1, chunk_rows // (m + R))
-    branches = _TreeBranches if model.family.tree_attention else _BatchBranches
+    # A BranchCache holds one plain copy of the prefix: families whose tree attention is bounded (Gemma's rings)
+    # branch as batches.
+    unbounded = model.family.tree_attention and model.family.tree_slots(model.config) is None
+    branches = _TreeBranches if unbounded else _BatchBranches
     for c0 in range(0, len(positions), per_chunk):
         ps = list(positions[c0 : c0 + per_chunk])
         rows = out[c0 : c0 + per_chunk]

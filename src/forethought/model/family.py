@@ -60,6 +60,10 @@ class Family:
         """Transformer.forward_tree, where `tree_attention` says the family has it."""
         raise NotImplementedError(f"the {self.name} family has no tree attention")
 
+    def tree_slots(self, config: ModelConfig) -> int | None:
+        """The most cache slots one forward_tree may read (None: no bound beyond memory)."""
+        return None
+
     def new_cache(
         self,
         config: ModelConfig,

@@ -25,7 +25,8 @@ class GemmaBlock(Block):
 
     Norm gains are stored as the multiplier (GGUF convention; HF stores gain - 1). The named points mean the
     same as in Block: `attn_out`/`mlp_out` are what is added to the residual stream (after the post-norms).
-    `forward` is Block's, called with (RoPE tables by base, causal) where Block takes (rope, mask).
+    `forward` is Block's, called with (RoPE tables by base, causal) where Block takes (rope, mask); under tree
+    attention `causal` is the tree's [query, slot] visibility instead (see `attention`).
     """
 
     def __init__(self, config: ModelConfig, index: int) -> None:
@@ -47,7 +48,7 @@ class GemmaBlock(Block):
         self,
         x: torch.Tensor,
         ropes: dict[float, tuple[torch.Tensor, torch.Tensor]],
-        causal: bool,
+        causal: bool | torch.Tensor,
         cache: KVCache | None,
         start: int,
         hooks: Hooks | None,
@@ -59,6 +60,12 @@ class GemmaBlock(Block):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if hooks is not None:
             q, k, v = self.hook_qkv(hooks, q, k, v)
+        if isinstance(causal, torch.Tensor):
+            # Tree attention: `causal` says which slots each query reads. forward_tree reads at most `window`
+            # slots, and a token's position never runs ahead of its slot, so no visible key is out of a local
+            # layer's window: the visibility is the whole mask.
+            k, v = cache.write_slots(self.index, start, k, v)
+            return self.o(attend(q, k, v, causal, hooks, self.names["attn_pattern"], self.scale))
         device = x.device
         if isinstance(cache, SlidingKVCache) and self.local:
             k, v, key_pos = cache.write_window(self.index, start, k, v)
@@ -80,11 +87,29 @@ class GemmaBlock(Block):
         return None if bool(allowed.all()) else allowed
 
 
+def rope_at(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of `positions` ([T] -> [T, head_dim]; [B, T] -> [B, 1, T, head_dim], one table per row for every
+    head): `rope_tables` at positions of the tokens' own (tree attention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    return (cos[:, None], sin[:, None]) if positions.dim() == 2 else (cos, sin)
+
+
 def gemma_forward(
-    model, tokens: torch.Tensor, cache: KVCache | None, hooks: Hooks | None, last_only: bool, causal: bool, start: int
+    model,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    hooks: Hooks | None,
+    last_only: bool,
+    causal: bool,
+    start: int,
+    tree: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Transformer.forward for Gemma 3: embedding scaled by sqrt(d_model), two RoPE bases, optional
-    final logit soft-capping; the rest as for Llama."""
+    final logit soft-capping; the rest as for Llama. `tree` = (positions, visible) as in Llama's
+    decoder_forward (Transformer.forward_tree)."""
     c = model.config
     end = start + tokens.shape[1]
     wanted = hooks.points if hooks is not None else ()
@@ -95,9 +120,13 @@ def gemma_forward(
         x = hooks("embed", x)
     # Computed per call rather than stored: a Gemma context of 32k positions would need 128 MB of tables for
     # its two bases, and the outer product of a few positions costs microseconds.
-    ropes = {theta: rope_tables(theta, c.head_dim, start, end, x.device) for theta in {b.theta for b in model.blocks}}
+    thetas = {b.theta for b in model.blocks}
+    if tree is None:
+        ropes = {theta: rope_tables(theta, c.head_dim, start, end, x.device) for theta in thetas}
+    else:
+        ropes = {theta: rope_at(theta, c.head_dim, tree[0]) for theta in thetas}
     for block in model.blocks:
-        x = block(x, ropes, causal, cache, start, hooks)
+        x = block(x, ropes, causal if tree is None else tree[1], cache, start, hooks)
     return model.finish(x, cache, end, hooks, last_only)
 
 
@@ -105,8 +134,18 @@ class Gemma3Family(Family):
     name = "gemma3"
     block = GemmaBlock
 
+    tree_attention = True
+
     def forward(self, model, tokens, cache, hooks, last_only, causal, start):  # noqa: D102 - Family.forward
         return gemma_forward(model, tokens, cache, hooks, last_only, causal, start)
+
+    def forward_tree(self, model, tokens, cache, positions, visible, hooks, last_only):  # noqa: D102 - Family's
+        return gemma_forward(model, tokens, cache, hooks, last_only, True, cache.length, (positions, visible))
+
+    def tree_slots(self, config: ModelConfig) -> int | None:
+        """A local layer's window: within it the slot visibility alone is exact (see GemmaBlock.attention);
+        beyond it a ring would wrap under the tree's slots."""
+        return config.sliding_window if config.sliding_layers else None
 
     def new_cache(self, config, batch_size, capacity, dtype, device, minimal=False):  # noqa: D102 - Family's
         if not config.sliding_layers:

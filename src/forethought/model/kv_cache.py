@@ -139,6 +139,18 @@ class KVCache(Cache):
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write_slots(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tree attention's write: K/V into slots start.., every slot up to them returned in slot order."""
+        return self.write(layer, start, k, v)
+
+    def copy_slots(self, row: int, at: int, source: KVCache, source_row: int, source_at: int, n: int) -> None:
+        """Slots source_at.. of `source`'s row `source_row` into slots at.. of `row` (n of them): a prefix run
+        once, copied into every row that continues it."""
+        self.k[:, row, :, at : at + n] = source.k[:, source_row, :, source_at : source_at + n]
+        self.v[:, row, :, at : at + n] = source.v[:, source_row, :, source_at : source_at + n]
+
     def repeat_prefix(self, rows: int, length: int, room: int = 32) -> KVCache:
         """A new cache of `rows` copies of batch row 0's first `length` tokens, with room for `room` more: the
         shared start of a batch of branches."""
@@ -320,6 +332,32 @@ class SlidingKVCache(KVCache):
         slots = torch.arange(end - keep, end, device=rk.device) % R
         rk[:, :, slots], rv[:, :, slots] = k[:, :, T - keep :], v[:, :, T - keep :]
         return keys, values, positions
+
+    def write_slots(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tree attention's write (forward_tree reads at most `window` slots, so a ring never wraps there: slot
+        s is ring slot s, and every key a local query may read is still in place)."""
+        if not self.is_local[layer]:
+            return self.write(layer, start, k, v)
+        end = start + k.shape[2]
+        if end > self.ring_k.shape[3]:
+            raise ValueError(f"tree attention over {end} slots does not fit a ring of {self.ring_k.shape[3]}")
+        i = self.slot_of[layer]
+        self.ring_k[i, :, :, start:end], self.ring_v[i, :, :, start:end] = k, v
+        self._high = max(self._high, end)
+        return self.ring_k[i, :, :, :end], self.ring_v[i, :, :, :end]
+
+    def copy_slots(self, row: int, at: int, source: KVCache, source_row: int, source_at: int, n: int) -> None:
+        """As KVCache's, the local layers' rings too (neither ring may have wrapped)."""
+        super().copy_slots(row, at, source, source_row, source_at, n)
+        if not self.n_local:
+            return
+        if max(at, source_at) + n > self.ring_size or source._high > source.ring_size:
+            raise ValueError("copy_slots reads and writes unwrapped rings only")
+        self.ring_k[:, row, :, at : at + n] = source.ring_k[:, source_row, :, source_at : source_at + n]
+        self.ring_v[:, row, :, at : at + n] = source.ring_v[:, source_row, :, source_at : source_at + n]
+        self._high = max(self._high, at + n)
 
     def truncate(self, n_tokens: int) -> None:
         """Forget tokens from position `n_tokens` on; a local layer can only go back as far as its

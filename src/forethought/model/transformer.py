@@ -174,14 +174,21 @@ class Transformer(nn.Module):
                 f"forward_tree takes tokens [B, T], positions [T] or [B, T] and visible [T, S] or [B, T, S] with "
                 f"S = cache.length + T = {S}; got {tuple(positions.shape)} and {tuple(visible.shape)}"
             )
-        if not self.family.tree_attention:
-            raise ValueError(f"the {self.family.name} family has no tree attention")
+        if not self.tree_fits(S):
+            bound = self.family.tree_slots(self.config)
+            why = "has no tree attention" if not self.family.tree_attention else f"reads at most {bound} slots"
+            raise ValueError(f"the {self.family.name} family's tree attention {why}; this forward needs {S}")
         if int(positions.max()) >= self.config.context_length:
             raise ValueError(f"position {int(positions.max())} exceeds the context length {self.config.context_length}")
         cache.reserve(S)
         if self.family.shared_rope and int(positions.max()) >= self.rope_cos.shape[0]:
             self.init_rope(2 * int(positions.max()) + 2)
         return self.family.forward_tree(self, tokens, cache, positions, visible, hooks, last_only)
+
+    def tree_fits(self, slots: int) -> bool:
+        """Whether forward_tree can run a forward that reads `slots` cache slots in all."""
+        bound = self.family.tree_slots(self.config)
+        return self.family.tree_attention and (bound is None or slots <= bound)
 
     def finish(
         self, x: torch.Tensor, cache: Cache | None, end: int, hooks: Hooks | None, last_only: bool

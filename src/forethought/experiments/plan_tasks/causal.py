@@ -116,9 +116,9 @@ def edited_completions(
     for the repeated prompts, computed without repeating their prefixes. An edit at the site cannot change the
     positions before it, so each distinct prompt's prefix runs once and its keys/values are copied into every row
     that edits it; only the site token and the completion run per row (a dose-response edits each prompt ten
-    times). Rows of any lengths share a ragged batch; families without tree attention take the plain path."""
+    times). Rows of any lengths share a ragged batch; without tree attention that reaches so far, the plain path."""
     vectors = edit.vectors if edit.vectors.dim() == 2 else edit.vectors.expand(len(rows), -1)
-    if not model.family.tree_attention:
+    if not model.tree_fits(max(len(prompt_ids[i]) for i in rows) + max_new_tokens):
         plain = greedy_completions(model, [prompt_ids[i] for i in rows], max_new_tokens, stop_ids, (), edit, batch_size)
         return plain.ids
     stop_set = frozenset(stop_ids)
@@ -141,8 +141,7 @@ def edited_completions(
         cache = model.new_cache(capacity=batch.width + 1 + max_new_tokens, batch_size=len(chunk))
         for r, (k, n) in enumerate(zip(chunk, lengths, strict=True)):
             source, j, width = prefix[int(rows[k])]
-            cache.k[:, r, :, batch.width - n : batch.width] = source.k[:, j, :, width - n : width]
-            cache.v[:, r, :, batch.width - n : batch.width] = source.v[:, j, :, width - n : width]
+            cache.copy_slots(r, batch.width - n, source, j, width - n, n)
         cache.length = batch.width
         site = torch.tensor([[prompt_ids[rows[k]][-1]] for k in chunk], device=model.device)
         hooks = _EditSite(edit, vectors[chunk].to(model.device))

@@ -74,10 +74,10 @@ def ragged_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list
 
 def batch_passes(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
     """(cache, prefill, step) for decoding `prompts` as one batch: prefill(hooks) -> the last prompt token's logits
-    [B, vocab]; step(tokens [B]) -> the next logits. A ragged batch where the family has tree attention, else the
-    prompts must share one length."""
+    [B, vocab]; step(tokens [B]) -> the next logits. A ragged batch where the model's tree attention reaches that
+    far, else the prompts must share one length."""
     device = model.device
-    if model.family.tree_attention:
+    if model.tree_fits(max(len(p) for p in prompts) + extra):
         batch, tokens = RaggedBatch.left_padded(prompts, device=device)
         cache = model.new_cache(capacity=batch.width + extra, batch_size=len(prompts))
 
@@ -121,7 +121,8 @@ def greedy_completions(
     d = model.config.d_model
     states = np.zeros((len(prompt_ids), len(names), d), dtype=np.float32)
     done = 0
-    batches = ragged_batches if model.family.tree_attention else length_batches
+    longest = max((len(p) for p in prompt_ids), default=0) + max_new_tokens
+    batches = ragged_batches if model.tree_fits(longest) else length_batches
     for rows in batches(prompt_ids, batch_size):
         edits = {}
         if edit is not None:
