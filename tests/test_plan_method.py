@@ -336,6 +336,11 @@ def test_a_causal_null_without_events_says_what_it_rules_out():
                "outcomes": [{"model": "m", "task": "code", "results": [row]}]}  # fmt: skip
     cells = table_rows(summary)[0]
     assert cells[5].startswith("+0.0: no prompt of 64 differed") and cells[6] == "+2.0 [-1.0, +5.0]"
+    # the same for the excess: B and B + h agreeing on every prompt bound it by the prompts' number
+    verdict, why = A.verdict(iv(0.9, 0.8, 1.0), 200, 3, zero, float("nan"), None, None, A.AnalysisSettings())
+    assert verdict == "not found" and "no prompt of 200 differed between B and B + h (effect < 1.5" in why
+    row |= {"excess": d, "mde": float("nan"), "n_usable": 200, "steering": None, "patching": None}
+    assert table_rows(summary)[0][8] == "< 1.5 (no prompt differed)"
 
 
 def test_settings_and_runs_that_cannot_be_read():

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from forethought.experiments.plan_tasks.types import causal_effect_text  # noqa: E402
+from forethought.experiments.plan_tasks.types import paired_effect_text  # noqa: E402
 
 
 def _ok(iv: dict | None) -> bool:
@@ -45,7 +45,7 @@ def _causal(result: dict, name: str) -> str:
         effect = test.get("effect")
         if not _ok(effect):
             return "no effect measured"
-        return causal_effect_text(effect["estimate"], effect["low"], effect["high"], int(test.get("n") or 0))
+        return paired_effect_text(effect["estimate"], effect["low"], effect["high"], int(test.get("n") or 0))
     if result.get("verdict") == "task not done":
         return "not run (task not done)"
     if result.get("verdict") == "not found":
@@ -67,7 +67,14 @@ def table_rows(summary: dict) -> list[list[str]]:
                 rows.append([task, "(all)", model["model"], why, why, why, why, why, why])
                 continue
             for r in o["results"]:
-                mde = r.get("mde")
+                mde, excess = r.get("mde"), r.get("excess")
+                if isinstance(mde, int | float) and math.isfinite(mde):
+                    detectable = f"{100 * mde:.1f}"
+                elif _ok(excess) and excess["low"] == excess["high"] == 0 and r.get("n_usable"):
+                    # no prompt differed between B and B + h: the n prompts bound the effect (rule of three)
+                    detectable = f"< {300 / r['n_usable']:.1f} (no prompt differed)"
+                else:
+                    detectable = "n/a"
                 rows.append(
                     [
                         task,
@@ -78,7 +85,7 @@ def table_rows(summary: dict) -> list[list[str]]:
                         _causal(r, "steering"),
                         _causal(r, "patching"),
                         r["verdict"],
-                        f"{100 * mde:.1f}" if isinstance(mde, int | float) and math.isfinite(mde) else "n/a",
+                        detectable,
                     ]
                 )
     return rows

@@ -41,6 +41,7 @@ stream at the site) gives, per target, these numbers:
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ from forethought.experiments.plan_tasks.types import (
     TargetResult,
     TaskPrompt,
     TaskRun,
-    causal_effect_text,
+    paired_effect_text,
 )
 from forethought.progress import Progress, tell
 
@@ -344,11 +345,15 @@ def verdict(
             f"the model does the task on {behaviour.estimate:.0%} of prompts "
             f"(floor {settings.behaviour_floor:.0%}): nothing to plan"
         )
-    ex = f"excess (B+h) - B {_pts(excess)} points (MDE {100 * mde_value:.1f})"
+    if math.isfinite(mde_value):
+        ex = f"excess (B+h) - B {_pts(excess)} points (MDE {100 * mde_value:.1f})"
+    else:  # every paired difference is 0: the interval has no width, the n prompts bound the effect instead
+        bound = paired_effect_text(excess.estimate, excess.low, excess.high, n_usable, "B and B + h")
+        ex = f"excess (B+h) - B {bound}"
     tests = [(name, t) for name, t in (("steering", steering), ("patching", patching)) if t is not None]
     causal = [(name, t.effect) for name, t in tests]
     said = "; ".join(
-        f"{name} effect {causal_effect_text(t.effect.estimate, t.effect.low, t.effect.high, t.n)} points"
+        f"{name} effect {paired_effect_text(t.effect.estimate, t.effect.low, t.effect.high, t.n)} points"
         for name, t in tests
     )
     said = said or "no causal test run"

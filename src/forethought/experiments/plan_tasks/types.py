@@ -132,15 +132,14 @@ class Patching:
     n: int = 0
 
 
-def causal_effect_text(estimate: float, low: float, high: float, n: int) -> str:
-    """A causal effect in points with its interval. Where no prompt differed between the two arms (every paired
-    difference is 0, so a bootstrap interval has no width) the interval says nothing; say instead how large an
-    effect this many prompts rule out: with 0 of n discordant pairs the discordant rate is below 3 / n at 95%
-    (the rule of three), and so is the effect."""
-    text = f"{100 * estimate:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+def paired_effect_text(estimate: float, low: float, high: float, n: int, between: str = "the arms") -> str:
+    """A paired effect (a causal test's arms, or B + h against B) in points with its interval. Where no prompt
+    differed between the two (every paired difference is 0, so a bootstrap interval has no width) the interval
+    says nothing; say instead how large an effect this many prompts rule out: with 0 of n discordant pairs the
+    discordant rate is below 3 / n at 95% (the rule of three), and so is the effect."""
     if low == high == estimate == 0 and n > 0:
-        return f"+0.0: no prompt of {n} differed between the arms (effect < {300 / n:.1f} points, 95%)"
-    return text
+        return f"+0.0: no prompt of {n} differed between {between} (effect < {300 / n:.1f} points, 95%)"
+    return f"{100 * estimate:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 @dataclass
