@@ -84,8 +84,9 @@ def where_it_plans(ctx: ReportContext, folder: Path) -> Finding:
         figures.append(
             Figure(
                 "plan_scale.png",
-                "Each task's main target against model size: the probe's excess over the prompt-text baseline, "
-                "the steering effect and the patching effect, 95% intervals.",
+                "The plan map: each task / target x model coloured by its verdict, with the probe's excess over "
+                "the prompt-text baseline and the steering and patching effects (points, 95% intervals); beside it "
+                "the excess of every target a model does against model size.",
                 summary.get("command") or COMMAND,
             )
         )

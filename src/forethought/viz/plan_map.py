@@ -1,7 +1,7 @@
 """The plan map of `forethought plan-tasks`: one table (task x target x model -> behaviour, probe excess, causal
-effects, verdict, smallest detectable excess) as Markdown, and the scale figure (excess and causal effect against
-the model's parameter count, log x, one line per task). Both read `plan_map.json` (what `map_summary` makes), so
-the report section and the command draw the same thing."""
+effects, verdict, smallest detectable excess) as Markdown, and the scale figure (the verdict grid beside the
+excess of every target against the model's parameter count, log x). Both read `plan_map.json` (what
+`map_summary` makes), so the report section and the command draw the same thing."""
 
 from __future__ import annotations
 
@@ -134,67 +134,108 @@ def plan_map_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _headline(outcome: dict, key: str) -> dict | None:
-    """The task's first target's interval `key` (its main target: the rhyme family, the answer, the article...);
-    None where the model did not do the task (there is nothing to plot but a placeholder)."""
-    r = outcome["results"][0] if outcome["results"] else {}
+VERDICT_COLOURS = {
+    "planned": "#3a9d5d",
+    "encoded, not shown used": "#e8b04a",
+    "not found": "#d9d9d9",
+    "task not done": "#ffffff",
+}
+
+
+def _short(iv: dict | None) -> str:
+    return f"{100 * iv['estimate']:+.1f} [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]" if _ok(iv) else ""
+
+
+def _cell_text(r: dict) -> str:
+    """What a grid cell says: the excess with its interval, and the causal effects where they ran."""
     if r.get("verdict") == "task not done":
-        return None
-    if key == "excess":
-        return r.get("excess")
-    test = r.get(key)
-    return test.get("effect") if test else None
+        return f"task not done\n(behaviour {100 * r['behaviour_rate']['estimate']:.0f}%)"
+    lines = [f"excess {_short(r.get('excess'))}" if _ok(r.get("excess")) else "excess n/a"]
+    for name, key in (("steer", "steering"), ("patch", "patching")):
+        test = r.get(key)
+        if test and _ok(test.get("effect")):
+            e = test["effect"]
+            if e["low"] == e["high"] == 0:  # no prompt moved in either arm (see paired_effect_text)
+                lines.append(f"{name}: no prompt of {test.get('n', '?')} moved")
+            else:
+                lines.append(f"{name} {100 * e['estimate']:+.0f} [{100 * e['low']:+.0f}, {100 * e['high']:+.0f}]")
+    return "\n".join(lines)
 
 
 def plot_plan_scale(summary: dict, path: str | Path) -> Path:
-    """Excess and steering / patching effect of each task's main target against parameters (log x)."""
-    params = {m["model"]: m["n_params"] for m in summary["models"]}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
-    titles = {
-        "excess": "probe excess (B+h) - B at the site",
-        "steering": "steering effect (target - random direction)",
-        "patching": "patching effect (follows the donor)",
-    }
-    colors = {task: f"C{i}" for i, task in enumerate(summary["tasks"])}  # one colour per task in every panel
-    for ax, key in zip(axes, titles):
-        for task in summary["tasks"]:
-            pts = []
-            for o in summary.get("outcomes", []):
-                iv = _headline(o, key) if o["task"] == task else None
-                if _ok(iv):
-                    pts.append((params[o["model"]], iv))
-            if not pts:
-                continue
-            pts.sort(key=lambda p: p[0])
-            nudge = 1.04 ** (summary["tasks"].index(task) - (len(summary["tasks"]) - 1) / 2)  # bars side by side
-            x = [p[0] * nudge for p in pts]
-            y = [100 * p[1]["estimate"] for p in pts]
-            err = [
-                [100 * max(0.0, p[1]["estimate"] - p[1]["low"]) for p in pts],
-                [100 * max(0.0, p[1]["high"] - p[1]["estimate"]) for p in pts],
-            ]
-            main = next((o["results"][0]["target"] for o in summary["outcomes"] if o["task"] == task), "")
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colors[task], label=f"{task} ({main})")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        sizes = sorted({n for n in params.values() if n > 0})
-        if sizes:
-            ax.set_xticks(sizes, [_params(n) for n in sizes])
-            ax.minorticks_off()
-            ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
-        ax.set_xlabel("parameters")
-        ax.set_title(titles[key], fontsize=10)
-    axes[0].set_ylabel("accuracy / share points (95% interval)")
-    seen: dict = {}
-    for ax in axes:  # a task may have points in one panel only
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, handle)
-    handles, labels = list(seen.values()), list(seen)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.suptitle("Where does it plan? Each task's main target against model size (a task not done: no point)")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    """The map as a picture: left, the verdict grid (task / target x model, coloured by verdict, each cell with
+    its excess and causal effects in points); right, the excess of every target a model does against parameters
+    (log x), one line per task / target, so a trend with scale shows where it is."""
+    models = summary["models"]
+    params = {m["model"]: m["n_params"] for m in models}
+    outcomes = {(o["model"], o["task"]): o for o in summary.get("outcomes", [])}
+    rows: list[tuple[str, str]] = []
+    for task in summary["tasks"]:
+        targets: list[str] = []
+        for m in models:
+            o = outcomes.get((m["model"], task))
+            targets += [r["target"] for r in (o["results"] if o else []) if r["target"] not in targets]
+        rows += [(task, t) for t in targets] or [(task, "(all)")]
+    result = {
+        (o["model"], o["task"], r["target"]): r for o in summary.get("outcomes", []) for r in o["results"]
+    }  # fmt: skip
+    fig = plt.figure(figsize=(7 + 3.1 * len(models), 1.6 + 0.62 * len(rows)))
+    grid = fig.add_gridspec(1, 2, width_ratios=(1.35 * len(models), 4.5), wspace=0.28)
+    ax = fig.add_subplot(grid[0])
+    for i, (task, target) in enumerate(rows):
+        for j, m in enumerate(models):
+            r = result.get((m["model"], task, target))
+            colour = VERDICT_COLOURS.get(r["verdict"], "#ffffff") if r else "#f4f4f4"
+            hatch = "//" if r is None or r.get("verdict") == "task not done" else None
+            ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour, edgecolor="#888888", hatch=hatch, lw=0.6))
+            ax.text(j + 0.5, i + 0.5, _cell_text(r) if r else "not run", ha="center", va="center", fontsize=6.8)
+    ax.set_xlim(0, len(models))
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([j + 0.5 for j in range(len(models))], [f"{m['model']}\n{_params(m['n_params'])}" for m in models])
+    ax.xaxis.tick_top()
+    ax.set_yticks([i + 0.5 for i in range(len(rows))], [f"{task} · {target}" for task, target in rows], fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="#888888") for c in VERDICT_COLOURS.values()]
+    ax.legend(handles, list(VERDICT_COLOURS), loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=4, fontsize=7.5)
+    ax.set_title("verdict; probe excess (B+h) - B and causal effects, points [95%]", fontsize=9, pad=28)
+
+    ax = fig.add_subplot(grid[1])
+    colours = {task: f"C{i}" for i, task in enumerate(summary["tasks"])}
+    styles = ("-", "--", ":", "-.")
+    for task, target in rows:
+        pts = []
+        for m in models:
+            r = result.get((m["model"], task, target))
+            if r and r.get("verdict") != "task not done" and _ok(r.get("excess")):
+                pts.append((params[m["model"]], r["excess"]))
+        if not pts:
+            continue
+        k = [t for t2, t in rows if t2 == task].index(target)
+        nudge = 1.03 ** (rows.index((task, target)) - (len(rows) - 1) / 2)  # bars side by side
+        x = [n * nudge for n, _ in pts]
+        y = [100 * iv["estimate"] for _, iv in pts]
+        err = [
+            [100 * max(0.0, iv["estimate"] - iv["low"]) for _, iv in pts],
+            [100 * max(0.0, iv["high"] - iv["estimate"]) for _, iv in pts],
+        ]
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1, color=colours[task],
+                    ls=styles[k % len(styles)], label=f"{task} · {target}")  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    sizes = sorted({n for n in params.values() if n > 0})
+    if sizes:
+        ax.set_xticks(sizes, [_params(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlim(sizes[0] / 1.4, sizes[-1] * 1.4)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("probe excess (B+h) - B, accuracy points (95%)")
+    ax.set_title("what the site's state adds to the prompt text, by size\n(targets a model does; interval above 0:"
+                 " the state holds more than the text)", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=6.5, loc="upper left", ncol=2)
+    fig.suptitle("Where does it plan? Tasks with a known future, on every model of the ladder", fontsize=11)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
