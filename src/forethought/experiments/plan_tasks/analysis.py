@@ -352,10 +352,7 @@ def verdict(
         ex = f"excess (B+h) - B {bound}"
     tests = [(name, t) for name, t in (("steering", steering), ("patching", patching)) if t is not None]
     causal = [(name, t.effect) for name, t in tests]
-    said = "; ".join(
-        f"{name} effect {paired_effect_text(t.effect.estimate, t.effect.low, t.effect.high, t.n)} points"
-        for name, t in tests
-    )
+    said = "; ".join(f"{name} effect {_effect(t.effect, t.n)}" for name, t in tests)
     said = said or "no causal test run"
     if not excess.low > 0:
         if baseline is not None and baseline.estimate >= 0.98:
@@ -366,6 +363,11 @@ def verdict(
     if any(e.low > 0 for _, e in causal):
         return "planned", f"{ex}, and {said}: the site's state holds the target and the output follows it"
     return "encoded, not shown used", f"{ex}, but {said}: held in the state, no causal effect shown"
+
+
+def _effect(i: Interval, n: int) -> str:
+    text = paired_effect_text(i.estimate, i.low, i.high, n)
+    return text if text.startswith("+0.0:") else f"{text} points"  # the bound's text names its unit
 
 
 def _pts(i: Interval) -> str:
