@@ -219,6 +219,37 @@ def test_ragged_batch_equals_each_prompt_alone(family_lm):
     assert (plain[0] - alone).abs().max() > 1e-3
 
 
+@torch.inference_mode()
+def test_ragged_batch_after_a_shared_prefix_equals_each_prompt_alone(family_lm):
+    """A prefix of 11 tokens run once and copied into every row (a task's instruction), then each row's own 1-9
+    tokens left-padded after it and 4 decode steps: every row's logits are those of prefix + its tokens alone.
+    The control: rows that cannot see the shared slots give other logits."""
+    from forethought.model.ragged import RaggedBatch
+
+    model = family_lm.model
+    prefix = ids_of(11, seed=7)[0].tolist()
+    own = [ids_of(n, seed=20 + n)[0].tolist() for n in (4, 9, 1)]
+    shared = model.new_cache(capacity=11)
+    model(torch.tensor([prefix]), cache=shared)
+    batch, tokens = RaggedBatch.left_padded(own, pad_id=5, shared=11)
+    assert batch.width == 20 and tokens.shape == (3, 9)
+    cache = shared.repeat_prefix(3, 11, room=9 + 4)
+    logits = batch.forward(model, tokens, cache, last_only=True)[:, -1]
+    texts = [prefix + p for p in own]
+    for _ in range(4):
+        for b, text in enumerate(texts):
+            assert (logits[b] - model(torch.tensor([text]))[0, -1]).abs().max() <= TOL, (b, len(text))
+        nxt = logits.argmax(-1)
+        for b, text in enumerate(texts):
+            text.append(int(nxt[b]))
+        logits = batch.forward(model, nxt[:, None], cache)[:, -1]
+    blind = RaggedBatch([len(p) for p in own], shared=11)
+    blind.shared = 0  # the same slots, the shared ones taken for padding
+    cache = shared.repeat_prefix(3, 11, room=9)
+    wrong = model.forward_tree(tokens, cache, blind.positions(11, 9), blind.visible(11, 9), last_only=True)[:, -1]
+    assert (wrong[1] - model(torch.tensor([prefix + own[1]]))[0, -1]).abs().max() > 1e-3
+
+
 def tiny_gemma(window: int = 24):
     """A Gemma-style model whose first and last layers are local (rings of `window` slots)."""
     from forethought.model.random_init import random_model, tiny_config

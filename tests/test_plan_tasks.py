@@ -12,7 +12,12 @@ import torch
 from forethought.cli import main
 from forethought.errors import ForethoughtError
 from forethought.experiments.plan_tasks.collect import collect, spread_layers
-from forethought.experiments.plan_tasks.generate import SiteEdit, greedy_completions, ragged_batches
+from forethought.experiments.plan_tasks.generate import (
+    SiteEdit,
+    greedy_completions,
+    ragged_batches,
+    shared_prefix_length,
+)
 from forethought.experiments.plan_tasks.rhymes import rhyme_family, rhymes
 from forethought.experiments.plan_tasks.tasks import TASKS, body_of, task_names, words
 from forethought.experiments.plan_tasks.types import TaskPrompt, TaskRun
@@ -298,16 +303,18 @@ def test_a_saved_outcome_reads_back_whole_and_a_changed_key_does_not(tmp_path):
 
 
 def test_gemma_decodes_and_edits_in_ragged_batches_as_by_exact_length(monkeypatch):
-    """Gemma's tree attention (bounded by its window) lets plan-tasks batch prompts of any lengths: the same
-    completions and site states as batching by exact length, and the causal tests' shared-prefix edits the same
-    tokens as decoding the repeated prompts whole."""
+    """Gemma's tree attention (bounded by its window) lets plan-tasks batch prompts of any lengths after the
+    prefix they all share (run once): the same completions and site states as batching by exact length, and the
+    causal tests' shared-prefix edits the same tokens as decoding the repeated prompts whole."""
     from forethought.experiments.plan_tasks.causal import edited_completions
     from forethought.model.random_init import random_model, tiny_config
 
     config = tiny_config("gemma3", n_layers=3, vocab_size=384, sliding_window=64, sliding_layers=(0, 2))
     model = random_model(config, seed=5)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 380, n).tolist() for n in (5, 9, 9, 14, 3, 20)]
+    instruction = rng.integers(3, 380, 7).tolist()  # shared by every prompt: run once, copied into each row
+    prompts = [instruction + rng.integers(3, 380, n).tolist() for n in (5, 9, 9, 14, 3, 20)]
+    assert shared_prefix_length(prompts) == 7 and shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
     ragged = greedy_completions(model, prompts, 6, (), layers=[1, 2], batch_size=4)
     rows = np.array([0, 3, 5, 0, 3])
     vectors = torch.from_numpy(rng.standard_normal((len(rows), 64)) * 4).float()

@@ -2,10 +2,11 @@
 planning site) captured -- or edited, for steering and patching -- during the prompt's pass.
 
 Prompts are batched up to `batch_size` rows in order of length, left-padded into one ragged batch (each row at its
-own positions and blind to its padding: model/ragged.py); families without tree attention batch by exact length
-instead. Every row decodes through the one decode loop (`generate_steps`) on a shared batched cache until all rows
-have stopped or the budget is spent. Batched greedy is token-identical to one prompt at a time
-(tests/test_plan_tasks.py checks it), and on a bandwidth-bound CPU decode a row costs far less than a whole step."""
+own positions and blind to its padding: model/ragged.py) after the prefix all of them share, which runs once;
+families without tree attention batch by exact length instead. Every row decodes through the one decode loop
+(`generate_steps`) on a shared batched cache until all rows have stopped or the budget is spent. Batched greedy is
+token-identical to one prompt at a time (tests/test_plan_tasks.py checks it), and on a bandwidth-bound CPU decode a
+row costs far less than a whole step."""
 
 from __future__ import annotations
 
@@ -72,14 +73,42 @@ def ragged_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def batch_passes(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every prompt shares, short of any prompt's last token (the site runs per row)."""
+    if not prompts:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def prefix_pass(model: Transformer, prompts: Sequence[Sequence[int]], extra: int):
+    """(cache, length) of the prefix every prompt shares, run once, for `batch_passes`; None where there is
+    none or the batches cannot start from it (no tree attention reaching so far)."""
+    n = shared_prefix_length(prompts)
+    if n == 0 or not model.tree_fits(max(len(p) for p in prompts) + extra):
+        return None
+    cache = model.new_cache(capacity=n)
+    model(torch.tensor([list(prompts[0][:n])], device=model.device), cache=cache, last_only=True)
+    return cache, n
+
+
+def batch_passes(model: Transformer, prompts: Sequence[Sequence[int]], extra: int, prefix=None):
     """(cache, prefill, step) for decoding `prompts` as one batch: prefill(hooks) -> the last prompt token's logits
     [B, vocab]; step(tokens [B]) -> the next logits. A ragged batch where the model's tree attention reaches that
-    far, else the prompts must share one length."""
+    far (starting from `prefix_pass`'s shared prefix when given: only the rest of each prompt runs), else the
+    prompts must share one length."""
     device = model.device
     if model.tree_fits(max(len(p) for p in prompts) + extra):
-        batch, tokens = RaggedBatch.left_padded(prompts, device=device)
-        cache = model.new_cache(capacity=batch.width + extra, batch_size=len(prompts))
+        if prefix is not None:
+            shared, n = prefix
+            batch, tokens = RaggedBatch.left_padded([p[n:] for p in prompts], device=device, shared=n)
+            cache = shared.repeat_prefix(len(prompts), n, room=batch.width - n + extra)
+        else:
+            batch, tokens = RaggedBatch.left_padded(prompts, device=device)
+            cache = model.new_cache(capacity=batch.width + extra, batch_size=len(prompts))
 
         def prefill(hooks=None) -> torch.Tensor:
             return batch.forward(model, tokens, cache, hooks, last_only=True)[:, -1]
@@ -123,13 +152,14 @@ def greedy_completions(
     done = 0
     longest = max((len(p) for p in prompt_ids), default=0) + max_new_tokens
     batches = ragged_batches if model.tree_fits(longest) else length_batches
+    prefix = prefix_pass(model, prompt_ids, max_new_tokens)  # the task's instruction and examples, once
     for rows in batches(prompt_ids, batch_size):
         edits = {}
         if edit is not None:
             value = edit.vectors if edit.vectors.dim() == 1 else edit.vectors[rows]
             edits[act_name(edit.layer, "resid_post")] = (edit.mode, value.to(model.device))
         hooks = _SiteHooks(names, edits)
-        cache, prefill, step = batch_passes(model, [prompt_ids[i] for i in rows], max_new_tokens)
+        cache, prefill, step = batch_passes(model, [prompt_ids[i] for i in rows], max_new_tokens, prefix)
         logits = prefill(hooks)
         for j, name in enumerate(names):
             states[rows, j] = hooks.states[name].numpy()
