@@ -141,8 +141,10 @@ def greedy_completions(
     edit: SiteEdit | None = None,
     batch_size: int = 16,
     progress: Progress | None = None,
+    share_prefix: bool = True,
 ) -> Completions:
-    """Greedy continuations (each cut after its first stop token) and the site's states after `layers`."""
+    """Greedy continuations (each cut after its first stop token) and the site's states after `layers`
+    (`share_prefix=False`: every row runs its whole prompt, for the benchmark's comparison)."""
     names = [act_name(layer, "resid_post") for layer in layers]
     stop_set = frozenset(stop_ids)
     stops = torch.tensor(sorted(stop_set), dtype=torch.long)
@@ -152,7 +154,7 @@ def greedy_completions(
     done = 0
     longest = max((len(p) for p in prompt_ids), default=0) + max_new_tokens
     batches = ragged_batches if model.tree_fits(longest) else length_batches
-    prefix = prefix_pass(model, prompt_ids, max_new_tokens)  # the task's instruction and examples, once
+    prefix = prefix_pass(model, prompt_ids, max_new_tokens) if share_prefix else None  # instruction, examples
     for rows in batches(prompt_ids, batch_size):
         edits = {}
         if edit is not None:
