@@ -162,10 +162,22 @@ def _cell_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _size_axis(ax, params: dict[str, int]) -> None:
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    sizes = sorted({n for n in params.values() if n > 0})
+    if sizes:
+        ax.set_xticks(sizes, [_params(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlim(sizes[0] / 1.4, sizes[-1] * 1.4)
+    ax.set_xlabel("parameters")
+
+
 def plot_plan_scale(summary: dict, path: str | Path) -> Path:
     """The map as a picture: left, the verdict grid (task / target x model, coloured by verdict, each cell with
     its excess and causal effects in points); right, the excess of every target a model does against parameters
-    (log x), one line per task / target, so a trend with scale shows where it is."""
+    (log x), one line per task / target, so a trend with scale shows where it is, and below it the causal effects
+    where they ran."""
     models = summary["models"]
     params = {m["model"]: m["n_params"] for m in models}
     outcomes = {(o["model"], o["task"]): o for o in summary.get("outcomes", [])}
@@ -180,8 +192,8 @@ def plot_plan_scale(summary: dict, path: str | Path) -> Path:
         (o["model"], o["task"], r["target"]): r for o in summary.get("outcomes", []) for r in o["results"]
     }  # fmt: skip
     fig = plt.figure(figsize=(7 + 3.1 * len(models), 1.6 + 0.62 * len(rows)))
-    grid = fig.add_gridspec(1, 2, width_ratios=(1.35 * len(models), 4.5), wspace=0.28)
-    ax = fig.add_subplot(grid[0])
+    grid = fig.add_gridspec(2, 2, width_ratios=(1.35 * len(models), 4.5), height_ratios=(1.6, 1), wspace=0.28)
+    ax = fig.add_subplot(grid[:, 0])
     for i, (task, target) in enumerate(rows):
         for j, m in enumerate(models):
             r = result.get((m["model"], task, target))
@@ -201,7 +213,7 @@ def plot_plan_scale(summary: dict, path: str | Path) -> Path:
     ax.legend(handles, list(VERDICT_COLOURS), loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=4, fontsize=7.5)
     ax.set_title("verdict; probe excess (B+h) - B and causal effects, points [95%]", fontsize=9, pad=28)
 
-    ax = fig.add_subplot(grid[1])
+    ax = fig.add_subplot(grid[0, 1])
     colours = {task: f"C{i}" for i, task in enumerate(summary["tasks"])}
     styles = ("-", "--", ":", "-.")
     for task, target in rows:
@@ -222,18 +234,30 @@ def plot_plan_scale(summary: dict, path: str | Path) -> Path:
         ]
         ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1, color=colours[task],
                     ls=styles[k % len(styles)], label=f"{task} · {target}")  # fmt: skip
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log")
-    sizes = sorted({n for n in params.values() if n > 0})
-    if sizes:
-        ax.set_xticks(sizes, [_params(n) for n in sizes])
-        ax.minorticks_off()
-        ax.set_xlim(sizes[0] / 1.4, sizes[-1] * 1.4)
-    ax.set_xlabel("parameters")
+    _size_axis(ax, params)
     ax.set_ylabel("probe excess (B+h) - B, accuracy points (95%)")
     ax.set_title("what the site's state adds to the prompt text, by size\n(targets a model does; interval above 0:"
                  " the state holds more than the text)", fontsize=9)  # fmt: skip
     ax.legend(fontsize=6.5, loc="upper left", ncol=2)
+
+    ax = fig.add_subplot(grid[1, 1])
+    for (model, task, target), r in result.items():
+        for key, marker in (("steering", "o"), ("patching", "^")):
+            test = r.get(key)
+            if not (test and _ok(test.get("effect"))):
+                continue
+            e = test["effect"]
+            nudge = 1.05 if key == "patching" else 1 / 1.05
+            ax.errorbar([params[model] * nudge], [100 * e["estimate"]], marker=marker, ms=5, capsize=2,
+                        yerr=[[100 * (e["estimate"] - e["low"])], [100 * (e["high"] - e["estimate"])]],
+                        color=colours[task], ls="none", label=f"{key}: {task} · {target}")  # fmt: skip
+    _size_axis(ax, params)
+    ax.set_ylabel("causal effect, points (95%)")
+    ax.set_title("where the state adds: does the output follow it? (o steering, ^ patching, each minus its control)",
+                 fontsize=9)  # fmt: skip
+    legend = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per test x task / target
+    if legend:
+        ax.legend(list(legend.values()), list(legend), fontsize=6.5, loc="best")
     fig.suptitle("Where does it plan? Tasks with a known future, on every model of the ladder", fontsize=11)
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")
