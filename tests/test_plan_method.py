@@ -341,6 +341,11 @@ def test_a_causal_null_without_events_says_what_it_rules_out():
     assert verdict == "not found" and "no prompt of 200 differed between B and B + h (effect < 1.5" in why
     row |= {"excess": d, "mde": float("nan"), "n_usable": 200, "steering": None, "patching": None}
     assert table_rows(summary)[0][8] == "< 1.5 (no prompt differed)"
+    # where the prompt text alone reads the target, "not found" only says the setting cannot discriminate
+    row |= {"verdict": "not found", "baseline_acc": {"estimate": 0.99, "low": 0.97, "high": 1.0}}
+    assert table_rows(summary)[0][7] == "not found: the text decides (B 99%)"
+    row["baseline_acc"] = {"estimate": 0.9, "low": 0.85, "high": 0.95}
+    assert table_rows(summary)[0][7] == "not found"
 
 
 def test_settings_and_runs_that_cannot_be_read():

@@ -35,6 +35,18 @@ def share(iv: dict | None) -> str:
     return f"{100 * iv['estimate']:.0f}% [{100 * iv['low']:.0f}, {100 * iv['high']:.0f}]"
 
 
+TEXT_DECIDES = 0.98  # B's accuracy from which the prompt text alone settles the target (analysis.verdict says so)
+
+
+def verdict_text(r: dict) -> str:
+    """The verdict, saying where "not found" only means the setting cannot discriminate: the prompt text alone
+    reads the target, so nothing is left for the state to add (the model does the task the text dictates)."""
+    b = r.get("baseline_acc")
+    if r.get("verdict") == "not found" and _ok(b) and b["estimate"] >= TEXT_DECIDES:
+        return f"not found: the text decides (B {100 * b['estimate']:.0f}%)"
+    return r.get("verdict", "")
+
+
 def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
@@ -84,7 +96,7 @@ def table_rows(summary: dict) -> list[list[str]]:
                         points(r["excess"], "not measured (" + (r.get("why") or "too few labels") + ")"),
                         _causal(r, "steering"),
                         _causal(r, "patching"),
-                        r["verdict"],
+                        verdict_text(r),
                         detectable,
                     ]
                 )
@@ -138,6 +150,7 @@ VERDICT_COLOURS = {
     "planned": "#3a9d5d",
     "encoded, not shown used": "#e8b04a",
     "not found": "#d9d9d9",
+    "the text decides": "#c9d7ea",
     "task not done": "#ffffff",
 }
 
@@ -150,6 +163,8 @@ def _cell_text(r: dict) -> str:
     """What a grid cell says: the excess with its interval, and the causal effects where they ran."""
     if r.get("verdict") == "task not done":
         return f"task not done\n(behaviour {100 * r['behaviour_rate']['estimate']:.0f}%)"
+    if verdict_text(r) != r.get("verdict"):
+        return verdict_text(r).replace(": ", "\n", 1)
     lines = [f"excess {_short(r.get('excess'))}" if _ok(r.get("excess")) else "excess n/a"]
     for name, key in (("steer", "steering"), ("patch", "patching")):
         test = r.get(key)
@@ -197,7 +212,8 @@ def plot_plan_scale(summary: dict, path: str | Path) -> Path:
     for i, (task, target) in enumerate(rows):
         for j, m in enumerate(models):
             r = result.get((m["model"], task, target))
-            colour = VERDICT_COLOURS.get(r["verdict"], "#ffffff") if r else "#f4f4f4"
+            kind = "the text decides" if r and verdict_text(r) != r["verdict"] else (r or {}).get("verdict")
+            colour = VERDICT_COLOURS.get(kind, "#ffffff") if r else "#f4f4f4"
             hatch = "//" if r is None or r.get("verdict") == "task not done" else None
             ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour, edgecolor="#888888", hatch=hatch, lw=0.6))
             ax.text(j + 0.5, i + 0.5, _cell_text(r) if r else "not run", ha="center", va="center", fontsize=6.8)
@@ -210,7 +226,7 @@ def plot_plan_scale(summary: dict, path: str | Path) -> Path:
     for spine in ax.spines.values():
         spine.set_visible(False)
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="#888888") for c in VERDICT_COLOURS.values()]
-    ax.legend(handles, list(VERDICT_COLOURS), loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=4, fontsize=7.5)
+    ax.legend(handles, list(VERDICT_COLOURS), loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=7.5)
     ax.set_title("verdict; probe excess (B+h) - B and causal effects, points [95%]", fontsize=9, pad=28)
 
     ax = fig.add_subplot(grid[0, 1])
