@@ -37,8 +37,23 @@ def _pts(iv: dict | None) -> str | None:
     return f"{100 * iv['estimate']:+.1f} [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
 
 
+RANK = {"planned": 0, "encoded, not shown used": 1, "not found": 2, "task not done": 3}
+
+
+def _strongest(results: list[dict]) -> dict | None:
+    """The target with the most evidence of a plan (planned, then encoded, ...; then the largest excess): what a
+    task says for one model in a line."""
+
+    def key(r: dict) -> tuple:
+        value = (r.get("excess") or {}).get("estimate")
+        size = value if isinstance(value, int | float) and math.isfinite(value) else -1.0
+        return RANK.get(r.get("verdict"), 4), -size
+
+    return min(results, key=key) if results else None
+
+
 def where_it_plans(ctx: ReportContext, folder: Path) -> Finding:
-    from forethought.viz.plan_map import plot_plan_scale
+    from forethought.viz.plan_map import plot_plan_scale, verdict_text
 
     path = plan_map_path(ctx)
     if path is None:
@@ -69,11 +84,11 @@ def where_it_plans(ctx: ReportContext, folder: Path) -> Finding:
                     intervals[f"{key}_excess_points"] = [100 * r["excess"]["low"], 100 * r["excess"]["high"]]
                 if isinstance(r.get("mde"), int | float) and math.isfinite(r["mde"]):
                     numbers[f"{key}_mde_points"] = 100 * r["mde"]
-            head = o["results"][0] if o["results"] else None
+            head = _strongest(o["results"])
             if head is not None:
                 excess = _pts(head["excess"]) or "not measured"
                 parts.append(
-                    f"{o['model']} {head['verdict']} ({head['target']}: behaviour "
+                    f"{o['model']} {verdict_text(head)} ({head['target']}: behaviour "
                     f"{100 * head['behaviour_rate']['estimate']:.0f}%, excess {excess} points)"
                 )
         if parts:
@@ -91,9 +106,10 @@ def where_it_plans(ctx: ReportContext, folder: Path) -> Finding:
             )
         )
     verdict = (
-        "Per task, each model's verdict on its main target (planned: the state adds to the prompt text and a "
-        "causal test moves the output; encoded: it adds, no causal effect shown; not found: nothing beyond the "
-        "text, the MDE says how small an effect could have been missed). " + " · ".join(said)
+        "Per task, each model's strongest target (planned: the state adds to the prompt text and a causal test "
+        "moves the output; encoded: it adds, no causal effect shown; not found: nothing beyond the text, the MDE "
+        "says how small an effect could have been missed; the text decides: the prompt alone reads the target, "
+        "the setting cannot discriminate). " + " · ".join(said)
         if said
         else "The plan map holds no measured task."
     )

@@ -124,6 +124,7 @@ SECTIONS: list[Section] = [
         "state at the planning site add to the prompt text, and does the output follow it, as models grow?",
         where_it_plans,
         plan_map_inputs,
+        version=2,
     ),
     Section(
         "anatomy",
