@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from forethought.model.config import ModelConfig
 from forethought.model.family import Family
 from forethought.model.kv_cache import KVCache, SlidingKVCache
-from forethought.model.layers import Hooks, Norm, apply_rope, attend, rope_tables, split_qkv
+from forethought.model.layers import Hooks, Norm, apply_rope, attend, rope_at, rope_tables, split_qkv
 from forethought.model.llama import Block
 
 # Tokens a Gemma cache can rewind (SlidingKVCache.truncate): spare ring slots beyond the window.
@@ -85,16 +85,6 @@ class GemmaBlock(Block):
             if self.local:
                 allowed = allowed & (query_pos[:, None] - key_pos[None, :] < self.config.sliding_window)
         return None if bool(allowed.all()) else allowed
-
-
-def rope_at(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of `positions` ([T] -> [T, head_dim]; [B, T] -> [B, 1, T, head_dim], one table per row for every
-    head): `rope_tables` at positions of the tokens' own (tree attention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos(), angles.sin()
-    return (cos[:, None], sin[:, None]) if positions.dim() == 2 else (cos, sin)
 
 
 def gemma_forward(

@@ -190,10 +190,17 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) 
 
 def rope_tables(theta: float, head_dim: int, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [end - start, head_dim] for positions start..end-1, float32, rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    angles = torch.outer(torch.arange(start, end, dtype=torch.float32, device=device), inv_freq)
+    return rope_at(theta, head_dim, torch.arange(start, end, device=device))
+
+
+def rope_at(theta: float, head_dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of any positions: [T] -> [T, head_dim]; [B, T] -> [B, 1, T, head_dim], one table per row for every
+    head (tree attention: tokens at positions of their own)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return (cos[:, None], sin[:, None]) if positions.dim() == 2 else (cos, sin)
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
