@@ -40,7 +40,7 @@ def generate(
         str | None,
         typer.Option(
             "--speculative",
-            help="Draft tokens and verify them in one forward (same output): heads, lookup or auto.",
+            help="Draft tokens and verify them in one forward (same output): heads, lookup, model or auto.",
         ),
     ] = None,
     draft_len: Annotated[
@@ -48,6 +48,14 @@ def generate(
     ] = None,
     heads: Annotated[
         str | None, typer.Option("--heads", help="Draft heads file (default: the ones shipped for the model).")
+    ] = None,
+    draft_model: Annotated[
+        str | None,
+        typer.Option(
+            "--draft-model",
+            help="Model that drafts for --speculative model/auto (same vocabulary; default: the registry's, "
+            "e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b).",
+        ),
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
@@ -69,7 +77,7 @@ def generate(
         raise ForethoughtError("--speculative verifies drafts on the KV cache: drop --no-cache")
     from forethought.model.speculative import check_speculative_flags
 
-    check_speculative_flags(speculative, draft_len, heads)
+    check_speculative_flags(speculative, draft_len, heads, draft_model)
     draft_len = 4 if draft_len is None else draft_len
     lm = load(model, device, dtype, quiet=as_json)
     text = lm.tokenizer.apply_chat_template(prompt) if chat else prompt
@@ -80,8 +88,14 @@ def generate(
     drafter = None
     if speculative is not None:
         from forethought.model.speculative import make_drafter
+        from forethought.weights.registry import load_draft_model
 
-        drafter = make_drafter(lm.model, speculative, heads)
+        draft = None
+        if speculative in ("model", "auto"):
+            draft = load_draft_model(lm, draft_model, required=speculative == "model")
+            if draft is not None and not as_json:
+                err_console.print(f"[dim]drafting with {draft.name} ({draft.describe()['weights']})[/dim]")
+        drafter = make_drafter(lm.model, speculative, heads, draft.model if draft is not None else None)
     stream = StreamDecoder(lm.tokenizer, skip_special=plain_chat, context=prompt_ids)
 
     def show(token: int) -> None:

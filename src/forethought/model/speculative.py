@@ -35,7 +35,7 @@ from forethought.model.kv_cache import Cache
 from forethought.model.sampling import SamplingParams, sample, sampling_distribution
 from forethought.model.transformer import Transformer
 
-DRAFTERS = ("lookup", "heads", "auto")
+DRAFTERS = ("lookup", "heads", "model", "auto")
 
 
 class Drafter(Protocol):
@@ -103,6 +103,62 @@ class HeadsDrafter:
         return self.heads.draft(self.model, state, min(k, self.max_tokens), self.min_prob)
 
 
+class DraftModel:
+    """Drafts with a smaller model of the same vocabulary (the ladder's 0.5B for its 1.5B): greedily, on a KV
+    cache of its own that follows the verified text, until it has `k` tokens or doubts the next one.
+
+    Speculative decoding's classic drafter (Leviathan et al. 2023). It pays where the big model is slow per
+    token and the small one agrees with it: on the code-continuation prompt of `benchmarks.ladder_speed` the
+    0.5B in int8 predicts the 1.5B's next token at every one of 64 positions, at ~1/7 of its step's cost.
+    Its weights only choose what gets verified, so int8 costs no exactness. A drafted token the draft model
+    gives less than `min_prob` ends the draft: it would likely be rejected, and each drafted token costs a
+    draft step and a wider verification.
+    """
+
+    name = "model"
+    needs_state = False
+
+    def __init__(self, model: Transformer, min_prob: float = 0.4) -> None:
+        self.model, self.min_prob = model, min_prob
+        self.cache = model.new_cache()
+        self._ids: list[int] = []  # the tokens whose K/V the draft cache holds, in order
+
+    def _logits(self, tokens: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([tokens], device=self.model.device), cache=self.cache, last_only=True)
+        self._ids.extend(tokens)
+        return out[0, -1]
+
+    def prefill(self, prompt_ids: list[int]) -> None:
+        """Run the prompt through the draft model with the target's prefill, not inside the first forward."""
+        self.cache.truncate(0)
+        self._ids = []
+        self._logits(list(prompt_ids))
+
+    def draft(self, ids: list[int], state: torch.Tensor | None, k: int) -> list[int]:
+        if k <= 0 or len(ids) + k > self.model.config.context_length:
+            return []
+        # Keep the cached prefix the text still starts with (rejected drafts drop off) and feed the rest; the
+        # last token is always fed again so its logits are at hand.
+        shared = 0
+        for a, b in zip(self._ids, ids[:-1]):
+            if a != b:
+                break
+            shared += 1
+        self.cache.truncate(shared)
+        del self._ids[shared:]
+        logits = self._logits(ids[shared:])
+        drafts: list[int] = []
+        while True:
+            token = int(logits.argmax())
+            if self.min_prob > 0 and float(torch.softmax(logits.float(), -1)[token]) < self.min_prob:
+                break
+            drafts.append(token)
+            if len(drafts) == k:
+                break
+            logits = self._logits([token])
+        return drafts
+
+
 class _SourceRecord:
     """What one drafting source yielded in its latest forwards, and whether it is benched."""
 
@@ -113,8 +169,9 @@ class _SourceRecord:
 
 
 class AutoDrafter:
-    """Prompt lookup where the context has a match of at least `min_match` tokens (long, often right),
-    the heads elsewhere (lookup alone for a model without heads) -- each only while it pays.
+    """A draft model where there is one; else prompt lookup where the context has a match of at least
+    `min_match` tokens (long, often right), the heads elsewhere (lookup alone for a model with neither) --
+    each only while it pays (a benched draft model hands over to lookup and the heads).
 
     Whether drafting pays depends on acceptance and on what verifying costs, which differ by model, dtype
     and machine load (verifying 4 tokens cost 1.66 steps in fp32 and 2.13 in int8 on the embedded model,
@@ -133,21 +190,26 @@ class AutoDrafter:
     def __init__(
         self,
         heads: HeadsDrafter | None,
+        draft_model: DraftModel | None = None,
         min_match: int = 2,
         window: int = 6,
         calibrate: int = 3,
         recalibrate: int = 20,
         bench: int = 16,
     ) -> None:
-        self.lookup, self.heads, self.min_match = PromptLookup(), heads, min_match
+        self.lookup, self.heads, self.draft_model, self.min_match = PromptLookup(), heads, draft_model, min_match
         self.needs_state = heads is not None
         self.window, self.calibrate, self.recalibrate, self.bench = window, calibrate, recalibrate, bench
         self.plain_seconds: deque[float] = deque(maxlen=window)
-        self.sources = {"lookup": _SourceRecord(window), "heads": _SourceRecord(window)}
+        self.sources = {name: _SourceRecord(window) for name in ("lookup", "model", "heads")}
         self.forwards = 0
-        self.usage = {"plain": 0, "lookup": 0, "heads": 0}  # forwards by who drafted (plain: nobody)
+        self.usage = {"plain": 0, "lookup": 0, "model": 0, "heads": 0}  # forwards by who drafted (plain: nobody)
         self.benchings = 0
         self._drafted_by: str | None = None
+
+    def prefill(self, prompt_ids: list[int]) -> None:
+        if self.draft_model is not None:
+            self.draft_model.prefill(prompt_ids)
 
     def _usable(self, source: str) -> bool:
         return self.forwards >= self.sources[source].benched_until
@@ -157,14 +219,17 @@ class AutoDrafter:
         self._drafted_by = None
         if k <= 0 or len(self.plain_seconds) < self.calibrate or self.forwards % self.recalibrate == 0:
             return []  # a plain forward, timed
-        proposal = self.lookup.draft(ids, state, k)
-        if proposal and self.lookup.last_match >= self.min_match and self._usable("lookup"):
-            self._drafted_by = "lookup"
-            return proposal
-        if self.heads is not None and self._usable("heads"):
-            proposal = self.heads.draft(ids, state, k)
+        # A draft model first where there is one: on the ladder's code prompt it made 4.9 tokens a forward
+        # where lookup made 1.4 (benchmarks/RESULTS.md); lookup next, free but right less often; heads last.
+        for name in ("model", "lookup", "heads"):
+            source = {"model": self.draft_model, "lookup": self.lookup, "heads": self.heads}[name]
+            if source is None or not self._usable(name):
+                continue
+            proposal = source.draft(ids, state, k)
+            if name == "lookup" and self.lookup.last_match < self.min_match:
+                continue
             if proposal:
-                self._drafted_by = "heads"
+                self._drafted_by = name
                 return proposal
         return []
 
@@ -195,8 +260,12 @@ class AutoDrafter:
 MAX_DRAFT_LEN = 15
 
 
-def check_speculative_flags(kind: str | None, draft_len: int | None, heads_path: str | None) -> None:
+def check_speculative_flags(
+    kind: str | None, draft_len: int | None, heads_path: str | None, draft_model: str | None = None
+) -> None:
     """The flags' own sense, before any model loads: a wrong one fails in milliseconds, not after the load."""
+    if draft_model is not None and kind not in ("model", "auto"):
+        raise ForethoughtError("--draft-model is read by --speculative model or auto: add one, or drop --draft-model")
     if kind is None:
         if heads_path is not None:
             raise ForethoughtError("--heads is read by --speculative heads or auto: add one, or drop --heads")
@@ -208,23 +277,31 @@ def check_speculative_flags(kind: str | None, draft_len: int | None, heads_path:
     if draft_len is not None and not 1 <= draft_len <= MAX_DRAFT_LEN:
         raise ForethoughtError(f"--draft-len must be in 1..{MAX_DRAFT_LEN}, got {draft_len}")
     if heads_path is not None:
-        if kind == "lookup":
-            raise ForethoughtError("--heads is not read by --speculative lookup: use heads or auto, or drop --heads")
+        if kind in ("lookup", "model"):
+            raise ForethoughtError(f"--heads is not read by --speculative {kind}: use heads or auto, or drop --heads")
         if not Path(heads_path).is_file():
             what = "is a folder" if Path(heads_path).is_dir() else "does not exist"
             raise ForethoughtError(f"--heads {heads_path} {what}: give a heads file from `forethought heads train`")
 
 
-def make_drafter(model: Transformer, kind: str, heads_path: str | None = None) -> Drafter:
-    """`lookup`, `heads` or `auto` for this model; heads come from `heads_path` or the shipped file.
-    `auto` for a model with no shipped heads (and no `heads_path`) drafts by prompt lookup alone."""
+def make_drafter(
+    model: Transformer, kind: str, heads_path: str | None = None, draft_model: Transformer | None = None
+) -> Drafter:
+    """`lookup`, `heads`, `model` or `auto` for this model; heads come from `heads_path` or the shipped file,
+    `model` drafts with `draft_model` (same vocabulary: `weights.registry.load_draft_model` checks it).
+    `auto` uses whichever of the heads and the draft model it has (lookup alone with neither)."""
     check_speculative_flags(kind, None, heads_path)
     if kind == "lookup":
         return PromptLookup()
+    if kind == "model":
+        if draft_model is None:
+            raise ForethoughtError("--speculative model needs --draft-model: a smaller model with the same vocabulary")
+        return DraftModel(draft_model)
+    drafts = DraftModel(draft_model) if draft_model is not None else None
     if kind == "auto" and heads_path is None and not shipped_path(model).exists():
-        return AutoDrafter(None)
+        return AutoDrafter(None, drafts)
     heads = HeadsDrafter(load_heads(model, heads_path), model)
-    return heads if kind == "heads" else AutoDrafter(heads)
+    return heads if kind == "heads" else AutoDrafter(heads, drafts)
 
 
 def accept(
@@ -332,6 +409,8 @@ def generate_speculative(
 
     started = time.perf_counter()
     logits, states = model.forward_with_state(prompt_ids, cache, last_only=True)
+    if (prefill := getattr(drafter, "prefill", None)) is not None:  # a draft model reads the prompt too
+        prefill(prompt_ids)
     result.prefill_seconds = time.perf_counter() - started
     steps = speculative_steps(
         model, prompt_ids, logits, states, cache, max_new_tokens, params, generator, drafter, draft_len, stats, stop_ids
