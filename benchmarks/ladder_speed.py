@@ -85,6 +85,7 @@ def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
     from forethought import load_model
     from forethought.model.generate import GREEDY, generate
     from forethought.model.speculative import make_drafter
+    from forethought.weights.registry import load_draft_model
 
     label = "fp32" if dtype == "float32" else dtype
     progress(f"forethought {label}: loading {model_ref}")
@@ -119,16 +120,22 @@ def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
         progress(f"forethought {label}: prefill {len(text_ids)} tokens")
         out["prefill_tok_s"] = len(text_ids) / median_time(prefill, reps)
 
+    # The peak before a draft model (if any) loads: the engine's own.
+    out["peak_rss_mb"] = peak_rss_mb()
     # Speculative on code, interleaved with plain so drift hits both alike; output checked token for token.
     m = opts["spec_tokens"]
     modes = {"plain": None, "lookup": "lookup", "auto": "auto"}
+    draft = load_draft_model(lm, None, required=False)  # the registry's default draft, when installed
+    if draft is not None:
+        modes["model"] = "model"
+        out["draft_model"] = f"{draft.name} ({draft.describe()['weights']})"
     runs: dict = {k: [] for k in modes}
     outs: dict = {}
     usage: dict = {}
     progress(f"forethought {label}: speculative on code, {m} tokens")
     for r in range(reps + 1):  # run 0: warm-up
         for mode, kind in modes.items():
-            drafter = make_drafter(model, kind) if kind else None
+            drafter = make_drafter(model, kind, None, draft.model if draft is not None else None) if kind else None
             g = generate(model, code, m if r else warm, GREEDY, speculative=drafter, draft_len=DRAFT_LEN)
             if r:
                 steps = g.step_seconds[1:]
@@ -138,7 +145,7 @@ def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
                     usage = {**drafter.usage, "benchings": drafter.benchings}
     out["decode_tok_s_spec_plain"] = median(runs["plain"])
     out["speculative"] = {}
-    for mode in ("lookup", "auto"):
+    for mode in (mode for mode in modes if mode != "plain"):
         g = outs[mode]
         out["speculative"][mode] = {
             "tok_s": median(runs[mode]),
@@ -148,7 +155,8 @@ def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
         }
     out["spec_best_tok_s"] = max(v["tok_s"] for v in out["speculative"].values())
     out["spec_tokens"] = m
-    out["peak_rss_mb"] = peak_rss_mb()
+    if draft is not None:
+        out["peak_rss_with_draft_mb"] = peak_rss_mb()
     return out
 
 
@@ -367,9 +375,10 @@ def markdown(results: dict, opts: dict) -> list[str]:
         )
     lines += [
         "",
-        "| model | engine | plain tok/s | lookup | auto | best vs plain | identical | tokens/forward (lookup, auto) "
-        "| auto: forwards plain/lookup/heads, benchings | llama.cpp plain | llama.cpp lookup | ours vs theirs |",
-        "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|",
+        "| model | engine | plain tok/s | lookup | draft model | auto | best vs plain | identical | tokens/forward "
+        "(lookup, draft model, auto) | auto: forwards plain/lookup/model/heads, benchings | llama.cpp plain | "
+        "llama.cpp lookup | ours vs theirs |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|",
     ]
     for model_ref, engine in ((m, e) for m in results for e in ("forethought-fp32", "forethought-int8")):
         per = results[model_ref]
@@ -377,21 +386,27 @@ def markdown(results: dict, opts: dict) -> list[str]:
         spec = fr.get("speculative") or {}
         if not spec:
             continue
-        lk, au = spec.get("lookup") or {}, spec.get("auto") or {}
+        lk, au, dm = spec.get("lookup") or {}, spec.get("auto") or {}, spec.get("model") or {}
         plain, best = fr.get("decode_tok_s_spec_plain"), fr.get("spec_best_tok_s")
         ll_plain, ll_lookup = _get(per, "llamacpp-f32", "plain_code_tok_s"), _get(per, "llamacpp-f32", "lookup_tok_s")
         if engine != "forethought-fp32":  # llama.cpp's lookup runs on F32: the peer of the fp32 row only
             ll_plain = ll_lookup = None
         use = au.get("auto_usage") or {}
-        usage = f"{use.get('plain', '–')}/{use.get('lookup', '–')}/{use.get('heads', '–')}, {use.get('benchings', '–')}"
-        same = "yes" if lk.get("identical") and au.get("identical") else ("–" if not spec else "NO")
+        usage = "/".join(str(use.get(k, "–")) for k in ("plain", "lookup", "model", "heads"))
+        usage += f", {use.get('benchings', '–')}"
+        same = "yes" if all(v.get("identical") for v in spec.values()) else "NO"
         lines.append(
             f"| {short_name(model_ref)} | {fr.get('engine', engine)} | {_fmt(plain)} | {_fmt(lk.get('tok_s'))} | "
-            f"{_fmt(au.get('tok_s'))} | "
+            f"{_fmt(dm.get('tok_s'))} | {_fmt(au.get('tok_s'))} | "
             f"{_ratio(best, plain)} | {same} | {_fmt(lk.get('tokens_per_forward'), 2)}, "
-            f"{_fmt(au.get('tokens_per_forward'), 2)} | {usage} | {_fmt(ll_plain)} | {_fmt(ll_lookup)} | "
-            f"{_ratio(best, ll_lookup)} |"
+            f"{_fmt(dm.get('tokens_per_forward'), 2)}, {_fmt(au.get('tokens_per_forward'), 2)} | {usage} | "
+            f"{_fmt(ll_plain)} | {_fmt(ll_lookup)} | {_ratio(best, ll_lookup)} |"
         )
+    drafts = {short_name(m): r["forethought-fp32"]["draft_model"] for m, r in results.items()
+              if (r.get("forethought-fp32") or {}).get("draft_model")}
+    if drafts:
+        lines += ["", "Draft model (`--speculative model`, and `auto`'s first source): " + "; ".join(
+            f"{k}: {v}" for k, v in drafts.items()) + ". Peak RSS below is the engine's own, before it loads."]
     lines += [
         "",
         "| model | engine | load s | peak RSS MB | compiled step | wall s | machine load average after |",

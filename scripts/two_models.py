@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,9 @@ OUT = ROOT / "docs" / "results" / "models"
 TABLE = ROOT / "docs" / "results" / "models.md"
 AGREEMENT = ROOT / "docs" / "results" / "ladder" / "agreement.json"
 PROMPT = "Once upon a time, there was a little"
+CHAT_PROMPT = "Write a Python function that reverses a string."
+CODE_PROMPT = "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+SCRATCH = Path(tempfile.gettempdir()) / "forethought-ladder"  # traces and reports: run outputs, not results
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 # Four layers at depth 0, 1/3, 2/3 and the last, per model. Stored as float32: Gemma's residual stream
 # reaches ~1e5, beyond float16's range (extract refuses --float16 for it).
@@ -86,12 +90,65 @@ def commands(model: str, folder: Path, tokens: int | None) -> dict[str, list[str
             str(store),
         ],  # fmt: skip
         "probe": ["probe", "--store", str(store), "--offsets", "1-3", "--plot", str(folder / "future_top1.png")],
+        # The rest of the command ladder, run once per model: that each works (exit 0) and what it costs.
+        "info": ["info"],
+        "generate": ["generate", PROMPT, "-n", "24", "-t", "0"],
+        "generate_chat": ["generate", CHAT_PROMPT, "--chat", "-n", "24", "-t", "0"],
+        "generate_speculative": ["generate", CODE_PROMPT, "-n", "48", "-t", "0", "--speculative", "auto"],
+        "lens": ["lens", PROMPT, "--plot", str(folder / "lens.png")],
+        "trace": ["trace", PROMPT, "--names", "resid_post", "--save", str(SCRATCH / f"trace-{model}.safetensors")],
+        "report_quick": ["report", "--quick", "--out", str(SCRATCH / f"report-{model}")],
     }
+
+
+# Commands checked by running them, not by their JSON: the viewer serves until stopped.
+SMOKE = ["info", "generate", "generate_chat", "generate_speculative", "lens", "trace", "view", "report_quick"]
+
+
+def run_view(model: str, target: Path) -> None:
+    """Start `forethought view` on the model, ask it to write 8 tokens through its API, stop it."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "forethought", "view", "--model", model, "--no-browser", "--port", str(port)]
+    print(f"{model}: view ...", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited {proc.returncode}: {proc.stderr.read()[-400:]}")
+            try:
+                urllib.request.urlopen(f"{base}/api/health", timeout=2).read()
+                break
+            except OSError:
+                if time.perf_counter() - started > 600:
+                    raise RuntimeError("no answer on /api/health within 600 s") from None
+                time.sleep(1)
+        body = json.dumps({"session": "ladder", "prompt": PROMPT, "new_tokens": 8}).encode()
+        request = urllib.request.Request(f"{base}/api/analyze", body, {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=600).read())
+        data = {"keys": sorted(answer), "_seconds": time.perf_counter() - started}
+        target.write_text(json.dumps(data))
+        print(f"  done in {data['_seconds']:.0f} s", flush=True)
+    except (RuntimeError, OSError, ValueError) as exc:
+        print(f"  failed: {exc}", flush=True)
+        (target.parent / "view.failed.json").write_text(json.dumps({"error": str(exc)}))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def run(model: str, tokens: int | None, only: list[str]) -> None:
     folder = OUT / "runs" / model
     folder.mkdir(parents=True, exist_ok=True)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    if not (folder / "view.json").exists() and (not only or "view" in only):
+        run_view(model, folder / "view.json")
     for name, args in commands(model, folder, tokens).items():
         target = folder / f"{name}.json"
         if target.exists() or (only and name not in only):
@@ -104,7 +161,10 @@ def run(model: str, tokens: int | None, only: list[str]) -> None:
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             print(f"  failed ({proc.returncode}): {proc.stderr.strip()[-400:]}", flush=True)
+            failure = {"returncode": proc.returncode, "stderr": proc.stderr.strip()[-400:]}
+            (folder / f"{name}.failed.json").write_text(json.dumps(failure))
             continue
+        (folder / f"{name}.failed.json").unlink(missing_ok=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         data = json.loads(lines[-1]) if lines else {}
         data["_seconds"] = time.perf_counter() - started
@@ -186,6 +246,16 @@ def findings(model: str) -> dict[str, str]:
         control = f"; random-weight control up to {100 * rand:.1f}%" if rand is not None else ""
         out["small position part, slow memory part"] = (
             f"position <= {100 * pos:.1f}%; slow part up to {100 * slow:.1f}%{control}"
+        )
+    ran = [(n, load(model, n)) for n in SMOKE]
+    failed = [n for n in SMOKE if (OUT / "runs" / model / f"{n}.failed.json").exists()]
+    if any(d for _, d in ran) or failed:
+        done = ", ".join(f"{n} {d['_seconds']:.0f} s" for n, d in ran if d.get("_seconds") is not None)
+        out["every command runs (exit 0, wall seconds)"] = done + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    spec = load(model, "generate_speculative").get("speculative")
+    if spec:
+        out["speculative auto on code (48 tokens, in the command)"] = (
+            f"{spec['tokens_per_forward']:.2f} tokens per forward, {fmt(spec.get('speedup'), '.2f')}x plain steps timed after"
         )
     rv = load(model, "revise_force")
     if rv:

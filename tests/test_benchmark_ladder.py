@@ -61,3 +61,20 @@ def test_busy_core_process_ends_with_the_block():
         assert children
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def test_draft_model_mode_is_reported_and_counts_for_the_best():
+    """A model with a default draft model gets a draft-model column; its rate is the best speculative figure,
+    and one mode that is not token-identical marks the row NO."""
+    row = fp32(decode=5.0, prefill=50.0, spec=12.0)
+    row["speculative"]["model"] = {"tok_s": 12.0, "identical": True, "tokens_per_forward": 4.85}
+    row["draft_model"] = "qwen2.5-coder-0.5b (int8)"
+    per = {"forethought-fp32": row, "llamacpp-f32": {"decode_tok_s": 5.0, "lookup_tok_s": 6.0}}
+    lines = markdown({"qwen2.5-coder-1.5b": per}, OPTS)
+    spec_row = next(line for line in lines if line.startswith("| qwen2.5-coder-1.5b | forethought fp32 | 5.0"))
+    assert "| 12.0 |" in spec_row and "4.85" in spec_row and "| yes |" in spec_row
+    assert any("qwen2.5-coder-1.5b: qwen2.5-coder-0.5b (int8)" in line for line in lines)
+    assert targets(lines)["speculative on code vs plain fp32"] == "yes"  # 2.4x
+    row["speculative"]["model"]["identical"] = False
+    spec_row = next(line for line in markdown({"q": per}, OPTS) if line.startswith("| q | forethought fp32"))
+    assert "| NO |" in spec_row
