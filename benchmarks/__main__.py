@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write the ladder's report from this --json file of an earlier run, running nothing",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after warm-up (median)")
+    p.add_argument(
+        "--decode-rounds",
+        type=int,
+        default=3,
+        help="ladder: decode rounds per engine, each a fresh process, engines alternating (median; default 3)",
+    )
     p.add_argument("--contexts", default="", help="context lengths for the decode-cost sweep (default 128..2048)")
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
     p.add_argument(
@@ -59,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write the report here (default: benchmarks/RESULTS.md on a full run of every engine, nowhere otherwise)",
     )
     args = p.parse_args(argv)
+    if args.decode_rounds < 1:
+        p.error(f"--decode-rounds must be >= 1, got {args.decode_rounds}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.ladder_from and not args.models:
         args.models = list(json.loads(args.ladder_from.read_text())["results"])
@@ -372,6 +380,7 @@ def ladder_main(args, console: Console, command: str) -> int:
         "repeats": args.repeats,
         "warmup_tokens": 4,
         "spec_tokens": args.spec_tokens,
+        "decode_rounds": args.decode_rounds,
     }
     info, vers = machine_info(), versions()
     started = time.perf_counter()

@@ -108,6 +108,8 @@ def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
     n, reps, warm = opts["tokens"], opts["repeats"], opts["warmup_tokens"]
     progress(f"forethought {label}: decode {n} tokens")
     out["decode_tok_s"], out["ids"] = rates(decode, n, reps, warm)
+    if opts.get("decode_only"):
+        return out
     if dtype == "float32":
         progress(f"forethought {label}: decode {n} tokens, one core busy")
         with one_core_busy():
@@ -236,7 +238,7 @@ def llamacpp_engine(model_ref: str, opts: dict, kind: str) -> dict:
     n, reps, warm = opts["tokens"], opts["repeats"], opts["warmup_tokens"]
     progress(f"llama.cpp {kind}: decode {n} tokens")
     out["decode_tok_s"], out["ids"] = rates(decode, n, reps, warm)
-    if kind == "F32":
+    if kind == "F32" and not opts.get("decode_only"):
         progress(f"llama.cpp {kind}: decode {n} tokens, one core busy")
         with one_core_busy():
             out["busy_decode_tok_s"], _ = rates(decode, n, reps, warm)
@@ -316,7 +318,12 @@ def run_ladder(
     engines=ENGINES,
 ) -> dict:
     """{model: {engine: result}}; forethought fp32 runs first and hands its token ids to the peers.
-    `on_result` gets the results so far after every engine (a long run saves as it goes)."""
+    `on_result` gets the results so far after every engine (a long run saves as it goes).
+
+    Decode is bandwidth-bound for both engines, and this machine's memory bandwidth drifts by +-20% over
+    minutes (a process's plain decode read 15.6 tok/s in one phase and 18.9 in the next), more than the
+    engines differ: with `decode_rounds` R > 1 every engine decodes again in R - 1 more rounds, each a fresh
+    process, the engines alternating, and its decode figure is the median of its R round medians."""
     results: dict = {}
     for model_ref in models:
         per: dict = {}
@@ -330,6 +337,16 @@ def run_ladder(
                 token_ids = per[engine].pop("token_ids")
             per[engine].pop("token_ids", None)
             on_result(results)
+        for round_ in range(2, opts.get("decode_rounds", 1) + 1):
+            for engine in (e for e in engines if "decode_tok_s" in per[e]):
+                on_progress(f"{model_ref}: {engine}, decode round {round_}")
+                sub = dict(opts, token_ids=token_ids, decode_only=True)
+                again = run_engine(engine, model_ref, sub, lambda text, m=model_ref: on_progress(f"{m}: {text}"))
+                rounds = per[engine].setdefault("decode_rounds", [per[engine]["decode_tok_s"]])
+                if "decode_tok_s" in again:
+                    rounds.append(again["decode_tok_s"])
+                per[engine]["decode_tok_s"] = median(rounds)
+                on_result(results)
     return results
 
 
@@ -358,7 +375,13 @@ def markdown(results: dict, opts: dict) -> list[str]:
         f"{opts['prompt_len']} tokens of `argparse.py`; speculative: {opts['spec_tokens']} tokens continuing a "
         f"code prompt (forethought draft length {DRAFT_LEN}, llama.cpp `LlamaPromptLookupDecoding` "
         f"{PEER_DRAFT}); busy: the same decode with another process spinning on one core. Median of "
-        f"{opts['repeats']} after a warm-up; every ratio is within this run.",
+        f"{opts['repeats']} after a warm-up; every ratio is within this run."
+        + (
+            f" Decode (not busy): the median of {opts['decode_rounds']} rounds, each engine a fresh process per "
+            "round, engines alternating (the machine's bandwidth drifts over minutes)."
+            if opts.get("decode_rounds", 1) > 1
+            else ""
+        ),
         "",
         "| model | forethought fp32 tok/s | llama.cpp F32 | ratio | int8 | llama.cpp Q8_0 | ratio | "
         "prefill fp32 | llama.cpp F32 | ratio | fp32 busy | llama.cpp F32 busy | ratio |",

@@ -78,3 +78,27 @@ def test_draft_model_mode_is_reported_and_counts_for_the_best():
     row["speculative"]["model"]["identical"] = False
     spec_row = next(line for line in markdown({"q": per}, OPTS) if line.startswith("| q | forethought fp32"))
     assert "| NO |" in spec_row
+
+
+def test_decode_rounds_alternate_engines_and_take_the_median(monkeypatch):
+    """Three rounds: every engine decodes in a fresh process per round, the engines alternating, and its
+    figure is the median of its rounds (a drifting machine hits every engine alike)."""
+    from benchmarks import ladder_speed
+
+    calls = []
+    speeds = {"forethought-fp32": iter([10.0, 14.0, 11.0]), "llamacpp-f32": iter([12.0, 9.0, 13.0])}
+
+    def fake(engine, model_ref, opts, on_progress):
+        calls.append((engine, bool(opts.get("decode_only"))))
+        out = {"decode_tok_s": next(speeds[engine])}
+        return out | ({"token_ids": {"prompt": [1]}} if engine == "forethought-fp32" else {})
+
+    monkeypatch.setattr(ladder_speed, "run_engine", fake)
+    opts = dict(OPTS, decode_rounds=3)
+    res = ladder_speed.run_ladder(["m"], opts, lambda text: None, engines=("forethought-fp32", "llamacpp-f32"))
+    assert [e for e, _ in calls] == ["forethought-fp32", "llamacpp-f32"] * 3
+    assert [only for _, only in calls] == [False, False, True, True, True, True]
+    assert res["m"]["forethought-fp32"]["decode_rounds"] == [10.0, 14.0, 11.0]
+    assert res["m"]["forethought-fp32"]["decode_tok_s"] == 11.0 and res["m"]["llamacpp-f32"]["decode_tok_s"] == 12.0
+    assert "median of 3 rounds" in " ".join(markdown(res, opts))
+    assert parse_args(["--models", "x", "--decode-rounds", "1"]).decode_rounds == 1

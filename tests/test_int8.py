@@ -67,8 +67,14 @@ def test_int8_batch1_equals_dequantized_matmul(threads, d_in, d_out, bias):
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
     unrounded = x.double() @ W + b
     assert (y.double() - unrounded).abs().max() <= 1e-4 * unrounded.abs().max()
-    batched = lin(torch.cat([x, x]))
-    assert (batched[0].double() - unrounded[0]).abs().max() <= 1e-5 * unrounded.abs().max()
+    # Up to MAX_TOKENS rows (a speculative verification without the compiled step) take the kernel too, each
+    # row exactly as alone; more rows (prefill) go to BLAS on the dequantized matrix, x unrounded.
+    alone = lin(x)  # at this thread count (the split of a narrow product's sum depends on it)
+    few = lin(torch.cat([x, torch.randn(2, d_in), x]))
+    assert torch.equal(few[0], alone[0]) and torch.equal(few[3], alone[0])
+    many = lin(x.expand(17, d_in).contiguous())
+    assert (many[0].double() - unrounded[0]).abs().max() <= 1e-5 * unrounded.abs().max()
+    assert not torch.equal(many[0], alone[0])  # control: the BLAS path is another computation
 
 
 def test_packing_round_trips():

@@ -87,3 +87,14 @@ def test_auto_without_heads_is_lookup_with_backoff_and_token_identical(int8):
     assert drafter.usage["plain"] >= drafter.calibrate + 1
     lookup = generate(model, prompt, 40, GREEDY, speculative=PromptLookup(), draft_len=4)
     assert lookup.new_ids == plain.new_ids
+
+
+def test_a_clear_loser_is_benched_after_two_forwards():
+    """Drafts never kept, verified at 2x a step (0.5x plain's rate): benched after 2 forwards, not 6. A close
+    loser (0.95x) is judged over the whole window."""
+    clear = AutoDrafter(None, window=6, calibrate=2, recalibrate=1000, bench=8)
+    lengths = drive(clear, 8, lambda n: 0, lambda n: PLAIN_S * (2.0 if n else 1.0))
+    assert lengths[3:5] == [4, 4] and lengths[5:8] == [0, 0, 0] and clear.benchings == 1
+    close = AutoDrafter(None, window=6, calibrate=2, recalibrate=1000, bench=8)
+    lengths = drive(close, 12, lambda n: 0, lambda n: PLAIN_S * (1.05 if n else 1.0))
+    assert lengths[3:9] == [4] * 6 and close.benchings == 1 and lengths[9] == 0

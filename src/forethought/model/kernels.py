@@ -160,9 +160,10 @@ _NONE = torch.empty(0)  # what the extension takes for "no scale" / "no bias"
 def matvec(
     x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """x [in] @ weight_t [in, out] (* scale) (+ bias) -> [out] in x's dtype; None without the kernels.
+    """x [in] or [T, in] (T <= MAX_TOKENS) @ weight_t [in, out] (* scale) (+ bias) -> [out] or [T, out] in x's
+    dtype, the weights read once for all T rows and each row computed exactly as alone; None without the kernels.
 
-    weight_t is float32, bfloat16, or int8 with `scale` (float32 [out]) the factor of each column.
+    weight_t is float32, bfloat16, or int8 (packed, see layers.pack_int8) with its float16 `scale`.
     """
     mod = module()
     if mod is None:

@@ -108,8 +108,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_t
+        rows = x.numel() // max(1, x.shape[-1])
+        # int8 weights take the kernel for up to MAX_TOKENS rows too (a speculative verification without the
+        # compiled step, as on Gemma 3): dequantizing every matrix for a few rows cost ~10x a decode step.
         if (
-            x.numel() == x.shape[-1]
+            (rows == 1 or (self.quantized and rows <= kernels.MAX_TOKENS))
             and w.device.type == "cpu"
             and w.dtype in _KERNEL_DTYPES
             and w.numel() >= self.KERNEL_MIN_WEIGHTS

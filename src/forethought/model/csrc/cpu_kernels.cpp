@@ -396,14 +396,19 @@ static Mat make_mat(const torch::Tensor& w, const torch::Tensor& scale, const to
 
 // y[out] = x[in] @ W + bias, in x's dtype; W float [in, out], or packed int8 with its scales. Scale and
 // bias may be empty tensors.
+// x [in] or [nT, in] (nT <= kMaxTokens) -> [out] or [nT, out]: the weights read once for all nT rows, each row
+// computed exactly as it would be alone.
 torch::Tensor matvec_op(torch::Tensor x, torch::Tensor W, torch::Tensor scale, torch::Tensor bias) {
   torch::Tensor bias32 = bias.numel() ? bias.to(torch::kFloat).contiguous() : bias;
   Mat m = make_mat(W, scale, bias32);
-  TORCH_CHECK(x.numel() == m.in, "x has ", x.numel(), " elements, W has ", m.in, " rows");
-  auto xf = x.reshape({m.in}).to(torch::kFloat).contiguous();
-  auto y = torch::empty({m.out}, xf.options());
-  std::vector<float> scratch(scratch_floats(m, 1));
-  matvec(m, xf.data_ptr<float>(), 1, y.data_ptr<float>(), scratch.data());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == m.in, "x has ", x.size(-1), " features, W has ", m.in, " rows");
+  const int64_t nT = x.numel() / m.in;
+  TORCH_CHECK(nT >= 1 && nT <= kMaxTokens, "one call takes 1 to ", kMaxTokens, " rows, got ", nT);
+  auto xf = x.reshape({nT, m.in}).to(torch::kFloat).contiguous();
+  auto y = torch::empty({nT, m.out}, xf.options());
+  std::vector<float> scratch(scratch_floats(m, nT));
+  matvec(m, xf.data_ptr<float>(), nT, y.data_ptr<float>(), scratch.data());
+  if (x.dim() == 1) y = y.view({m.out});
   return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -671,7 +676,7 @@ class DecodeStep {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matvec", &matvec_op, "x @ W + bias for one vector x and W [in, out] (int8 W with its scales)");
+  m.def("matvec", &matvec_op, "x @ W + bias for x [in] or [T <= 16, in] and W [in, out] (int8 W with its scales)");
   m.attr("MAX_TOKENS") = kMaxTokens;
   pybind11::class_<DecodeStep>(m, "DecodeStep")
       .def(pybind11::init<Named, std::vector<Named>, int64_t, int64_t, int64_t, double>())
