@@ -40,11 +40,19 @@ LAYERS = {
 # Where a model cannot afford the common budget here: invariance in float64 would hold the 1.5B model's
 # weights in 12 GB, so the Qwen models run it in float32 (the cell names the dtype); their Future Lens and
 # anatomy see fewer tokens (a 1.5B forward costs ~11x SmolLM2's).
-DEFAULT_BUDGET = {"tokens": 20000, "docs": 32, "invariance_dtype": "float64"}
+DEFAULT_BUDGET = {
+    "tokens": 20000,
+    "docs": 32,
+    "invariance_dtype": "float64",
+    "max_doc_tokens": 2048,  # extract's defaults
+    "test_fraction": 0.1,
+}
+# Whole documents go to one split: at 6,000 tokens a few long stdlib files left the probe's test split empty, so
+# the Qwen stores take each file's first 512 tokens (more, shorter documents) and hold out a quarter of them.
+SMALL_STORE = {"max_doc_tokens": 512, "test_fraction": 0.25}
 BUDGETS = {
-    "qwen2.5-coder-0.5b": {"tokens": 6000, "docs": 16, "invariance_dtype": "float32"},
-    # 3,000 tokens left the probe's test split empty (whole documents go to one split)
-    "qwen2.5-coder-1.5b": {"tokens": 6000, "docs": 8, "invariance_dtype": "float32"},
+    "qwen2.5-coder-0.5b": {"tokens": 6000, "docs": 16, "invariance_dtype": "float32", **SMALL_STORE},
+    "qwen2.5-coder-1.5b": {"tokens": 6000, "docs": 8, "invariance_dtype": "float32", **SMALL_STORE},
 }
 
 
@@ -87,6 +95,10 @@ def commands(model: str, folder: Path, tokens: int | None) -> dict[str, list[str
             str(b["tokens"]),
             "--layers",
             LAYERS[model],
+            "--max-doc-tokens",
+            str(b["max_doc_tokens"]),
+            "--test-fraction",
+            str(b["test_fraction"]),
             "--out",
             str(store),
         ],  # fmt: skip
@@ -295,14 +307,21 @@ def import_plan(model: str, results: Path, corpus: str, command: str) -> None:
     (folder / "plan.json").write_text(json.dumps(keep, indent=1))
 
 
+def budget_text(model: str) -> str:
+    b = budget(model, None)
+    store = ""
+    if (b["max_doc_tokens"], b["test_fraction"]) != (DEFAULT_BUDGET["max_doc_tokens"], DEFAULT_BUDGET["test_fraction"]):
+        store = f" (each document's first {b['max_doc_tokens']}, {b['test_fraction']:.0%} held out)"
+    return (
+        f"{model}: Future Lens {b['tokens']:,} tokens{store}, anatomy {b['docs']} documents, "
+        f"invariance {b['invariance_dtype']}"
+    )
+
+
 def summarize(models: list[str]) -> str:
     rows = {m: findings(m) for m in models}
     names = list(dict.fromkeys(k for m in models for k in rows[m]))
-    budgets = "; ".join(
-        f"{m}: Future Lens {b['tokens']:,} tokens, anatomy {b['docs']} documents, invariance {b['invariance_dtype']}"
-        for m in models
-        for b in [budget(m, None)]
-    )
+    budgets = "; ".join(budget_text(m) for m in models)
     lines = [
         "# The model ladder: which findings hold on which model",
         "",

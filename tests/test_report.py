@@ -320,3 +320,26 @@ def test_report_inputs_are_one_line_before_work(tmp_path, capsys):
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
+
+
+def test_future_store_keeps_float32_where_the_residual_outgrows_float16(llama_dir, corpus):
+    """Gemma 3's residual stream reaches ~1e5, past float16's 65,504: the report's Future Lens store is float32
+    for its family (the quick report failed two sections on it before), float16 elsewhere."""
+    import torch
+
+    from forethought.errors import ForethoughtError
+    from forethought.experiments.future import run_extract
+    from forethought.model.random_init import random_model, tiny_config
+    from forethought.report.builtin import future_store
+    from forethought.weights.registry import LoadedModel, load_model
+
+    tokenizer = load_model(str(llama_dir)).tokenizer
+    gemma = random_model(tiny_config("gemma3", vocab_size=tokenizer.vocab_size), seed=0)
+    with torch.no_grad():
+        gemma.embed.mul_(1e5)  # a residual far past float16's range, as on the real model
+    ctx = ReportContext(model=str(llama_dir), corpus=str(corpus), settings=TINY)
+    ctx._loaded["float32"] = LoadedModel(gemma, tokenizer, "tiny-gemma3", llama_dir)
+    store, layers, _, command = future_store(ctx)
+    assert "--float16" not in command and store.settings["dtype"] == "float32"
+    with pytest.raises(ForethoughtError, match="overflows float16"):  # control: float16 storage fails here
+        run_extract(ctx._loaded["float32"], str(corpus), ctx.work_dir / "f16", layers, 600, window=64, float16=True)

@@ -29,6 +29,7 @@ class Family:
     compiled_decode = False  # kernels.DecodeStep runs its decode steps; else op by op
     tree_attention = False  # forward_tree: tokens at given positions reading given slots of a BranchCache
     mlp_matrices = 3  # gated MLP: gate, up, down
+    residual_fits_float16 = True  # False: the residual stream outgrows float16 (stored activations stay float32)
     hf_model_type: str | None = None  # the HF `model_type` the lab's export writes it as, where HF has a class
     # The canonical tensors of a lab folder of this family (weights/validate.py checks a folder holds exactly
     # these): per block, under `blocks.{i}.`, and once per model, besides embed, unembed and the final norm.

@@ -214,6 +214,9 @@ def future_store(ctx: ReportContext):
     # The store is an input, kept beside the result cache and keyed like it: a rerun resumes or reuses it.
     key = {"model": ctx.model_identity(), "corpus": ctx.corpus, "tokens": s.future_tokens, "layers": layers}
     key |= {"window": window, "doc_tokens": s.future_doc_tokens, "test_fraction": s.future_test_fraction}
+    float16 = lm.model.family.residual_fits_float16  # half the disk where the values fit
+    if not float16:
+        key["float16"] = False
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     store_dir = ctx.work_dir / "stores" / f"future-{digest}"
     run_extract(
@@ -223,7 +226,7 @@ def future_store(ctx: ReportContext):
         layers,
         tokens=s.future_tokens,
         window=window,
-        float16=True,
+        float16=float16,
         max_doc_tokens=s.future_doc_tokens,
         test_fraction=s.future_test_fraction,
         progress=False,
@@ -231,8 +234,8 @@ def future_store(ctx: ReportContext):
     layer_list = ",".join(map(str, layers))
     cmd = (
         f"forethought extract --corpus {q(ctx.corpus)} --tokens {s.future_tokens} --layers {layer_list} "
-        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --test-fraction {s.future_test_fraction} "
-        f"--float16{ctx.model_flag()} --out store/"
+        f"--window {window} --max-doc-tokens {s.future_doc_tokens} --test-fraction {s.future_test_fraction}"
+        f"{' --float16' if float16 else ''}{ctx.model_flag()} --out store/"
     )
     return ActivationStore(store_dir), layers, window, cmd
 
