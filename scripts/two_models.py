@@ -62,7 +62,7 @@ def budget(model: str, tokens: int | None) -> dict:
 
 
 def commands(model: str, folder: Path, tokens: int | None) -> dict[str, list[str]]:
-    store = folder / "store"
+    store = SCRATCH / f"store-{model}"  # activations, hundreds of MB: a run output, not a result
     b = budget(model, tokens)
     dtype = b["invariance_dtype"]
     return {
