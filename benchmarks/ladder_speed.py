@@ -425,11 +425,18 @@ def markdown(results: dict, opts: dict) -> list[str]:
             f"{_fmt(dm.get('tokens_per_forward'), 2)}, {_fmt(au.get('tokens_per_forward'), 2)} | {usage} | "
             f"{_fmt(ll_plain)} | {_fmt(ll_lookup)} | {_ratio(best, ll_lookup)} |"
         )
-    drafts = {short_name(m): r["forethought-fp32"]["draft_model"] for m, r in results.items()
-              if (r.get("forethought-fp32") or {}).get("draft_model")}
+    drafts = {
+        short_name(m): r["forethought-fp32"]["draft_model"]
+        for m, r in results.items()
+        if (r.get("forethought-fp32") or {}).get("draft_model")
+    }
     if drafts:
-        lines += ["", "Draft model (`--speculative model`, and `auto`'s first source): " + "; ".join(
-            f"{k}: {v}" for k, v in drafts.items()) + ". Peak RSS below is the engine's own, before it loads."]
+        lines += [
+            "",
+            "Draft model (`--speculative model`, and `auto`'s first source): "
+            + "; ".join(f"{k}: {v}" for k, v in drafts.items())
+            + ". Peak RSS below is the engine's own, before it loads.",
+        ]
     lines += [
         "",
         "| model | engine | load s | peak RSS MB | compiled step | wall s | machine load average after |",

@@ -181,8 +181,16 @@ def run(model: str, tokens: int | None, only: list[str]) -> None:
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         data = json.loads(lines[-1]) if lines else {}
         data["_seconds"] = time.perf_counter() - started
+        if name == "report_quick":  # the report itself stays in SCRATCH: keep what each section did
+            data = slim_report(data)
         target.write_text(json.dumps(data))
         print(f"  done in {data['_seconds']:.0f} s", flush=True)
+
+
+def slim_report(data: dict) -> dict:
+    keep = ("key", "status", "seconds", "cached", "reason", "verdict")
+    sections = [{k: section.get(k) for k in keep} for section in data.get("sections", [])]
+    return {"sections": sections, "wall_seconds": data.get("wall_seconds"), "_seconds": data.get("_seconds")}
 
 
 def load(model: str, name: str) -> dict:
@@ -265,10 +273,20 @@ def findings(model: str) -> dict[str, str]:
     if any(d for _, d in ran) or failed:
         done = ", ".join(f"{n} {d['_seconds']:.0f} s" for n, d in ran if d.get("_seconds") is not None)
         out["every command runs (exit 0, wall seconds)"] = done + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    report = load(model, "report_quick").get("sections") or []
+    if report:
+        by = {}
+        for section in report:
+            by.setdefault(section["status"], []).append(section["key"])
+        cached = sum(1 for section in report if section.get("cached"))
+        out["report --quick: sections"] = "; ".join(
+            f"{k} {len(v)}" + (f" ({', '.join(v)})" if k != "ok" else "") for k, v in by.items()
+        ) + (f"; {cached} from the cache" if cached else "")
     spec = load(model, "generate_speculative").get("speculative")
     if spec:
         out["speculative auto on code (48 tokens, in the command)"] = (
-            f"{spec['tokens_per_forward']:.2f} tokens per forward, {fmt(spec.get('speedup'), '.2f')}x plain steps timed after"
+            f"{spec['tokens_per_forward']:.2f} tokens per forward, "
+            f"{fmt(spec.get('speedup'), '.2f')}x plain steps timed after"
         )
     rv = load(model, "revise_force")
     if rv:
@@ -318,6 +336,17 @@ def budget_text(model: str) -> str:
     )
 
 
+# Rows whose figures come from elsewhere than this script's commands: what a missing cell means there.
+NOT_HERE = {
+    "plans ahead: probe at k=2 beyond the strongest context baseline": (
+        "not measured here (benchmarks/plan_answer.py; where each model plans: docs/results/plan_map.md)"
+    ),
+    "same model as llama.cpp (same file)": (
+        "not in this table (`python -m benchmarks`: greedy tokens equal llama.cpp F32's, benchmarks/RESULTS.md)"
+    ),
+}
+
+
 def summarize(models: list[str]) -> str:
     rows = {m: findings(m) for m in models}
     names = list(dict.fromkeys(k for m in models for k in rows[m]))
@@ -327,14 +356,17 @@ def summarize(models: list[str]) -> str:
         "",
         "`python scripts/two_models.py` (same commands, small budgets; per-command JSON and plots in "
         "`docs/results/models/runs/`; the llama.cpp row from `python -m benchmarks.ladder agree`). "
-        "Taken on a shared, loaded 2-core machine. Budgets: " + budgets + ". A cell reads `not run` where the "
+        "Taken on a shared 2-core machine, one thread per model, two models at a time. Budgets: "
+        + budgets
+        + ". A cell reads `not run` where the "
         "command has not finished for that model.",
         "",
         "| finding | " + " | ".join(models) + " |",
         "|---|" + "---|" * len(models),
     ]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(rows[m].get(name, "not run") for m in models) + " |")
+        missing = NOT_HERE.get(name, "not run")
+        lines.append(f"| {name} | " + " | ".join(rows[m].get(name, missing) for m in models) + " |")
     text = "\n".join(lines) + "\n"
     TABLE.write_text(text)
     return text
