@@ -322,7 +322,7 @@ def test_report_inputs_are_one_line_before_work(tmp_path, capsys):
         assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
 
 
-def test_future_store_keeps_float32_where_the_residual_outgrows_float16(llama_dir, corpus):
+def test_future_store_keeps_float32_where_the_residual_outgrows_float16(llama_dir, corpus, tmp_path):
     """Gemma 3's residual stream reaches ~1e5, past float16's 65,504: the report's Future Lens store is float32
     for its family (the quick report failed two sections on it before), float16 elsewhere."""
     import torch
@@ -337,7 +337,7 @@ def test_future_store_keeps_float32_where_the_residual_outgrows_float16(llama_di
     gemma = random_model(tiny_config("gemma3", vocab_size=tokenizer.vocab_size), seed=0)
     with torch.no_grad():
         gemma.embed.mul_(1e5)  # a residual far past float16's range, as on the real model
-    ctx = ReportContext(model=str(llama_dir), corpus=str(corpus), settings=TINY)
+    ctx = ReportContext(model=str(llama_dir), corpus=str(corpus), settings=TINY, work_dir=tmp_path)
     ctx._loaded["float32"] = LoadedModel(gemma, tokenizer, "tiny-gemma3", llama_dir)
     store, layers, _, command = future_store(ctx)
     assert "--float16" not in command and store.settings["dtype"] == "float32"
