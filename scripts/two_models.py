@@ -147,6 +147,7 @@ def run_view(model: str, target: Path) -> None:
         answer = json.loads(urllib.request.urlopen(request, timeout=600).read())
         data = {"keys": sorted(answer), "_seconds": time.perf_counter() - started}
         target.write_text(json.dumps(data))
+        (target.parent / "view.failed.json").unlink(missing_ok=True)
         print(f"  done in {data['_seconds']:.0f} s", flush=True)
     except (RuntimeError, OSError, ValueError) as exc:
         print(f"  failed: {exc}", flush=True)

@@ -44,8 +44,9 @@ class Linear(nn.Module):
     """y = x W + b with W stored [in, out]; W may be int8 with scales (see `quantize_int8_`).
 
     Batch-1 products (a decode step) on the CPU go to `kernels.matvec`, which streams the [in, out]
-    matrix row by row and is memory-bound at close to copy speed; everything else (prefill, GPU,
-    autograd, small matrices, no compiler) goes to BLAS, which is the faster choice there.
+    matrix row by row and is memory-bound at close to copy speed, and so do int8 products of up to
+    `kernels.MAX_TOKENS` rows; float32 products of several rows (prefill) go to oneDNN's GEMM, everything
+    else (GPU, autograd, bfloat16, small matrices, no compiler) to torch's BLAS.
     """
 
     # Below this many weights the call overhead dominates and BLAS is as good.

@@ -232,8 +232,7 @@ class AutoDrafter:
             return []  # a plain forward, timed
         # A draft model first where there is one: on the ladder's code prompt it made 4.9 tokens a forward
         # where lookup made 1.4 (benchmarks/RESULTS.md); lookup next, free but right less often; heads last.
-        for name in ("model", "lookup", "heads"):
-            source = {"model": self.draft_model, "lookup": self.lookup, "heads": self.heads}[name]
+        for name, source in (("model", self.draft_model), ("lookup", self.lookup), ("heads", self.heads)):
             if source is None or not self._usable(name):
                 continue
             proposal = source.draft(ids, state, k)

@@ -111,7 +111,8 @@ REGISTRY: dict[str, NamedModel] = {
 
 # The draft model `--speculative model|auto` uses for a named model when no --draft-model is given: a smaller
 # model with the same tokenizer that agrees with it often and costs a fraction of its step (the 0.5B in int8
-# matched the 1.5B's greedy code at 64 of 64 positions, ~23 ms a token against ~170 ms: benchmarks/RESULTS.md).
+# matched the 1.5B's greedy code at 64 of 64 positions, ~25 ms a draft step against ~170-190 ms for a 1.5B
+# fp32 step: docs/findings.md, "Speculative decoding").
 DEFAULT_DRAFTS = {QWEN_15B: QWEN_05B}
 
 # float64 is for experiments that must separate a real difference from float32 rounding noise.
