@@ -45,7 +45,7 @@ def test_fused_step_equals_op_by_op(variant):
     fused = decode_logits(model, prompt, steps, fused=True)
     assert model._decode_step(model.new_cache()) is not None  # the compiled path really ran
     reference = decode_logits(model, prompt, steps, fused=False)
-    # int8: the compiled step rounds each product's input to int16 per group (tests/test_int8.py); these
+    # int8: the compiled step rounds each product's input to 15 bits per group (tests/test_int8.py); these
     # tiny matrices take BLAS on the unrounded input in the op-by-op path.
     tolerance = 1e-4 if variant == "int8" else 1e-5
     assert (fused - reference).abs().max() <= tolerance * reference.abs().max()
@@ -83,6 +83,19 @@ def test_fused_step_follows_weight_changes():
     edited = decode_logits(model, [1, 2], [3], fused=True)
     assert (edited - replaced).abs().max() > 1e-3
     assert (edited - decode_logits(model, [1, 2], [3], fused=False)).abs().max() < 1e-5
+    # A new Parameter object in place of the old one (the step checks its own pointers only until a
+    # parameter, buffer or module is registered anywhere: this one is).
+    down = model.blocks[1].down
+    down.weight_t = torch.nn.Parameter(down.weight_t.detach() * 3, requires_grad=False)
+    swapped = decode_logits(model, [1, 2], [3], fused=True)
+    assert (swapped - edited).abs().max() > 1e-3
+    assert (swapped - decode_logits(model, [1, 2], [3], fused=False)).abs().max() < 1e-5
+    # A norm's memory moved under the same tensor object.
+    norm = model.blocks[0].mlp_norm.weight
+    norm.data = norm.data * 0.5
+    moved = decode_logits(model, [1, 2], [3], fused=True)
+    assert (moved - swapped).abs().max() > 1e-3
+    assert (moved - decode_logits(model, [1, 2], [3], fused=False)).abs().max() < 1e-5
 
 
 @needs_kernels

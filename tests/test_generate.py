@@ -20,6 +20,29 @@ def test_cached_and_recomputed_greedy_agree(tiny_lm):
     assert recomputed.cache is None
 
 
+def test_generation_pauses_the_garbage_collector_and_restores_it(tiny_lm):
+    """The collector is off while tokens come (its passes over the loaded model cost ~0.3 ms a token) and
+    as it was afterwards, also when generation fails."""
+    import gc
+
+    seen = []
+    generate(tiny_lm.model, PROMPT, 3, on_token=lambda _: seen.append(gc.isenabled()))
+    assert seen == [False] * 3 and gc.isenabled()
+    gc.disable()
+    try:
+        generate(tiny_lm.model, PROMPT, 3)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+    def fail(_):
+        raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        generate(tiny_lm.model, PROMPT, 3, on_token=fail)
+    assert gc.isenabled()
+
+
 def test_cached_and_recomputed_sampling_agree(tiny_lm):
     """With the same seed, sampling with and without the cache draws the same tokens."""
     params = SamplingParams(temperature=1.0, seed=3)

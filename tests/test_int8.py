@@ -30,7 +30,7 @@ def quantized_linear(d_in: int, d_out: int, bias: bool) -> tuple[Linear, torch.T
 def test_quantization_error_is_half_a_step():
     """Each weight is off by at most half its group's scale, and the storage is ~1.06 bytes per weight."""
     lin, w = quantized_linear(576, 1536, False)
-    assert lin.weight_t.dtype == torch.int8 and lin.scale.shape == (576 // 32, 1536)
+    assert lin.weight_t.dtype == torch.uint8 and lin.scale.shape == (576 // 32, 1536)
     assert (lin.d_in, lin.d_out) == (576, 1536)
     step = lin.scale.float().repeat_interleave(32, dim=0)
     assert ((lin.dequantized(torch.float32) - w).abs() <= step / 2 + 1e-7).all()
@@ -38,10 +38,11 @@ def test_quantization_error_is_half_a_step():
     assert stored / w.numel() == pytest.approx(1 + 2 / 32)
 
 
-def int16_rounded(x: torch.Tensor) -> torch.Tensor:
-    """x as the int8 kernel sees it: rounded to int16 steps of max|x| / 32767 per group of 32."""
+def kernel_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 kernel sees it: rounded to steps of max|x| / 32639 per group of 32 (15 bits, sent to the
+    byte products as a high and a low byte)."""
     groups = x.double().view(*x.shape[:-1], -1, 32)
-    step = groups.abs().amax(-1, keepdim=True) / 32767
+    step = groups.abs().amax(-1, keepdim=True) / 32639
     return (torch.round(groups / torch.where(step == 0, 1, step)) * step).view(x.shape)
 
 
@@ -50,13 +51,13 @@ def int16_rounded(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bias", [False, True])
 @torch.inference_mode()
 def test_int8_batch1_equals_dequantized_matmul(threads, d_in, d_out, bias):
-    """The batch-1 kernel computes x @ dequantized(W) + b with x rounded to int16 per group (integer
+    """The batch-1 kernel computes x @ dequantized(W) + b with x rounded to 15 bits per group (integer
     sums are exact, so only the float scaling rounds); the prefill path (BLAS on the dequantized
     matrix, x unrounded) agrees to 1e-4."""
     lin, _ = quantized_linear(d_in, d_out, bias)
     x = torch.randn(1, d_in, generator=torch.Generator().manual_seed(5))
     W, b = lin.dequantized(torch.float64), (lin.bias.double() if bias else 0)
-    expected = int16_rounded(x) @ W + b
+    expected = kernel_rounded(x) @ W + b
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -83,9 +84,13 @@ def test_packing_round_trips():
 
     q = torch.randint(-127, 128, (64, 37), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     packed = pack_int8(q)
-    assert packed.shape == (2, 3, 16, 32)
+    assert packed.shape == (2, 3, 8, 64) and packed.dtype == torch.uint8
     assert torch.equal(unpack_int8(packed, 37), q)
-    assert packed[0, 0, 0, 0] == q[0, 0] and packed[0, 0, 0, 1] == q[1, 0] and packed[0, 0, 0, 2] == q[0, 1]
+    # Stored as q + 128: one output's four inputs side by side, then the next output's.
+    stored = packed.int() - 128
+    assert stored[0, 0, 0, 0] == q[0, 0] and stored[0, 0, 0, 1] == q[1, 0] and stored[0, 0, 0, 4] == q[0, 1]
+    assert stored[0, 0, 1, 0] == q[4, 0] and stored[1, 2, 0, 0] == q[32, 32]
+    assert (stored[:, 2, :, 4 * 5 :] == 0).all()  # outputs 37..47 of the last strip: padding, zero
 
 
 def test_input_size_must_fill_whole_groups():

@@ -5,8 +5,10 @@ that yields the same records), so following the model through any of them reads 
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -154,6 +156,11 @@ class Generation:
 
     def collect(self, steps: Iterable[Step], on_token: Callable[[int], None] | None = None) -> Generation:
         """Record every step's token (calling `on_token` as each arrives) and why generation stopped."""
+        with collector_paused():
+            self._collect(steps, on_token)
+        return self
+
+    def _collect(self, steps: Iterable[Step], on_token: Callable[[int], None] | None) -> None:
         for step in steps:
             self.new_ids.append(step.token)
             self.step_seconds.append(step.seconds)
@@ -163,7 +170,21 @@ class Generation:
                 on_token(step.token)
             if step.stop:
                 self.stop_reason = "eos"
-        return self
+
+
+@contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off for the block (and back on after, if it was on). A decode step
+    allocates a few small objects, and with a model and its tokenizer loaded (~220k tracked objects) the
+    collections they trigger cost ~0.3 ms a token: 1.7% of a Qwen 0.5B int8 step (collector on / off /
+    frozen, alternating in one process). Cycles made meanwhile are collected once it is back on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def check_prompt(model: Transformer, prompt_ids: list[int], max_new_tokens: int) -> None:
