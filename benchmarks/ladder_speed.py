@@ -367,6 +367,37 @@ def short_name(model_ref: str) -> str:
     return Path(model_ref).name.removesuffix(".gguf") if model_ref.endswith(".gguf") else model_ref
 
 
+def rounds_table(results: dict) -> list[str]:
+    """Every decode round's tok/s per engine, and each round's ratio of forethought to its peer: how far the
+    rounds spread, next to the ratio of medians the targets use. The two engines of a pair run minutes apart
+    within a round, the rounds further apart, so a round's own ratio is the least touched by the drift."""
+    pairs = (("forethought-fp32", "llamacpp-f32", "fp32 / F32"), ("forethought-int8", "llamacpp-q8_0", "int8 / Q8_0"))
+    rows = []
+    for model_ref, per in results.items():
+        for ours, peer, label in pairs:
+            a = (per.get(ours) or {}).get("decode_rounds") or []
+            b = (per.get(peer) or {}).get("decode_rounds") or []
+            if len(a) < 2 or len(a) != len(b):
+                continue
+            ratios = [x / y for x, y in zip(a, b, strict=True) if y]
+            rows.append(
+                f"| {short_name(model_ref)} | {label} | {', '.join(_fmt(x) for x in a)} | "
+                f"{', '.join(_fmt(y) for y in b)} | {', '.join(f'{r:.2f}x' for r in ratios)} | "
+                f"{median(ratios):.2f}x | {_ratio(median(a), median(b))} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "Decode, round by round (forethought, then its peer, in each round):",
+        "",
+        "| model | pair | forethought tok/s per round | peer tok/s per round | ratio per round | median of the "
+        "round ratios | ratio of the medians (the targets') |",
+        "|---|---|---|---|---|---:|---:|",
+        *rows,
+    ]
+
+
 def markdown(results: dict, opts: dict) -> list[str]:
     lines = [
         "## The model ladder (`--models`)",
@@ -396,6 +427,7 @@ def markdown(results: dict, opts: dict) -> list[str]:
             f"{_ratio(i, lq)} | {_fmt(fp, 0)} | {_fmt(lp, 0)} | {_ratio(fp, lp)} | {_fmt(fb)} | {_fmt(lb)} | "
             f"{_ratio(fb, lb)} |"
         )
+    lines += rounds_table(results)
     lines += [
         "",
         "| model | engine | plain tok/s | lookup | draft model | auto | best vs plain | identical | tokens/forward "

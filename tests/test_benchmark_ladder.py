@@ -102,3 +102,18 @@ def test_decode_rounds_alternate_engines_and_take_the_median(monkeypatch):
     assert res["m"]["forethought-fp32"]["decode_tok_s"] == 11.0 and res["m"]["llamacpp-f32"]["decode_tok_s"] == 12.0
     assert "median of 3 rounds" in " ".join(markdown(res, opts))
     assert parse_args(["--models", "x", "--decode-rounds", "1"]).decode_rounds == 1
+
+
+def test_rounds_are_shown_with_each_rounds_own_ratio():
+    """Each round's tok/s and ratio, their median beside the ratio of the medians; one round shows no table."""
+    per = {
+        "forethought-fp32": fp32(decode=20.0, prefill=100.0, spec=21.0) | {"decode_rounds": [16.0, 24.0, 20.0]},
+        "llamacpp-f32": {"decode_tok_s": 20.0, "decode_rounds": [20.0, 20.0, 16.0]},
+    }
+    lines = markdown({"qwen2.5-coder-0.5b": per}, OPTS)
+    row = next(line for line in lines if line.startswith("| qwen2.5-coder-0.5b | fp32 / F32 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:5] == ["16.0, 24.0, 20.0", "20.0, 20.0, 16.0", "0.80x, 1.20x, 1.25x"]
+    assert cells[5:] == ["1.20x", "1.00x"]  # median of the round ratios; ratio of the medians (20 / 20)
+    single = {k: {kk: vv for kk, vv in v.items() if kk != "decode_rounds"} for k, v in per.items()}
+    assert not any("fp32 / F32" in line for line in markdown({"m": single}, OPTS))
