@@ -261,3 +261,45 @@ def test_a_stale_kernel_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
     kernels._clear_stale_lock(tmp_path / "absent")  # no lock: nothing to do, no error
     assert not stale.exists()
     assert fresh.exists()  # a build in progress keeps its lock
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@torch.inference_mode()
+def test_attention_over_several_position_blocks(threads):
+    """Attention runs in blocks of 256 positions per KV head, merged in order. Across block boundaries (a
+    600-token prefix, then 8 tokens over 768) the compiled step equals the op-by-op forward to float rounding,
+    8 tokens in one call give exactly the logits of 8 steps, and the thread count changes nothing."""
+    config = tiny_config(qkv_bias=True, n_heads=6, n_kv_heads=2, head_dim=16, rope_theta=1e6, context_length=1024)
+    model = random_model(config, seed=5, std=0.2)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, model.config.vocab_size, (770,), generator=g).tolist()
+    prefix, tail = ids[:760], ids[760:]  # the tail crosses position 768 (three blocks -> four)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        one, many = model.new_cache(800), model.new_cache(800)
+        model(torch.tensor([prefix]), cache=one)
+        model(torch.tensor([prefix]), cache=many)
+        steps = torch.cat([model.forward_with_state([t], one, with_state=False)[0] for t in tail])
+        at_once, _ = model.forward_with_state(tail, many, with_state=False)
+        assert model._decode_step(one) is not None  # the compiled path really ran
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(steps, at_once)
+    model.fused_decode = False
+    try:
+        reference = model(torch.tensor([ids]))[0, 760:]
+    finally:
+        model.fused_decode = True
+    assert (at_once - reference).abs().max() <= 1e-5 * reference.abs().max()
+    # The same logits at the other thread count.
+    other = 3 - threads
+    torch.set_num_threads(other)
+    try:
+        again = model.new_cache(800)
+        model(torch.tensor([prefix]), cache=again)
+        at_other, _ = model.forward_with_state(tail, again, with_state=False)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(at_once, at_other)

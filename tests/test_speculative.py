@@ -70,6 +70,19 @@ def test_greedy_is_token_identical_over_many_prompts(variant):
     assert {0, 1, 2, 3} <= accepted  # rejections at every depth were exercised
 
 
+def test_speculative_decoding_past_the_rope_tables_first_size():
+    """Verification grows the rope tables as plain forwards do: 600 tokens from a short prompt cross position
+    256 (the tables' first size), still token-identical to plain decoding (it used to stop there: 'positions
+    256..260 are outside the context'). Speculative runs first, on a fresh model: a plain run would have grown
+    the tables already."""
+    prompt = [5, 17, 200, 42, 99, 3, 250, 5, 17, 200]
+    fresh = random_model(tiny_config(context_length=1024), seed=2, std=0.2)
+    assert fresh.rope_cos.shape[0] < len(prompt) + 600
+    drafted = generate(fresh, prompt, 600, speculative="lookup")
+    plain = generate(random_model(tiny_config(context_length=1024), seed=2, std=0.2), prompt, 600)
+    assert drafted.new_ids == plain.new_ids
+
+
 def test_stop_token_and_budget_match_plain():
     model = tiny("llama")
     prompt = [5, 9, 2]

@@ -151,8 +151,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{end} tokens exceed the context length {c.context_length}")
         if cache is not None:
             cache.reserve(end)
-        if self.family.shared_rope and end > self.rope_cos.shape[0]:
-            self.init_rope(max(end, 2 * self.rope_cos.shape[0]))  # doubling: O(log n) rebuilds
+        self._rope_covers(end)
         wanted = hooks.points if hooks is not None else ()
         if T <= kernels.MAX_TOKENS and B == 1 and cache is not None and not wanted and self.fused_decode:
             # A decode step, or the verification of a few drafted tokens (forethought.model.speculative):
@@ -227,6 +226,11 @@ class Transformer(nn.Module):
             logits = hooks("logits", logits)
         return logits
 
+    def _rope_covers(self, end: int) -> None:
+        """Grow the rope tables to cover positions 0..end-1 (doubling: O(log n) rebuilds)."""
+        if self.family.shared_rope and end > self.rope_cos.shape[0]:
+            self.init_rope(max(end, 2 * self.rope_cos.shape[0]))
+
     def forward_with_state(
         self, ids: list[int], cache: KVCache, last_only: bool = False, with_state: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -241,6 +245,10 @@ class Transformer(nn.Module):
         step = None
         if T <= kernels.MAX_TOKENS and self.fused_decode:
             cache.reserve(cache.length + T)
+            # The compiled step reads the rope tables as they are: a verification past their end (speculative
+            # decoding beyond the positions any forward had reached) must grow them first.
+            if cache.length + T <= self.config.context_length:
+                self._rope_covers(cache.length + T)
             step = self._decode_step(cache)
         if step is not None:
             logits, states = step.forward_many(tokens[0].cpu(), cache.length, cache.k, cache.v)
