@@ -11,6 +11,8 @@ per point and nothing else.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import mmap
 import sys
@@ -98,6 +100,8 @@ class Linear(nn.Module):
             q[a : a + step] = torch.round(part / safe[:, None, :]).clamp_(-127, 127)
         self.weight_t = nn.Parameter(in_huge_pages(pack_int8(q.view(d_in, d_out))), requires_grad=False)
         self.scale = nn.Parameter(in_huge_pages(scale), requires_grad=False)
+        del w, q  # the float weights' last view and the unpacked int8, before the heap is trimmed
+        return_freed_heap()
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """W [in, out] as `dtype`; for int8 storage, the float matrix its scales stand for."""
@@ -174,6 +178,24 @@ def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     out = torch.frombuffer(mapped, dtype=t.dtype, count=t.numel()).view(t.shape)
     out.copy_(t)
     return out
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def return_freed_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere). Quantizing a
+    matrix frees temporaries several times its int8 size, and glibc keeps freed heap memory for reuse; with the
+    int8 matrices in maps of their own (`in_huge_pages`) nothing reuses it, and a Qwen 0.5B int8 model held
+    ~490 MB more than it needs (VmRSS 1,349 MB against 862 without the maps; 827 with them and this call)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
