@@ -163,9 +163,10 @@ def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     "madvise" mode, this machine's default), or `t` itself where that does not apply (not CPU, under 2 MB,
     no MADV_HUGEPAGE). A decode step streams every weight matrix once, so with 4 KB pages it takes a TLB
     miss every 4 KB. Used for int8 matrices, whose product has less slack for the misses than float32's:
-    a Qwen 0.5B int8 step took ~1.5% less time with them (interleaved A/B, two processes a side; 2 MB pages
-    gave float32 products nothing measurable). The memory is freed with the tensor (torch.frombuffer keeps
-    the map alive)."""
+    a Qwen 0.5B int8 step took ~1.7% less time with them (interleaved A/B, two processes a side: 21.56 against
+    21.94 ms, a gap no larger than the ~1.6% between the two processes of one side, so a small effect at
+    most; 2 MB pages gave float32 products nothing measurable). The memory is freed with the tensor
+    (torch.frombuffer keeps the map alive)."""
     nbytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or nbytes < (2 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
         return t

@@ -427,7 +427,8 @@ def generate_speculative(
 
     started = time.perf_counter()
     logits, states = model.forward_with_state(prompt_ids, cache, last_only=True)
-    if (prefill := getattr(drafter, "prefill", None)) is not None:  # a draft model reads the prompt too, etc.
+    # Drafters that prepare with the prompt: a draft model's own cache, the heads' unembedding slice.
+    if (prefill := getattr(drafter, "prefill", None)) is not None:
         prefill(prompt_ids)
     result.prefill_seconds = time.perf_counter() - started
     steps = speculative_steps(

@@ -190,7 +190,8 @@ static int64_t strips(int64_t out) { return (out + kStrip - 1) / kStrip; }
 // The input's integer steps per group: max|x| / kSteps. Each rounded input is sent as two signed bytes,
 // x16 = 256 hi + lo with hi, lo in [-128, 127] -- 15 bits, an input error below max|x| / 65278 (int8
 // inputs, llama.cpp's choice for Q8_0, measured 3.5x the KL divergence from float32: 5.2e-3 against
-// 1.5e-3 on SmolLM2, 8.8e-4 against 2.0e-4 on Qwen 0.5B; greedy agreement 94% against 98%).
+// 1.5e-3 on SmolLM2, 8.8e-4 against 2.0e-4 on Qwen 0.5B; argmax agreement on SmolLM2 94% against 98%;
+// `python -m benchmarks.int8_precision`).
 static constexpr int32_t kSteps = 127 * 256 + 127;
 
 // x[in] -> hi[in], lo[in] (bytes) and dx[in / 32] with x ~= dx[g] * (256 hi + lo) (round to nearest even,
@@ -756,8 +757,9 @@ class DecodeStep {
   // Work items are (KV head, block of kAttnBlock positions): one item reads each K and V row of its block
   // once for all the query heads that share that KV head, and leaves per query head the block's running
   // max, sum of e^(score - max) and unnormalised output; the blocks then merge in order. Reading K and V
-  // once per query head instead (the earlier loop) read a Qwen 0.5B cache 7 times per layer, and a
-  // SmolLM2 step at 2,048 positions cost 43.5 ms against 25.3 at 128. Block boundaries depend on the
+  // once per query head instead (the earlier loop) read a Qwen 0.5B cache 7 times per layer; a SmolLM2
+  // fp32 step at 2,048 positions took 25.1 ms with it and 22.4 with this (interleaved A/B, two processes
+  // a side; 17.4 and 16.1 at 128 positions). Block boundaries depend on the
   // position only, never on the thread count or on how many tokens come in one call, so every result is
   // the same number however the items are scheduled (speculative verification relies on it).
   void attend(const float* qkv, const float* K, const float* V, int64_t cap, int64_t S, float* out) {
