@@ -51,10 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after warm-up (median)")
     p.add_argument(
-        "--decode-rounds",
+        "--decode-pairs",
         type=int,
-        default=3,
-        help="ladder: decode rounds per engine, each a fresh process, engines alternating (median; default 3)",
+        default=9,
+        help="ladder: pairs of decode bursts with forethought and its peer loaded side by side, taking turns "
+        "(the decode ratio is the median of the pairs'; 0 skips it; default 9)",
     )
     p.add_argument("--contexts", default="", help="context lengths for the decode-cost sweep (default 128..2048)")
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
@@ -65,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write the report here (default: benchmarks/RESULTS.md on a full run of every engine, nowhere otherwise)",
     )
     args = p.parse_args(argv)
-    if args.decode_rounds < 1:
-        p.error(f"--decode-rounds must be >= 1, got {args.decode_rounds}")
+    if args.decode_pairs < 0:
+        p.error(f"--decode-pairs must be >= 0, got {args.decode_pairs}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.ladder_from and not args.models:
         args.models = list(json.loads(args.ladder_from.read_text())["results"])
@@ -380,7 +381,7 @@ def ladder_main(args, console: Console, command: str) -> int:
         "repeats": args.repeats,
         "warmup_tokens": 4,
         "spec_tokens": args.spec_tokens,
-        "decode_rounds": args.decode_rounds,
+        "decode_pairs": args.decode_pairs,
     }
     info, vers = machine_info(), versions()
     started = time.perf_counter()

@@ -15,12 +15,14 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from benchmarks.common import PROMPT, SPECULATIVE_TEXTS, cache_dir, long_text, median, median_time
@@ -41,8 +43,17 @@ LADDER_TARGETS = [
     ("speculative on code vs plain fp32", "forethought-fp32", "spec_best_tok_s", "forethought-fp32", SPEC_PLAIN, 2.0),
     ("speculative on code vs llama.cpp lookup", "forethought-fp32", "spec_best_tok_s", "llamacpp-f32", LOOKUP, 1.0),
 ]
-# Where the issue asks a bar of one model only (speculative >= 2x: the 1.5B, where verifying is nearly free).
-TARGET_MODELS = {"speculative on code vs plain fp32": "1.5b"}
+# Which models the issue sets each bar for (a substring of the model's name, and how to say it): the speed
+# bars for the Qwen files, speculative >= 2x for the 1.5B (where verifying is nearly free). The other models'
+# rows are shown for comparison.
+QWEN = ("qwen2.5-coder", "the Qwen files")
+TARGET_MODELS = {
+    "fp32 decode vs llama.cpp F32": QWEN,
+    "int8 decode vs llama.cpp Q8_0": QWEN,
+    "fp32 prefill vs llama.cpp F32": QWEN,
+    "speculative on code vs plain fp32": ("1.5b", "the 1.5B"),
+    "speculative on code vs llama.cpp lookup": ("1.5b", "the 1.5B"),
+}
 
 
 def progress(text: str) -> None:
@@ -79,6 +90,15 @@ def rates(fn: Callable[[int], tuple[float, list[int]]], n: int, repeats: int, wa
 # ----------------------------------------------------------------------------------- forethought
 
 
+def forethought_rate(model, ids: list[int], n: int, speculative=None) -> tuple[float, list[int]]:
+    """Greedy decode of n tokens after `ids`: (forwards per second, the new ids)."""
+    from forethought.model.generate import GREEDY, generate
+
+    g = generate(model, ids, n, GREEDY, speculative=speculative, draft_len=DRAFT_LEN)
+    steps = g.step_seconds[1:]  # the first step samples from prefill's logits: not a decode forward
+    return len(steps) / sum(steps), g.new_ids
+
+
 def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
     import torch
 
@@ -100,10 +120,8 @@ def forethought_engine(model_ref: str, opts: dict, dtype: str) -> dict:
     out: dict = {"engine": f"forethought {label}", "load_s": load_s, "compiled_step": compiled}
     out["token_ids"] = {"prompt": prompt, "code": code, "prefill": text_ids}  # the peers decode the same ids
 
-    def decode(n: int, ids=prompt, speculative=None) -> tuple[float, list[int]]:
-        g = generate(model, ids, n, GREEDY, speculative=speculative, draft_len=DRAFT_LEN)
-        steps = g.step_seconds[1:]  # the first step samples from prefill's logits: not a decode forward
-        return len(steps) / sum(steps), g.new_ids
+    def decode(n: int, ids=prompt) -> tuple[float, list[int]]:
+        return forethought_rate(model, ids, n)
 
     n, reps, warm = opts["tokens"], opts["repeats"], opts["warmup_tokens"]
     progress(f"forethought {label}: decode {n} tokens")
@@ -197,23 +215,40 @@ def llama_file(model_ref: str, kind: str) -> Path:
     return dst
 
 
-def llamacpp_engine(model_ref: str, opts: dict, kind: str) -> dict:
+def llamacpp_model(path: Path, draft=None):
     import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=1024,
+        n_batch=512,
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        verbose=False,
+        draft_model=draft,
+    )
+
+
+def llamacpp_rate(llm, ids: list[int], n: int) -> tuple[float, list[int]]:
+    """Greedy decode of n tokens after `ids`: (forwards per second after the first token, the new ids)."""
+    llm.reset()
+    got, stamps = [], []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        stamps.append(time.perf_counter())
+        got.append(token)
+        if len(got) == n:
+            break
+    return (len(got) - 1) / (stamps[-1] - stamps[0]), got
+
+
+def llamacpp_engine(model_ref: str, opts: dict, kind: str) -> dict:
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     path = llama_file(model_ref, kind)
     ids = opts["token_ids"]
 
     def make(draft=None):
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=1024,
-            n_batch=512,
-            n_threads=THREADS,
-            n_threads_batch=THREADS,
-            verbose=False,
-            draft_model=draft,
-        )
+        return llamacpp_model(path, draft)
 
     progress(f"llama.cpp {kind}: loading")
     started = time.perf_counter()
@@ -226,14 +261,7 @@ def llamacpp_engine(model_ref: str, opts: dict, kind: str) -> dict:
         out["token_ids_from"] = "llama.cpp (forethought fp32 did not run)"
 
     def decode(n: int, engine=llm, prompt=ids["prompt"]) -> tuple[float, list[int]]:
-        engine.reset()
-        got, stamps = [], []
-        for token in engine.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            stamps.append(time.perf_counter())
-            got.append(token)
-            if len(got) == n:
-                break
-        return (len(got) - 1) / (stamps[-1] - stamps[0]), got  # forwards after the first token
+        return llamacpp_rate(engine, prompt, n)
 
     n, reps, warm = opts["tokens"], opts["repeats"], opts["warmup_tokens"]
     progress(f"llama.cpp {kind}: decode {n} tokens")
@@ -285,12 +313,124 @@ def worker_main() -> None:
     print("@result " + json.dumps(WORKERS[engine](model_ref, opts)), flush=True)
 
 
+def serve_main() -> None:
+    """`python -m benchmarks.ladder_speed serve ENGINE MODEL OPTIONS_JSON`: the engine loaded once and warm,
+    then for each line N on stdin, one greedy decode of N tokens after the prompt and its `@rate` (tok/s)."""
+    import torch
+
+    engine, model_ref, opts = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    torch.set_num_threads(THREADS)
+    ids = (opts.get("token_ids") or {}).get("prompt")
+    if engine.startswith("forethought-"):
+        from forethought import load_model
+
+        lm = load_model(model_ref, dtype="float32" if engine == "forethought-fp32" else "int8")
+        ids = ids or lm.tokenizer.encode(PROMPT)
+
+        def decode(n: int) -> float:
+            return forethought_rate(lm.model, ids, n)[0]
+    else:
+        llm = llamacpp_model(llama_file(model_ref, "F32" if engine == "llamacpp-f32" else "Q8_0"))
+        ids = ids or llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+
+        def decode(n: int) -> float:
+            return llamacpp_rate(llm, ids, n)[0]
+
+    for _ in range(2):  # first calls are several times slower: never timed
+        decode(opts["warmup_tokens"])
+    print("@ready", flush=True)
+    for line in sys.stdin:
+        print(f"@rate {decode(int(line))}", flush=True)
+
+
 # ------------------------------------------------------------------------------------- parent
+
+# (forethought engine, its peer, label): the decode pairs measured side by side.
+PAIRS = (("forethought-fp32", "llamacpp-f32", "fp32 / F32"), ("forethought-int8", "llamacpp-q8_0", "int8 / Q8_0"))
+PAIR_PAUSE_S = 0.2  # between bursts: the engine that just ran has parked its threads (OpenMP spins ~ms)
+
+
+def _worker_env() -> tuple[Path, dict]:
+    root = Path(__file__).resolve().parent.parent
+    return root, dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+
+
+class Served:
+    """An engine in a process of its own (`serve`), loaded and warm, decoding when asked."""
+
+    def __init__(self, engine: str, model_ref: str, opts: dict):
+        root, env = _worker_env()
+        self.engine = engine
+        self.log = tempfile.TemporaryFile("w+")  # stderr, for the error message; a pipe could fill and block
+        cmd = [sys.executable, "-m", "benchmarks.ladder_speed", "serve", engine, model_ref, json.dumps(opts)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=root
+        )
+        self._reply("@ready")
+
+    def _reply(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag) :].strip()
+        self.log.seek(0)
+        tail = " | ".join(self.log.read().strip().splitlines()[-3:])
+        raise RuntimeError(f"{self.engine} exited {self.proc.wait()}: {tail}")
+
+    def rate(self, n: int) -> float:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return float(self._reply("@rate"))
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the median of `values` by the percentile bootstrap (resampling the values)."""
+    rng = random.Random(seed)
+    meds = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
+def paired_decode(model_ref: str, ours: str, peer: str, opts: dict, served=Served) -> dict:
+    """Both engines loaded at once, decoding in turn: `decode_pairs` pairs of bursts of `tokens` tokens, the
+    order swapped every pair (ours, peer, peer, ours, ...). Each pair's two bursts run seconds apart under the
+    same machine conditions, so a pair's ratio is what drift touches least; the figure is the median of the
+    pairs' ratios, with a bootstrap 95% interval over the pairs."""
+    n, pairs = opts["tokens"], opts["decode_pairs"]
+    with ExitStack() as stack:
+        engines = [served(engine, model_ref, opts) for engine in (ours, peer)]
+        for engine in engines:
+            stack.callback(engine.close)
+        rates: list[list[float]] = [[], []]
+        for k in range(pairs):
+            for i in (0, 1) if k % 2 == 0 else (1, 0):
+                time.sleep(PAIR_PAUSE_S)
+                rates[i].append(engines[i].rate(n))
+    ratios = [a / b for a, b in zip(*rates, strict=True)]
+    lo, hi = bootstrap_median_ci(ratios)
+    return {
+        "engines": [ours, peer],
+        "tokens": n,
+        "tok_s": rates[0],
+        "peer_tok_s": rates[1],
+        "ratios": ratios,
+        "median_tok_s": median(rates[0]),
+        "peer_median_tok_s": median(rates[1]),
+        "median_ratio": median(ratios),
+        "ci95": [lo, hi],
+    }
 
 
 def run_engine(engine: str, model_ref: str, opts: dict, on_progress: Callable[[str], None]) -> dict:
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    root, env = _worker_env()
     cmd = [sys.executable, "-m", "benchmarks.ladder_speed", engine, model_ref, json.dumps(opts)]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
@@ -321,9 +461,9 @@ def run_ladder(
     `on_result` gets the results so far after every engine (a long run saves as it goes).
 
     Decode is bandwidth-bound for both engines, and this machine's memory bandwidth drifts by +-20% over
-    minutes (a process's plain decode read 15.6 tok/s in one phase and 18.9 in the next), more than the
-    engines differ: with `decode_rounds` R > 1 every engine decodes again in R - 1 more rounds, each a fresh
-    process, the engines alternating, and its decode figure is the median of its R round medians."""
+    minutes and by more between seconds (a process's plain decode read 15.6 tok/s in one phase and 18.9 in
+    the next), more than the engines differ. So after its engines' own runs, each pair of `PAIRS` decodes
+    side by side (`paired_decode`, `decode_pairs` pairs; 0 skips it), and the decode targets use that."""
     results: dict = {}
     for model_ref in models:
         per: dict = {}
@@ -337,16 +477,16 @@ def run_ladder(
                 token_ids = per[engine].pop("token_ids")
             per[engine].pop("token_ids", None)
             on_result(results)
-        for round_ in range(2, opts.get("decode_rounds", 1) + 1):
-            for engine in (e for e in engines if "decode_tok_s" in per[e]):
-                on_progress(f"{model_ref}: {engine}, decode round {round_}")
-                sub = dict(opts, token_ids=token_ids, decode_only=True)
-                again = run_engine(engine, model_ref, sub, lambda text, m=model_ref: on_progress(f"{m}: {text}"))
-                rounds = per[engine].setdefault("decode_rounds", [per[engine]["decode_tok_s"]])
-                if "decode_tok_s" in again:
-                    rounds.append(again["decode_tok_s"])
-                per[engine]["decode_tok_s"] = median(rounds)
-                on_result(results)
+        for ours, peer, label in PAIRS:
+            if not opts.get("decode_pairs") or not all("decode_tok_s" in (per.get(e) or {}) for e in (ours, peer)):
+                continue
+            on_progress(f"{model_ref}: {label} side by side, {opts['decode_pairs']} pairs")
+            try:
+                paired = paired_decode(model_ref, ours, peer, dict(opts, token_ids=token_ids))
+            except RuntimeError as e:
+                paired = {"error": str(e)}
+            per.setdefault("paired_decode", {})[label] = paired
+            on_result(results)
     return results
 
 
@@ -363,36 +503,55 @@ def _ratio(a, b) -> str:
     return "–" if a is None or not b else f"{a / b:.2f}x"
 
 
+def _times(r) -> str:
+    return "–" if r is None else f"{r:.2f}x"
+
+
 def short_name(model_ref: str) -> str:
     return Path(model_ref).name.removesuffix(".gguf") if model_ref.endswith(".gguf") else model_ref
 
 
-def rounds_table(results: dict) -> list[str]:
-    """Every decode round's tok/s per engine, and each round's ratio of forethought to its peer: how far the
-    rounds spread, next to the ratio of medians the targets use. The two engines of a pair run minutes apart
-    within a round, the rounds further apart, so a round's own ratio is the least touched by the drift."""
-    pairs = (("forethought-fp32", "llamacpp-f32", "fp32 / F32"), ("forethought-int8", "llamacpp-q8_0", "int8 / Q8_0"))
+def paired(per: dict, ours: str, peer: str) -> dict | None:
+    """The side-by-side decode of this pair, when it ran."""
+    return next(
+        (v for v in (per.get("paired_decode") or {}).values() if v.get("engines") == [ours, peer] and v.get("ratios")),
+        None,
+    )
+
+
+def decode_figures(per: dict, ours: str, peer: str) -> tuple:
+    """(our tok/s, the peer's, their ratio): from the side-by-side pairs where they ran (the median of the
+    pairs' ratios), else from each engine's own run."""
+    p = paired(per, ours, peer)
+    if p:
+        return p["median_tok_s"], p["peer_median_tok_s"], p["median_ratio"]
+    a, b = _get(per, ours, "decode_tok_s"), _get(per, peer, "decode_tok_s")
+    return a, b, (a / b if a is not None and b else None)
+
+
+def paired_table(results: dict) -> list[str]:
+    """Every pair of bursts: tok/s of each engine and the pair's ratio, the median ratio and its interval."""
     rows = []
     for model_ref, per in results.items():
-        for ours, peer, label in pairs:
-            a = (per.get(ours) or {}).get("decode_rounds") or []
-            b = (per.get(peer) or {}).get("decode_rounds") or []
-            if len(a) < 2 or len(a) != len(b):
+        for label, p in (per.get("paired_decode") or {}).items():
+            if "error" in p:
+                rows.append(f"| {short_name(model_ref)} | {label} | failed: {p['error'][:100]} | | | | |")
                 continue
-            ratios = [x / y for x, y in zip(a, b, strict=True) if y]
+            lo, hi = p["ci95"]
             rows.append(
-                f"| {short_name(model_ref)} | {label} | {', '.join(_fmt(x) for x in a)} | "
-                f"{', '.join(_fmt(y) for y in b)} | {', '.join(f'{r:.2f}x' for r in ratios)} | "
-                f"{median(ratios):.2f}x | {_ratio(median(a), median(b))} |"
+                f"| {short_name(model_ref)} | {label} | {', '.join(_fmt(x) for x in p['tok_s'])} | "
+                f"{', '.join(_fmt(y) for y in p['peer_tok_s'])} | {', '.join(f'{r:.2f}' for r in p['ratios'])} | "
+                f"**{p['median_ratio']:.2f}x** | {lo:.2f}-{hi:.2f}x |"
             )
     if not rows:
         return []
     return [
         "",
-        "Decode, round by round (forethought, then its peer, in each round):",
+        "Decode side by side (both engines loaded at once, taking turns: one burst each per pair, the order "
+        "swapped every pair, so the two bursts of a pair see the same machine; the ratio is the median of the "
+        "pairs', with a bootstrap 95% interval over the pairs):",
         "",
-        "| model | pair | forethought tok/s per round | peer tok/s per round | ratio per round | median of the "
-        "round ratios | ratio of the medians (the targets') |",
+        "| model | pair | forethought tok/s, burst by burst | peer tok/s | ratio per pair | median ratio | 95% CI |",
         "|---|---|---|---|---|---:|---:|",
         *rows,
     ]
@@ -408,9 +567,10 @@ def markdown(results: dict, opts: dict) -> list[str]:
         f"{PEER_DRAFT}); busy: the same decode with another process spinning on one core. Median of "
         f"{opts['repeats']} after a warm-up; every ratio is within this run."
         + (
-            f" Decode (not busy): the median of {opts['decode_rounds']} rounds, each engine a fresh process per "
-            "round, engines alternating (the machine's bandwidth drifts over minutes)."
-            if opts.get("decode_rounds", 1) > 1
+            f" Decode (not busy): {opts['decode_pairs']} pairs of {opts['tokens']}-token bursts with both engines "
+            "loaded, taking turns (the machine's bandwidth drifts by the second); tok/s the medians, the ratio the "
+            "median of the pairs' ratios (table below)."
+            if opts.get("decode_pairs")
             else ""
         ),
         "",
@@ -419,15 +579,16 @@ def markdown(results: dict, opts: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model_ref, per in results.items():
-        f, i, lf, lq = (_get(per, e, "decode_tok_s") for e in ENGINES)
+        f, lf, fr = decode_figures(per, "forethought-fp32", "llamacpp-f32")
+        i, lq, ir = decode_figures(per, "forethought-int8", "llamacpp-q8_0")
         fp, lp = _get(per, "forethought-fp32", "prefill_tok_s"), _get(per, "llamacpp-f32", "prefill_tok_s")
         fb, lb = _get(per, "forethought-fp32", "busy_decode_tok_s"), _get(per, "llamacpp-f32", "busy_decode_tok_s")
         lines.append(
-            f"| {short_name(model_ref)} | {_fmt(f)} | {_fmt(lf)} | {_ratio(f, lf)} | {_fmt(i)} | {_fmt(lq)} | "
-            f"{_ratio(i, lq)} | {_fmt(fp, 0)} | {_fmt(lp, 0)} | {_ratio(fp, lp)} | {_fmt(fb)} | {_fmt(lb)} | "
+            f"| {short_name(model_ref)} | {_fmt(f)} | {_fmt(lf)} | {_times(fr)} | {_fmt(i)} | {_fmt(lq)} | "
+            f"{_times(ir)} | {_fmt(fp, 0)} | {_fmt(lp, 0)} | {_ratio(fp, lp)} | {_fmt(fb)} | {_fmt(lb)} | "
             f"{_ratio(fb, lb)} |"
         )
-    lines += rounds_table(results)
+    lines += paired_table(results)
     lines += [
         "",
         "| model | engine | plain tok/s | lookup | draft model | auto | best vs plain | identical | tokens/forward "
@@ -490,17 +651,23 @@ def markdown(results: dict, opts: dict) -> list[str]:
     lines.append("|---|---|---:|---:|---|")
     for model_ref, per in results.items():
         for what, a, ka, b, kb, bar in LADDER_TARGETS:
-            only = TARGET_MODELS.get(what)
-            x, y = _get(per, a, ka), _get(per, b, kb)
-            if x is None or not y:
+            if ka == "decode_tok_s":
+                r = decode_figures(per, a, b)[2]
+            else:
+                x, y = _get(per, a, ka), _get(per, b, kb)
+                r = x / y if x is not None and y else None
+            if r is None:
                 lines.append(f"| {short_name(model_ref)} | {what} | – | >= {bar:.2f}x | not measured |")
                 continue
-            met = "yes" if x / y >= bar else "NO"
-            if only and only not in model_ref.lower():
-                met += f" (the bar is set for the {only} only)"
-            lines.append(f"| {short_name(model_ref)} | {what} | {x / y:.2f}x | >= {bar:.2f}x | {met} |")
+            p = paired(per, a, b) if ka == "decode_tok_s" else None
+            shown = f"{r:.2f}x" + (f" (95% CI {p['ci95'][0]:.2f}-{p['ci95'][1]:.2f})" if p else "")
+            met = "yes" if r >= bar else "NO"
+            only, which = TARGET_MODELS.get(what, ("", ""))
+            if only not in model_ref.lower():
+                met += f" (the bar is set for {which} only)"
+            lines.append(f"| {short_name(model_ref)} | {what} | {shown} | >= {bar:.2f}x | {met} |")
     return lines
 
 
 if __name__ == "__main__":
-    worker_main()
+    serve_main() if sys.argv[1:2] == ["serve"] else worker_main()

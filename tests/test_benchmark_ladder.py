@@ -40,7 +40,8 @@ def test_targets_use_the_issues_bars():
     assert got["speculative on code vs plain fp32"] == "yes"  # 2.1x
     assert got["speculative on code vs llama.cpp lookup"] == "yes"
     small = targets(markdown({"smollm2-135m": per}, OPTS))
-    assert small["speculative on code vs plain fp32"].startswith("yes (the bar is set for the 1.5b only)")
+    assert small["speculative on code vs plain fp32"] == "yes (the bar is set for the 1.5B only)"
+    assert small["int8 decode vs llama.cpp Q8_0"] == "NO (the bar is set for the Qwen files only)"
 
 
 def test_missing_figures_are_said_not_measured():
@@ -80,40 +81,77 @@ def test_draft_model_mode_is_reported_and_counts_for_the_best():
     assert "| NO |" in spec_row
 
 
-def test_decode_rounds_alternate_engines_and_take_the_median(monkeypatch):
-    """Three rounds: every engine decodes in a fresh process per round, the engines alternating, and its
-    figure is the median of its rounds (a drifting machine hits every engine alike)."""
-    from benchmarks import ladder_speed
+class FakeServed:
+    """Stands in for an engine process: hands out preset rates and records the order it was asked in."""
 
-    calls = []
-    speeds = {"forethought-fp32": iter([10.0, 14.0, 11.0]), "llamacpp-f32": iter([12.0, 9.0, 13.0])}
+    asked: list = []
+    speeds = {"forethought-fp32": [10.0, 14.0, 11.0], "llamacpp-f32": [12.0, 9.0, 13.0]}
 
-    def fake(engine, model_ref, opts, on_progress):
-        calls.append((engine, bool(opts.get("decode_only"))))
-        out = {"decode_tok_s": next(speeds[engine])}
-        return out | ({"token_ids": {"prompt": [1]}} if engine == "forethought-fp32" else {})
+    def __init__(self, engine, model_ref, opts):
+        self.engine, self.left = engine, list(self.speeds[engine])
+        self.closed = False
 
-    monkeypatch.setattr(ladder_speed, "run_engine", fake)
-    opts = dict(OPTS, decode_rounds=3)
-    res = ladder_speed.run_ladder(["m"], opts, lambda text: None, engines=("forethought-fp32", "llamacpp-f32"))
-    assert [e for e, _ in calls] == ["forethought-fp32", "llamacpp-f32"] * 3
-    assert [only for _, only in calls] == [False, False, True, True, True, True]
-    assert res["m"]["forethought-fp32"]["decode_rounds"] == [10.0, 14.0, 11.0]
-    assert res["m"]["forethought-fp32"]["decode_tok_s"] == 11.0 and res["m"]["llamacpp-f32"]["decode_tok_s"] == 12.0
-    assert "median of 3 rounds" in " ".join(markdown(res, opts))
-    assert parse_args(["--models", "x", "--decode-rounds", "1"]).decode_rounds == 1
+    def rate(self, n):
+        FakeServed.asked.append((self.engine, n))
+        return self.left.pop(0)
+
+    def close(self):
+        self.closed = True
 
 
-def test_rounds_are_shown_with_each_rounds_own_ratio():
-    """Each round's tok/s and ratio, their median beside the ratio of the medians; one round shows no table."""
+def test_paired_decode_takes_turns_and_takes_the_median_of_the_pairs_ratios():
+    """Three pairs: the engines take turns, the order swapped every pair; the figure is the median of the
+    pairs' own ratios (10/12, 14/9, 11/13 -> 0.85), not the ratio of the medians (11/12)."""
+    from benchmarks.ladder_speed import paired_decode
+
+    FakeServed.asked = []
+    got = paired_decode("m", "forethought-fp32", "llamacpp-f32", dict(OPTS, decode_pairs=3), served=FakeServed)
+    ours, peer = "forethought-fp32", "llamacpp-f32"
+    assert [e for e, _ in FakeServed.asked] == [ours, peer, peer, ours, ours, peer]
+    assert {n for _, n in FakeServed.asked} == {OPTS["tokens"]}
+    assert got["ratios"] == [10 / 12, 14 / 9, 11 / 13]
+    assert got["median_ratio"] == 11 / 13
+    lo, hi = got["ci95"]
+    assert 10 / 12 <= lo <= got["median_ratio"] <= hi <= 14 / 9
+
+
+def test_targets_use_the_side_by_side_ratio_with_its_interval():
+    """Separate runs say 0.90x; side by side the pairs say 1.10x: the decode target takes the latter and
+    shows its interval; the pairs' table lists every burst."""
+    pairs = {"fp32 / F32": {"engines": ["forethought-fp32", "llamacpp-f32"], "tok_s": [11.0, 22.0, 10.0]}}
+    pairs["fp32 / F32"] |= {"peer_tok_s": [10.0, 20.0, 10.0], "ratios": [1.1, 1.1, 1.0], "median_tok_s": 11.0}
+    pairs["fp32 / F32"] |= {"peer_median_tok_s": 10.0, "median_ratio": 1.1, "ci95": [1.0, 1.1]}
     per = {
-        "forethought-fp32": fp32(decode=20.0, prefill=100.0, spec=21.0) | {"decode_rounds": [16.0, 24.0, 20.0]},
-        "llamacpp-f32": {"decode_tok_s": 20.0, "decode_rounds": [20.0, 20.0, 16.0]},
+        "forethought-fp32": fp32(decode=9.0, prefill=100.0, spec=21.0),
+        "llamacpp-f32": {"decode_tok_s": 10.0, "prefill_tok_s": 90.0},
+        "paired_decode": pairs,
     }
-    lines = markdown({"qwen2.5-coder-0.5b": per}, OPTS)
-    row = next(line for line in lines if line.startswith("| qwen2.5-coder-0.5b | fp32 / F32 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:5] == ["16.0, 24.0, 20.0", "20.0, 20.0, 16.0", "0.80x, 1.20x, 1.25x"]
-    assert cells[5:] == ["1.20x", "1.00x"]  # median of the round ratios; ratio of the medians (20 / 20)
-    single = {k: {kk: vv for kk, vv in v.items() if kk != "decode_rounds"} for k, v in per.items()}
-    assert not any("fp32 / F32" in line for line in markdown({"m": single}, OPTS))
+    lines = markdown({"qwen2.5-coder-0.5b": per}, dict(OPTS, decode_pairs=3))
+    row = next(line for line in lines if line.startswith("| qwen2.5-coder-0.5b | fp32 decode"))
+    assert "1.10x (95% CI 1.00-1.10)" in row and row.endswith("| yes |")
+    main = next(line for line in lines if line.startswith("| qwen2.5-coder-0.5b | 11.0 | 10.0 | 1.10x |"))
+    assert main
+    table = next(line for line in lines if line.startswith("| qwen2.5-coder-0.5b | fp32 / F32 |"))
+    assert "11.0, 22.0, 10.0" in table and "1.10, 1.10, 1.00" in table and "**1.10x**" in table
+    assert any("3 pairs of 32-token bursts" in line for line in lines)
+    del per["paired_decode"]
+    assert targets(markdown({"qwen2.5-coder-0.5b": per}, OPTS))["fp32 decode vs llama.cpp F32"] == "NO"
+    assert parse_args(["--models", "x", "--decode-pairs", "0"]).decode_pairs == 0
+
+
+def test_a_served_engine_decodes_on_request_and_a_failed_one_says_why():
+    """The real `serve` worker on the embedded model: loaded once, a rate per request; a model that does
+    not exist ends in an error naming it, not a hang."""
+    import pytest
+
+    from benchmarks.ladder_speed import Served
+
+    opts = dict(OPTS, warmup_tokens=2)
+    engine = Served("forethought-fp32", "smollm2-135m", opts)
+    try:
+        assert engine.rate(4) > 0 and engine.rate(3) > 0
+    finally:
+        engine.close()
+    assert engine.proc.returncode == 0
+    with pytest.raises(RuntimeError, match="no-such-model"):
+        Served("forethought-fp32", "no-such-model", opts)
