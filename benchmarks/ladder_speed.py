@@ -323,22 +323,26 @@ def serve_main() -> None:
     ids = (opts.get("token_ids") or {}).get("prompt")
     if engine.startswith("forethought-"):
         from forethought import load_model
+        from forethought.model.layers import Linear
 
         lm = load_model(model_ref, dtype="float32" if engine == "forethought-fp32" else "int8")
         ids = ids or lm.tokenizer.encode(PROMPT)
+        linears = [m for m in lm.model.modules() if isinstance(m, Linear)]
+        weight_bytes = sum(t.nbytes for m in linears for t in (m.weight_t, m.bias, m.scale) if t is not None)
 
         def decode(n: int) -> float:
             return forethought_rate(lm.model, ids, n)[0]
     else:
         llm = llamacpp_model(llama_file(model_ref, "F32" if engine == "llamacpp-f32" else "Q8_0"))
         ids = ids or llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+        weight_bytes = None  # the pair's figure is forethought's: the same weights, the same bytes (below)
 
         def decode(n: int) -> float:
             return llamacpp_rate(llm, ids, n)[0]
 
     for _ in range(2):  # first calls are several times slower: never timed
         decode(opts["warmup_tokens"])
-    print("@ready", flush=True)
+    print(f"@ready {json.dumps({'weight_bytes': weight_bytes})}", flush=True)
     for line in sys.stdin:
         print(f"@rate {decode(int(line))}", flush=True)
 
@@ -366,7 +370,7 @@ class Served:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=root
         )
-        self._reply("@ready")
+        self.info = json.loads(self._reply("@ready") or "{}")
 
     def _reply(self, tag: str) -> str:
         for line in self.proc.stdout:
@@ -399,24 +403,63 @@ def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 
     return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
 
 
-def paired_decode(model_ref: str, ours: str, peer: str, opts: dict, served=Served) -> dict:
+class ReadBandwidth:
+    """The machine's read bandwidth now, as torch sees it on THREADS threads: sums of a 512 MiB buffer of
+    random floats (torch's reduction, not forethought's kernels) for `seconds`, bytes over time -- a window
+    like a decode burst's, since the bandwidth swings within a second. A decode step reads its weights once,
+    so bandwidth / bytes per token is the speed no engine reading those bytes can pass (the roofline)."""
+
+    def __init__(self, mib: int = 512, seconds: float = 1.0):
+        import torch
+
+        torch.set_num_threads(THREADS)
+        self.buffer = torch.rand(mib * 2**20 // 4)  # random: no page is like another
+        self.seconds = seconds
+        self.buffer.sum()  # code warm
+
+    def __call__(self) -> float:
+        started, sums = time.perf_counter(), 0
+        while time.perf_counter() - started < self.seconds:
+            self.buffer.sum()
+            sums += 1
+        return sums * self.buffer.nbytes / (time.perf_counter() - started) / 1e9
+
+
+def paired_decode(model_ref: str, ours: str, peer: str, opts: dict, served=Served, bandwidth=ReadBandwidth) -> dict:
     """Both engines loaded at once, decoding in turn: `decode_pairs` pairs of bursts of `tokens` tokens, the
-    order swapped every pair (ours, peer, peer, ours, ...). Each pair's two bursts run seconds apart under the
-    same machine conditions, so a pair's ratio is what drift touches least; the figure is the median of the
-    pairs' ratios, with a bootstrap 95% interval over the pairs."""
+    order swapped every pair (ours, peer, peer, ours, ...), and between a pair's two bursts the machine's read
+    bandwidth. A pair's bursts run seconds apart under the same conditions, so its ratio is what drift touches
+    least; the figure is the median of the pairs' ratios, with a bootstrap 95% interval over the pairs. Each
+    burst's share of the roofline (tok/s x bytes per token / bandwidth) says how close to the memory's limit
+    each engine ran; the peer reads the same weights in the same bytes (F32: float32; Q8_0: a byte and a
+    16-bit scale per 32, as forethought's int8)."""
     n, pairs = opts["tokens"], opts["decode_pairs"]
     with ExitStack() as stack:
         engines = [served(engine, model_ref, opts) for engine in (ours, peer)]
         for engine in engines:
             stack.callback(engine.close)
+        probe = bandwidth()
         rates: list[list[float]] = [[], []]
+        gb_s: list[float] = []
         for k in range(pairs):
-            for i in (0, 1) if k % 2 == 0 else (1, 0):
-                time.sleep(PAIR_PAUSE_S)
-                rates[i].append(engines[i].rate(n))
+            first, second = (0, 1) if k % 2 == 0 else (1, 0)
+            time.sleep(PAIR_PAUSE_S)
+            rates[first].append(engines[first].rate(n))
+            gb_s.append(probe())
+            time.sleep(PAIR_PAUSE_S)
+            rates[second].append(engines[second].rate(n))
+        weight_bytes = engines[0].info.get("weight_bytes")
+        del probe
     ratios = [a / b for a, b in zip(*rates, strict=True)]
     lo, hi = bootstrap_median_ci(ratios)
+    roofline = {}
+    if weight_bytes:
+        for key, got in (("roofline_share", rates[0]), ("peer_roofline_share", rates[1])):
+            roofline[key] = median([r * weight_bytes / 1e9 / bw for r, bw in zip(got, gb_s, strict=True)])
     return {
+        "read_gb_s": gb_s,
+        "weight_bytes": weight_bytes,
+        **roofline,
         "engines": [ours, peer],
         "tokens": n,
         "tok_s": rates[0],
@@ -538,10 +581,15 @@ def paired_table(results: dict) -> list[str]:
                 rows.append(f"| {short_name(model_ref)} | {label} | failed: {p['error'][:100]} | | | | |")
                 continue
             lo, hi = p["ci95"]
+            share = "–"
+            if p.get("roofline_share") is not None:
+                share = f"{p['roofline_share']:.0%} / {p['peer_roofline_share']:.0%}"
+            bw = f"{median(p['read_gb_s']):.1f}" if p.get("read_gb_s") else "–"
+            mb = f"{p['weight_bytes'] / 1e6:,.0f}" if p.get("weight_bytes") else "–"
             rows.append(
                 f"| {short_name(model_ref)} | {label} | {', '.join(_fmt(x) for x in p['tok_s'])} | "
                 f"{', '.join(_fmt(y) for y in p['peer_tok_s'])} | {', '.join(f'{r:.2f}' for r in p['ratios'])} | "
-                f"**{p['median_ratio']:.2f}x** | {lo:.2f}-{hi:.2f}x |"
+                f"**{p['median_ratio']:.2f}x** | {lo:.2f}-{hi:.2f}x | {mb} | {bw} | {share} |"
             )
     if not rows:
         return []
@@ -549,10 +597,15 @@ def paired_table(results: dict) -> list[str]:
         "",
         "Decode side by side (both engines loaded at once, taking turns: one burst each per pair, the order "
         "swapped every pair, so the two bursts of a pair see the same machine; the ratio is the median of the "
-        "pairs', with a bootstrap 95% interval over the pairs):",
+        "pairs', with a bootstrap 95% interval over the pairs). Between a pair's bursts, the machine's read "
+        "bandwidth: torch summing 512 MiB of random floats for a second on 2 threads (the median over pairs). A "
+        "decode step reads its weights once, so tok/s x MB per token / that bandwidth is each engine's share of "
+        "the memory's limit (the roofline), the median over pairs; only a rough guide, since the probe runs "
+        "beside the bursts, not during them, and this machine's bandwidth swings within seconds:",
         "",
-        "| model | pair | forethought tok/s, burst by burst | peer tok/s | ratio per pair | median ratio | 95% CI |",
-        "|---|---|---|---|---|---:|---:|",
+        "| model | pair | forethought tok/s, burst by burst | peer tok/s | ratio per pair | median ratio | 95% CI | "
+        "MB per token | read GB/s | roofline share: forethought / peer |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
         *rows,
     ]
 

@@ -89,14 +89,25 @@ class FakeServed:
 
     def __init__(self, engine, model_ref, opts):
         self.engine, self.left = engine, list(self.speeds[engine])
-        self.closed = False
+        self.info = {"weight_bytes": 2e9 if engine.startswith("forethought") else None}
 
     def rate(self, n):
         FakeServed.asked.append((self.engine, n))
         return self.left.pop(0)
 
     def close(self):
-        self.closed = True
+        pass
+
+
+class FakeBandwidth:
+    """Read bandwidth 20, 28, 22 GB/s, one figure per pair, taken between the pair's bursts."""
+
+    def __init__(self):
+        self.left = [20.0, 28.0, 22.0]
+
+    def __call__(self):
+        FakeServed.asked.append(("bandwidth", None))
+        return self.left.pop(0)
 
 
 def test_paired_decode_takes_turns_and_takes_the_median_of_the_pairs_ratios():
@@ -105,10 +116,14 @@ def test_paired_decode_takes_turns_and_takes_the_median_of_the_pairs_ratios():
     from benchmarks.ladder_speed import paired_decode
 
     FakeServed.asked = []
-    got = paired_decode("m", "forethought-fp32", "llamacpp-f32", dict(OPTS, decode_pairs=3), served=FakeServed)
-    ours, peer = "forethought-fp32", "llamacpp-f32"
-    assert [e for e, _ in FakeServed.asked] == [ours, peer, peer, ours, ours, peer]
-    assert {n for _, n in FakeServed.asked} == {OPTS["tokens"]}
+    opts = dict(OPTS, decode_pairs=3)
+    got = paired_decode("m", "forethought-fp32", "llamacpp-f32", opts, served=FakeServed, bandwidth=FakeBandwidth)
+    ours, peer, bw = "forethought-fp32", "llamacpp-f32", "bandwidth"
+    assert [e for e, _ in FakeServed.asked] == [ours, bw, peer, peer, bw, ours, ours, bw, peer]
+    assert {n for e, n in FakeServed.asked if e != bw} == {OPTS["tokens"]}
+    # Roofline shares: tok/s x 2 GB / bandwidth, per pair, median: ours 10*2/20, 14*2/28, 11*2/22 -> 1.0.
+    assert got["read_gb_s"] == [20.0, 28.0, 22.0] and got["roofline_share"] == 1.0
+    assert got["peer_roofline_share"] == 13 * 2 / 22  # 1.2, 0.64, 1.18: the median
     assert got["ratios"] == [10 / 12, 14 / 9, 11 / 13]
     assert got["median_ratio"] == 11 / 13
     lo, hi = got["ci95"]
