@@ -147,14 +147,17 @@ def gguf_tokenizer(path: Path | None = None):
 LLAMA_FTYPES = {"F32": 0, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 and _MOSTLY_Q8_0
 
 
-def llama_converted(src: Path, kind: str, name: str, progress: Callable[[str], None]) -> Path:
-    """llama.cpp's own conversion of `src` to `kind` (F32 or Q8_0), made once under ~/.cache/forethought/gguf/name;
-    `allow_requantize` lets it expand a quantized file to F32 (the same weights forethought dequantizes)."""
+def llama_converted(
+    src: Path, kind: str, name: str, progress: Callable[[str], None], folder: Path | None = None
+) -> Path:
+    """llama.cpp's own conversion of `src` to `kind` (F32 or Q8_0), made once as `folder`/name (default
+    ~/.cache/forethought/gguf); `allow_requantize` lets it expand a quantized file to F32 (the same weights
+    forethought dequantizes)."""
     import ctypes
 
     import llama_cpp
 
-    dst = cache_dir() / "gguf" / name
+    dst = (folder or cache_dir() / "gguf") / name
     if not dst.exists():
         progress(f"llama.cpp: converting {src.name} -> {kind} (once)")
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -162,11 +165,11 @@ def llama_converted(src: Path, kind: str, name: str, progress: Callable[[str], N
         params.ftype = LLAMA_FTYPES[kind]
         params.allow_requantize = True
         params.nthread = THREADS
-        tmp = dst.with_suffix(".part")
+        tmp = dst.with_name(dst.name + f".part{os.getpid()}")  # a concurrent converter writes its own part
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize to {kind} failed ({rc})")
-        tmp.rename(dst)
+        tmp.rename(dst)  # atomic: a concurrent reader sees the whole file or none
     return dst
 
 

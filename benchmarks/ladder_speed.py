@@ -12,7 +12,6 @@ within this run only. Also `python -m benchmarks.ladder_speed ENGINE MODEL OPTIO
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import random
@@ -25,14 +24,13 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from benchmarks.common import PROMPT, SPECULATIVE_TEXTS, cache_dir, long_text, median, median_time
+from benchmarks.common import PROMPT, SPECULATIVE_TEXTS, llama_converted, long_text, median, median_time
 
 THREADS = 2
 ENGINES = ("forethought-fp32", "forethought-int8", "llamacpp-f32", "llamacpp-q8_0")
 CODE_PROMPT = next(text for name, text, _ in SPECULATIVE_TEXTS if name == "code")
 DRAFT_LEN = 4  # forethought's default --draft-len
 PEER_DRAFT = 10  # llama.cpp's default number of prompt-lookup tokens
-LLAMA_FTYPES = {"F32": 0, "Q8_0": 7}
 
 SPEC_PLAIN, LOOKUP = "decode_tok_s_spec_plain", "lookup_tok_s"
 # (what, engine, key, peer engine, peer key, bar): the issue's targets, each checked on every model.
@@ -193,26 +191,11 @@ def model_file(model_ref: str) -> Path:
 
 
 def llama_file(model_ref: str, kind: str) -> Path:
-    """An F32 / Q8_0 conversion of the model's file, made once: beside it when that folder is writable
-    (FORETHOUGHT_LLAMA_DIR overrides), else under ~/.cache/forethought/gguf."""
+    """An F32 / Q8_0 conversion of the model's file, made once under ~/.cache/forethought/gguf
+    (FORETHOUGHT_LLAMA_DIR overrides: the 1.5B's F32 file is 7.1 GB)."""
     src = model_file(model_ref)
-    import llama_cpp
-
-    folder = Path(os.environ.get("FORETHOUGHT_LLAMA_DIR", "") or cache_dir() / "gguf")
-    dst = folder / f"{src.stem}.{kind}.gguf"
-    if not dst.exists():
-        progress(f"llama.cpp: converting {src.name} -> {kind} (once)")
-        folder.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = LLAMA_FTYPES[kind]
-        params.allow_requantize = True
-        params.nthread = THREADS
-        tmp = dst.with_name(dst.name + f".part{os.getpid()}")
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize to {kind} failed ({rc})")
-        tmp.rename(dst)  # atomic: a concurrent reader sees the whole file or none
-    return dst
+    folder = os.environ.get("FORETHOUGHT_LLAMA_DIR", "")
+    return llama_converted(src, kind, f"{src.stem}.{kind}.gguf", progress, Path(folder) if folder else None)
 
 
 def llamacpp_model(path: Path, draft=None):
