@@ -179,6 +179,18 @@ def llama_file(kind: str, progress: Callable[[str], None]) -> Path:
     return src if kind == "Q4_1" else llama_converted(src, kind, GGUF_NAME.replace("Q4_1", kind), progress)
 
 
+def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """n greedy tokens from a llama.cpp model after `prompt` (its state reset first), and the time each arrived."""
+    llm.reset()
+    ids, stamps = [], []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        stamps.append(time.perf_counter())
+        ids.append(token)
+        if len(ids) == n:
+            break
+    return ids, stamps
+
+
 def llama(path: Path, threads: int = THREADS, n_ctx: int = 2048, **kwargs):
     """A llama.cpp model on `threads` threads, quiet."""
     import llama_cpp

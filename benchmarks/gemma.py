@@ -28,6 +28,7 @@ from benchmarks.common import (
     gguf_tokenizer,
     llama,
     llama_converted,
+    llama_greedy,
     long_text,
     median,
     median_time,
@@ -173,14 +174,7 @@ def engine_llamacpp(opts: dict, kind: str) -> dict:
     tok = gguf_tokenizer(gguf_path())
 
     def greedy(prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-        llm.reset()
-        ids, stamps = [], []
-        for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            stamps.append(time.perf_counter())
-            ids.append(token)
-            if len(ids) == n:
-                break
-        return ids, stamps
+        return llama_greedy(llm, prompt, n)
 
     if opts["mode"] == "agree":
         out["tokens"] = [llm.tokenize(s.encode(), add_bos=True, special=True) for s in HARD_STRINGS]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cache_dir
+from benchmarks.common import cache_dir, llama_greedy
 
 THREADS = 2
 MODELS = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
@@ -175,14 +175,8 @@ def engine_llamacpp(model: str, dump: str) -> dict:
     out["greedy"] = {}
     for name, prompt in GREEDY_PROMPTS.items():
         progress(f"llama.cpp: greedy {name}")
-        ids = []
-        llm.reset()
         prompt_ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        for token in llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            ids.append(int(token))
-            if len(ids) == GREEDY_TOKENS:
-                break
-        out["greedy"][name] = ids
+        out["greedy"][name] = [int(t) for t in llama_greedy(llm, prompt_ids, GREEDY_TOKENS)[0]]
     return out
 
 

@@ -24,7 +24,16 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from benchmarks.common import PROMPT, SPECULATIVE_TEXTS, llama_converted, long_text, median, median_time
+from benchmarks.common import (
+    PROMPT,
+    SPECULATIVE_TEXTS,
+    llama,
+    llama_converted,
+    llama_greedy,
+    long_text,
+    median,
+    median_time,
+)
 
 THREADS = 2
 ENGINES = ("forethought-fp32", "forethought-int8", "llamacpp-f32", "llamacpp-q8_0")
@@ -199,28 +208,12 @@ def llama_file(model_ref: str, kind: str) -> Path:
 
 
 def llamacpp_model(path: Path, draft=None):
-    import llama_cpp
-
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=1024,
-        n_batch=512,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
-        verbose=False,
-        draft_model=draft,
-    )
+    return llama(path, n_ctx=1024, n_batch=512, draft_model=draft)
 
 
 def llamacpp_rate(llm, ids: list[int], n: int) -> tuple[float, list[int]]:
     """Greedy decode of n tokens after `ids`: (forwards per second after the first token, the new ids)."""
-    llm.reset()
-    got, stamps = [], []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        stamps.append(time.perf_counter())
-        got.append(token)
-        if len(got) == n:
-            break
+    got, stamps = llama_greedy(llm, ids, n)
     return (len(got) - 1) / (stamps[-1] - stamps[0]), got
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import GGUF_NAME, SPECULATIVE_TEXTS, gguf_dir, gguf_tokenizer, llama, llama_file
+from benchmarks.common import GGUF_NAME, SPECULATIVE_TEXTS, gguf_dir, gguf_tokenizer, llama, llama_file, llama_greedy
 
 ROOT = Path(__file__).resolve().parent
 DRAFTERS = ("lookup", "heads", "auto")
@@ -105,17 +105,9 @@ def llamacpp_rows(n: int, repeats: int, threads: int, progress: Callable[[str], 
         outs: dict = {}
         for r in range(repeats + 1):
             for mode, llm in engines.items():
-                llm.reset()
-                got, first = [], None
-                want = n if r else WARMUP
-                for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                    if first is None:
-                        first = time.perf_counter()  # after prefill and the first token
-                    got.append(t)
-                    if len(got) == want:
-                        break
-                if r:
-                    runs[mode].append((len(got) - 1) / (time.perf_counter() - first))
+                got, stamps = llama_greedy(llm, ids, n if r else WARMUP)
+                if r:  # timed from the first token (after prefill)
+                    runs[mode].append((len(got) - 1) / (stamps[-1] - stamps[0]))
                     outs[mode] = got
         base = statistics.median(runs["plain"])
         for mode in engines:

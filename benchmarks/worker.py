@@ -23,6 +23,7 @@ from benchmarks.common import (
     gguf_tokenizer,
     llama,
     llama_file,
+    llama_greedy,
     long_text,
     median,
     median_time,
@@ -232,13 +233,7 @@ def llamacpp_engine(opts: dict, kind: str) -> dict:
     out: dict = {"engine": f"llama.cpp {kind}", "llama_cpp_python": llama_cpp.__version__, "file": str(path)}
 
     def decode(n: int) -> tuple[float, list[int]]:
-        llm.reset()
-        ids, stamps = [], []
-        for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            stamps.append(time.perf_counter())
-            ids.append(token)
-            if len(ids) == n:
-                break
+        ids, stamps = llama_greedy(llm, prompt, n)
         return (n - 1) / (stamps[-1] - stamps[0]), ids
 
     n = opts["tokens"]
