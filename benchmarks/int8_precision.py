@@ -3,7 +3,9 @@
 
 For each model: float32 logits of a text in one forward (the reference), then the same text fed token by token
 through the int8 model's decode path (the compiled step and its int8 products, as `generate` runs them), and per
-position the KL divergence from the reference and whether the argmax agrees. Prints the mean KL and the agreement.
+position the KL divergence from the reference and whether the argmax agrees. Prints the mean KL and the agreement,
+and the same for llama.cpp's Q8_0 against its F32 (conversions of the same file, the same token ids) where
+llama-cpp-python is installed: the peer the int8 speed bar compares with, at its own precision.
 """
 
 from __future__ import annotations
@@ -37,10 +39,40 @@ def measure(model_ref: str, tokens: int) -> dict:
     }
 
 
+def peer(model_ref: str, tokens: int) -> dict | None:
+    """llama.cpp's Q8_0 conversion against its F32 conversion of the model's file, every position's logits."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    import numpy as np
+
+    from benchmarks.common import llama
+    from benchmarks.ladder_speed import llama_file
+
+    ids = load_model(model_ref).tokenizer.encode(TEXT_FILE.read_text()[:4000])[:tokens]
+
+    def log_probs(kind: str) -> torch.Tensor:
+        llm = llama(llama_file(model_ref, kind), n_ctx=max(256, len(ids)), logits_all=True, n_batch=len(ids))
+        llm.eval(ids)
+        scores = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
+        llm.close()
+        return scores.log_softmax(-1)
+
+    ref, logp = log_probs("F32"), log_probs("Q8_0")
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    return {
+        "model": model_ref,
+        "tokens": len(ids),
+        "mean_kl": kl.mean().item(),
+        "argmax_agreement": (logp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
-    parser.add_argument("--tokens", type=int, default=160)
+    parser.add_argument("--tokens", type=int, default=640)
     args = parser.parse_args()
     for model_ref in args.models.split(","):
         r = measure(model_ref, args.tokens)
@@ -49,6 +81,13 @@ def main() -> None:
             f"argmax agreement {r['argmax_agreement']:.3f}, mean KL {r['mean_kl']:.2e}",
             flush=True,
         )
+        q8 = peer(model_ref, args.tokens)
+        if q8 is not None:
+            print(
+                f"{q8['model']}: llama.cpp Q8_0 vs its F32, the same {q8['tokens']} tokens: "
+                f"argmax agreement {q8['argmax_agreement']:.3f}, mean KL {q8['mean_kl']:.2e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

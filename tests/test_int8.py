@@ -1,4 +1,4 @@
-"""int8 weights (Q8_0-style: a float16 scale per 32 inputs of each output): exact kernels, small error."""
+"""int8 weights (a float16 scale per 128, 64 or 32 inputs of each output): exact kernels, small error."""
 
 import pytest
 import torch
@@ -27,15 +27,29 @@ def quantized_linear(d_in: int, d_out: int, bias: bool) -> tuple[Linear, torch.T
     return lin, original
 
 
-def test_quantization_error_is_half_a_step():
-    """Each weight is off by at most half its group's scale, and the storage is ~1.06 bytes per weight."""
-    lin, w = quantized_linear(576, 1536, False)
-    assert lin.weight_t.dtype == torch.uint8 and lin.scale.shape == (576 // 32, 1536)
-    assert (lin.d_in, lin.d_out) == (576, 1536)
-    step = lin.scale.float().repeat_interleave(32, dim=0)
+@pytest.mark.parametrize(("d_in", "group"), [(1536, 128), (576, 64), (96, 32)])
+def test_quantization_error_is_half_a_step(d_in, group):
+    """One scale per output serves the longest run of 128, 64 or 32 inputs that divides the input size; each
+    weight is off by at most half its scale, and the storage is 1 + 2 / group bytes per weight (Q8_0: 1 + 2 / 32)."""
+    lin, w = quantized_linear(d_in, 1536, False)
+    assert lin.weight_t.dtype == torch.uint8 and lin.scale.shape == (d_in // group, 1536)
+    assert (lin.d_in, lin.d_out, lin.scale_group) == (d_in, 1536, group)
+    step = lin.scale.float().repeat_interleave(group, dim=0)
     assert ((lin.dequantized(torch.float32) - w).abs() <= step / 2 + 1e-7).all()
     stored = lin.weight_t.nbytes + lin.scale.nbytes
-    assert stored / w.numel() == pytest.approx(1 + 2 / 32)
+    assert stored / w.numel() == pytest.approx(1 + 2 / group)
+
+
+def test_kernel_rejects_scales_that_do_not_divide_the_blocks():
+    """A scale matrix whose rows do not each cover a whole number of 32-input blocks is refused by name."""
+    from forethought.model import kernels
+
+    if not kernels.available():
+        pytest.skip("no compiled kernels on this machine")
+    lin, _ = quantized_linear(576, 256, False)  # 18 blocks of 32, scales per 64: 9 rows
+    bad = torch.ones(5, 256, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="one row per 32 k inputs"):
+        kernels.matvec(torch.randn(576), lin.weight_t, None, bad)
 
 
 def kernel_rounded(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +117,7 @@ def test_input_size_must_fill_whole_groups():
 @torch.inference_mode()
 def test_int8_model_stays_close_to_float32(real_lm):
     """On the embedded model, int8 weights keep >= 97% of next-token argmaxes and a small KL divergence;
-    the control -- one scale per whole column instead of per 32 inputs -- measurably loses more."""
+    the control -- one scale per whole column instead of per run of inputs -- measurably loses more."""
     ids = torch.tensor([real_lm.tokenizer.encode(TEXT)])
     assert ids.shape[1] > 100
     reference = real_lm.model(ids).log_softmax(-1)[0]

@@ -328,7 +328,8 @@ class Transformer(nn.Module):
         return built[2]
 
     def quantize_int8_(self) -> Transformer:
-        """Every weight matrix to int8 with Q8_0-style scales (embedding, norms and cache stay float)."""
+        """Every weight matrix to int8 with a float16 scale per run of 128 inputs (`Linear.quantize_int8_`;
+        embedding, norms and cache stay float)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quantize_int8_()

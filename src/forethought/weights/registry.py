@@ -117,7 +117,7 @@ DEFAULT_DRAFTS = {QWEN_15B: QWEN_05B}
 
 # float64 is for experiments that must separate a real difference from float32 rounding noise.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-# Not a torch dtype: int8 weight matrices (Q8_0-style scales), float32 everything else.
+# Not a torch dtype: int8 weight matrices (a float16 scale per 128 inputs), float32 everything else.
 INT8 = "int8"
 
 

@@ -10,8 +10,9 @@
 // unembedding -- in one call, with every buffer allocated once.
 //
 // Float weights are stored [in, out] (row i holds input i's weights to every output), float32 or
-// bfloat16. int8 weights have a float16 scale per group of 32 inputs of each output (llama.cpp's Q8_0
-// grouping) and a packed layout that `int8_block` below describes. Activations are float32, except
+// bfloat16. int8 weights have a float16 scale per 128 inputs of each output (64 or 32 where 128 does not
+// divide the input size; llama.cpp's Q8_0 has one per 32) and a packed layout that `int8_block` below
+// describes. Activations are float32, except
 // that an int8 product rounds its input to 15 bits per group of 32 (error <= max|x| / 65278).
 
 #include <torch/extension.h>
@@ -156,7 +157,8 @@ struct Mat {
   const void* w = nullptr;
   at::ScalarType type = at::kFloat;
   int64_t in = 0, out = 0;
-  const at::Half* scale = nullptr;  // int8 only: [in / 32, out]
+  const at::Half* scale = nullptr;  // int8 only: [in / (32 per_scale), out]
+  int64_t per_scale = 1;            // int8 only: groups of 32 inputs that share a scale row
   const float* bias = nullptr;
 };
 
@@ -167,14 +169,15 @@ static int64_t threads_for(const Mat& m) {
 
 // ------------------------------------------------------------------------------ int8 weights
 //
-// q[i, j] int8 in [-127, 127] with W[i, j] = scale[i / 32, j] * q[i, j], stored as the byte q + 128 (an
+// q[i, j] int8 in [-127, 127] with W[i, j] = scale[i / (32 per_scale), j] * q[i, j], stored as the byte q + 128 (an
 // unsigned byte: what vpdpbusd multiplies) and packed so that one decode step reads the matrix front to
 // back: for group g (32 inputs) and strip s (16 outputs), a 512-byte block holds the 8 input quads p,
 // each as 16 outputs c x 4 inputs r:  block[g][s][p][4c + r] = q[32g + 4p + r, 16s + c] + 128 (outputs
 // past `out` hold 128, i.e. zero). The input is rounded to 15 bits per group of 32 and sent as a high and
 // a low signed byte (`quantize_input`). One block is then 16 vpdpbusd (each 4 byte products per output:
-// 8 quads x high and low) -- exact integer sums, less the offset the +128 adds --, one float scale per
-// group and output.
+// 8 quads x high and low) -- exact integer sums, less the offset the +128 adds --, then one float multiply
+// by the group's input step and the weights' scale. A scale row serves `per_scale` groups (1, 2 or 4: 32, 64
+// or 128 inputs, `layers.Linear.quantize_int8_`): the scales are 1/17 of Q8_0's bytes, 1/65 at 128.
 //
 // The earlier layout widened the weights to int16 and multiplied int16 pairs: 16 widenings (lane-crossing)
 // and 16 multiply-adds a block, ~42 GB/s of weights per core with the matrix in cache, which left one core
@@ -189,9 +192,9 @@ static int64_t strips(int64_t out) { return (out + kStrip - 1) / kStrip; }
 
 // The input's integer steps per group: max|x| / kSteps. Each rounded input is sent as two signed bytes,
 // x16 = 256 hi + lo with hi, lo in [-128, 127] -- 15 bits, an input error below max|x| / 65278 (int8
-// inputs, llama.cpp's choice for Q8_0, measured 3.5x the KL divergence from float32: 5.2e-3 against
-// 1.5e-3 on SmolLM2, 8.8e-4 against 2.0e-4 on Qwen 0.5B; argmax agreement on SmolLM2 94% against 98%;
-// `python -m benchmarks.int8_precision`).
+// inputs, llama.cpp's choice for Q8_0, measured 3.5x the KL divergence from float32 with a weight scale per
+// 32: 5.2e-3 against 1.5e-3 on SmolLM2, 8.8e-4 against 2.0e-4 on Qwen 0.5B; argmax agreement on SmolLM2 94%
+// against 98%; `python -m benchmarks.int8_precision`).
 static constexpr int32_t kSteps = 127 * 256 + 127;
 
 // x[in] -> hi[in], lo[in] (bytes) and dx[in / 32] with x ~= dx[g] * (256 hi + lo) (round to nearest even,
@@ -234,18 +237,18 @@ static void quantize_input(const float* x, int64_t in, int8_t* hi, int8_t* lo, f
   }
 }
 
-// For each input t: acc_t[16s + c] += sum over groups [g0, g1) of dx_t[g] * scale[g, 16s + c] *
+// For each input t: acc_t[16s + c] += sum over groups [g0, g1) of dx_t[g] * scale[g / per_scale, 16s + c] *
 // (sum_i x16_t[i] (q[i, 16s + c] + 128) - offset_t[g]), for strips [s0, s1); x16_t = 256 hi_t + lo_t,
 // hi_t = hi + t * in (lo alike), dx_t = dx + t * G, offset_t = offset + t * G, acc_t = acc + t * ldacc
 // (room for whole strips, 16 floats each). A strip's 8 weight vectors are loaded once and reused by every
 // input; each acc_t sums in the same order whatever nT is.
 static void int8_block(const uint8_t* P, const at::Half* S, const int8_t* hi, const int8_t* lo, const float* dx,
                        const int32_t* offset, float* acc, int64_t ldacc, int64_t nT, int64_t in, int64_t out,
-                       int64_t g0, int64_t g1, int64_t s0, int64_t s1) {
+                       int64_t per_scale, int64_t g0, int64_t g1, int64_t s0, int64_t s1) {
   const int64_t ns = strips(out), G = in / kGroup;
   for (int64_t g = g0; g < g1; g++) {
     const uint8_t* blocks = P + g * ns * kBlock;
-    const at::Half* sg = S + g * out;
+    const at::Half* sg = S + (g / per_scale) * out;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     for (int64_t s = s0; s < s1; s++) {
       const uint8_t* w = blocks + s * kBlock;
@@ -317,7 +320,7 @@ static void matvec_int8(const Mat& m, const float* X, int64_t nT, float* Y, floa
     const int64_t per = (ns + nt - 1) / nt;
     at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++)
-        int8_block(P, m.scale, hi, lo, dx, offset, parts, padded, nT, m.in, m.out, 0, G, std::min(ns, t * per),
+        int8_block(P, m.scale, hi, lo, dx, offset, parts, padded, nT, m.in, m.out, m.per_scale, 0, G, std::min(ns, t * per),
                    std::min(ns, (t + 1) * per));
     });
     for (int64_t r = 0; r < nT; r++)
@@ -330,7 +333,7 @@ static void matvec_int8(const Mat& m, const float* X, int64_t nT, float* Y, floa
     for (int64_t t = t0; t < t1; t++) {
       float* part = parts + t * nT * padded;
       std::fill(part, part + nT * padded, 0.f);
-      int8_block(P, m.scale, hi, lo, dx, offset, part, padded, nT, m.in, m.out, std::min(G, t * per),
+      int8_block(P, m.scale, hi, lo, dx, offset, part, padded, nT, m.in, m.out, m.per_scale, std::min(G, t * per),
                  std::min(G, (t + 1) * per), 0, ns);
     }
   });
@@ -433,12 +436,14 @@ static Mat make_mat(const torch::Tensor& w, const torch::Tensor& scale, const to
   if (m.type == at::kByte) {
     TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.device().is_cpu() &&
                     scale.dim() == 2,
-                "int8 scales must be a contiguous float16 CPU matrix [in / 32, out]");
-    m.in = scale.size(0) * kGroup;
+                "int8 scales must be a contiguous float16 CPU matrix [in / (32 k), out]");
     m.out = scale.size(1);
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == scale.size(0) && w.size(1) == strips(m.out) && w.size(2) == kQuads &&
-                    w.size(3) == 4 * kStrip,
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == strips(m.out) && w.size(2) == kQuads && w.size(3) == 4 * kStrip,
                 "packed int8 weights must be uint8 [in / 32, ceil(out / 16), 8, 64]");
+    m.in = w.size(0) * kGroup;
+    TORCH_CHECK(scale.size(0) > 0 && w.size(0) % scale.size(0) == 0,
+                "int8 scales must have one row per 32 k inputs, for a whole k");
+    m.per_scale = w.size(0) / scale.size(0);
     m.scale = scale.data_ptr<at::Half>();
   } else {
     TORCH_CHECK(w.dim() == 2 && (m.type == at::kFloat || m.type == at::kBFloat16),
