@@ -207,6 +207,16 @@ def llama_file(model_ref: str, kind: str) -> Path:
     return llama_converted(src, kind, f"{src.stem}.{kind}.gguf", progress, Path(folder) if folder else None)
 
 
+def gguf_bytes_per_token(path: Path) -> int:
+    """The bytes of a GGUF file's tensors that one decode step reads: all of them but the token-embedding
+    table (a step reads one row of it) unless it doubles as the output matrix (no `output.weight`)."""
+    from forethought.weights.gguf_file import GGUFFile
+
+    tensors = GGUFFile(path).tensors
+    untied = any(t.name == "output.weight" for t in tensors)
+    return sum(t.nbytes for t in tensors if not (untied and t.name == "token_embd.weight"))
+
+
 def llamacpp_model(path: Path, draft=None):
     return llama(path, n_ctx=1024, n_batch=512, draft_model=draft)
 
@@ -309,9 +319,10 @@ def serve_main() -> None:
         def decode(n: int) -> float:
             return forethought_rate(lm.model, ids, n)[0]
     else:
-        llm = llamacpp_model(llama_file(model_ref, "F32" if engine == "llamacpp-f32" else "Q8_0"))
+        path = llama_file(model_ref, "F32" if engine == "llamacpp-f32" else "Q8_0")
+        llm = llamacpp_model(path)
         ids = ids or llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
-        weight_bytes = None  # the pair's figure is forethought's: the same weights, the same bytes (below)
+        weight_bytes = gguf_bytes_per_token(path)
 
         def decode(n: int) -> float:
             return llamacpp_rate(llm, ids, n)[0]
@@ -425,16 +436,21 @@ def paired_decode(model_ref: str, ours: str, peer: str, opts: dict, served=Serve
             time.sleep(PAIR_PAUSE_S)
             rates[second].append(engines[second].rate(n))
         weight_bytes = engines[0].info.get("weight_bytes")
+        peer_bytes = engines[1].info.get("weight_bytes") or weight_bytes
         del probe
     ratios = [a / b for a, b in zip(*rates, strict=True)]
     lo, hi = bootstrap_median_ci(ratios)
     roofline = {}
     if weight_bytes:
-        for key, got in (("roofline_share", rates[0]), ("peer_roofline_share", rates[1])):
-            roofline[key] = median([r * weight_bytes / 1e9 / bw for r, bw in zip(got, gb_s, strict=True)])
+        for key, got, size in (
+            ("roofline_share", rates[0], weight_bytes),
+            ("peer_roofline_share", rates[1], peer_bytes),
+        ):
+            roofline[key] = median([r * size / 1e9 / bw for r, bw in zip(got, gb_s, strict=True)])
     return {
         "read_gb_s": gb_s,
         "weight_bytes": weight_bytes,
+        "peer_weight_bytes": peer_bytes,
         **roofline,
         "engines": [ours, peer],
         "tokens": n,
@@ -562,6 +578,8 @@ def paired_table(results: dict) -> list[str]:
                 share = f"{p['roofline_share']:.0%} / {p['peer_roofline_share']:.0%}"
             bw = f"{median(p['read_gb_s']):.1f}" if p.get("read_gb_s") else "–"
             mb = f"{p['weight_bytes'] / 1e6:,.0f}" if p.get("weight_bytes") else "–"
+            if p.get("peer_weight_bytes") and p.get("weight_bytes"):
+                mb += f" / {p['peer_weight_bytes'] / 1e6:,.0f}"
             rows.append(
                 f"| {short_name(model_ref)} | {label} | {', '.join(_fmt(x) for x in p['tok_s'])} | "
                 f"{', '.join(_fmt(y) for y in p['peer_tok_s'])} | {', '.join(f'{r:.2f}' for r in p['ratios'])} | "
@@ -580,7 +598,7 @@ def paired_table(results: dict) -> list[str]:
         "beside the bursts, not during them, and this machine's bandwidth swings within seconds:",
         "",
         "| model | pair | forethought tok/s, burst by burst | peer tok/s | ratio per pair | median ratio | 95% CI | "
-        "MB per token | read GB/s | roofline share: forethought / peer |",
+        "MB per token: forethought / peer | read GB/s | roofline share: forethought / peer |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|",
         *rows,
     ]

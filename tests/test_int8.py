@@ -61,7 +61,7 @@ def kernel_rounded(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(("d_in", "d_out"), [(576, 1536), (1536, 576), (576, 4099), (96, 700)])
+@pytest.mark.parametrize(("d_in", "d_out"), [(576, 1536), (1536, 576), (576, 4099), (96, 700), (64, 4096), (64, 4095)])
 @pytest.mark.parametrize("bias", [False, True])
 @torch.inference_mode()
 def test_int8_batch1_equals_dequantized_matmul(threads, d_in, d_out, bias):
@@ -93,18 +93,31 @@ def test_int8_batch1_equals_dequantized_matmul(threads, d_in, d_out, bias):
 
 
 def test_packing_round_trips():
-    """pack_int8 / unpack_int8 are inverse, including outputs that do not fill a 16-wide strip."""
-    from forethought.model.layers import pack_int8, unpack_int8
+    """pack_int8 / unpack_int8 are inverse, including outputs that do not fill a 16-wide strip, in both
+    layouts: group-major below INT8_STRIP_MAJOR_OUT outputs, strip-major from there."""
+    from forethought.model.layers import INT8_STRIP_MAJOR_OUT, int8_input_groups, pack_int8, unpack_int8
 
     q = torch.randint(-127, 128, (64, 37), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     packed = pack_int8(q)
     assert packed.shape == (2, 3, 8, 64) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_int8(packed, 37), q)
+    assert torch.equal(unpack_int8(packed, 37), q) and int8_input_groups(packed, 37) == 2
     # Stored as q + 128: one output's four inputs side by side, then the next output's.
     stored = packed.int() - 128
     assert stored[0, 0, 0, 0] == q[0, 0] and stored[0, 0, 0, 1] == q[1, 0] and stored[0, 0, 0, 4] == q[0, 1]
     assert stored[0, 0, 1, 0] == q[4, 0] and stored[1, 2, 0, 0] == q[32, 32]
     assert (stored[:, 2, :, 4 * 5 :] == 0).all()  # outputs 37..47 of the last strip: padding, zero
+
+    wide = INT8_STRIP_MAJOR_OUT + 5
+    q = torch.randint(-127, 128, (64, wide), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    packed = pack_int8(q)
+    strips = -(-wide // 16)
+    assert packed.shape == (strips, 2, 8, 64) and int8_input_groups(packed, wide) == 2
+    assert torch.equal(unpack_int8(packed, wide), q)
+    stored = packed.int() - 128
+    assert stored[0, 1, 0, 0] == q[32, 0] and stored[2, 0, 0, 4] == q[0, 33]  # block [s, g]
+    # Each strip's blocks are contiguous: strip s, group g at byte (s * groups + g) * 512.
+    flat = packed.view(-1).int() - 128
+    assert flat[(2 * 2 + 1) * 512] == q[32, 32]
 
 
 def test_input_size_must_fill_whole_groups():

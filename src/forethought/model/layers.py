@@ -73,7 +73,9 @@ class Linear(nn.Module):
 
     @property
     def d_in(self) -> int:
-        return self.weight_t.shape[0] * self.INT8_GROUP if self.quantized else self.weight_t.shape[0]
+        if self.quantized:
+            return int8_input_groups(self.weight_t, self.d_out) * self.INT8_GROUP
+        return self.weight_t.shape[0]
 
     @property
     def d_out(self) -> int:
@@ -208,23 +210,39 @@ def return_freed_heap() -> None:
         trim(0)
 
 
+# Matrices with at least this many outputs are packed strip-major (the kernel's kWideOut, which must equal it).
+INT8_STRIP_MAJOR_OUT = 4096
+
+
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 [in, out] -> uint8 [in / 32, ceil(out / 16), 8, 64]: block [g, s] holds inputs 32g.. 32g+31 of
+    """int8 [in, out] -> uint8 [in / 32, ceil(out / 16), 8, 64], or [ceil(out / 16), in / 32, 8, 64] (strip-
+    major) for `INT8_STRIP_MAJOR_OUT` outputs or more: block [g, s] ([s, g]) holds inputs 32g.. 32g+31 of
     outputs 16s.. 16s+15 as 8 input quads, each quad's four weights side by side per output, every weight
-    stored as q + 128 (the unsigned byte the kernel's vpdpbusd multiplies; padding outputs hold 128: zero)."""
+    stored as q + 128 (the unsigned byte the kernel's vpdpbusd multiplies; padding outputs hold 128: zero).
+    The order is the one the kernel's threads read in (cpu_kernels.cpp, kWideOut)."""
     d_in, d_out = q.shape
     strips = -(-d_out // 16)
     padded = torch.zeros(d_in, strips * 16, dtype=torch.int16, device=q.device)
     padded[:, :d_out] = q
-    # [g, p, r, s, c] -> [g, s, p, c, r]
+    # [g, p, r, s, c] -> [g, s, p, c, r], or [s, g, p, c, r]
     blocks = (padded + 128).to(torch.uint8).view(d_in // 32, 8, 4, strips, 16).permute(0, 3, 1, 4, 2)
+    del padded
+    if d_out >= INT8_STRIP_MAJOR_OUT:
+        return blocks.transpose(0, 1).reshape(strips, d_in // 32, 8, 64).contiguous()
     return blocks.reshape(d_in // 32, strips, 8, 64).contiguous()
+
+
+def int8_input_groups(packed: torch.Tensor, d_out: int) -> int:
+    """How many blocks of 32 inputs a packed int8 matrix with `d_out` outputs holds."""
+    return packed.shape[1] if d_out >= INT8_STRIP_MAJOR_OUT else packed.shape[0]
 
 
 def unpack_int8(packed: torch.Tensor, d_out: int) -> torch.Tensor:
     """The inverse of pack_int8: int8 [in, out]."""
+    if d_out >= INT8_STRIP_MAJOR_OUT:
+        packed = packed.transpose(0, 1)
     groups, strips = packed.shape[:2]
-    q = packed.view(groups, strips, 8, 16, 4).permute(0, 2, 4, 1, 3)
+    q = packed.reshape(groups, strips, 8, 16, 4).permute(0, 2, 4, 1, 3)
     return (q.reshape(groups * 32, strips * 16)[:, :d_out].to(torch.int16) - 128).to(torch.int8)
 
 
