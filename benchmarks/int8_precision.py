@@ -20,23 +20,31 @@ from forethought import load_model
 TEXT_FILE = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def text_ids(tokenizer, tokens: int) -> list[int]:
+    return tokenizer.encode(TEXT_FILE.read_text()[:4000])[:tokens]
+
+
+def divergence(model_ref: str, ref: torch.Tensor, logp: torch.Tensor) -> dict:
+    """Mean KL(ref || logp) over positions and how often their argmaxes agree (log-probabilities [T, vocab])."""
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    return {
+        "model": model_ref,
+        "tokens": ref.shape[0],
+        "mean_kl": kl.mean().item(),
+        "argmax_agreement": (logp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+    }
+
+
 @torch.inference_mode()
 def measure(model_ref: str, tokens: int) -> dict:
     reference = load_model(model_ref)
-    ids = reference.tokenizer.encode(TEXT_FILE.read_text()[:4000])[:tokens]
+    ids = text_ids(reference.tokenizer, tokens)
     ref = reference.model(torch.tensor([ids])).log_softmax(-1)[0]
     del reference
     quantized = load_model(model_ref, dtype="int8").model
     cache = quantized.new_cache(len(ids))
     rows = [quantized(torch.tensor([[t]]), cache=cache)[0, -1] for t in ids]
-    logp = torch.stack(rows).log_softmax(-1)
-    kl = (ref.exp() * (ref - logp)).sum(-1)
-    return {
-        "model": model_ref,
-        "tokens": len(ids),
-        "mean_kl": kl.mean().item(),
-        "argmax_agreement": (logp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-    }
+    return divergence(model_ref, ref, torch.stack(rows).log_softmax(-1))
 
 
 def peer(model_ref: str, tokens: int) -> dict | None:
@@ -50,7 +58,7 @@ def peer(model_ref: str, tokens: int) -> dict | None:
     from benchmarks.common import llama
     from benchmarks.ladder_speed import llama_file
 
-    ids = load_model(model_ref).tokenizer.encode(TEXT_FILE.read_text()[:4000])[:tokens]
+    ids = text_ids(load_model(model_ref).tokenizer, tokens)
 
     def log_probs(kind: str) -> torch.Tensor:
         llm = llama(llama_file(model_ref, kind), n_ctx=max(256, len(ids)), logits_all=True, n_batch=len(ids))
@@ -59,14 +67,7 @@ def peer(model_ref: str, tokens: int) -> dict | None:
         llm.close()
         return scores.log_softmax(-1)
 
-    ref, logp = log_probs("F32"), log_probs("Q8_0")
-    kl = (ref.exp() * (ref - logp)).sum(-1)
-    return {
-        "model": model_ref,
-        "tokens": len(ids),
-        "mean_kl": kl.mean().item(),
-        "argmax_agreement": (logp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-    }
+    return divergence(model_ref, log_probs("F32"), log_probs("Q8_0"))
 
 
 def main() -> None:

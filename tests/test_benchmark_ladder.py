@@ -209,3 +209,20 @@ def test_bytes_per_token_of_a_gguf_file_leave_out_an_untied_embedding():
     tensors = {t.name: t.nbytes for t in GGUFFile(untied).tensors}
     assert "output.weight" in tensors
     assert gguf_bytes_per_token(untied) == sum(tensors.values()) - tensors["token_embd.weight"]
+
+
+def test_int8_precision_divergence_is_zero_only_for_the_same_distribution():
+    """The KL / argmax figures int8_precision prints for both engines: 0 and 100% against itself; a row whose
+    top token moves shows up in both."""
+    import pytest
+    import torch
+
+    from benchmarks.int8_precision import divergence
+
+    ref = torch.randn(6, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64).log_softmax(-1)
+    same = divergence("m", ref, ref.clone())
+    assert same["mean_kl"] == 0 and same["argmax_agreement"] == 1 and same["tokens"] == 6
+    moved = ref.clone()
+    moved[2, ref[2].argmin()] = ref[2].max() + 3
+    got = divergence("m", ref, moved.log_softmax(-1))
+    assert got["mean_kl"] > 0 and got["argmax_agreement"] == pytest.approx(5 / 6)

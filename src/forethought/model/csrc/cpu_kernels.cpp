@@ -245,6 +245,33 @@ static void quantize_input(const float* x, int64_t in, int8_t* hi, int8_t* lo, f
   }
 }
 
+// One block's exact integer sums for one input group: sum_i x16[i] (q[i, 16s + c] + 128) - offset for the 16
+// outputs c of the strip (vector path: the block's 8 weight vectors `wv`; scalar path: output c of block `w`).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline __m512i block_sums(const __m512i* wv, const int8_t* hi, const int8_t* lo, int32_t offset) {
+  const int32_t* h4 = reinterpret_cast<const int32_t*>(hi);
+  const int32_t* l4 = reinterpret_cast<const int32_t*>(lo);
+  // Four independent chains (high and low bytes, even and odd quads). Integer sums are exact
+  // (|256 * high + low| < 2^31), so the order changes nothing.
+  __m512i he = _mm512_setzero_si512(), ho = _mm512_setzero_si512();
+  __m512i le = _mm512_set1_epi32(-offset), lodd = _mm512_setzero_si512();
+  for (int p = 0; p < kQuads; p += 2) {
+    he = _mm512_dpbusd_epi32(he, wv[p], _mm512_set1_epi32(h4[p]));
+    ho = _mm512_dpbusd_epi32(ho, wv[p + 1], _mm512_set1_epi32(h4[p + 1]));
+    le = _mm512_dpbusd_epi32(le, wv[p], _mm512_set1_epi32(l4[p]));
+    lodd = _mm512_dpbusd_epi32(lodd, wv[p + 1], _mm512_set1_epi32(l4[p + 1]));
+  }
+  return _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(he, ho), 8), _mm512_add_epi32(le, lodd));
+}
+#else
+static inline int32_t block_sum(const uint8_t* w, int64_t c, const int8_t* hi, const int8_t* lo, int32_t offset) {
+  int32_t sum = -offset;
+  for (int p = 0; p < kQuads; p++)
+    for (int r = 0; r < 4; r++) sum += (int32_t)w[4 * kStrip * p + 4 * c + r] * (256 * hi[4 * p + r] + lo[4 * p + r]);
+  return sum;
+}
+#endif
+
 // For each input t: acc_t[16s + c] += sum over groups [g0, g1) of dx_t[g] * scale[g / per_scale, 16s + c] *
 // (sum_i x16_t[i] (q[i, 16s + c] + 128) - offset_t[g]), for strips [s0, s1); x16_t = 256 hi_t + lo_t,
 // hi_t = hi + t * in (lo alike), dx_t = dx + t * G, offset_t = offset + t * G, acc_t = acc + t * ldacc
@@ -268,20 +295,7 @@ static void int8_block(const uint8_t* P, const at::Half* S, const int8_t* hi, co
       for (int64_t t = 0; t < nT; t++) {
         const float dxg = dx[t * G + g];
         if (dxg == 0.f) continue;  // an all-zero input group adds nothing
-        const int32_t* h4 = reinterpret_cast<const int32_t*>(hi + t * in + g * kGroup);
-        const int32_t* l4 = reinterpret_cast<const int32_t*>(lo + t * in + g * kGroup);
-        // Four independent chains (high and low bytes, even and odd quads). Integer sums are exact
-        // (|256 * high + low| < 2^31), so the order changes nothing.
-        __m512i he = _mm512_setzero_si512(), ho = _mm512_setzero_si512();
-        __m512i le = _mm512_set1_epi32(-offset[t * G + g]), lodd = _mm512_setzero_si512();
-        for (int p = 0; p < kQuads; p += 2) {
-          he = _mm512_dpbusd_epi32(he, wv[p], _mm512_set1_epi32(h4[p]));
-          ho = _mm512_dpbusd_epi32(ho, wv[p + 1], _mm512_set1_epi32(h4[p + 1]));
-          le = _mm512_dpbusd_epi32(le, wv[p], _mm512_set1_epi32(l4[p]));
-          lodd = _mm512_dpbusd_epi32(lodd, wv[p + 1], _mm512_set1_epi32(l4[p + 1]));
-        }
-        const __m512i sum =
-            _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(he, ho), 8), _mm512_add_epi32(le, lodd));
+        const __m512i sum = block_sums(wv, hi + t * in + g * kGroup, lo + t * in + g * kGroup, offset[t * G + g]);
         float* at = acc + t * ldacc + j;
         const __m512 a = _mm512_loadu_ps(at);
         _mm512_storeu_ps(at, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(dxg)), sc, a));
@@ -296,10 +310,7 @@ static void int8_block(const uint8_t* P, const at::Half* S, const int8_t* hi, co
       for (int64_t s = s0; s < s1; s++) {
         const uint8_t* w = blocks + s * kBlock;
         for (int64_t c = 0; c < kStrip && s * kStrip + c < out; c++) {
-          int32_t sum = -offset[t * G + g];
-          for (int p = 0; p < kQuads; p++)
-            for (int r = 0; r < 4; r++)
-              sum += (int32_t)w[4 * kStrip * p + 4 * c + r] * (256 * hg[4 * p + r] + lg[4 * p + r]);
+          const int32_t sum = block_sum(w, c, hg, lg, offset[t * G + g]);
           // The same float operations as the vector path: (sum * dx) * scale + acc, fused.
           float* at = acc + t * ldacc + s * kStrip + c;
           *at = std::fma((float)sum * dxg, static_cast<float>(sg[s * kStrip + c]), *at);
@@ -331,18 +342,7 @@ static void int8_strips(const uint8_t* P, const at::Half* S, const int8_t* hi, c
       for (int64_t t = 0; t < nT; t++) {
         const float dxg = dx[t * G + g];
         if (dxg == 0.f) continue;
-        const int32_t* h4 = reinterpret_cast<const int32_t*>(hi + t * in + g * kGroup);
-        const int32_t* l4 = reinterpret_cast<const int32_t*>(lo + t * in + g * kGroup);
-        __m512i he = _mm512_setzero_si512(), ho = _mm512_setzero_si512();
-        __m512i le = _mm512_set1_epi32(-offset[t * G + g]), lodd = _mm512_setzero_si512();
-        for (int p = 0; p < kQuads; p += 2) {
-          he = _mm512_dpbusd_epi32(he, wv[p], _mm512_set1_epi32(h4[p]));
-          ho = _mm512_dpbusd_epi32(ho, wv[p + 1], _mm512_set1_epi32(h4[p + 1]));
-          le = _mm512_dpbusd_epi32(le, wv[p], _mm512_set1_epi32(l4[p]));
-          lodd = _mm512_dpbusd_epi32(lodd, wv[p + 1], _mm512_set1_epi32(l4[p + 1]));
-        }
-        const __m512i sum =
-            _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(he, ho), 8), _mm512_add_epi32(le, lodd));
+        const __m512i sum = block_sums(wv, hi + t * in + g * kGroup, lo + t * in + g * kGroup, offset[t * G + g]);
         a[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(dxg)), sc, a[t]);
       }
     }
@@ -354,13 +354,8 @@ static void int8_strips(const uint8_t* P, const at::Half* S, const int8_t* hi, c
         for (int64_t g = 0; g < G && j + c < out; g++) {
           const float dxg = dx[t * G + g];
           if (dxg == 0.f) continue;
-          const uint8_t* w = blocks + g * kBlock;
-          const int8_t* hg = hi + t * in + g * kGroup;
-          const int8_t* lg = lo + t * in + g * kGroup;
-          int32_t sum = -offset[t * G + g];
-          for (int p = 0; p < kQuads; p++)
-            for (int r = 0; r < 4; r++)
-              sum += (int32_t)w[4 * kStrip * p + 4 * c + r] * (256 * hg[4 * p + r] + lg[4 * p + r]);
+          const int32_t sum =
+              block_sum(blocks + g * kBlock, c, hi + t * in + g * kGroup, lo + t * in + g * kGroup, offset[t * G + g]);
           v = std::fma((float)sum * dxg, static_cast<float>(S[(g / per_scale) * out + j + c]), v);
         }
         acc[t * ldacc + j + c] = v;
