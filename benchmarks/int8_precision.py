@@ -20,10 +20,6 @@ from forethought import load_model
 TEXT_FILE = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def text_ids(tokenizer, tokens: int) -> list[int]:
-    return tokenizer.encode(TEXT_FILE.read_text()[:4000])[:tokens]
-
-
 def divergence(model_ref: str, ref: torch.Tensor, logp: torch.Tensor) -> dict:
     """Mean KL(ref || logp) over positions and how often their argmaxes agree (log-probabilities [T, vocab])."""
     kl = (ref.exp() * (ref - logp)).sum(-1)
@@ -36,19 +32,21 @@ def divergence(model_ref: str, ref: torch.Tensor, logp: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def measure(model_ref: str, tokens: int) -> dict:
+def measure(model_ref: str, tokens: int) -> tuple[dict, list[int]]:
+    """forethought's int8 decode path against its float32 forward, and the token ids it read."""
     reference = load_model(model_ref)
-    ids = text_ids(reference.tokenizer, tokens)
+    ids = reference.tokenizer.encode(TEXT_FILE.read_text()[:4000])[:tokens]
     ref = reference.model(torch.tensor([ids])).log_softmax(-1)[0]
     del reference
     quantized = load_model(model_ref, dtype="int8").model
     cache = quantized.new_cache(len(ids))
     rows = [quantized(torch.tensor([[t]]), cache=cache)[0, -1] for t in ids]
-    return divergence(model_ref, ref, torch.stack(rows).log_softmax(-1))
+    return divergence(model_ref, ref, torch.stack(rows).log_softmax(-1)), ids
 
 
-def peer(model_ref: str, tokens: int) -> dict | None:
-    """llama.cpp's Q8_0 conversion against its F32 conversion of the model's file, every position's logits."""
+def peer(model_ref: str, ids: list[int]) -> dict | None:
+    """llama.cpp's Q8_0 conversion against its F32 conversion of the model's file, every position's logits
+    for the token ids forethought read (None without llama-cpp-python)."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -57,8 +55,6 @@ def peer(model_ref: str, tokens: int) -> dict | None:
 
     from benchmarks.common import llama
     from benchmarks.ladder_speed import llama_file
-
-    ids = text_ids(load_model(model_ref).tokenizer, tokens)
 
     def log_probs(kind: str) -> torch.Tensor:
         llm = llama(llama_file(model_ref, kind), n_ctx=max(256, len(ids)), logits_all=True, n_batch=len(ids))
@@ -76,13 +72,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=640)
     args = parser.parse_args()
     for model_ref in args.models.split(","):
-        r = measure(model_ref, args.tokens)
+        r, ids = measure(model_ref, args.tokens)
         print(
             f"{r['model']}: int8 decode path vs float32 over {r['tokens']} tokens of README.md: "
             f"argmax agreement {r['argmax_agreement']:.3f}, mean KL {r['mean_kl']:.2e}",
             flush=True,
         )
-        q8 = peer(model_ref, args.tokens)
+        q8 = peer(model_ref, ids)
         if q8 is not None:
             print(
                 f"{q8['model']}: llama.cpp Q8_0 vs its F32, the same {q8['tokens']} tokens: "

@@ -419,7 +419,7 @@ def paired_decode(model_ref: str, ours: str, peer: str, opts: dict, served=Serve
     least; the figure is the median of the pairs' ratios, with a bootstrap 95% interval over the pairs. Each
     burst's share of the roofline (tok/s x bytes per token / bandwidth) says how close to the memory's limit
     each engine ran; the peer reads the same weights (F32: float32, the same bytes; Q8_0: a byte and a
-    16-bit scale per 32, 4.4% more than forethought's int8 with its scale per 128)."""
+    16-bit scale per 32, 4.4% more than forethought's int8 where its scale serves 128 inputs)."""
     n, pairs = opts["tokens"], opts["decode_pairs"]
     with ExitStack() as stack:
         engines = [served(engine, model_ref, opts) for engine in (ours, peer)]

@@ -177,7 +177,7 @@ static int64_t threads_for(const Mat& m) {
 // a low signed byte (`quantize_input`). One block is then 16 vpdpbusd (each 4 byte products per output:
 // 8 quads x high and low) -- exact integer sums, less the offset the +128 adds --, then one float multiply
 // by the group's input step and the weights' scale. A scale row serves `per_scale` groups (1, 2 or 4: 32, 64
-// or 128 inputs, `layers.Linear.quantize_int8_`): the scales are 1/17 of Q8_0's bytes, 1/65 at 128.
+// or 128 inputs, `layers.Linear.quantize_int8_`): scales are 1/17 of the bytes at 32 (Q8_0's grouping), 1/65 at 128.
 //
 // The earlier layout widened the weights to int16 and multiplied int16 pairs: 16 widenings (lane-crossing)
 // and 16 multiply-adds a block, ~42 GB/s of weights per core with the matrix in cache, which left one core
@@ -350,8 +350,8 @@ static void int8_strips(const uint8_t* P, const at::Half* S, const int8_t* hi, c
 #else
     for (int64_t t = 0; t < nT; t++)
       for (int64_t c = 0; c < kStrip; c++) {
-        float v = 0.f;
-        for (int64_t g = 0; g < G && j + c < out; g++) {
+        float v = 0.f;  // padding outputs (j + c >= out) stay zero
+        for (int64_t g = 0; j + c < out && g < G; g++) {
           const float dxg = dx[t * G + g];
           if (dxg == 0.f) continue;
           const int32_t sum =
